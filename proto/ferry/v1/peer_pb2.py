@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65rry/v1/peer.proto\x12\x08\x66\x65rry.v1\"\xcb\x01\n\x0bPeerMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.ferry.v1.HelloH\x00\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x16.ferry.v1.ChunkRequestH\x00\x12%\n\x08\x66ile_end\x18\x03 \x01(\x0b\x32\x11.ferry.v1.FileEndH\x00\x12\x1e\n\x04\x64one\x18\x04 \x01(\x0b\x32\x0e.ferry.v1.DoneH\x00\x12 \n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x0f.ferry.v1.AbortH\x00\x42\x06\n\x04kind\"H\n\x05Hello\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x14\n\x0cstream_index\x18\x03 \x01(\r\"J\n\nChunkRange\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_chunk\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\x04\"4\n\x0c\x43hunkRequest\x12$\n\x06ranges\x18\x01 \x03(\x0b\x32\x14.ferry.v1.ChunkRange\"@\n\x07\x46ileEnd\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"\x06\n\x04\x44one\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x66\x65rry/v1/peer.proto\x12\x08\x66\x65rry.v1\"\xfe\x01\n\x0bPeerMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.ferry.v1.HelloH\x00\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x16.ferry.v1.ChunkRequestH\x00\x12%\n\x08\x66ile_end\x18\x03 \x01(\x0b\x32\x11.ferry.v1.FileEndH\x00\x12\x1e\n\x04\x64one\x18\x04 \x01(\x0b\x32\x0e.ferry.v1.DoneH\x00\x12 \n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x0f.ferry.v1.AbortH\x00\x12\x31\n\x0e\x64igest_request\x18\x06 \x01(\x0b\x32\x17.ferry.v1.DigestRequestH\x00\x42\x06\n\x04kind\"H\n\x05Hello\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x14\n\x0cstream_index\x18\x03 \x01(\r\"J\n\nChunkRange\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_chunk\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\x04\"4\n\x0c\x43hunkRequest\x12$\n\x06ranges\x18\x01 \x03(\x0b\x32\x14.ferry.v1.ChunkRange\"#\n\rDigestRequest\x12\x12\n\nfile_index\x18\x01 \x01(\r\"@\n\x07\x46ileEnd\x12\x12\n\nfile_index\x18\x01 \x01(\r\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"\x06\n\x04\x44one\"\x17\n\x05\x41\x62ort\x12\x0e\n\x06reason\x18\x01 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ferry.v1.peer_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PEERMESSAGE']._serialized_start=34
-  _globals['_PEERMESSAGE']._serialized_end=237
-  _globals['_HELLO']._serialized_start=239
-  _globals['_HELLO']._serialized_end=311
-  _globals['_CHUNKRANGE']._serialized_start=313
-  _globals['_CHUNKRANGE']._serialized_end=387
-  _globals['_CHUNKREQUEST']._serialized_start=389
-  _globals['_CHUNKREQUEST']._serialized_end=441
-  _globals['_FILEEND']._serialized_start=443
-  _globals['_FILEEND']._serialized_end=507
-  _globals['_DONE']._serialized_start=509
-  _globals['_DONE']._serialized_end=515
-  _globals['_ABORT']._serialized_start=517
-  _globals['_ABORT']._serialized_end=540
+  _globals['_PEERMESSAGE']._serialized_end=288
+  _globals['_HELLO']._serialized_start=290
+  _globals['_HELLO']._serialized_end=362
+  _globals['_CHUNKRANGE']._serialized_start=364
+  _globals['_CHUNKRANGE']._serialized_end=438
+  _globals['_CHUNKREQUEST']._serialized_start=440
+  _globals['_CHUNKREQUEST']._serialized_end=492
+  _globals['_DIGESTREQUEST']._serialized_start=494
+  _globals['_DIGESTREQUEST']._serialized_end=529
+  _globals['_FILEEND']._serialized_start=531
+  _globals['_FILEEND']._serialized_end=595
+  _globals['_DONE']._serialized_start=597
+  _globals['_DONE']._serialized_end=603
+  _globals['_ABORT']._serialized_start=605
+  _globals['_ABORT']._serialized_end=628
 # @@protoc_insertion_point(module_scope)

@@ -34,8 +34,9 @@ class PeerMessage(_message.Message):
 
     The receiver drives: it sends Hello, the sender answers Hello, then the
     receiver sends ChunkRequests and the sender answers each requested chunk
-    with a CHUNK frame and each finished file with a FileEnd. The receiver
-    verifies every chunk's digest before it writes it, and ends with Done.
+    with a CHUNK frame. The receiver verifies every chunk's digest before it
+    writes it; once it holds a whole file it sends a DigestRequest, which the
+    sender answers with a FileEnd. The receiver ends with Done.
 
     PeerMessage is the body of a CONTROL frame.
     """
@@ -47,6 +48,7 @@ class PeerMessage(_message.Message):
     FILE_END_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
+    DIGEST_REQUEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """The first message of each side on a connection."""
@@ -67,6 +69,10 @@ class PeerMessage(_message.Message):
     def abort(self) -> Global___Abort:
         """Either side gives up; the connection closes after it."""
 
+    @_builtins.property
+    def digest_request(self) -> Global___DigestRequest:
+        """The receiver holds every chunk of a file and asks for its digest."""
+
     def __init__(
         self,
         *,
@@ -75,12 +81,13 @@ class PeerMessage(_message.Message):
         file_end: Global___FileEnd | None = ...,
         done: Global___Done | None = ...,
         abort: Global___Abort | None = ...,
+        digest_request: Global___DigestRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "done", b"done", "file_end", b"file_end", "hello", b"hello", "kind", b"kind", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "digest_request", b"digest_request", "done", b"done", "file_end", b"file_end", "hello", b"hello", "kind", b"kind", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "done", b"done", "file_end", b"file_end", "hello", b"hello", "kind", b"kind", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "digest_request", b"digest_request", "done", b"done", "file_end", b"file_end", "hello", b"hello", "kind", b"kind", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "request", "file_end", "done", "abort"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "request", "file_end", "done", "abort", "digest_request"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -171,8 +178,30 @@ class ChunkRequest(_message.Message):
 Global___ChunkRequest: _TypeAlias = ChunkRequest  # noqa: Y015
 
 @_typing.final
+class DigestRequest(_message.Message):
+    """DigestRequest asks for a file's whole-file digest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_INDEX_FIELD_NUMBER: _builtins.int
+    file_index: _builtins.int
+    """The file's index in the manifest."""
+    def __init__(
+        self,
+        *,
+        file_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DigestRequest: _TypeAlias = DigestRequest  # noqa: Y015
+
+@_typing.final
 class FileEnd(_message.Message):
-    """FileEnd closes a file's chunks and gives its whole-file digest."""
+    """FileEnd answers a DigestRequest with the file's whole-file digest."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
