@@ -1,0 +1,261 @@
+"""Receiver-side path safety: nothing is ever written outside the destination folder.
+
+A manifest path comes from the other peer and is untrusted. It goes through three gates:
+
+1. :func:`sanitize_relative_path` (pure) checks one path's text: relative, ``/``-separated, no
+   ``.``/``..``/empty segments, no backslash, drive letter, control character, Windows device
+   name or trailing space/dot, bounded length, valid Unicode.
+2. :func:`check_manifest_paths` (pure) checks the manifest as a whole: no duplicates, also after
+   case folding and Unicode normalization (case-insensitive file systems), and no path that is both
+   a file and the folder of another path.
+3. :func:`resolve_destination`, :func:`make_parents` and :func:`check_no_overwrite` look at the
+   destination on disk: no existing component may be a symlink, new folders are created one at a
+   time and checked to be real folders, and existing files are not overwritten unless asked.
+
+The disk checks use ``os.lstat`` and are not atomic: a local process that can write into the
+destination folder while a transfer runs can still race them. They protect against a malicious
+*peer*, which can only choose the names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+
+from ferry.files.display import escape_name
+
+__all__ = [
+    "MAX_PATH_BYTES",
+    "MAX_SEGMENT_BYTES",
+    "DestinationExistsError",
+    "UnsafePathError",
+    "check_manifest_paths",
+    "check_no_overwrite",
+    "make_parents",
+    "resolve_destination",
+    "sanitize_relative_path",
+]
+
+MAX_SEGMENT_BYTES = 255
+"""The longest file or folder name, in UTF-8 bytes (ext4, APFS, NTFS all allow about this)."""
+
+MAX_PATH_BYTES = 4096
+"""The longest relative path, in UTF-8 bytes (Linux PATH_MAX)."""
+
+_WINDOWS_DEVICE_NAMES = frozenset(
+    {"con", "prn", "aux", "nul", "conin$", "conout$"}
+    | {f"{prefix}{digit}" for prefix in ("com", "lpt") for digit in "123456789\u00b9\u00b2\u00b3"}
+)
+
+_SHOWN_EXISTING = 3
+
+
+class UnsafePathError(ValueError):
+    """A path from a manifest could not be used safely; the message says why, on one line.
+
+    ``path`` is the offending path as received and ``reason`` the problem alone.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f'unsafe path "{escape_name(path)}": {reason}')
+
+
+class DestinationExistsError(FileExistsError):
+    """Files to be received already exist in the destination and overwriting was not allowed.
+
+    ``paths`` lists all of them; the message names the first few.
+    """
+
+    def __init__(self, paths: Sequence[PurePosixPath]) -> None:
+        self.paths = list(paths)
+        shown = ", ".join(f'"{escape_name(str(p))}"' for p in self.paths[:_SHOWN_EXISTING])
+        more = len(self.paths) - _SHOWN_EXISTING
+        suffix = f" and {more} more" if more > 0 else ""
+        count = (
+            "1 file already exists"
+            if len(self.paths) == 1
+            else f"{len(self.paths)} files already exist"
+        )
+        super().__init__(
+            f"{count} in the destination: {shown}{suffix} (allow overwriting to replace)"
+        )
+
+
+def _is_control(ch: str) -> bool:
+    cp = ord(ch)
+    return cp < 0x20 or 0x7F <= cp <= 0x9F
+
+
+def _check_segment(path: str, segment: str, first: bool) -> None:
+    if segment == "":
+        raise UnsafePathError(path, "empty segment (double or trailing slash)")
+    if segment in (".", ".."):
+        raise UnsafePathError(path, f'"{segment}" segment')
+    if first and ":" in segment:
+        raise UnsafePathError(path, "colon in the first segment (drive letter)")
+    if segment.endswith((" ", ".")):
+        raise UnsafePathError(path, "a segment ends in a space or a dot")
+    stem = segment.split(".", 1)[0].rstrip(" ").lower()
+    if stem in _WINDOWS_DEVICE_NAMES:
+        raise UnsafePathError(path, f'"{escape_name(segment)}" is a Windows device name')
+    if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        raise UnsafePathError(path, f"a segment is longer than {MAX_SEGMENT_BYTES} bytes")
+
+
+def sanitize_relative_path(path: str) -> PurePosixPath:
+    """Return the manifest path ``path`` (``/``-separated) as a validated relative path.
+
+    Raises UnsafePathError, naming the problem, if the path is empty or absolute; contains a
+    backslash, a NUL, another C0/C1 control character or DEL, or a lone surrogate; has an
+    empty, ``.`` or ``..`` segment; has a colon in its first segment (``C:``, ``c:foo``); has a
+    segment that is a Windows device name (CON, PRN, AUX, NUL, COM1-9, LPT1-9, any case, also
+    with an extension such as ``nul.txt``) or ends in a space or dot; or is too long (a segment
+    over 255 UTF-8 bytes, the whole over 4096).
+    """
+    if not isinstance(path, str):
+        raise TypeError(f"a path must be a str, not {type(path).__name__}")
+    if path == "":
+        raise UnsafePathError(path, "empty path")
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UnsafePathError(path, "invalid Unicode (lone surrogate)") from None
+    if size > MAX_PATH_BYTES:
+        raise UnsafePathError(path, f"longer than {MAX_PATH_BYTES} bytes")
+    if "\x00" in path:
+        raise UnsafePathError(path, "contains a NUL character")
+    if any(_is_control(ch) for ch in path):
+        raise UnsafePathError(path, "contains a control character")
+    if "\\" in path:
+        raise UnsafePathError(path, "contains a backslash")
+    if path.startswith("/"):
+        raise UnsafePathError(path, "absolute path")
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        _check_segment(path, segment, first=index == 0)
+    return PurePosixPath(path)
+
+
+def _fold(path: PurePosixPath) -> str:
+    """The key under which a case-insensitive, normalizing file system would store ``path``."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", str(path)).casefold())
+
+
+def check_manifest_paths(paths: Sequence[str]) -> list[PurePosixPath]:
+    """Sanitize every path of a manifest and check that they can coexist in one folder.
+
+    Raises UnsafePathError for the first path that is unsafe, a duplicate (also one differing
+    only in case or Unicode normalization, like ``A.txt`` and ``a.txt``), or both a file and the
+    folder of another path (``a`` and ``a/b``).
+    """
+    result = [sanitize_relative_path(p) for p in paths]
+    seen: dict[str, PurePosixPath] = {}
+    for raw, rel in zip(paths, result, strict=True):
+        key = _fold(rel)
+        if key in seen:
+            other = seen[key]
+            if other == rel:
+                raise UnsafePathError(raw, "duplicate path")
+            raise UnsafePathError(
+                raw, f'same name as "{escape_name(str(other))}" on a case-insensitive file system'
+            )
+        seen[key] = rel
+    folders: dict[str, PurePosixPath] = {}
+    for rel in result:
+        for parent in list(rel.parents)[:-1]:  # without the final "."
+            folders.setdefault(_fold(parent), rel)
+    for raw, rel in zip(paths, result, strict=True):
+        child = folders.get(_fold(rel))
+        if child is not None:
+            raise UnsafePathError(
+                raw, f'is a file but also the folder of "{escape_name(str(child))}"'
+            )
+    return result
+
+
+def _root(dest_root: Path) -> Path:
+    root = dest_root.resolve(strict=True)
+    if not root.is_dir():
+        raise NotADirectoryError(
+            f'the destination is not a folder: "{escape_name(str(dest_root))}"'
+        )
+    return root
+
+
+def _is_inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def resolve_destination(dest_root: Path, rel: PurePosixPath) -> Path:
+    """Return where the file ``rel`` is written under ``dest_root`` (an existing folder).
+
+    ``rel`` is sanitized again. ``dest_root`` itself may be a symlink (it is the user's choice),
+    but every existing component below it is checked with ``os.lstat``: raises UnsafePathError if
+    one is a symlink, if a parent is not a folder, if the target is a folder, or if the result is
+    not inside ``dest_root`` after resolution. Raises FileNotFoundError if ``dest_root`` is missing.
+    """
+    rel = sanitize_relative_path(rel.as_posix())
+    root = _root(dest_root)
+    current = root
+    last = len(rel.parts) - 1
+    for index, part in enumerate(rel.parts):
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            break
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(
+                str(rel), f'"{escape_name(part)}" is a symlink in the destination'
+            )
+        if index < last and not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(
+                str(rel), f'"{escape_name(part)}" is not a folder in the destination'
+            )
+        if index == last and stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(str(rel), "is a folder in the destination")
+    target = root.joinpath(*rel.parts)
+    if not _is_inside(os.path.realpath(target), str(root)):
+        raise UnsafePathError(str(rel), "leads outside the destination")
+    return target
+
+
+def make_parents(dest_root: Path, rel: PurePosixPath) -> Path:
+    """Create the missing folders of ``rel`` under ``dest_root`` and return the file's folder.
+
+    Folders are made one at a time with ``os.mkdir``; after each, ``os.lstat`` must show a real
+    folder, not a symlink or a file, or UnsafePathError is raised. Nothing is followed.
+    """
+    rel = sanitize_relative_path(rel.as_posix())
+    current = _root(dest_root)
+    for part in rel.parts[:-1]:
+        current = current / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(current, 0o777)
+        st = os.lstat(current)
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(
+                str(rel), f'"{escape_name(part)}" is a symlink in the destination'
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(
+                str(rel), f'"{escape_name(part)}" is not a folder in the destination'
+            )
+    return current
+
+
+def check_no_overwrite(dest_root: Path, rels: Iterable[PurePosixPath], overwrite: bool) -> None:
+    """Raise DestinationExistsError if any of ``rels`` exists under ``dest_root`` (even as a
+    dangling symlink) and ``overwrite`` is False.
+    """
+    if overwrite:
+        return
+    existing = [rel for rel in rels if os.path.lexists(dest_root.joinpath(*rel.parts))]
+    if existing:
+        raise DestinationExistsError(existing)
