@@ -1,0 +1,50 @@
+"""Ferry's peer protocol, sans-I/O: frames, handshake, and both sides' chunk bookkeeping.
+
+Nothing here touches a socket, a file, a clock or an event loop; the I/O code around it
+(`ferry.client`) only moves bytes. See proto/ferry/v1/peer.proto for the wire format.
+"""
+
+from ferry.protocol.digests import FILE_DIGEST_ALGORITHM, chunk_digest, file_digest
+from ferry.protocol.frames import (
+    ChunkPayload,
+    ChunkStart,
+    Control,
+    FrameReader,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    encode_chunk_head,
+    encode_control,
+)
+from ferry.protocol.handshake import PROTOCOL_VERSION, PeerAborted, abort, check_hello, done, hello
+from ferry.protocol.ranges import chunk_count, runs
+from ferry.protocol.receiver import ChunkTarget, ReceiveSession, TooManyCorruptChunks
+from ferry.protocol.sender import ChunkWork, SendSession
+
+__all__ = [
+    "FILE_DIGEST_ALGORITHM",
+    "PROTOCOL_VERSION",
+    "ChunkPayload",
+    "ChunkStart",
+    "ChunkTarget",
+    "ChunkWork",
+    "Control",
+    "FrameReader",
+    "LocalProtocolError",
+    "PeerAborted",
+    "ProtocolError",
+    "ReceiveSession",
+    "RemoteProtocolError",
+    "SendSession",
+    "TooManyCorruptChunks",
+    "abort",
+    "check_hello",
+    "chunk_count",
+    "chunk_digest",
+    "done",
+    "encode_chunk_head",
+    "encode_control",
+    "file_digest",
+    "hello",
+    "runs",
+]
