@@ -24,10 +24,11 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from ferry.files.display import escape_name
 from ferry.files.paths import UnsafePathError, check_manifest_paths, sanitize_relative_path
 from ferry.v1 import broker_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 __all__ = ["ManifestError", "build_manifest", "chunk_count", "free_space_ok", "total_size"]
 

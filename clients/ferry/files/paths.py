@@ -52,6 +52,14 @@ _WINDOWS_DEVICE_NAMES = frozenset(
 )
 
 _SHOWN_EXISTING = 3
+_SHOWN_CHARS = 160
+
+
+def _shorten(shown: str) -> str:
+    """Cut an escaped path for a message, keeping its start and its end (the file name)."""
+    if len(shown) <= _SHOWN_CHARS:
+        return shown
+    return f"{shown[: _SHOWN_CHARS - 60]}\u2026{shown[-59:]}"
 
 
 class UnsafePathError(ValueError):
@@ -63,7 +71,7 @@ class UnsafePathError(ValueError):
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
         self.reason = reason
-        super().__init__(f'unsafe path "{escape_name(path)}": {reason}')
+        super().__init__(f'unsafe path "{_shorten(escape_name(path))}": {reason}')
 
 
 class DestinationExistsError(FileExistsError):

@@ -1,0 +1,37 @@
+"""The public surface of ferry.files is exactly what we mean it to be."""
+
+from __future__ import annotations
+
+import ferry.files
+
+
+def test_exported_names() -> None:
+    assert sorted(ferry.files.__all__) == sorted(
+        [
+            "MAX_PATH_BYTES",
+            "MAX_SEGMENT_BYTES",
+            "DestinationExistsError",
+            "ManifestError",
+            "UnsafePathError",
+            "build_manifest",
+            "check_manifest_paths",
+            "check_no_overwrite",
+            "chunk_count",
+            "escape_name",
+            "format_size",
+            "free_space_ok",
+            "make_parents",
+            "resolve_destination",
+            "sanitize_relative_path",
+            "total_size",
+        ]
+    )
+    for name in ferry.files.__all__:
+        assert getattr(ferry.files, name) is not None
+
+
+def test_exception_hierarchy() -> None:
+    assert issubclass(ferry.files.UnsafePathError, ValueError)
+    assert issubclass(ferry.files.DestinationExistsError, FileExistsError)
+    assert issubclass(ferry.files.ManifestError, Exception)
+    assert not issubclass(ferry.files.ManifestError, OSError)
