@@ -3,7 +3,7 @@
 A manifest path comes from the other peer and is untrusted. It goes through three gates:
 
 1. :func:`sanitize_relative_path` (pure) checks one path's text: relative, ``/``-separated, no
-   ``.``/``..``/empty segments, no backslash, drive letter, control character, Windows device
+   ``.``/``..``/empty segments, no backslash, colon, control character, Windows device
    name or trailing space/dot, bounded length, valid Unicode.
 2. :func:`check_manifest_paths` (pure) checks the manifest as a whole: no duplicates, also after
    case folding and Unicode normalization (case-insensitive file systems), and no path that is both
@@ -100,13 +100,16 @@ def _is_control(ch: str) -> bool:
     return cp < 0x20 or 0x7F <= cp <= 0x9F
 
 
-def _check_segment(path: str, segment: str, first: bool) -> None:
+def _check_segment(path: str, segment: str, *, first: bool) -> None:
     if segment == "":
         raise UnsafePathError(path, "empty segment (double or trailing slash)")
     if segment in (".", ".."):
         raise UnsafePathError(path, f'"{segment}" segment')
-    if first and ":" in segment:
-        raise UnsafePathError(path, "colon in the first segment (drive letter)")
+    if ":" in segment:
+        # Not only "C:" first: on Windows, joining a later segment "c:x" restarts the path on
+        # drive C:, and "name:stream" writes an alternate data stream.
+        what = "drive letter" if first else "drive letter or Windows stream"
+        raise UnsafePathError(path, f"contains a colon ({what})")
     if segment.endswith((" ", ".")):
         raise UnsafePathError(path, "a segment ends in a space or a dot")
     stem = segment.split(".", 1)[0].rstrip(" ").lower()
@@ -121,7 +124,7 @@ def sanitize_relative_path(path: str) -> PurePosixPath:
 
     Raises UnsafePathError, naming the problem, if the path is empty or absolute; contains a
     backslash, a NUL, another C0/C1 control character or DEL, or a lone surrogate; has an
-    empty, ``.`` or ``..`` segment; has a colon in its first segment (``C:``, ``c:foo``); has a
+    empty, ``.`` or ``..`` segment; has a colon anywhere (``C:``, ``c:foo``, ``a/c:x``); has a
     segment that is a Windows device name (CON, PRN, AUX, NUL, COM1-9, LPT1-9, any case, also
     with an extension such as ``nul.txt``) or ends in a space or dot; or is too long (a segment
     over 255 UTF-8 bytes, the whole over 4096).
