@@ -1,0 +1,408 @@
+"""The broker's domain logic: offers, claims, consent, progress, expiry, over a Store.
+
+gRPC-free: methods take protos and plain values, return protos, and raise BrokerError. The
+servicer (service.py) only unpacks calls and maps errors. All times come from the injected
+clock (seconds since the epoch), so tests can move time.
+
+Store calls are synchronous and short; between reading a session and writing it back there is
+no await, so within one process no two calls interleave on one session. Across replicas the
+store's compare-and-set (StaleRecord) catches races; they surface as ABORTED/CONFLICT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ferry.broker import codes, leases, states, validation
+from ferry.broker.config import BrokerConfig
+from ferry.broker.errors import BrokerError, Reason, invalid
+from ferry.broker.hub import Hub
+from ferry.broker.ratelimit import ClaimLimiter
+from ferry.broker.states import Event, Party
+from ferry.broker.store import SessionRecord, StaleRecord, Store
+from ferry.v1 import broker_pb2
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+_IDEMPOTENCY_CACHE_SIZE = 10_000
+_SWEEP_BATCH = 500
+
+
+def timestamp(seconds: float) -> Timestamp:
+    """A Timestamp for seconds since the epoch."""
+    ts = Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def _not_found() -> BrokerError:
+    return BrokerError(grpc.StatusCode.NOT_FOUND, Reason.CODE_NOT_FOUND, "no offer has this code")
+
+
+class Broker:
+    """Everything the BrokerService does, minus gRPC."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        store: Store,
+        clock: Clock = time.time,
+        hub: Hub | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.hub = hub or Hub()
+        self.limiter = ClaimLimiter(
+            config.claim_burst_per_ip,
+            config.claim_refill_per_ip_s,
+            config.claim_burst_global,
+            config.claim_refill_global_s,
+            clock(),
+        )
+        # request_id -> (request fingerprint, response, expiry). Memory only, on purpose: the
+        # response holds the code and the sender's token, which the store never sees in clear.
+        self._replies: OrderedDict[str, tuple[str, broker_pb2.CreateOfferResponse, float]] = (
+            OrderedDict()
+        )
+
+    # -- offers -----------------------------------------------------------------------------
+
+    def create_offer(
+        self, request: broker_pb2.CreateOfferRequest, peer_ip: str | None
+    ) -> broker_pb2.CreateOfferResponse:
+        """Record an offer; a retried request_id gets the first response back."""
+        now = self.clock()
+        validation.check_manifest(request.manifest)
+        validation.check_peer(request.sender, "sender")
+        if len(request.request_id) > 128:
+            raise invalid(Reason.INVALID_ARGUMENT, "request_id is longer than 128 characters")
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+        if request.request_id:
+            replay = self._replay(request.request_id, fingerprint, now)
+            if replay is not None:
+                return replay
+
+        ttl = self.config.offer_ttl_default_s
+        if request.HasField("ttl"):
+            ttl = request.ttl.ToNanoseconds() / 1e9
+        ttl = min(max(ttl, self.config.offer_ttl_min_s), self.config.offer_ttl_max_s)
+
+        code = codes.generate()
+        token = codes.new_token()
+        session = broker_pb2.Session(
+            name=f"sessions/{uuid.uuid4().hex}",
+            state=states.OFFERED,
+            manifest=request.manifest,
+            sender=_with_reflexive(request.sender, peer_ip),
+            create_time=timestamp(now),
+            update_time=timestamp(now),
+            expire_time=timestamp(now + ttl),
+        )
+        record = SessionRecord(
+            session=session,
+            sender_token_hash=codes.hash_token(token),
+            code_hash=codes.hash_code(code),
+            request_id=request.request_id or None,
+        )
+        self.store.create_session(record)
+        response = broker_pb2.CreateOfferResponse(session=session, code=code, party_token=token)
+        if request.request_id:
+            self._remember(request.request_id, fingerprint, response, now + ttl)
+        log.info("offer created", extra={"session": session.name})
+        return response
+
+    def _replay(
+        self, request_id: str, fingerprint: str, now: float
+    ) -> broker_pb2.CreateOfferResponse | None:
+        cached = self._replies.get(request_id)
+        if cached is not None and cached[2] > now:
+            if cached[0] != fingerprint:
+                raise BrokerError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    Reason.REQUEST_ID_REUSED,
+                    "this request_id was already used for a different offer",
+                )
+            reply = broker_pb2.CreateOfferResponse()
+            reply.CopyFrom(cached[1])
+            current = self.store.get_session(reply.session.name.removeprefix("sessions/"))
+            if current is not None:
+                reply.session.CopyFrom(current.session)
+            return reply
+        existing = self.store.find_by_request_id(request_id)
+        if existing is not None and existing.expire_s > now:
+            raise BrokerError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                Reason.REQUEST_ID_REUSED,
+                "an offer with this request_id exists but its code can no longer be shown;"
+                " create a new offer with a new request_id",
+            )
+        return None
+
+    def _remember(
+        self,
+        request_id: str,
+        fingerprint: str,
+        response: broker_pb2.CreateOfferResponse,
+        expire_s: float,
+    ) -> None:
+        now = self.clock()
+        for key in [k for k, v in self._replies.items() if v[2] <= now]:
+            del self._replies[key]
+        while len(self._replies) >= _IDEMPOTENCY_CACHE_SIZE:
+            self._replies.popitem(last=False)
+        self._replies[request_id] = (fingerprint, response, expire_s)
+
+    def claim_offer(self, code: str, peer_ip: str | None) -> broker_pb2.ClaimOfferResponse:
+        """Redeem a one-time code; a second claim looks exactly like a wrong code."""
+        now = self.clock()
+        ip = peer_ip or "unknown"
+        if not self.limiter.allowed(ip, now):
+            raise BrokerError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.RATE_LIMITED,
+                "too many failed code claims; wait a little and try again",
+            )
+        normalized = codes.normalize(code)
+        record = None
+        if codes.is_well_formed(normalized):
+            record = self.store.find_by_code_hash(codes.hash_code(normalized))
+        if record is None or record.session.claimed:
+            self.limiter.failed(ip, now)
+            raise _not_found()
+        if record.session.state == states.EXPIRED or (
+            record.session.state == states.OFFERED and record.expire_s <= now
+        ):
+            raise BrokerError(
+                grpc.StatusCode.NOT_FOUND, Reason.CODE_EXPIRED, "this code has expired"
+            )
+        if record.session.state != states.OFFERED:
+            self.limiter.failed(ip, now)
+            raise _not_found()
+        token = codes.new_token()
+        record.receiver_token_hash = codes.hash_token(token)
+        record = self._fire(record, Event.CLAIM, Party.RECEIVER)
+        return broker_pb2.ClaimOfferResponse(session=record.session, party_token=token)
+
+    # -- authenticated calls ----------------------------------------------------------------
+
+    def authorize(self, name: str, token: str | None) -> tuple[SessionRecord, Party]:
+        """The session `name` and the caller's party, from the caller's bearer token."""
+        if not token:
+            raise BrokerError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                Reason.TOKEN_MISSING,
+                "missing 'authorization: Bearer <party_token>' metadata",
+            )
+        found = self.store.find_by_token_hash(codes.hash_token(token))
+        if found is None:
+            raise BrokerError(
+                grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_INVALID, "the party token is invalid"
+            )
+        session_id, party = found
+        if name != f"sessions/{session_id}":
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.WRONG_SESSION,
+                "the party token does not grant access to this session",
+            )
+        record = self.store.get_session(session_id)
+        if record is None:
+            raise BrokerError(
+                grpc.StatusCode.NOT_FOUND, Reason.SESSION_NOT_FOUND, f"{name} does not exist"
+            )
+        return self._expire_if_due(record), party
+
+    def accept(
+        self, name: str, token: str | None, receiver: broker_pb2.PeerInfo, peer_ip: str | None
+    ) -> broker_pb2.Session:
+        """The receiver's consent: lease the sender's ports and fill in the plan."""
+        record, party = self.authorize(name, token)
+        validation.check_peer(receiver, "receiver")
+        session = record.session
+        states.apply(session.state, session.claimed, Event.ACCEPT, party)  # fail before leasing
+        now = self.clock()
+        expire_s = now + self.config.session_ttl_s
+        count = self.config.stream_count + 2
+        allowed = (session.sender.allowed_ports.first_port, session.sender.allowed_ports.last_port)
+        try:
+            first, last = self.store.lease_ports(
+                _host_key(session.sender), allowed, count, record.session_id, expire_s, now
+            )
+        except leases.NoPortsAvailable as exc:
+            raise BrokerError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.NO_PORTS, str(exc)
+            ) from None
+        try:
+            session.receiver.CopyFrom(_with_reflexive(receiver, peer_ip))
+            session.plan.CopyFrom(
+                broker_pb2.ConnectionPlan(
+                    listener=broker_pb2.ConnectionPlan.ROLE_SENDER,
+                    listener_ports=broker_pb2.PortRange(first_port=first, last_port=last),
+                    stream_count=self.config.stream_count,
+                    connect_deadline=timestamp(now + self.config.connect_timeout_s),
+                    lease_expire_time=timestamp(expire_s),
+                )
+            )
+            session.expire_time.CopyFrom(timestamp(expire_s))
+            return self._fire(record, Event.ACCEPT, party).session
+        except BaseException:
+            self.store.release_lease(record.session_id)
+            raise
+
+    def decline(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
+        """The receiver's refusal."""
+        validation.check_reason(reason)
+        record, party = self.authorize(name, token)
+        record.session.failure_reason = reason
+        return self._fire(record, Event.DECLINE, party).session
+
+    def cancel(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
+        """Either side ends an unfinished session."""
+        validation.check_reason(reason)
+        record, party = self.authorize(name, token)
+        record.session.failure_reason = reason
+        return self._fire(record, Event.CANCEL, party).session
+
+    def get(self, name: str, token: str | None) -> broker_pb2.Session:
+        """The session as it is now."""
+        return self.authorize(name, token)[0].session
+
+    def report(
+        self,
+        name: str,
+        token: str | None,
+        state: states.State,
+        bytes_done: int,
+        failure_reason: str,
+    ) -> broker_pb2.Session:
+        """Move a session through connecting/transferring/outcome and record bytes_done."""
+        validation.check_reason(failure_reason)
+        if bytes_done < 0:
+            raise invalid(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
+        record, party = self.authorize(name, token)
+        session = record.session
+        outcome = states.report(session.state, session.claimed, state, party)
+        session.bytes_done = bytes_done
+        if outcome.state == states.FAILED:
+            session.failure_reason = failure_reason
+        return self._commit(record, outcome)
+
+    async def watch(self, name: str, token: str | None) -> AsyncGenerator[broker_pb2.Session, None]:
+        """The session now, then each change, until a final state or the hub closes."""
+        record, _ = self.authorize(name, token)
+        async with self.hub.subscribe(record.session_id) as watcher:
+            record = self._reload(record)
+            sent = record.version
+            yield record.session
+            if record.session.state in states.FINAL_STATES:
+                return
+            while True:
+                item = await watcher.next()
+                if item is None:
+                    return
+                version, session = item
+                if version <= sent:
+                    continue
+                sent = version
+                yield session
+                if session.state in states.FINAL_STATES:
+                    return
+
+    # -- expiry -----------------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Expire every live session past its expire_time; return how many."""
+        now = self.clock()
+        expired = 0
+        while True:
+            due = self.store.due_for_expiry(now, _SWEEP_BATCH)
+            for record in due:
+                try:
+                    self._fire(record, Event.EXPIRE, Party.BROKER)
+                    expired += 1
+                except (StaleRecord, states.LifecycleError):
+                    log.debug("session changed while expiring", extra={"id": record.session_id})
+            if len(due) < _SWEEP_BATCH:
+                return expired
+
+    async def run_sweeper(self) -> None:
+        """Sweep every sweep_interval_s until cancelled; errors are logged, not fatal."""
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("expiry sweep failed")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _reload(self, record: SessionRecord) -> SessionRecord:
+        fresh = self.store.get_session(record.session_id)
+        return record if fresh is None else self._expire_if_due(fresh)
+
+    def _expire_if_due(self, record: SessionRecord) -> SessionRecord:
+        if record.session.state in states.LIVE_STATES and record.expire_s <= self.clock():
+            return self._fire(record, Event.EXPIRE, Party.BROKER)
+        return record
+
+    def _fire(self, record: SessionRecord, event: Event, party: Party) -> SessionRecord:
+        session = record.session
+        outcome = states.apply(session.state, session.claimed, event, party)
+        self._commit(record, outcome)
+        return record
+
+    def _commit(self, record: SessionRecord, outcome: states.Outcome) -> broker_pb2.Session:
+        """Write the outcome, free the lease of a final session, tell the watchers."""
+        session = record.session
+        session.state = outcome.state
+        session.claimed = outcome.claimed
+        session.update_time.CopyFrom(timestamp(self.clock()))
+        final = outcome.state in states.FINAL_STATES
+        if outcome.claimed or (final and outcome.state != states.EXPIRED):
+            record.code_hash = None  # single use; EXPIRED keeps it to say CODE_EXPIRED
+        try:
+            stored = self.store.update_session(record)
+        except StaleRecord:
+            raise BrokerError(
+                grpc.StatusCode.ABORTED, Reason.CONFLICT, "the session changed meanwhile; retry"
+            ) from None
+        record.version = stored.version
+        if final:
+            self.store.release_lease(record.session_id)
+        self.hub.publish(record.session_id, record.version, session)
+        return session
+
+
+def _with_reflexive(peer: broker_pb2.PeerInfo, ip: str | None) -> broker_pb2.PeerInfo:
+    """A copy of `peer` whose candidates end with the address the broker observed."""
+    out = broker_pb2.PeerInfo()
+    out.CopyFrom(peer)
+    reflexive = broker_pb2.Candidate.KIND_SERVER_REFLEXIVE
+    kept = [c for c in out.candidates if c.kind != reflexive]
+    del out.candidates[:]
+    out.candidates.extend(kept)
+    if ip is not None:
+        out.candidates.append(broker_pb2.Candidate(ip=ip, kind=reflexive))
+    return out
+
+
+def _host_key(sender: broker_pb2.PeerInfo) -> str:
+    """The lease namespace of the listener: its host_id, else its observed address."""
+    if sender.host_id:
+        return f"id:{sender.host_id}"
+    for candidate in sender.candidates:
+        if candidate.kind == broker_pb2.Candidate.KIND_SERVER_REFLEXIVE:
+            return f"ip:{candidate.ip}"
+    return "unknown"

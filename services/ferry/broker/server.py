@@ -1,0 +1,107 @@
+"""Run the broker: a grpc.aio server with BrokerService, health, reflection and the sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ferry.broker.config import BrokerConfig
+from ferry.broker.core import Broker, Clock
+from ferry.broker.service import BrokerService
+from ferry.broker.store import SqliteStore, Store
+from ferry.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
+_HEALTH_NAME = "grpc.health.v1.Health"
+
+
+@dataclasses.dataclass
+class RunningBroker:
+    """A started broker; `address` is `host:port` with the port actually bound."""
+
+    config: BrokerConfig
+    address: str
+    port: int
+    server: grpc.aio.Server
+    broker: Broker
+    store: Store
+    health: health.aio.HealthServicer
+    sweeper: asyncio.Task[None]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Go NOT_SERVING, end watches, drain calls for `grace` seconds, close the store."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.sweeper
+        self.broker.hub.close()
+        await self.server.stop(grace)
+        self.store.close()
+
+
+async def start_server(
+    config: BrokerConfig, *, store: Store | None = None, clock: Clock | None = None
+) -> RunningBroker:
+    """Open the store, bind `config.listen` (port 0 allowed) and start serving."""
+    store = store if store is not None else SqliteStore(config.database_path)
+    broker = Broker(config, store) if clock is None else Broker(config, store, clock=clock)
+    server = grpc.aio.server()
+    broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerService(broker), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as exc:
+        store.close()
+        raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
+    host = config.listen.rpartition(":")[0]
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    broker.sweep()  # expire what ran out while the broker was down
+    sweeper = asyncio.create_task(broker.run_sweeper(), name="ferry-broker-sweeper")
+    return RunningBroker(
+        config=config,
+        address=f"{host}:{port}",
+        port=port,
+        server=server,
+        broker=broker,
+        store=store,
+        health=health_servicer,
+        sweeper=sweeper,
+    )
+
+
+async def serve(config: BrokerConfig) -> None:
+    """Start, print `{"event": "listening", "address": ...}` on stdout, run until SIGTERM/SIGINT."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        sys.stdout.write(json.dumps({"event": "listening", "address": running.address}) + "\n")
+        sys.stdout.flush()
+        log.info("broker listening on %s", running.address)
+        await stop.wait()
+        log.info("broker shutting down")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await running.stop()

@@ -1,0 +1,174 @@
+"""The session lifecycle, sans-I/O: a transition table, who may fire which event, and nothing else.
+
+No clock, no store, no network: :func:`apply` takes the current state, an event and the party
+firing it, and returns the next state or raises. The service persists and publishes the result.
+
+Transition table (``claim`` keeps the state and sets ``claimed``; it is legal once)::
+
+    OFFERED      --claim-------> OFFERED (claimed)
+    OFFERED      --accept------> ACCEPTED          (receiver; needs claimed)
+    OFFERED      --decline-----> DECLINED          (receiver)
+    ACCEPTED     --connecting--> CONNECTING        (either party)
+    ACCEPTED     --transferring> TRANSFERRING      (either party)
+    CONNECTING   --transferring> TRANSFERRING      (either party)
+    CONNECTING   --complete----> COMPLETED         (receiver)
+    TRANSFERRING --complete----> COMPLETED         (receiver)
+    ACCEPTED | CONNECTING | TRANSFERRING --fail--> FAILED (either party)
+    any non-final --cancel-----> CANCELLED         (either party)
+    any non-final --expire-----> EXPIRED           (the broker)
+
+COMPLETED, DECLINED, CANCELLED, FAILED and EXPIRED are final: they accept no event. Reporting
+the current state again (CONNECTING or TRANSFERRING) is not a transition; see :func:`report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import TypeAlias
+
+from ferry.v1 import broker_pb2
+
+State: TypeAlias = broker_pb2.Session.State.ValueType
+
+OFFERED = broker_pb2.Session.STATE_OFFERED
+ACCEPTED = broker_pb2.Session.STATE_ACCEPTED
+CONNECTING = broker_pb2.Session.STATE_CONNECTING
+TRANSFERRING = broker_pb2.Session.STATE_TRANSFERRING
+COMPLETED = broker_pb2.Session.STATE_COMPLETED
+DECLINED = broker_pb2.Session.STATE_DECLINED
+CANCELLED = broker_pb2.Session.STATE_CANCELLED
+FAILED = broker_pb2.Session.STATE_FAILED
+EXPIRED = broker_pb2.Session.STATE_EXPIRED
+
+ALL_STATES: tuple[State, ...] = (
+    OFFERED,
+    ACCEPTED,
+    CONNECTING,
+    TRANSFERRING,
+    COMPLETED,
+    DECLINED,
+    CANCELLED,
+    FAILED,
+    EXPIRED,
+)
+FINAL_STATES: frozenset[State] = frozenset({COMPLETED, DECLINED, CANCELLED, FAILED, EXPIRED})
+LIVE_STATES: frozenset[State] = frozenset(ALL_STATES) - FINAL_STATES
+
+
+class Event(enum.Enum):
+    """Something that happens to a session."""
+
+    CLAIM = "claim"
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    CANCEL = "cancel"
+    CONNECTING = "connecting"
+    TRANSFERRING = "transferring"
+    COMPLETE = "complete"
+    FAIL = "fail"
+    EXPIRE = "expire"
+
+
+class Party(enum.Enum):
+    """Who fires an event."""
+
+    SENDER = "sender"
+    RECEIVER = "receiver"
+    BROKER = "broker"
+
+
+TRANSITIONS: Mapping[tuple[State, Event], State] = {
+    (OFFERED, Event.CLAIM): OFFERED,
+    (OFFERED, Event.ACCEPT): ACCEPTED,
+    (OFFERED, Event.DECLINE): DECLINED,
+    (ACCEPTED, Event.CONNECTING): CONNECTING,
+    (ACCEPTED, Event.TRANSFERRING): TRANSFERRING,
+    (CONNECTING, Event.TRANSFERRING): TRANSFERRING,
+    (CONNECTING, Event.COMPLETE): COMPLETED,
+    (TRANSFERRING, Event.COMPLETE): COMPLETED,
+    (ACCEPTED, Event.FAIL): FAILED,
+    (CONNECTING, Event.FAIL): FAILED,
+    (TRANSFERRING, Event.FAIL): FAILED,
+    **{(s, Event.CANCEL): CANCELLED for s in (OFFERED, ACCEPTED, CONNECTING, TRANSFERRING)},
+    **{(s, Event.EXPIRE): EXPIRED for s in (OFFERED, ACCEPTED, CONNECTING, TRANSFERRING)},
+}
+
+_EITHER = frozenset({Party.SENDER, Party.RECEIVER})
+PERMITTED: Mapping[Event, frozenset[Party]] = {
+    Event.CLAIM: frozenset({Party.RECEIVER}),
+    Event.ACCEPT: frozenset({Party.RECEIVER}),
+    Event.DECLINE: frozenset({Party.RECEIVER}),
+    Event.COMPLETE: frozenset({Party.RECEIVER}),
+    Event.CANCEL: _EITHER,
+    Event.FAIL: _EITHER,
+    Event.CONNECTING: _EITHER,
+    Event.TRANSFERRING: _EITHER,
+    Event.EXPIRE: frozenset({Party.BROKER}),
+}
+
+#: The states a ReportProgress call may name, and the event each one fires.
+REPORTABLE: Mapping[State, Event] = {
+    CONNECTING: Event.CONNECTING,
+    TRANSFERRING: Event.TRANSFERRING,
+    COMPLETED: Event.COMPLETE,
+    FAILED: Event.FAIL,
+}
+
+
+def state_name(state: State) -> str:
+    """`STATE_OFFERED` -> `offered`, for messages people read."""
+    return broker_pb2.Session.State.Name(state).removeprefix("STATE_").lower()
+
+
+class LifecycleError(Exception):
+    """Base of the errors of this module; str(error) is meant for the user."""
+
+
+class IllegalTransition(LifecycleError):
+    """The session cannot do that in its current state."""
+
+
+class NotPermitted(LifecycleError):
+    """This party may not do that to a session."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of an event: the next state and whether the code is claimed."""
+
+    state: State
+    claimed: bool
+
+
+def apply(state: State, claimed: bool, event: Event, party: Party) -> Outcome:
+    """Fire `event` by `party` on a session in `state`; return the outcome or raise.
+
+    Raises NotPermitted when the party may never fire the event, and IllegalTransition when the
+    event is not legal in this state (including a second claim and an accept before any claim).
+    """
+    if party not in PERMITTED[event]:
+        raise NotPermitted(f"the {party.value} may not {event.value} a session")
+    new = TRANSITIONS.get((state, event))
+    if new is None:
+        raise IllegalTransition(f"cannot {event.value} a session that is {state_name(state)}")
+    if event is Event.CLAIM:
+        if claimed:
+            raise IllegalTransition("this offer has already been claimed")
+        return Outcome(new, True)
+    if event is Event.ACCEPT and not claimed:
+        raise IllegalTransition("cannot accept an offer that nobody has claimed")
+    return Outcome(new, claimed)
+
+
+def report(state: State, claimed: bool, reported: State, party: Party) -> Outcome:
+    """Apply a ReportProgress naming `reported`: the same live state again is a no-op."""
+    event = REPORTABLE.get(reported)
+    if event is None:
+        raise IllegalTransition(f"a progress report cannot name the state {state_name(reported)}")
+    if reported == state and state in LIVE_STATES:
+        if party not in PERMITTED[event]:
+            raise NotPermitted(f"the {party.value} may not {event.value} a session")
+        return Outcome(state, claimed)
+    return apply(state, claimed, event, party)

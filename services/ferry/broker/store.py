@@ -1,0 +1,275 @@
+"""The broker's store: the `Store` interface and `SqliteStore`, its embedded implementation.
+
+Everything that must survive a restart lives here: sessions (the Session proto as a blob, plus
+the columns we look things up by) and port leases. Secrets are stored only as sha256 hashes.
+
+The interface is synchronous and every method is one short atomic step, so that a store over
+Redis can implement each with one transaction (MULTI/EXEC or a script). Updates are
+compare-and-set on `SessionRecord.version`: two writers racing on one session cannot both win,
+which is what makes a code single-use even across broker replicas.
+
+SqliteStore runs in WAL mode with synchronous=NORMAL: a committed write survives the process
+dying at any point (not necessarily a power cut, which would lose at most the last commits).
+Its calls take microseconds, so the servicer calls them on the event loop directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+from typing import Protocol
+
+from ferry.broker import leases
+from ferry.broker.states import FINAL_STATES, LIVE_STATES, Party
+from ferry.v1 import broker_pb2
+
+
+class StaleRecord(Exception):
+    """The session changed since it was read; read it again and retry."""
+
+
+@dataclasses.dataclass(slots=True)
+class SessionRecord:
+    """One session as stored: the proto plus what we look it up by."""
+
+    session: broker_pb2.Session
+    sender_token_hash: str
+    code_hash: str | None = None
+    receiver_token_hash: str | None = None
+    request_id: str | None = None
+    version: int = 0
+
+    @property
+    def session_id(self) -> str:
+        """The id part of `sessions/{id}`."""
+        return self.session.name.removeprefix("sessions/")
+
+    @property
+    def expire_s(self) -> float:
+        """expire_time in seconds since the epoch."""
+        return self.session.expire_time.ToNanoseconds() / 1e9
+
+
+class Store(Protocol):
+    """What the broker needs from its storage. Implementations: SqliteStore, later Redis."""
+
+    def create_session(self, record: SessionRecord) -> None:
+        """Insert a new session (version 0)."""
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        """The session with this id, or None."""
+
+    def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
+        """The newest session whose unclaimed code has this hash, or None."""
+
+    def find_by_token_hash(self, token_hash: str) -> tuple[str, Party] | None:
+        """(session_id, party) of the session this token hash belongs to, or None."""
+
+    def find_by_request_id(self, request_id: str) -> SessionRecord | None:
+        """The newest session created with this request_id, or None."""
+
+    def update_session(self, record: SessionRecord) -> SessionRecord:
+        """Store `record` if the stored version is still `record.version`; return it bumped.
+
+        Raises StaleRecord when someone else updated the session first.
+        """
+
+    def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
+        """Up to `limit` live sessions whose expire_time is at or before `now`."""
+
+    def lease_ports(
+        self,
+        host_id: str,
+        allowed: leases.Span,
+        count: int,
+        session_id: str,
+        expire_s: float,
+        now: float,
+    ) -> leases.Span:
+        """Atomically find and record `count` free ports on `host_id` for the session.
+
+        Raises leases.NoPortsAvailable when the host's range is full.
+        """
+
+    def release_lease(self, session_id: str) -> None:
+        """Forget the session's lease, if any."""
+
+    def close(self) -> None:
+        """Release the store's resources."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    state INTEGER NOT NULL,
+    code_hash TEXT,
+    expire_time REAL NOT NULL,
+    create_time REAL NOT NULL,
+    sender_token_hash TEXT NOT NULL,
+    receiver_token_hash TEXT,
+    request_id TEXT,
+    version INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_code ON sessions (code_hash) WHERE code_hash IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sessions_sender ON sessions (sender_token_hash);
+CREATE INDEX IF NOT EXISTS sessions_receiver ON sessions (receiver_token_hash)
+    WHERE receiver_token_hash IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sessions_request ON sessions (request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (state, expire_time);
+CREATE TABLE IF NOT EXISTS leases (
+    session_id TEXT PRIMARY KEY,
+    host_id TEXT NOT NULL,
+    first_port INTEGER NOT NULL,
+    last_port INTEGER NOT NULL,
+    expire_time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_host ON leases (host_id, expire_time);
+"""
+
+_COLUMNS = "data, code_hash, sender_token_hash, receiver_token_hash, request_id, version"
+_Row = tuple[bytes, str | None, str, str | None, str | None, int]
+
+
+def _record(row: _Row) -> SessionRecord:
+    data, code_hash, sender_hash, receiver_hash, request_id, version = row
+    session = broker_pb2.Session()
+    session.ParseFromString(data)
+    return SessionRecord(
+        session=session,
+        sender_token_hash=sender_hash,
+        code_hash=code_hash,
+        receiver_token_hash=receiver_hash,
+        request_id=request_id,
+        version=version,
+    )
+
+
+class SqliteStore:
+    """Store on one SQLite file; use one instance per process, from one thread."""
+
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def create_session(self, record: SessionRecord) -> None:
+        s = record.session
+        self._db.execute(
+            "INSERT INTO sessions (id, state, code_hash, expire_time, create_time,"
+            " sender_token_hash, receiver_token_hash, request_id, version, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.session_id,
+                int(s.state),
+                record.code_hash,
+                record.expire_s,
+                s.create_time.ToNanoseconds() / 1e9,
+                record.sender_token_hash,
+                record.receiver_token_hash,
+                record.request_id,
+                record.version,
+                s.SerializeToString(deterministic=True),
+            ),
+        )
+
+    def _one(self, where: str, *args: object) -> SessionRecord | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM sessions WHERE {where}"  # noqa: S608 - fixed fragments
+            " ORDER BY create_time DESC LIMIT 1",
+            args,
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        return self._one("id = ?", session_id)
+
+    def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
+        return self._one("code_hash = ?", code_hash)
+
+    def find_by_request_id(self, request_id: str) -> SessionRecord | None:
+        return self._one("request_id = ?", request_id)
+
+    def find_by_token_hash(self, token_hash: str) -> tuple[str, Party] | None:
+        row = self._db.execute(
+            "SELECT id, sender_token_hash = ? FROM sessions"
+            " WHERE sender_token_hash = ? OR receiver_token_hash = ? LIMIT 1",
+            (token_hash, token_hash, token_hash),
+        ).fetchone()
+        if row is None:
+            return None
+        return str(row[0]), Party.SENDER if row[1] else Party.RECEIVER
+
+    def update_session(self, record: SessionRecord) -> SessionRecord:
+        s = record.session
+        cursor = self._db.execute(
+            "UPDATE sessions SET state = ?, code_hash = ?, expire_time = ?,"
+            " receiver_token_hash = ?, version = version + 1, data = ?"
+            " WHERE id = ? AND version = ?",
+            (
+                int(s.state),
+                record.code_hash,
+                record.expire_s,
+                record.receiver_token_hash,
+                s.SerializeToString(deterministic=True),
+                record.session_id,
+                record.version,
+            ),
+        )
+        if cursor.rowcount != 1:
+            raise StaleRecord(f"session {record.session_id} changed concurrently")
+        return dataclasses.replace(record, version=record.version + 1)
+
+    def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
+        marks = ", ".join("?" for _ in LIVE_STATES)
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM sessions"  # noqa: S608 - placeholders only
+            f" WHERE state IN ({marks}) AND expire_time <= ? ORDER BY expire_time LIMIT ?",
+            (*sorted(int(s) for s in LIVE_STATES), now, limit),
+        ).fetchall()
+        return [_record(r) for r in rows]
+
+    def lease_ports(
+        self,
+        host_id: str,
+        allowed: leases.Span,
+        count: int,
+        session_id: str,
+        expire_s: float,
+        now: float,
+    ) -> leases.Span:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            taken = self._db.execute(
+                "SELECT first_port, last_port FROM leases"
+                " WHERE host_id = ? AND expire_time > ? AND session_id != ?",
+                (host_id, now, session_id),
+            ).fetchall()
+            span = leases.allocate(allowed, count, taken)
+            self._db.execute(
+                "INSERT OR REPLACE INTO leases"
+                " (session_id, host_id, first_port, last_port, expire_time)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (session_id, host_id, span[0], span[1], expire_s),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return span
+
+    def release_lease(self, session_id: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE session_id = ?", (session_id,))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def is_final(record: SessionRecord) -> bool:
+    """Whether the session is in a final state."""
+    return record.session.state in FINAL_STATES
