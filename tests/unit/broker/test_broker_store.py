@@ -1,0 +1,100 @@
+"""SqliteStore: round trip, lookups, compare-and-set, leases, and persistence across reopen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferry.broker import leases, states
+from ferry.broker.core import timestamp
+from ferry.broker.store import SessionRecord, SqliteStore, StaleRecord
+from ferry.v1 import broker_pb2
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _record(session_id: str, expire: float = 100.0, **kw: str | None) -> SessionRecord:
+    session = broker_pb2.Session(
+        name=f"sessions/{session_id}",
+        state=states.OFFERED,
+        manifest=broker_pb2.Manifest(
+            files=[broker_pb2.FileEntry(path="a/b.txt", size_bytes=5)], chunk_size_bytes=1 << 20
+        ),
+        create_time=timestamp(1.0),
+        expire_time=timestamp(expire),
+    )
+    return SessionRecord(
+        session=session,
+        sender_token_hash=f"s-{session_id}",
+        code_hash=kw.get("code_hash", f"c-{session_id}"),
+        request_id=kw.get("request_id"),
+    )
+
+
+def test_round_trip_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "broker.sqlite3"
+    store = SqliteStore(path)
+    rec = _record("one", request_id="req-1")
+    store.create_session(rec)
+    rec.session.state = states.ACCEPTED
+    rec.receiver_token_hash = "r-one"
+    rec.code_hash = None
+    rec = store.update_session(rec)
+    assert rec.version == 1
+    assert store.lease_ports("h", (5000, 5010), 6, "one", 50.0, now=0.0) == (5000, 5005)
+    store.close()
+
+    store = SqliteStore(path)
+    try:
+        got = store.get_session("one")
+        assert got is not None
+        assert got.session == rec.session
+        assert got.version == 1
+        assert store.find_by_code_hash("c-one") is None
+        assert store.find_by_token_hash("s-one") == ("one", states.Party.SENDER)
+        assert store.find_by_token_hash("r-one") == ("one", states.Party.RECEIVER)
+        assert store.find_by_token_hash("nope") is None
+        found = store.find_by_request_id("req-1")
+        assert found is not None
+        assert found.session_id == "one"
+        # the lease survived the reopen: the next session gets the following ports
+        assert store.lease_ports("h", (5000, 5010), 5, "two", 50.0, now=0.0) == (5006, 5010)
+    finally:
+        store.close()
+
+
+def test_compare_and_set(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    try:
+        store.create_session(_record("x"))
+        a = store.get_session("x")
+        b = store.get_session("x")
+        assert a is not None
+        assert b is not None
+        store.update_session(a)
+        with pytest.raises(StaleRecord):
+            store.update_session(b)
+    finally:
+        store.close()
+
+
+def test_leases_and_expiry(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    try:
+        store.create_session(_record("old", expire=10.0))
+        store.create_session(_record("new", expire=1000.0))
+        due = store.due_for_expiry(now=20.0, limit=10)
+        assert [r.session_id for r in due] == ["old"]
+        assert store.lease_ports("h", (7000, 7003), 4, "old", 10.0, now=0.0) == (7000, 7003)
+        with pytest.raises(leases.NoPortsAvailable):
+            store.lease_ports("h", (7000, 7003), 1, "new", 100.0, now=5.0)
+        # other host: independent
+        assert store.lease_ports("g", (7000, 7003), 1, "new", 100.0, now=5.0) == (7000, 7000)
+        store.release_lease("new")
+        # once the old lease has expired it no longer counts
+        assert store.lease_ports("h", (7000, 7003), 2, "new", 100.0, now=11.0) == (7000, 7001)
+        store.release_lease("old")
+        assert store.lease_ports("h", (7000, 7003), 2, "third", 100.0, now=0.0) == (7002, 7003)
+    finally:
+        store.close()
