@@ -1,6 +1,6 @@
 """Rates of the bare TLS and TCP loopback file copies that Ferry is compared with.
 
-    python bench/baseline_copy.py [--size MiB] [--runs N] [--dir DIR]
+    python bench/baseline_copy.py [--size MiB] [--runs N] [--warmup N] [--dir DIR]
 
 Makes a random file (default 1 GiB) in a temporary directory, then copies it with
 ``tls_copy`` and ``tcp_copy`` (bench/_baselines.py) --runs times each, alternating so
@@ -42,10 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="file size in MiB (default 1024)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each copy (default 3)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs of each copy first (default 1)"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where to put the files")
     ns = parser.parse_args()
-    if ns.size <= 0 or ns.runs <= 0:
-        parser.error("--size and --runs must be positive")
+    if ns.size <= 0 or ns.runs <= 0 or ns.warmup < 0:
+        parser.error("--size and --runs must be positive, --warmup not negative")
 
     copies: dict[str, Callable[[Path, Path], float]] = {"tls_copy": tls_copy, "tcp_copy": tcp_copy}
     rates: dict[str, list[float]] = {name: [] for name in copies}
@@ -54,6 +57,12 @@ def main() -> None:
         size = ns.size * MIB
         make_random_file(src, size)
         print(f"{ns.size} MiB random file in {tmp}; median of {ns.runs} runs; 127.0.0.1")
+        # The first copies after writing the source run slow (disk writeback, cold
+        # caches); untimed warm-up runs keep that out of the medians.
+        for _ in range(ns.warmup):
+            for copy in copies.values():
+                copy(src, dst)
+                dst.unlink()
         for run in range(1, ns.runs + 1):
             for name, copy in copies.items():
                 seconds = copy(src, dst)
