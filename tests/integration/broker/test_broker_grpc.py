@@ -1,0 +1,479 @@
+"""The real broker process over gRPC on loopback: flows, errors, expiry, restart, leases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ferry.v1 import broker_pb2, broker_pb2_grpc
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
+
+
+@dataclass
+class BrokerProcess:
+    """A broker subprocess and where it listens."""
+
+    data_dir: Path
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    address: str = ""
+    log: list[Path] = field(default_factory=list)
+
+    def start(self) -> None:
+        log_path = self.data_dir.parent / f"{self.data_dir.name}-{len(self.log)}.log"
+        self.log.append(log_path)
+        with log_path.open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "ferry.broker",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    str(self.data_dir),
+                    *self.args,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 20
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(remaining, 0))
+            if not ready:
+                self.kill()
+                raise TimeoutError(f"broker did not report listening: {log_path.read_text()}")
+            chunk = os.read(self.proc.stdout.fileno(), 1)
+            if not chunk:
+                raise RuntimeError(f"broker exited: {log_path.read_text()}")
+            line += chunk
+        event = json.loads(line)
+        assert event["event"] == "listening"
+        self.address = event["address"]
+
+    def stop(self) -> int:
+        """SIGTERM and wait; return the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+BrokerFactory = Callable[..., BrokerProcess]
+
+FAST = ["--sweep-interval", "0.2", "--offer-ttl-min", "0.5", "--log-level", "WARNING"]
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
+    """Start brokers with extra arguments; all are stopped at the end."""
+    started: list[BrokerProcess] = []
+
+    def make(*args: str, name: str = "data") -> BrokerProcess:
+        broker = BrokerProcess(data_dir=tmp_path / name, args=[*FAST, *args])
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield make
+    for broker in started:
+        broker.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    """One broker for the tests that do not restart it or exhaust its limits."""
+    broker = BrokerProcess(data_dir=tmp_path_factory.mktemp("shared") / "data", args=FAST)
+    broker.start()
+    yield broker
+    broker.kill()
+
+
+S = broker_pb2.Session
+T = 5.0  # deadline of every call, seconds
+
+
+def _auth(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _peer(first: int = 40000, last: int = 40100, host_id: str = "") -> broker_pb2.PeerInfo:
+    return broker_pb2.PeerInfo(
+        candidates=[broker_pb2.Candidate(ip="192.0.2.7", kind=broker_pb2.Candidate.KIND_HOST)],
+        allowed_ports=broker_pb2.PortRange(first_port=first, last_port=last),
+        certificate_der=b"\x30\x82fake-der",
+        host_id=host_id,
+    )
+
+
+def _offer_request(**kw: object) -> broker_pb2.CreateOfferRequest:
+    manifest = broker_pb2.Manifest(
+        files=[broker_pb2.FileEntry(path="photos/a.jpg", size_bytes=1234, mode=0o644)],
+        chunk_size_bytes=1 << 20,
+    )
+    request = broker_pb2.CreateOfferRequest(manifest=manifest, sender=_peer())
+    for key, value in kw.items():
+        if key == "ttl_s":
+            assert isinstance(value, float)
+            request.ttl.CopyFrom(Duration(seconds=int(value), nanos=int(value % 1 * 1e9)))
+        elif key == "sender":
+            assert isinstance(value, broker_pb2.PeerInfo)
+            request.sender.CopyFrom(value)
+        elif key == "request_id":
+            assert isinstance(value, str)
+            request.request_id = value
+    return request
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason in the status details."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    assert info.domain == "ferry.v1"
+                    return str(info.reason)
+    raise AssertionError(f"no ErrorInfo in {error!r}")
+
+
+@pytest_asyncio.fixture
+async def stub(
+    shared_broker: BrokerProcess,
+) -> AsyncIterator[broker_pb2_grpc.BrokerServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(shared_broker.address) as channel:
+        yield broker_pb2_grpc.BrokerServiceStub(channel)
+
+
+async def _offer_and_claim(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub, **kw: object
+) -> tuple[broker_pb2.CreateOfferResponse, broker_pb2.ClaimOfferResponse]:
+    offer = await stub.CreateOffer(_offer_request(**kw), timeout=T)
+    claim = await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+    return offer, claim
+
+
+async def _report(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub, name: str, token: str, state: int, done: int = 0
+) -> broker_pb2.Session:
+    response = await stub.ReportProgress(
+        broker_pb2.ReportProgressRequest(name=name, state=state, bytes_done=done),  # type: ignore[arg-type]
+        metadata=_auth(token),
+        timeout=T,
+    )
+    return response.session
+
+
+async def test_health_serving(shared_broker: BrokerProcess) -> None:
+    async with grpc.aio.insecure_channel(shared_broker.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "ferry.v1.BrokerService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=T)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_full_flow(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    offer, claim = await _offer_and_claim(stub)
+    name = offer.session.name
+    assert name.startswith("sessions/")
+    assert offer.session.state == S.STATE_OFFERED
+    assert len(offer.code.split("-")) == 4
+    reflexive = [c.ip for c in offer.session.sender.candidates if c.kind == 2]
+    assert reflexive == ["127.0.0.1"]
+    assert claim.session.claimed
+    assert claim.party_token != offer.party_token
+
+    accepted = (
+        await stub.AcceptOffer(
+            broker_pb2.AcceptOfferRequest(name=name, receiver=_peer(50000, 50100)),
+            metadata=_auth(claim.party_token),
+            timeout=T,
+        )
+    ).session
+    assert accepted.state == S.STATE_ACCEPTED
+    plan = accepted.plan
+    assert plan.listener == broker_pb2.ConnectionPlan.ROLE_SENDER
+    assert plan.stream_count == 4
+    assert plan.listener_ports.last_port - plan.listener_ports.first_port + 1 == 6
+    assert 40000 <= plan.listener_ports.first_port <= plan.listener_ports.last_port <= 40100
+    assert plan.connect_deadline.seconds > accepted.update_time.seconds
+    assert plan.lease_expire_time == accepted.expire_time
+
+    assert (await _report(stub, name, offer.party_token, S.STATE_CONNECTING)).state == (
+        S.STATE_CONNECTING
+    )
+    await _report(stub, name, claim.party_token, S.STATE_TRANSFERRING, 10)
+    again = await _report(stub, name, offer.party_token, S.STATE_TRANSFERRING, 600)
+    assert (again.state, again.bytes_done) == (S.STATE_TRANSFERRING, 600)
+    done = await _report(stub, name, claim.party_token, S.STATE_COMPLETED, 1234)
+    assert (done.state, done.bytes_done) == (S.STATE_COMPLETED, 1234)
+    got = await stub.GetSession(
+        broker_pb2.GetSessionRequest(name=name), metadata=_auth(offer.party_token), timeout=T
+    )
+    assert got.session.state == S.STATE_COMPLETED
+
+
+async def _collect(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub, name: str, token: str
+) -> list[broker_pb2.Session]:
+    call = stub.WatchSession(
+        broker_pb2.WatchSessionRequest(name=name), metadata=_auth(token), timeout=20
+    )
+    return [item.session async for item in call]
+
+
+async def _wait_for_watchers() -> None:
+    await asyncio.sleep(0.3)  # let the watch calls subscribe before the changes
+
+
+async def test_watch_sees_accept_and_decline(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    offer_a, claim_a = await _offer_and_claim(stub, sender=_peer(41000, 41100))
+    offer_b, claim_b = await _offer_and_claim(stub, sender=_peer(41000, 41100))
+    watch_a = asyncio.create_task(_collect(stub, offer_a.session.name, offer_a.party_token))
+    watch_b = asyncio.create_task(_collect(stub, offer_b.session.name, offer_b.party_token))
+    await _wait_for_watchers()
+    await stub.AcceptOffer(
+        broker_pb2.AcceptOfferRequest(name=offer_a.session.name, receiver=_peer()),
+        metadata=_auth(claim_a.party_token),
+        timeout=T,
+    )
+    await stub.DeclineOffer(
+        broker_pb2.DeclineOfferRequest(name=offer_b.session.name, reason="no thanks"),
+        metadata=_auth(claim_b.party_token),
+        timeout=T,
+    )
+    seen_b = await asyncio.wait_for(watch_b, 10)
+    assert [s.state for s in seen_b] == [S.STATE_OFFERED, S.STATE_DECLINED]
+    assert seen_b[-1].failure_reason == "no thanks"
+    await stub.CancelSession(
+        broker_pb2.CancelSessionRequest(name=offer_a.session.name, reason="changed my mind"),
+        metadata=_auth(offer_a.party_token),
+        timeout=T,
+    )
+    seen_a = await asyncio.wait_for(watch_a, 10)
+    assert [s.state for s in seen_a] == [S.STATE_OFFERED, S.STATE_ACCEPTED, S.STATE_CANCELLED]
+
+
+async def test_second_claim_and_wrong_code(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    offer, _ = await _offer_and_claim(stub)
+    for code in (offer.code, "1-no-such-code", "garbage"):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=code), timeout=T)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert reason_of(info.value) == "CODE_NOT_FOUND"
+
+
+async def test_code_normalized(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    offer = await stub.CreateOffer(_offer_request(), timeout=T)
+    claim = await stub.ClaimOffer(
+        broker_pb2.ClaimOfferRequest(code=f"  {offer.code.upper()} "), timeout=T
+    )
+    assert claim.session.name == offer.session.name
+
+
+async def test_idempotent_create(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    first = await stub.CreateOffer(_offer_request(request_id="req-42"), timeout=T)
+    again = await stub.CreateOffer(_offer_request(request_id="req-42"), timeout=T)
+    assert (again.session.name, again.code, again.party_token) == (
+        first.session.name,
+        first.code,
+        first.party_token,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateOffer(_offer_request(request_id="req-42", ttl_s=60.0), timeout=T)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_auth_errors(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    offer_a, _ = await _offer_and_claim(stub)
+    offer_b, _ = await _offer_and_claim(stub)
+    request = broker_pb2.GetSessionRequest(name=offer_a.session.name)
+    cases = [
+        ((), grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING"),
+        (_auth("not-a-token"), grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID"),
+        (_auth(offer_b.party_token), grpc.StatusCode.PERMISSION_DENIED, "WRONG_SESSION"),
+    ]
+    for metadata, code, reason in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetSession(request, metadata=metadata, timeout=T)
+        assert (info.value.code(), reason_of(info.value)) == (code, reason)
+    # unknown name with a valid token: denied, existence not revealed
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetSession(
+            broker_pb2.GetSessionRequest(name="sessions/nope"),
+            metadata=_auth(offer_a.party_token),
+            timeout=T,
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_illegal_transition_and_wrong_party(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    offer, claim = await _offer_and_claim(stub)
+    name = offer.session.name
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _report(stub, name, claim.party_token, S.STATE_COMPLETED)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(info.value) == "ILLEGAL_TRANSITION"
+    assert "offered" in (info.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.DeclineOffer(
+            broker_pb2.DeclineOfferRequest(name=name), metadata=_auth(offer.party_token), timeout=T
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(info.value) == "WRONG_PARTY"
+
+
+async def test_invalid_manifest(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    for path in ("../etc/passwd", "/abs", "a//b", "a\\b", "a\x00b"):
+        request = _offer_request()
+        request.manifest.files[0].path = path
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateOffer(request, timeout=T)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason_of(info.value) == "INVALID_MANIFEST"
+    request = _offer_request()
+    request.sender.certificate_der = b""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CreateOffer(request, timeout=T)
+    assert reason_of(info.value) == "INVALID_PEER"
+
+
+async def test_concurrent_leases_do_not_overlap(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    sender = _peer(42000, 42017, host_id="laptop-1")
+    pairs = [await _offer_and_claim(stub, sender=sender) for _ in range(4)]
+    accepts = await asyncio.gather(
+        *(
+            stub.AcceptOffer(
+                broker_pb2.AcceptOfferRequest(name=o.session.name, receiver=_peer()),
+                metadata=_auth(c.party_token),
+                timeout=T,
+            )
+            for o, c in pairs
+        ),
+        return_exceptions=True,
+    )
+    spans = []
+    for result in accepts:
+        if isinstance(result, grpc.aio.AioRpcError):
+            assert result.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert reason_of(result) == "NO_PORTS"
+            continue
+        assert isinstance(result, broker_pb2.AcceptOfferResponse)
+        ports = result.session.plan.listener_ports
+        spans.append((ports.first_port, ports.last_port))
+    assert len(spans) == 3  # 18 ports, 6 per session
+    taken = [p for a, b in spans for p in range(a, b + 1)]
+    assert len(taken) == len(set(taken))
+    # ending a session frees its lease for the refused one
+    offer, claim = pairs[0]
+    await stub.CancelSession(
+        broker_pb2.CancelSessionRequest(name=offer.session.name),
+        metadata=_auth(claim.party_token),
+        timeout=T,
+    )
+    refused = [p for p, r in zip(pairs, accepts, strict=True) if isinstance(r, Exception)]
+    o, c = refused[0]
+    ok = await stub.AcceptOffer(
+        broker_pb2.AcceptOfferRequest(name=o.session.name, receiver=_peer()),
+        metadata=_auth(c.party_token),
+        timeout=T,
+    )
+    assert ok.session.state == S.STATE_ACCEPTED
+
+
+async def test_expired_offer(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    offer = await stub.CreateOffer(_offer_request(ttl_s=1.0), timeout=T)
+    seen = await _collect(stub, offer.session.name, offer.party_token)
+    assert [s.state for s in seen] == [S.STATE_OFFERED, S.STATE_EXPIRED]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason_of(info.value) == "CODE_EXPIRED"
+
+
+async def test_rate_limit(broker_factory: BrokerFactory) -> None:
+    broker = broker_factory("--claim-burst-per-ip", "3", "--claim-rate-per-ip", "0.1")
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        offer = await stub.CreateOffer(_offer_request(), timeout=T)
+        codes = []
+        for i in range(5):
+            try:
+                await stub.ClaimOffer(
+                    broker_pb2.ClaimOfferRequest(code=f"{i + 1}-a-b-c"), timeout=T
+                )
+            except grpc.aio.AioRpcError as error:
+                codes.append((error.code(), reason_of(error)))
+        assert codes[:3] == [(grpc.StatusCode.NOT_FOUND, "CODE_NOT_FOUND")] * 3
+        assert codes[3:] == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")] * 2
+        # even the right code is refused while the bucket is empty
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_restart_loses_nothing(broker_factory: BrokerFactory) -> None:
+    broker = broker_factory()
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        offer = await stub.CreateOffer(_offer_request(), timeout=T)
+    assert broker.stop() == 0
+
+    broker.start()
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        claim = await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+        assert claim.session.name == offer.session.name
+    assert broker.stop() == 0
+
+    broker.start()
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        accepted = await stub.AcceptOffer(
+            broker_pb2.AcceptOfferRequest(name=offer.session.name, receiver=_peer()),
+            metadata=_auth(claim.party_token),
+            timeout=T,
+        )
+        assert accepted.session.state == S.STATE_ACCEPTED
+        got = await stub.GetSession(
+            broker_pb2.GetSessionRequest(name=offer.session.name),
+            metadata=_auth(offer.party_token),
+            timeout=T,
+        )
+        assert got.session == accepted.session
