@@ -1,0 +1,140 @@
+"""The Broker domain with an injected clock, and the in-process server's watch bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+import ferry.broker
+from ferry.broker import states
+from ferry.broker.config import BrokerConfig
+from ferry.broker.core import Broker
+from ferry.broker.errors import BrokerError
+from ferry.broker.store import SqliteStore
+from ferry.v1 import broker_pb2, broker_pb2_grpc
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _request(request_id: str = "") -> broker_pb2.CreateOfferRequest:
+    return broker_pb2.CreateOfferRequest(
+        manifest=broker_pb2.Manifest(
+            files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
+        ),
+        sender=broker_pb2.PeerInfo(
+            allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
+            certificate_der=b"cert",
+        ),
+        request_id=request_id,
+    )
+
+
+def _receiver() -> broker_pb2.PeerInfo:
+    return broker_pb2.PeerInfo(
+        allowed_ports=broker_pb2.PortRange(first_port=1, last_port=2), certificate_der=b"c"
+    )
+
+
+def test_public_surface() -> None:
+    assert sorted(ferry.broker.__all__) == [
+        "BrokerConfig",
+        "RunningBroker",
+        "serve",
+        "start_server",
+    ]
+
+
+def test_ttl_clamped_and_sweep(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SqliteStore(tmp_path / "b.sqlite3")
+    broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
+    try:
+        offer = broker.create_offer(_request(), "10.0.0.1")
+        assert offer.session.expire_time.seconds == int(clock.now) + 600
+        claim = broker.claim_offer(offer.code, "10.0.0.2")
+        accepted = broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
+        assert accepted.plan.listener_ports.first_port == 9000
+        assert accepted.expire_time.seconds == int(clock.now) + 24 * 3600
+        clock.now += 24 * 3600 + 1
+        assert broker.sweep() == 1
+        got = broker.get(offer.session.name, offer.party_token)
+        assert got.state == states.EXPIRED
+        # the lease was released: a new session gets the same ports again
+        second = broker.create_offer(_request(), "10.0.0.1")
+        claim2 = broker.claim_offer(second.code, "10.0.0.2")
+        plan = broker.accept(second.session.name, claim2.party_token, _receiver(), None).plan
+        assert plan.listener_ports.first_port == 9000
+    finally:
+        store.close()
+
+
+def test_expired_before_sweep(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SqliteStore(tmp_path / "b.sqlite3")
+    broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
+    try:
+        offer = broker.create_offer(_request(), None)
+        claim = broker.claim_offer(offer.code, None)
+        clock.now += 601
+        with pytest.raises(states.IllegalTransition, match="expired"):
+            broker.accept(offer.session.name, claim.party_token, _receiver(), None)
+    finally:
+        store.close()
+
+
+def test_request_id_after_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SqliteStore(tmp_path / "b.sqlite3")
+    try:
+        first = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
+        offer = first.create_offer(_request("r1"), None)
+        assert first.create_offer(_request("r1"), None).code == offer.code
+        restarted = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
+        with pytest.raises(BrokerError) as info:
+            restarted.create_offer(_request("r1"), None)
+        assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        store.close()
+
+
+@pytest.mark.asyncio
+async def test_cancelled_watches_do_not_leak(tmp_path: Path) -> None:
+    config = BrokerConfig(listen="127.0.0.1:0", data_dir=tmp_path, sweep_interval_s=0.1)
+    running = await ferry.broker.start_server(config)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = broker_pb2_grpc.BrokerServiceStub(channel)
+            offer = await stub.CreateOffer(_request(), timeout=5)
+            metadata = (("authorization", f"Bearer {offer.party_token}"),)
+            calls = [
+                stub.WatchSession(
+                    broker_pb2.WatchSessionRequest(name=offer.session.name),
+                    metadata=metadata,
+                    timeout=10,
+                )
+                for _ in range(50)
+            ]
+            for call in calls:
+                first = await call.read()
+                assert isinstance(first, broker_pb2.WatchSessionResponse)
+            assert running.broker.hub.watcher_count() == 50
+            for call in calls:
+                call.cancel()
+            for _ in range(100):
+                if running.broker.hub.watcher_count() == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert running.broker.hub.watcher_count() == 0
+    finally:
+        await running.stop(grace=1)
