@@ -41,7 +41,9 @@ def test_normalize() -> None:
     assert len(codes.hash_code("7-a-b-c")) == 64
 
 
-@pytest.mark.parametrize("bad", ["", "orbit-lantern-quiet", "0-a-b-c", "1000-a-b-c", "7-a-b", "7-a-b-1"])
+@pytest.mark.parametrize(
+    "bad", ["", "orbit-lantern-quiet", "0-a-b-c", "1000-a-b-c", "7-a-b", "7-a-b-1"]
+)
 def test_malformed(bad: str) -> None:
     assert not codes.is_well_formed(codes.normalize(bad))
 
