@@ -128,6 +128,11 @@ class ReceiveSession:
             raise LocalProtocolError(f"stream {stream} is already open")
         self._streams[stream] = _Stream()
 
+    def has_in_flight(self, stream: int) -> bool:
+        """True if the stream has asked for chunks it has not received yet."""
+        s = self._streams.get(stream)
+        return bool(s and s.in_flight)
+
     def stream_lost(self, stream: int) -> None:
         """Forget a stream; its chunks in flight go back to the front of the queue."""
         s = self._streams.pop(stream, None)

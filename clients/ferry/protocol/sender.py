@@ -80,16 +80,24 @@ class SendSession:
             if i not in known
         ]
 
-    def file_end(self, file_index: int) -> peer_pb2.PeerMessage:
-        """The FileEnd answering a DigestRequest; every chunk digest must be known."""
+    def digest(self, file_index: int) -> bytes | None:
+        """The whole-file digest, or None while some chunk digest is unknown."""
         self._check_file(file_index)
         known = self._digests[file_index]
         if len(known) != self._chunks[file_index]:
+            return None
+        return file_digest(known[i] for i in range(self._chunks[file_index]))
+
+    def file_end(self, file_index: int) -> peer_pb2.PeerMessage:
+        """The FileEnd answering a DigestRequest; every chunk digest must be known."""
+        self._check_file(file_index)
+        digest = self.digest(file_index)
+        if digest is None:
             raise RemoteProtocolError(f"digest of file {file_index} asked before its chunks")
         message = peer_pb2.PeerMessage()
         message.file_end.file_index = file_index
         message.file_end.algorithm = FILE_DIGEST_ALGORITHM
-        message.file_end.digest = file_digest(known[i] for i in range(self._chunks[file_index]))
+        message.file_end.digest = digest
         return message
 
     def _check_file(self, file_index: int) -> None:

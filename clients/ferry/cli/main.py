@@ -1,0 +1,398 @@
+"""The `ferry` command: serve, send, receive, status, digest.
+
+A thin layer over `ferry.client`: it parses arguments, asks for consent, draws progress
+on a terminal (or prints one JSON object per line with --json) and turns every failure
+into one line on stderr and a non-zero exit code. Exit codes: 0 verified and complete,
+1 failed or declined, 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ferry.cli import _progress, _state
+from ferry.client import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PORTS,
+    BrokerError,
+    Client,
+    Completed,
+    Event,
+    Incoming,
+    Progress,
+    TransferError,
+    TransferResult,
+)
+from ferry.files import (
+    DestinationExistsError,
+    ManifestError,
+    UnsafePathError,
+    escape_name,
+    format_size,
+)
+from ferry.protocol import FILE_DIGEST_ALGORITHM
+
+__all__ = ["main"]
+
+DEFAULT_BROKER = "127.0.0.1:50051"
+_DEFAULT_PORTS = f"{DEFAULT_PORTS[0]}-{DEFAULT_PORTS[1]}"
+
+
+class CliError(Exception):
+    """A failure to report as one line and exit 1."""
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _ports(text: str) -> tuple[int, int]:
+    try:
+        first, _, last = text.partition("-")
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port range: {text!r} (e.g. 47100-47999)") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port range: {text!r} (e.g. 47100-47999)")
+    return lo, hi
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1M)") from None
+
+
+def _completed_line(result: TransferResult) -> dict[str, Any]:
+    return {
+        "event": "completed",
+        "session": result.session,
+        "bytes": result.bytes,
+        "bytes_transferred": result.bytes_transferred,
+        "seconds": round(result.seconds, 6),
+        "path": result.path,
+        "files": [
+            {"path": f.path, "size": f.size, "digests": {f.algorithm: f.digest}}
+            for f in result.files
+        ],
+    }
+
+
+class _Events:
+    """Turns library events into a progress bar (terminal) or nothing (JSON mode)."""
+
+    def __init__(self, as_json: bool, label: str) -> None:
+        self.bar = None if as_json else _progress.open_bar(label)
+
+    def __call__(self, event: Event) -> None:
+        if self.bar is None:
+            return
+        if isinstance(event, Progress):
+            self.bar.update(event.bytes_done, event.total)
+        elif isinstance(event, Completed):
+            self.bar.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- send -----------------------------------------------------------------------------
+
+
+async def _send(ns: argparse.Namespace) -> int:
+    client = Client(ns.broker, ports=ns.ports)
+    outgoing = await client.offer(ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl)
+    _state.remember(outgoing.name, outgoing.token, "sender", ns.broker)
+    try:
+        if ns.json:
+            _emit(
+                {
+                    "event": "offered",
+                    "code": outgoing.code,
+                    "session": outgoing.name,
+                    "files": len(outgoing.files),
+                    "bytes": outgoing.total_size,
+                }
+            )
+        else:
+            what = (
+                f"{len(outgoing.files)} files"
+                if len(outgoing.files) != 1
+                else escape_name(outgoing.files[0].path)
+            )
+            _say(f"Sending {what} ({format_size(outgoing.total_size)}).")
+            _say(f"Code: {outgoing.code}")
+            _say(f"On the other machine run:  ferry receive {outgoing.code}")
+        events = _Events(ns.json, "sending")
+        try:
+            result = await outgoing.transfer(on_event=events)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await _cancel_quietly(outgoing.cancel)
+            raise
+        finally:
+            events.close()
+        _finish(ns, result, "Sent")
+        return 0
+    finally:
+        await outgoing.close()
+
+
+async def _cancel_quietly(cancel: Any) -> None:
+    with contextlib.suppress(BrokerError, TimeoutError):
+        await asyncio.wait_for(cancel(), 3)
+
+
+def _finish(ns: argparse.Namespace, result: TransferResult, verb: str) -> None:
+    if ns.json:
+        _emit(_completed_line(result))
+        return
+    rate = result.bytes_transferred / result.seconds / 1e6 if result.seconds > 0 else 0.0
+    _say(
+        f"{verb} {len(result.files)} file(s), {format_size(result.bytes)} in "
+        f"{result.seconds:.2f} s ({rate:.0f} MB/s), verified ({FILE_DIGEST_ALGORITHM})."
+    )
+
+
+# -- receive --------------------------------------------------------------------------
+
+
+def _show_offer(ns: argparse.Namespace, incoming: Incoming, dest: Path) -> None:
+    ok, free = incoming.free_space(dest)
+    if ns.json:
+        _emit(
+            {
+                "event": "offer",
+                "session": incoming.name,
+                "files": [{"path": f.path, "size": f.size} for f in incoming.files],
+                "bytes": incoming.total_size,
+                "free_bytes": free,
+            }
+        )
+    else:
+        _say(
+            f"Offered: {len(incoming.files)} file(s), {format_size(incoming.total_size)} "
+            f"(free in {escape_name(str(dest))}: {format_size(free)})"
+        )
+        for f in incoming.files:
+            _say(f"  {escape_name(f.path)}  {format_size(f.size)}")
+    if not ok:
+        raise CliError(
+            f"not enough free space: {format_size(incoming.total_size)} offered, "
+            f"{format_size(free)} free in {escape_name(str(dest))}"
+        )
+
+
+def _consent(ns: argparse.Namespace) -> bool:
+    if ns.yes:
+        return True
+    if not ns.json:
+        sys.stderr.write("Accept? [y/N] ")
+        sys.stderr.flush()
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+async def _receive(ns: argparse.Namespace) -> int:
+    client = Client(ns.broker, ports=ns.ports)
+    incoming = await client.claim(ns.code)
+    _state.remember(incoming.name, incoming.token, "receiver", ns.broker)
+    try:
+        dest = Path(ns.dest)
+        try:
+            _show_offer(ns, incoming, dest)
+        except CliError as exc:
+            reason = str(exc)
+            await _cancel_quietly(lambda: incoming.decline(reason))
+            raise
+        if not await asyncio.to_thread(_consent, ns):
+            await incoming.decline("declined by the receiver")
+            if ns.json:
+                _emit({"event": "declined", "session": incoming.name})
+            else:
+                _say("Declined.")
+            return 1
+        events = _Events(ns.json, "receiving")
+        try:
+            result = await incoming.accept(dest, overwrite=ns.overwrite, on_event=events)
+        except (DestinationExistsError, UnsafePathError) as exc:
+            reason = str(exc)
+            await _cancel_quietly(lambda: incoming.decline(reason))
+            raise
+        finally:
+            events.close()
+        _finish(ns, result, "Received")
+        return 0
+    finally:
+        await incoming.close()
+
+
+# -- status, digest, serve ------------------------------------------------------------
+
+
+async def _status(ns: argparse.Namespace) -> int:
+    from ferry.client._broker import BrokerLink
+    from ferry.v1 import broker_pb2
+
+    known = _state.load()
+    names = [ns.session] if ns.session else list(known)[-10:]
+    if not names:
+        raise CliError("no sessions known on this machine yet")
+    for name in names:
+        if not name.startswith("sessions/"):
+            name = f"sessions/{name}"
+        entry = known.get(name)
+        if entry is None:
+            raise CliError(f"no token for {escape_name(name)} on this machine")
+        link = BrokerLink(ns.broker if ns.broker_given else entry["broker"])
+        link.token = entry["token"]
+        try:
+            session = await link.get(name)
+        finally:
+            await link.close()
+        state = broker_pb2.Session.State.Name(session.state).removeprefix("STATE_").lower()
+        total = sum(f.size_bytes for f in session.manifest.files)
+        line = {
+            "session": name,
+            "role": entry["role"],
+            "state": state,
+            "bytes_done": session.bytes_done,
+            "bytes": total,
+            "failure_reason": session.failure_reason,
+        }
+        if ns.json:
+            _emit(line)
+        else:
+            reason = f" ({escape_name(session.failure_reason)})" if session.failure_reason else ""
+            _say(
+                f"{name}  {entry['role']}  {state}{reason}  "
+                f"{format_size(session.bytes_done)} / {format_size(total)}"
+            )
+    return 0
+
+
+def _digest(ns: argparse.Namespace) -> int:
+    from ferry.protocol import chunk_digest, file_digest
+
+    for path in ns.files:
+        digests = []
+        with open(path, "rb") as f:
+            while chunk := f.read(ns.chunk_size):
+                digests.append(chunk_digest(chunk))
+        print(f"{file_digest(digests).hex()}  {escape_name(str(path))}")
+    return 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from ferry.broker import BrokerConfig, serve
+
+    config = BrokerConfig(listen=ns.listen, data_dir=Path(ns.data_dir))
+    asyncio.run(serve(config))
+    return 0
+
+
+# -- arguments ------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferry", description="Move files between machines.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--broker",
+            default=os.environ.get("FERRY_BROKER", DEFAULT_BROKER),
+            help="broker address HOST:PORT (env FERRY_BROKER)",
+        )
+        sp.add_argument(
+            "--ports",
+            type=_ports,
+            default=_ports(os.environ.get("FERRY_PORTS", _DEFAULT_PORTS)),
+            help="ports this side may listen on (env FERRY_PORTS)",
+        )
+        sp.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    s = sub.add_parser("serve", help="run a broker")
+    s.add_argument("--listen", default=os.environ.get("FERRY_LISTEN", DEFAULT_BROKER))
+    s.add_argument("--data-dir", default=os.environ.get("FERRY_DATA_DIR", "ferry-data"))
+
+    s = sub.add_parser("send", help="offer files and folders; prints a one-time code")
+    s.add_argument("paths", nargs="+", type=Path)
+    s.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE)
+    s.add_argument("--ttl", type=float, default=600.0, help="seconds the code stays valid")
+    client_opts(s)
+
+    s = sub.add_parser("receive", help="receive what a code offers")
+    s.add_argument("code")
+    s.add_argument("--dest", default=".", help="folder to receive into (default: here)")
+    s.add_argument("--yes", "-y", action="store_true", help="accept without asking")
+    s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    client_opts(s)
+
+    s = sub.add_parser("status", help="show the state of recent sessions")
+    s.add_argument("session", nargs="?")
+    client_opts(s)
+
+    s = sub.add_parser("digest", help="print files' blake3-chunks digests")
+    s.add_argument("files", nargs="+", type=Path)
+    s.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE)
+    return p
+
+
+def _fail(ns: argparse.Namespace | None, message: str, code: int = 1) -> NoReturn:
+    message = " ".join(message.split())
+    if ns is not None and getattr(ns, "json", False):
+        _emit({"event": "failed", "error": message})
+    _say(f"ferry: error: {message}")
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `ferry` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = _parser().parse_args(argv)
+    ns.broker_given = "--broker" in argv or any(a.startswith("--broker=") for a in argv)
+    try:
+        if ns.command == "serve":
+            code = _serve(ns)
+        elif ns.command == "digest":
+            code = _digest(ns)
+        else:
+            runner = {"send": _send, "receive": _receive, "status": _status}[ns.command]
+            code = asyncio.run(runner(ns))
+    except KeyboardInterrupt:
+        _fail(ns, "interrupted", 130)
+    except (
+        CliError,
+        TransferError,
+        BrokerError,
+        ManifestError,
+        UnsafePathError,
+        DestinationExistsError,
+        OSError,
+    ) as exc:
+        _fail(ns, str(exc))
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

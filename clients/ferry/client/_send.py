@@ -1,0 +1,250 @@
+"""The sender's data path: listen on a leased port, serve chunk requests on each stream.
+
+Threads, blocking sockets: one thread accepts, one thread per connection. A connection
+thread keeps a queue of requested chunks; between chunks it takes any new request that
+has arrived, so the receiver's window keeps the pipe full. Each chunk is read with
+`preadv` into a reused buffer behind its frame head, hashed, and sent in one `sendall`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from ferry.client._tls import PeerAuthError, verify_peer
+from ferry.client._wire import PeerConnection, PeerGone
+from ferry.protocol import (
+    ChunkStart,
+    ChunkWork,
+    PeerAborted,
+    ProtocolError,
+    RemoteProtocolError,
+    SendSession,
+    abort,
+    check_hello,
+    chunk_digest,
+    encode_chunk_head,
+    hello,
+)
+from ferry.protocol.frames import CHUNK_HEAD_SIZE, HEADER_SIZE
+from ferry.v1 import peer_pb2
+
+__all__ = ["SendPeer", "SourceChanged"]
+
+_HEAD = HEADER_SIZE + CHUNK_HEAD_SIZE
+_ACCEPT_POLL = 0.2
+_IO_TIMEOUT = 60.0
+
+
+class SourceChanged(Exception):
+    """A file being sent changed since it was offered."""
+
+
+class SendPeer:
+    """Serves one transfer's chunks to the receiver that proves the pinned certificate."""
+
+    def __init__(
+        self,
+        session: str,
+        sources: Sequence[Path],
+        sizes: Sequence[int],
+        chunk_size: int,
+        context: ssl.SSLContext,
+        peer_der: bytes,
+    ) -> None:
+        self.session_name = session
+        self.sources = list(sources)
+        self.sizes = list(sizes)
+        self.chunk_size = chunk_size
+        self.context = context
+        self.peer_der = peer_der
+        self.session = SendSession(sizes, chunk_size)
+        self.bytes_sent = 0
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._fds: dict[int, int] = {}
+        self._conns: set[PeerConnection] = set()
+        self._listener: socket.socket | None = None
+        self.port = 0
+
+    def session_digests(self) -> list[bytes | None]:
+        """Each file's whole-file digest, where every chunk digest is known."""
+        with self._lock:
+            return [self.session.digest(i) for i in range(len(self.sizes))]
+
+    # -- listening --------------------------------------------------------------------
+
+    def bind(self, first_port: int, last_port: int) -> int:
+        """Listen on the first free port of the leased range (all interfaces)."""
+        last_error: OSError | None = None
+        for port in range(first_port, last_port + 1):
+            try:
+                self._listener = _listen(port)
+            except OSError as exc:
+                last_error = exc
+                continue
+            self.port = port
+            return port
+        raise OSError(f"no free port in the leased range {first_port}-{last_port}: {last_error}")
+
+    def run(self, cancel: threading.Event, idle_timeout: float) -> None:
+        """Accept and serve until the receiver says Done, an error, or ``cancel``."""
+        listener = self._listener
+        assert listener is not None, "bind() first"
+        listener.settimeout(_ACCEPT_POLL)
+        threads: list[threading.Thread] = []
+        last_activity = time.monotonic()
+        try:
+            while not (self.finished.is_set() or cancel.is_set() or self.error):
+                try:
+                    raw, _ = listener.accept()
+                except TimeoutError:
+                    with self._lock:
+                        busy = bool(self._conns)
+                    if busy:
+                        last_activity = time.monotonic()
+                    elif time.monotonic() - last_activity > idle_timeout:
+                        raise PeerGone("the receiver did not connect in time") from None
+                    continue
+                last_activity = time.monotonic()
+                t = threading.Thread(target=self._serve, args=(raw,), daemon=True)
+                t.start()
+                threads.append(t)
+        finally:
+            listener.close()
+            with self._lock:
+                conns = list(self._conns)
+            for conn in conns:
+                conn.close()
+            for t in threads:
+                t.join(timeout=5)
+            with self._lock:
+                for fd in self._fds.values():
+                    os.close(fd)
+                self._fds.clear()
+        if self.error is not None and not self.finished.is_set():
+            raise self.error
+        if cancel.is_set() and not self.finished.is_set():
+            raise PeerGone("cancelled")
+
+    # -- one connection ---------------------------------------------------------------
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            raw.settimeout(_IO_TIMEOUT)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self.context.wrap_socket(raw, server_side=True)
+            verify_peer(sock, self.peer_der)
+        except (OSError, ssl.SSLError, PeerAuthError):
+            # Not our receiver (or a scanner): drop it without a word.
+            raw.close()
+            return
+        conn = PeerConnection(sock, max_payload=self.chunk_size)
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            self._converse(conn)
+        except PeerGone:
+            pass  # the receiver re-requests this stream's chunks on its other streams
+        except (ProtocolError, PeerAborted, SourceChanged, OSError) as exc:
+            if not self.finished.is_set():
+                self.error = exc
+                with contextlib.suppress(PeerGone, ProtocolError):
+                    conn.send(abort(str(exc)))
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _converse(self, conn: PeerConnection) -> None:
+        event = conn.next_event()
+        if isinstance(event, ChunkStart):
+            raise RemoteProtocolError("peer sent a chunk before hello")
+        stream = check_hello(event.message, self.session_name)
+        conn.send(hello(self.session_name, stream))
+        work: deque[ChunkWork] = deque()
+        buffer = memoryview(bytearray(_HEAD + self.chunk_size))
+        while True:
+            if not work or conn.readable():
+                event = conn.next_event()
+                if isinstance(event, ChunkStart):
+                    raise RemoteProtocolError("the receiver sent a chunk")
+                message = event.message
+                kind = message.WhichOneof("kind")
+                if kind == "request":
+                    work.extend(self.session.on_request(message.request))
+                elif kind == "digest_request":
+                    conn.send(self._file_end(message.digest_request.file_index))
+                elif kind == "done":
+                    self.finished.set()
+                    return
+                elif kind == "abort":
+                    raise PeerAborted(message.abort.reason or "the receiver gave up")
+                else:
+                    raise RemoteProtocolError(f"unexpected {kind} from the receiver")
+                continue
+            item = work.popleft()
+            payload = buffer[_HEAD : _HEAD + item.length]
+            self._read(item, payload)
+            digest = chunk_digest(payload)
+            buffer[:_HEAD] = encode_chunk_head(
+                item.file_index, item.chunk_index, digest, item.length
+            )
+            conn.send_bytes(buffer[: _HEAD + item.length])
+            with self._lock:
+                self.session.chunk_sent(item, digest)
+                self.bytes_sent += item.length
+
+    def _fd(self, index: int) -> int:
+        with self._lock:
+            fd = self._fds.get(index)
+            if fd is None:
+                fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
+                if os.fstat(fd).st_size != self.sizes[index]:
+                    os.close(fd)
+                    raise SourceChanged(f"{self.sources[index]} changed size since it was offered")
+                self._fds[index] = fd
+            return fd
+
+    def _read(self, item: ChunkWork, into: memoryview) -> None:
+        fd = self._fd(item.file_index)
+        got = 0
+        while got < item.length:
+            n = os.preadv(fd, [into[got:]], item.offset + got)
+            if n == 0:
+                raise SourceChanged(f"{self.sources[item.file_index]} shrank since it was offered")
+            got += n
+
+    def _file_end(self, index: int) -> peer_pb2.PeerMessage:
+        with self._lock:
+            missing = self.session.missing_digests(index)
+        if missing:
+            buffer = memoryview(bytearray(self.chunk_size))
+            for item in missing:
+                view = buffer[: item.length]
+                self._read(item, view)
+                with self._lock:
+                    self.session.chunk_sent(item, chunk_digest(view))
+        with self._lock:
+            message = self.session.file_end(index)
+            fd = self._fds.pop(index, None)
+        if fd is not None:
+            os.close(fd)
+        return message
+
+
+def _listen(port: int) -> socket.socket:
+    """A listening socket on ``port`` of every interface, IPv6 and IPv4 where possible."""
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(
+            ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64
+        )
+    return socket.create_server(("0.0.0.0", port), backlog=64)  # noqa: S104 - candidates are every interface
