@@ -70,11 +70,13 @@ def test_control_round_trip() -> None:
     message = hello("sessions/abc", 3)
     reader = FrameReader()
     assert reader.at_frame_boundary
+    assert not reader.expecting_payload
     assert reader.wanted == HEADER_SIZE
     frame = encode_control(message)
     assert frame[0] == FrameType.CONTROL
     assert reader.feed(frame[:HEADER_SIZE]) is None
     assert not reader.at_frame_boundary
+    assert not reader.expecting_payload
     assert reader.wanted == len(frame) - HEADER_SIZE
     event = reader.feed(frame[HEADER_SIZE:])
     assert event == Control(message)
@@ -91,9 +93,11 @@ def test_chunk_round_trip_returns_the_fed_view() -> None:
     assert reader.feed(head[:HEADER_SIZE]) is None
     assert reader.wanted == CHUNK_HEAD_SIZE
     assert not reader.at_frame_boundary
+    assert not reader.expecting_payload
     start = reader.feed(memoryview(head[HEADER_SIZE:]))
     assert start == ChunkStart(7, 2**40, digest, len(payload))
     assert reader.wanted == len(payload)
+    assert reader.expecting_payload
     assert not reader.at_frame_boundary
     buffer = bytearray(payload)
     view = memoryview(buffer)
@@ -101,6 +105,7 @@ def test_chunk_round_trip_returns_the_fed_view() -> None:
     assert isinstance(event, ChunkPayload)
     assert event.data is view  # no copy
     assert reader.at_frame_boundary
+    assert not reader.expecting_payload
     assert reader.wanted == HEADER_SIZE
 
 
@@ -186,6 +191,7 @@ def assert_broken(reader: FrameReader) -> None:
     """After an error the reader wants nothing and refuses everything."""
     assert reader.wanted == 0
     assert not reader.at_frame_boundary
+    assert not reader.expecting_payload
     with pytest.raises(LocalProtocolError, match="broken"):
         reader.feed(b"")
     with pytest.raises(LocalProtocolError, match="wanted"):

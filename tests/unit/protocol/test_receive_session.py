@@ -94,6 +94,23 @@ def test_no_files_is_done_at_once() -> None:
     assert session.request(0) is None
 
 
+def test_has_in_flight() -> None:
+    session = ReceiveSession([2 * CHUNK], CHUNK)
+    assert not session.has_in_flight(0)  # unknown stream
+    session.open_stream(0)
+    assert not session.has_in_flight(0)
+    session.request(0)
+    assert session.has_in_flight(0)
+    deliver(session, 0, 0, 0)
+    assert session.has_in_flight(0)
+    deliver(session, 0, 0, 1)
+    assert not session.has_in_flight(0)
+    session.request(0)
+    assert not session.has_in_flight(0)  # nothing left to ask for
+    session.stream_lost(0)
+    assert not session.has_in_flight(0)
+
+
 def test_open_stream_twice() -> None:
     session = ReceiveSession([10], CHUNK)
     session.open_stream(0)
@@ -373,6 +390,15 @@ def test_requeued_chunk_already_verified_is_skipped() -> None:
     session.chunk_done(0, ev, True)  # then reported good
     deliver(session, 0, 0, 1)
     assert requested(session.request(0)) == [(0, 2)]
+
+
+def test_verdict_for_a_chunk_never_requested_is_recorded_and_skipped() -> None:
+    # `chunk_done` trusts its caller (the I/O layer calls it only after `chunk_start`
+    # accepted the chunk); a verified chunk ahead of the cursor is then not asked for.
+    session = ReceiveSession([3 * CHUNK], CHUNK, window=8)
+    session.open_stream(0)
+    assert session.chunk_done(0, start(session, 0, 1), True) == []
+    assert requested(session.request(0)) == [(0, 0), (0, 2)]
 
 
 # -- stream_lost -------------------------------------------------------------------------

@@ -108,6 +108,8 @@ def test_missing_digests_and_file_end() -> None:
         ChunkWork(0, 2, 8, 1),
     ]
     assert session.missing_digests(1) == []
+    assert session.digest(0) is None
+    assert session.digest(1) == file_digest([])
     with pytest.raises(RemoteProtocolError, match="digest of file 0 asked before its chunks"):
         session.file_end(0)
     work = session.on_request(request((0, 0, 3)))
@@ -116,6 +118,7 @@ def test_missing_digests_and_file_end() -> None:
         if w.chunk_index == 1:
             assert session.missing_digests(0) == [ChunkWork(0, 0, 0, 4)]
     assert session.missing_digests(0) == []
+    assert session.digest(0) == file_digest(digest_of(w) for w in work)
     message = session.file_end(0)
     assert message.WhichOneof("kind") == "file_end"
     assert message.file_end.file_index == 0
@@ -151,3 +154,5 @@ def test_unknown_file_for_digests(file_index: int) -> None:
         session.missing_digests(file_index)
     with pytest.raises(RemoteProtocolError, match=f"unknown file {file_index}"):
         session.file_end(file_index)
+    with pytest.raises(RemoteProtocolError, match=f"unknown file {file_index}"):
+        session.digest(file_index)
