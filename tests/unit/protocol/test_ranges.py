@@ -55,3 +55,11 @@ def test_runs_cover_sorted_indices_exactly(indices: set[int]) -> None:
     # Maximal runs: consecutive runs never touch.
     for (a, n), (b, _) in itertools.pairwise(result):
         assert a + n < b
+
+
+@pytest.mark.parametrize("size", [-1, -5])
+def test_chunk_count_refuses_negative_size(size: int) -> None:
+    # Sizes come from the manifest (int64 size_bytes): a negative one must not turn into
+    # a negative chunk count.
+    with pytest.raises(ValueError, match="size"):
+        chunk_count(size, 4)

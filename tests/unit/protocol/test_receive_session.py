@@ -9,6 +9,7 @@ from ferry.protocol import (
     ChunkStart,
     ChunkTarget,
     LocalProtocolError,
+    ProtocolError,
     ReceiveSession,
     RemoteProtocolError,
     TooManyCorruptChunks,
@@ -75,6 +76,14 @@ def test_refuses_non_positive_chunk_size(chunk_size: int) -> None:
 def test_refuses_empty_window() -> None:
     with pytest.raises(LocalProtocolError, match="window"):
         ReceiveSession([10], CHUNK, window=0)
+
+
+@pytest.mark.parametrize("size", [-1, -5])
+def test_refuses_negative_file_size(size: int) -> None:
+    # A manifest size is an int64. Taken as is, -1 passes for an empty file, and -5 gives
+    # a file that is neither empty nor ever complete (nothing is requested, never done).
+    with pytest.raises((ValueError, ProtocolError)):
+        ReceiveSession([10, size], CHUNK)
 
 
 def test_defaults() -> None:

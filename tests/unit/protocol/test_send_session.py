@@ -35,6 +35,12 @@ def test_refuses_non_positive_chunk_size(chunk_size: int) -> None:
         SendSession([10], chunk_size)
 
 
+@pytest.mark.parametrize("size", [-1, -5])
+def test_refuses_negative_file_size(size: int) -> None:
+    with pytest.raises((ValueError, RemoteProtocolError)):
+        SendSession([size], CHUNK)
+
+
 def test_on_request_lists_the_work_in_order() -> None:
     session = SendSession([9, 0, 3 * CHUNK], CHUNK)
     assert session.chunk_size == CHUNK
