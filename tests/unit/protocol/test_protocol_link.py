@@ -22,6 +22,7 @@ from ferry.protocol import (
     ChunkTarget,
     Control,
     FrameReader,
+    LocalProtocolError,
     ReceiveSession,
     SendSession,
     TooManyCorruptChunks,
@@ -32,6 +33,7 @@ from ferry.protocol import (
     encode_control,
     hello,
 )
+from ferry.protocol.sender import MAX_REQUEST_CHUNKS
 from ferry.v1 import peer_pb2
 
 SESSION = "sessions/link"
@@ -373,3 +375,18 @@ def test_random_links(
         lose=lose,
     )
     run_link(link, max_retries)
+
+
+def test_receiver_never_asks_more_than_the_sender_allows() -> None:
+    """A window above MAX_REQUEST_CHUNKS must be refused or capped: otherwise the very first
+    request of the transfer is one the sender rejects."""
+    window = MAX_REQUEST_CHUNKS + 1
+    sizes = [2 * window]
+    try:
+        receiver = ReceiveSession(sizes, 1, window=window)
+    except LocalProtocolError:
+        return
+    receiver.open_stream(0)
+    message = receiver.request(0)
+    assert message is not None
+    SendSession(sizes, 1).on_request(message.request)
