@@ -442,6 +442,21 @@ def test_lost_stream_chunks_go_to_a_new_stream() -> None:
     assert session.request(0) is None
 
 
+def test_verdict_after_the_stream_was_lost() -> None:
+    """The I/O layer hashes and writes outside the session's lock, so `stream_lost` (say,
+    from a watchdog) can land between `chunk_start` and `chunk_done` of that stream. The
+    late verdict must not crash the session, and a good chunk must not be fetched twice."""
+    session = ReceiveSession([2 * CHUNK], CHUNK, window=2)
+    session.open_stream(0)
+    session.open_stream(1)
+    assert requested(session.request(0)) == [(0, 0), (0, 1)]
+    ev = start(session, 0, 0)
+    session.chunk_start(0, ev)
+    session.stream_lost(0)
+    session.chunk_done(0, ev, True)
+    assert requested(session.request(1)) == [(0, 1)]
+
+
 def test_losing_an_unknown_stream_is_harmless() -> None:
     session = ReceiveSession([CHUNK], CHUNK)
     session.stream_lost(3)
