@@ -20,10 +20,11 @@ import ipaddress
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import grpc
 import psutil
 from google.protobuf.duration_pb2 import Duration
 
@@ -56,6 +57,15 @@ DEFAULT_PORTS = (47100, 47999)
 _PROGRESS_INTERVAL = 0.1
 _REPORT_INTERVAL = 1.0
 State = broker_pb2.Session.State
+_FINAL = frozenset(
+    {
+        State.STATE_COMPLETED,
+        State.STATE_DECLINED,
+        State.STATE_CANCELLED,
+        State.STATE_FAILED,
+        State.STATE_EXPIRED,
+    }
+)
 
 
 class TransferError(Exception):
@@ -256,7 +266,7 @@ class Outgoing:
     async def wait_accepted(self) -> broker_pb2.Session:
         """Wait until the receiver accepts; raise TransferError on decline or expiry."""
         remaining = self.session.expire_time.ToDatetime().timestamp() - time.time() + 5
-        async for session in self._link.watch(self.name, max(remaining, 5.0)):
+        async for session in _watch(self._link, self.name, max(remaining, 5.0)):
             self.session = session
             state = session.state
             if state == State.STATE_OFFERED:
@@ -324,7 +334,7 @@ class Outgoing:
         """The session once the receiver has reported its outcome (or after a grace time)."""
         last = self.session
         with contextlib.suppress(BrokerError):
-            async for session in self._link.watch(self.name, 15.0):
+            async for session in _watch(self._link, self.name, 15.0):
                 last = session
                 if session.state not in (
                     State.STATE_ACCEPTED,
@@ -337,7 +347,7 @@ class Outgoing:
     async def _watch_end(self, cancel: threading.Event) -> None:
         """Stop the data path if the session ends badly on the broker (cancel, expiry)."""
         with contextlib.suppress(BrokerError):
-            async for session in self._link.watch(self.name, 86400):
+            async for session in _watch(self._link, self.name, 86400):
                 if session.state in (
                     State.STATE_CANCELLED,
                     State.STATE_FAILED,
@@ -472,6 +482,31 @@ class Incoming:
         if on_event is not None:
             on_event(Completed(result))
         return result
+
+
+async def _watch(link: BrokerLink, name: str, seconds: float) -> AsyncIterator[broker_pb2.Session]:
+    """WatchSession for up to ``seconds``, re-subscribing while the broker is unreachable.
+
+    A broker restart (or a lost connection) ends the stream with UNAVAILABLE; the session
+    is durable on the broker, so the watch simply resumes once it answers again.
+    """
+    deadline = time.monotonic() + seconds
+    pause = 0.1
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            async for session in link.watch(name, remaining):
+                pause = 0.1
+                yield session
+                if session.state in _FINAL:
+                    return
+        except BrokerError as exc:
+            if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return
+            if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                raise
+        # The stream ended before a final state: the broker restarted or went away.
+        await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        pause = min(pause * 2, 2.0)
 
 
 def _dial_order(candidates: Sequence[broker_pb2.Candidate]) -> list[str]:

@@ -115,11 +115,13 @@ def encode_chunk_head(file_index: int, chunk_index: int, digest: bytes, length: 
     """Return the frame header and chunk head that precede a chunk payload of ``length``."""
     if len(digest) != DIGEST_SIZE:
         raise LocalProtocolError("chunk digest must be 32 bytes")
-    if not 0 <= length <= MAX_CHUNK_PAYLOAD:
+    if not 1 <= length <= MAX_CHUNK_PAYLOAD:
         raise LocalProtocolError(f"chunk payload of {length} bytes is out of bounds")
-    return _HEADER.pack(FrameType.CHUNK, CHUNK_HEAD_SIZE + length) + _CHUNK_HEAD.pack(
-        file_index, chunk_index, digest
-    )
+    try:
+        head = _CHUNK_HEAD.pack(file_index, chunk_index, digest)
+    except struct.error as exc:
+        raise LocalProtocolError(f"chunk index out of range: {exc}") from None
+    return _HEADER.pack(FrameType.CHUNK, CHUNK_HEAD_SIZE + length) + head
 
 
 class _State(enum.Enum):

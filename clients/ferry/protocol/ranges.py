@@ -15,6 +15,8 @@ def chunk_count(size: int, chunk_size: int) -> int:
     """How many chunks a file of ``size`` bytes has (an empty file has none)."""
     if chunk_size <= 0:
         raise ValueError("chunk size must be positive")
+    if size < 0:
+        raise ValueError(f"file size {size} is negative")
     return -(-size // chunk_size)
 
 

@@ -25,8 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ferry.protocol.digests import FILE_DIGEST_ALGORITHM, file_digest
-from ferry.protocol.frames import ChunkStart, LocalProtocolError, RemoteProtocolError
+from ferry.protocol.frames import (
+    MAX_CHUNK_PAYLOAD,
+    ChunkStart,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from ferry.protocol.ranges import chunk_count, runs
+from ferry.protocol.sender import MAX_REQUEST_CHUNKS
 from ferry.v1 import peer_pb2
 
 __all__ = ["ChunkTarget", "ReceiveSession", "TooManyCorruptChunks"]
@@ -73,8 +79,10 @@ class ReceiveSession:
     ) -> None:
         if chunk_size <= 0:
             raise LocalProtocolError("chunk size must be positive")
-        if window < 1:
-            raise LocalProtocolError("window must be at least 1")
+        if not 1 <= window <= MAX_REQUEST_CHUNKS:
+            raise LocalProtocolError(f"window must be 1..{MAX_REQUEST_CHUNKS} chunks")
+        if chunk_size > MAX_CHUNK_PAYLOAD:
+            raise LocalProtocolError(f"chunk size above {MAX_CHUNK_PAYLOAD} bytes")
         self.chunk_size = chunk_size
         self.window = window
         self.max_retries = max_retries
@@ -82,7 +90,10 @@ class ReceiveSession:
         self.bytes_verified = 0
         self._files: list[_File] = []
         for size in sizes:
-            n = chunk_count(size, chunk_size)
+            try:
+                n = chunk_count(size, chunk_size)
+            except ValueError as exc:
+                raise LocalProtocolError(str(exc)) from None
             self._files.append(_File(size, n, [None] * n, n))
         self._cursor = (0, 0)  # next never-requested (file, chunk)
         self._requeued: deque[tuple[int, int]] = deque()
@@ -205,9 +216,10 @@ class ReceiveSession:
 
     def chunk_done(self, stream: int, ev: ChunkStart, verified: bool) -> list[int]:
         """Record a chunk's verdict; return the files it completed (zero or one)."""
-        s = self._streams[stream]
         key = (ev.file_index, ev.chunk_index)
-        s.in_flight.discard(key)
+        s = self._streams.get(stream)
+        if s is not None:  # a lost stream's chunks were re-queued already
+            s.in_flight.discard(key)
         f = self._files[ev.file_index]
         if not verified:
             self.retries += 1

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ferry.protocol.digests import FILE_DIGEST_ALGORITHM, file_digest
-from ferry.protocol.frames import RemoteProtocolError
+from ferry.protocol.frames import MAX_CHUNK_PAYLOAD, LocalProtocolError, RemoteProtocolError
 from ferry.protocol.ranges import chunk_count
 from ferry.v1 import peer_pb2
 
@@ -37,11 +37,14 @@ class SendSession:
     """Validates requests against the manifest and keeps the digests of sent chunks."""
 
     def __init__(self, sizes: Sequence[int], chunk_size: int) -> None:
-        if chunk_size <= 0:
-            raise ValueError("chunk size must be positive")
+        if not 0 < chunk_size <= MAX_CHUNK_PAYLOAD:
+            raise LocalProtocolError(f"chunk size must be 1..{MAX_CHUNK_PAYLOAD} bytes")
         self.chunk_size = chunk_size
         self._sizes = list(sizes)
-        self._chunks = [chunk_count(size, chunk_size) for size in sizes]
+        try:
+            self._chunks = [chunk_count(size, chunk_size) for size in sizes]
+        except ValueError as exc:
+            raise LocalProtocolError(str(exc)) from None
         self._digests: list[dict[int, bytes]] = [{} for _ in sizes]
 
     def on_request(self, request: peer_pb2.ChunkRequest) -> list[ChunkWork]:

@@ -9,7 +9,6 @@ from ferry.protocol import (
     ChunkStart,
     ChunkTarget,
     LocalProtocolError,
-    ProtocolError,
     ReceiveSession,
     RemoteProtocolError,
     TooManyCorruptChunks,
@@ -82,7 +81,7 @@ def test_refuses_empty_window() -> None:
 def test_refuses_negative_file_size(size: int) -> None:
     # A manifest size is an int64. Taken as is, -1 passes for an empty file, and -5 gives
     # a file that is neither empty nor ever complete (nothing is requested, never done).
-    with pytest.raises((ValueError, ProtocolError)):
+    with pytest.raises(LocalProtocolError, match="negative"):
         ReceiveSession([10, size], CHUNK)
 
 

@@ -7,6 +7,7 @@ import pytest
 from ferry.protocol import (
     FILE_DIGEST_ALGORITHM,
     ChunkWork,
+    LocalProtocolError,
     RemoteProtocolError,
     SendSession,
     chunk_digest,
@@ -31,13 +32,13 @@ def digest_of(work: ChunkWork) -> bytes:
 
 @pytest.mark.parametrize("chunk_size", [0, -1])
 def test_refuses_non_positive_chunk_size(chunk_size: int) -> None:
-    with pytest.raises(ValueError, match="chunk size"):
+    with pytest.raises(LocalProtocolError, match="chunk size"):
         SendSession([10], chunk_size)
 
 
 @pytest.mark.parametrize("size", [-1, -5])
 def test_refuses_negative_file_size(size: int) -> None:
-    with pytest.raises((ValueError, RemoteProtocolError)):
+    with pytest.raises(LocalProtocolError, match="negative"):
         SendSession([size], CHUNK)
 
 

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: real broker and CLI processes on loopback."""
