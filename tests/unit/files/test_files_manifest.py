@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,16 +171,37 @@ def test_missing_argument(tmp_path: Path) -> None:
         build_manifest([tmp_path / "missing"], CHUNK)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+_LIST = """
+import sys
+from pathlib import Path
+from ferry.files import ManifestError, build_manifest
+try:
+    build_manifest([Path(sys.argv[1])], 4)
+except ManifestError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
 def test_unreadable_folder(tmp_path: Path) -> None:
     d = tmp_path / "d"
     (d / "locked").mkdir(parents=True)
     (d / "locked").chmod(0)
+    # Root reads any folder; setpriv runs the check without the capabilities that allow it.
+    prefix = (
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    )
     try:
-        with pytest.raises(ManifestError, match="cannot read folder"):
-            build_manifest([d], CHUNK)
+        done = subprocess.run(
+            [*prefix, sys.executable, "-c", _LIST, str(d)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         (d / "locked").chmod(0o700)
+    assert done.returncode == 3, done.stderr
+    assert "cannot read folder" in done.stdout
 
 
 def test_root_argument_is_refused() -> None:
