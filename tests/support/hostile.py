@@ -80,6 +80,8 @@ class Mode(enum.Enum):
     GARBAGE = "garbage"
     #: After `hangup_after` good chunks every connection and the listener close for good.
     HANGUP = "hangup"
+    #: Chunks are right, but FileEnd carries a wrong whole-file digest.
+    BAD_FILE_END = "bad-file-end"
     #: TLS presents a fresh certificate, not the one registered with the broker.
     WRONG_CERT = "wrong-cert"
 
@@ -160,16 +162,14 @@ class HostileSender:
         self.handshakes = 0
         self.hellos = 0
         self.chunks_sent = 0
+        self._served = 0
         self.attempts: Counter[tuple[int, int]] = Counter()
         self.aborts: list[str] = []
         self.done_received = False
         self.hung_up = threading.Event()
         self.error: BaseException | None = None  # the hostile sender's own failure
         self._digests = [
-            [
-                chunk_digest(f.data[i : i + chunk_size])
-                for i in range(0, len(f.data), chunk_size)
-            ]
+            [chunk_digest(f.data[i : i + chunk_size]) for i in range(0, len(f.data), chunk_size)]
             for f in self.files
         ]
         self._lock = threading.Lock()
@@ -243,7 +243,7 @@ class HostileSender:
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()  # type: ignore[assignment]
+        self._task = asyncio.current_task()
         if self._stop.is_set():
             return
         link = BrokerLink(self.broker)
@@ -416,7 +416,8 @@ class HostileSender:
             return
         elif mode is Mode.HANGUP:
             with self._lock:
-                hang_up = self.chunks_sent >= self.hangup_after
+                hang_up = self._served >= self.hangup_after
+                self._served += 1
             if hang_up:
                 self._hang_up()
                 raise _HungUp
@@ -430,5 +431,8 @@ class HostileSender:
         message = peer_pb2.PeerMessage()
         message.file_end.file_index = file_index
         message.file_end.algorithm = FILE_DIGEST_ALGORITHM
-        message.file_end.digest = file_digest(self._digests[file_index])
+        digest = file_digest(self._digests[file_index])
+        if self.mode is Mode.BAD_FILE_END:
+            digest = bytes(b ^ 0xFF for b in digest)
+        message.file_end.digest = digest
         return message
