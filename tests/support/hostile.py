@@ -56,7 +56,7 @@ __all__ = [
 
 CHUNK_SIZE = 64 << 10  # the broker's minimum
 _ACCEPT_POLL = 0.1
-_IO_TIMEOUT = 30.0
+_IO_TIMEOUT = 120.0  # longer than the receiver's, so its timeouts are what tests see
 _HANDSHAKE_TIMEOUT = 5.0
 _STARTUP_TIMEOUT = 20.0
 State = broker_pb2.Session.State
@@ -80,6 +80,10 @@ class Mode(enum.Enum):
     GARBAGE = "garbage"
     #: After `hangup_after` good chunks every connection and the listener close for good.
     HANGUP = "hangup"
+    #: After `hangup_after` good chunks it goes silent, keeping every connection open.
+    STALL = "stall"
+    #: TLS completes, the receiver's Hello is read, and no answer ever comes.
+    NO_HELLO = "no-hello"
     #: Chunks are right, but FileEnd carries a wrong whole-file digest.
     BAD_FILE_END = "bad-file-end"
     #: TLS presents a fresh certificate, not the one registered with the broker.
@@ -366,6 +370,9 @@ class HostileSender:
         stream = check_hello(event.message, self.name)
         with self._lock:
             self.hellos += 1
+        if self.mode is Mode.NO_HELLO:
+            self._stop.wait()  # silent until stop(), which closes the socket
+            return
         conn.send(hello(self.name, stream))
         plan = SendSession([len(f.data) for f in self.files], self.chunk_size)
         while True:
@@ -414,12 +421,15 @@ class HostileSender:
             with self._lock:
                 self.chunks_sent += 1
             return
-        elif mode is Mode.HANGUP:
+        elif mode in (Mode.HANGUP, Mode.STALL):
             with self._lock:
-                hang_up = self._served >= self.hangup_after
+                quit_now = self._served >= self.hangup_after
                 self._served += 1
-            if hang_up:
+            if quit_now and mode is Mode.HANGUP:
                 self._hang_up()
+                raise _HungUp
+            if quit_now:
+                self._stop.wait()  # silent until stop(), which closes the socket
                 raise _HungUp
         conn.send_bytes(
             encode_chunk_head(work.file_index, chunk_index, digest, len(payload)) + payload
