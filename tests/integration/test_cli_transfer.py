@@ -88,7 +88,10 @@ def test_large_file_arrives_verified(ferry: FerryFactory, tmp_path: Path) -> Non
     assert sent["files"][0]["digests"]["blake3-chunks"] == digest
     printed = subprocess.run(
         [sys.executable, "-m", "ferry.cli", "digest", str(dest / "big.bin")],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     assert printed.split()[0] == digest
     assert _sha256(dest / "big.bin") == _sha256(source)
@@ -191,8 +194,8 @@ def test_broker_restart_between_offer_and_accept(
     broker.restart()
     receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"), "--yes", "--json")
     rc, _, err = receiver.finish(60)
-    assert rc == 0, err
     src_rc, _, src_err = sender.finish(60)
+    assert rc == 0, err + src_err
     assert src_rc == 0, src_err
     assert _sha256(tmp_path / "d" / "f.bin") == _sha256(source)
 

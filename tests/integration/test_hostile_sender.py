@@ -117,10 +117,10 @@ class Outcome:
     seconds: float
 
 
-def receive(ferry: FerryFactory, sender: HostileSender, dest: Path) -> Outcome:
-    """Run `ferry receive CODE --dest DEST --yes --json` to its end."""
+def receive(ferry: FerryFactory, sender: HostileSender, dest: Path, *extra: str) -> Outcome:
+    """Run `ferry receive CODE --dest DEST --yes --json [EXTRA...]` to its end."""
     started = time.monotonic()
-    proc = ferry("receive", sender.code, "--dest", str(dest), "--yes", "--json")
+    proc = ferry("receive", sender.code, "--dest", str(dest), "--yes", "--json", *extra)
     code, lines, stderr = proc.finish(timeout=RECEIVE_TIMEOUT)
     return Outcome(code, lines, stderr, time.monotonic() - started)
 
@@ -242,6 +242,28 @@ def test_sender_hanging_up_mid_transfer_fails_promptly(
     assert 1 <= hostile.chunks_sent <= hostile.hangup_after  # some data moved first
     assert_failed(outcome, hostile, box, tmp_path, "closed")
     assert outcome.seconds < 20, outcome
+
+
+@pytest.mark.parametrize("hostile", [(Mode.STALL, 16 * CHUNK_SIZE)], indirect=True)
+def test_sender_going_silent_fails_after_the_stall_timeout(
+    ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
+) -> None:
+    outcome = receive(ferry, hostile, box.dest, "--stall-timeout", "3")
+    assert hostile.chunks_sent >= 1
+    assert_failed(outcome, hostile, box, tmp_path, "sent nothing for 3 s")
+    # One watchdog for the whole transfer: not one timeout per stream in turn.
+    assert outcome.seconds < 15, outcome
+
+
+@pytest.mark.parametrize("broker_args", [("--connect-timeout", "3")])
+@pytest.mark.parametrize("hostile", [(Mode.NO_HELLO, SMALL)], indirect=True)
+def test_sender_that_never_answers_hello_fails_at_the_connect_deadline(
+    ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
+) -> None:
+    outcome = receive(ferry, hostile, box.dest)
+    assert hostile.hellos >= 1
+    assert_failed(outcome, hostile, box, tmp_path, "could not reach the sender")
+    assert outcome.seconds < 15, outcome
 
 
 # -- a sender with another certificate -----------------------------------------------------

@@ -213,7 +213,7 @@ def _consent(ns: argparse.Namespace) -> bool:
 
 
 async def _receive(ns: argparse.Namespace) -> int:
-    client = Client(ns.broker, ports=ns.ports)
+    client = Client(ns.broker, ports=ns.ports, stall_timeout=ns.stall_timeout)
     incoming = await client.claim(ns.code)
     _state.remember(incoming.name, incoming.token, "receiver", ns.broker)
     try:
@@ -346,6 +346,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dest", default=".", help="folder to receive into (default: here)")
     s.add_argument("--yes", "-y", action="store_true", help="accept without asking")
     s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    s.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="give up when the sender sends nothing for this many seconds",
+    )
     client_opts(s)
 
     s = sub.add_parser("status", help="show the state of recent sessions")

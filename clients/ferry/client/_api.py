@@ -54,9 +54,13 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_PORTS = (47100, 47999)
+DEFAULT_STALL_TIMEOUT = 30.0
 _PROGRESS_INTERVAL = 0.1
 _REPORT_INTERVAL = 1.0
 State = broker_pb2.Session.State
+_RESUBSCRIBE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+)
 _FINAL = frozenset(
     {
         State.STATE_COMPLETED,
@@ -184,10 +188,12 @@ class Client:
         *,
         ports: tuple[int, int] = DEFAULT_PORTS,
         timeout: float = 10.0,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self.broker = broker
         self.ports = ports
         self.timeout = timeout
+        self.stall_timeout = stall_timeout
 
     async def offer(
         self,
@@ -227,7 +233,7 @@ class Client:
         except BaseException:
             await link.close()
             raise
-        return Incoming(link, response.session, self.ports)
+        return Incoming(link, response.session, self.ports, self.stall_timeout)
 
 
 class Outgoing:
@@ -363,9 +369,14 @@ class Incoming:
     """An offer claimed by this side with a code."""
 
     def __init__(
-        self, link: BrokerLink, session: broker_pb2.Session, ports: tuple[int, int]
+        self,
+        link: BrokerLink,
+        session: broker_pb2.Session,
+        ports: tuple[int, int],
+        stall_timeout: float = 30.0,
     ) -> None:
         self._link = link
+        self._stall_timeout = stall_timeout
         self.session = session
         self.name = session.name
         self.files = _files_of(session.manifest)
@@ -437,6 +448,7 @@ class Incoming:
             client_context(identity, session.sender.certificate_der),
             session.sender.certificate_der,
             streams=plan.stream_count or 1,
+            stall_timeout=self._stall_timeout,
         )
         cancel = threading.Event()
         started = time.monotonic()
@@ -502,7 +514,8 @@ async def _watch(link: BrokerLink, name: str, seconds: float) -> AsyncIterator[b
         except BrokerError as exc:
             if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return
-            if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+            # A broker shutting down cancels its streams; a restarting one is unavailable.
+            if exc.code not in _RESUBSCRIBE:
                 raise
         # The stream ended before a final state: the broker restarted or went away.
         await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))

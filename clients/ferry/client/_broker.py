@@ -56,7 +56,15 @@ class BrokerLink:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.enable_retries", 1), ("grpc.keepalive_time_ms", 30_000)]
+            address,
+            options=[
+                ("grpc.enable_retries", 1),
+                ("grpc.keepalive_time_ms", 30_000),
+                # Come back quickly after a broker restart (the default backoff grows to 2 min).
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2_000),
+            ],
         )
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
         self.token = ""

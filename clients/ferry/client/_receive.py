@@ -56,6 +56,7 @@ class ReceivePeer:
         *,
         streams: int,
         window: int = 8,
+        stall_timeout: float = 30.0,
         on_file: Callable[[int], None] | None = None,
     ) -> None:
         self.session_name = session
@@ -66,6 +67,8 @@ class ReceivePeer:
         self.streams = max(1, streams)
         self.session = ReceiveSession(sizes, chunk_size, window=window)
         self.on_file = on_file
+        self.stall_timeout = stall_timeout
+        self.events = 0  # frames received: the stall watchdog's measure of progress
         self.connected_streams = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -81,19 +84,26 @@ class ReceivePeer:
 
     # -- connecting -------------------------------------------------------------------
 
-    def _dial(self, address: tuple[str, int], stream: int) -> PeerConnection:
-        raw = socket.create_connection(address, timeout=_CONNECT_TIMEOUT)
+    def _dial(
+        self, address: tuple[str, int], stream: int, timeout: float = _CONNECT_TIMEOUT
+    ) -> PeerConnection:
+        """Connect, handshake and exchange Hello, all within ``timeout`` per step."""
+        raw = socket.create_connection(address, timeout=timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_side=False)
-            verify_peer(sock, self.peer_der)
-            sock.settimeout(_IO_TIMEOUT)
+            try:
+                verify_peer(sock, self.peer_der)
+            except PeerAuthError:
+                sock.close()
+                raise
             conn = PeerConnection(sock, max_payload=self.chunk_size)
             conn.send(hello(self.session_name, stream))
             event = conn.next_event()
             if isinstance(event, ChunkStart):
                 raise RemoteProtocolError("peer sent a chunk before hello")
             check_hello(event.message, self.session_name)
+            sock.settimeout(_IO_TIMEOUT)
             return conn
         except BaseException:
             raw.close()
@@ -108,8 +118,9 @@ class ReceivePeer:
             raise PeerGone("the sender has no candidate address")
         last: BaseException | None = None
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
-            while time.monotonic() < deadline and not cancel.is_set():
-                futures = {pool.submit(self._dial, t, 0): t for t in targets}
+            while (remaining := deadline - time.monotonic()) > 0 and not cancel.is_set():
+                step = min(_CONNECT_TIMEOUT, max(remaining, 0.1))
+                futures = {pool.submit(self._dial, t, 0, step): t for t in targets}
                 winner: tuple[str, int] | None = None
                 for future in concurrent.futures.as_completed(futures):
                     try:
@@ -160,14 +171,27 @@ class ReceivePeer:
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        self._watch(threads, cancel)
         if self.error is not None:
             raise self.error
         if cancel.is_set() and not self.session.done:
             raise PeerGone("cancelled")
         if not self.session.done:
             raise PeerGone("every connection to the sender broke")
+
+    def _watch(self, threads: list[threading.Thread], cancel: threading.Event) -> None:
+        """Wait for the streams; end them on cancel or when nothing arrives for too long."""
+        seen, since = self.events, time.monotonic()
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[0].join(timeout=0.2)
+            if cancel.is_set():
+                self._fail(PeerGone("cancelled"))
+            elif self.events != seen:
+                seen, since = self.events, time.monotonic()
+            elif time.monotonic() - since > self.stall_timeout and self.error is None:
+                self._fail(
+                    PeerGone(f"the sender sent nothing for {self.stall_timeout:g} s; giving up")
+                )
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -220,6 +244,7 @@ class ReceivePeer:
                     self._wake.wait(timeout=0.5)
                     continue
             event = conn.next_event()
+            self.events += 1
             if isinstance(event, ChunkStart):
                 with self._lock:
                     target = self.session.chunk_start(stream, event)
