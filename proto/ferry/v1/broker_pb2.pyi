@@ -92,6 +92,7 @@ class Session(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     CLAIMED_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `sessions/{session_id}`."""
     state: Global___Session.State.ValueType
@@ -102,6 +103,10 @@ class Session(_message.Message):
     """Why the session failed, was declined or was cancelled, for people."""
     claimed: _builtins.bool
     """Whether the one-time code has been claimed by a receiver."""
+    attempt: _builtins.int
+    """The connection attempt the plan belongs to: 1 on acceptance, one more on
+    every ResumeSession after it. Peers reconnect whenever it changes.
+    """
     @_builtins.property
     def manifest(self) -> Global___Manifest:
         """What is offered."""
@@ -145,10 +150,11 @@ class Session(_message.Message):
         bytes_done: _builtins.int = ...,
         failure_reason: _builtins.str = ...,
         claimed: _builtins.bool = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "manifest", b"manifest", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "claimed", b"claimed", "create_time", b"create_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "manifest", b"manifest", "name", b"name", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_done", b"bytes_done", "claimed", b"claimed", "create_time", b"create_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "manifest", b"manifest", "name", b"name", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -833,3 +839,57 @@ class ReportProgressResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportProgressResponse: _TypeAlias = ReportProgressResponse  # noqa: Y015
+
+@_typing.final
+class ResumeSessionRequest(_message.Message):
+    """ResumeSessionRequest brings the caller back into its session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    @_builtins.property
+    def peer(self) -> Global___PeerInfo:
+        """The caller's connection details now (its new certificate included)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        peer: Global___PeerInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["peer", b"peer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSessionRequest: _TypeAlias = ResumeSessionRequest  # noqa: Y015
+
+@_typing.final
+class ResumeSessionResponse(_message.Message):
+    """ResumeSessionResponse returns the session with its new attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session: still STATE_OFFERED if not accepted yet, else STATE_ACCEPTED
+        with a new plan and attempt.
+        """
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeSessionResponse: _TypeAlias = ResumeSessionResponse  # noqa: Y015

@@ -86,6 +86,11 @@ class BrokerServiceStub:
                 request_serializer=ferry_dot_v1_dot_broker__pb2.ReportProgressRequest.SerializeToString,
                 response_deserializer=ferry_dot_v1_dot_broker__pb2.ReportProgressResponse.FromString,
                 _registered_method=True)
+        self.ResumeSession = channel.unary_unary(
+                '/ferry.v1.BrokerService/ResumeSession',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -162,6 +167,16 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeSession(self, request, context):
+        """ResumeSession brings a party back into a live session after it restarted
+        or lost its data connection: it replaces the caller's connection details
+        (a restarted party has a new certificate) and, once the offer is
+        accepted, negotiates a new connection attempt (new lease, new deadline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +219,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.ReportProgress,
                     request_deserializer=ferry_dot_v1_dot_broker__pb2.ReportProgressRequest.FromString,
                     response_serializer=ferry_dot_v1_dot_broker__pb2.ReportProgressResponse.SerializeToString,
+            ),
+            'ResumeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSession,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +454,33 @@ class BrokerService:
             '/ferry.v1.BrokerService/ReportProgress',
             ferry_dot_v1_dot_broker__pb2.ReportProgressRequest.SerializeToString,
             ferry_dot_v1_dot_broker__pb2.ReportProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/ResumeSession',
+            ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,12 @@ class BrokerServiceStub:
     """ReportProgress moves a session through connecting, transferring and its
     outcome, and records how many bytes the reporting side has moved.
     """
+    ResumeSession: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ResumeSessionRequest, _broker_pb2.ResumeSessionResponse]
+    """ResumeSession brings a party back into a live session after it restarted
+    or lost its data connection: it replaces the caller's connection details
+    (a restarted party has a new certificate) and, once the offer is
+    accepted, negotiates a new connection attempt (new lease, new deadline).
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -106,6 +112,12 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     ReportProgress: _aio.UnaryUnaryMultiCallable[_broker_pb2.ReportProgressRequest, _broker_pb2.ReportProgressResponse]  # type: ignore[assignment]
     """ReportProgress moves a session through connecting, transferring and its
     outcome, and records how many bytes the reporting side has moved.
+    """
+    ResumeSession: _aio.UnaryUnaryMultiCallable[_broker_pb2.ResumeSessionRequest, _broker_pb2.ResumeSessionResponse]  # type: ignore[assignment]
+    """ResumeSession brings a party back into a live session after it restarted
+    or lost its data connection: it replaces the caller's connection details
+    (a restarted party has a new certificate) and, once the offer is
+    accepted, negotiates a new connection attempt (new lease, new deadline).
     """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -191,6 +203,18 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.ReportProgressResponse, _abc.Awaitable[_broker_pb2.ReportProgressResponse]]:
         """ReportProgress moves a session through connecting, transferring and its
         outcome, and records how many bytes the reporting side has moved.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeSession(
+        self,
+        request: _broker_pb2.ResumeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ResumeSessionResponse, _abc.Awaitable[_broker_pb2.ResumeSessionResponse]]:
+        """ResumeSession brings a party back into a live session after it restarted
+        or lost its data connection: it replaces the caller's connection details
+        (a restarted party has a new certificate) and, once the offer is
+        accepted, negotiates a new connection attempt (new lease, new deadline).
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
