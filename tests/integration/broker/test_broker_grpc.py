@@ -3,16 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import select
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -22,98 +13,16 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ferry.v1 import broker_pb2, broker_pb2_grpc
+from tests.conftest import BrokerFactory
+from tests.support.processes import FAST_BROKER, BrokerProcess
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
-
-
-@dataclass
-class BrokerProcess:
-    """A broker subprocess and where it listens."""
-
-    data_dir: Path
-    args: list[str]
-    proc: subprocess.Popen[bytes] | None = None
-    address: str = ""
-    log: list[Path] = field(default_factory=list)
-
-    def start(self) -> None:
-        log_path = self.data_dir.parent / f"{self.data_dir.name}-{len(self.log)}.log"
-        self.log.append(log_path)
-        with log_path.open("wb") as log_file:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ferry.broker",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    str(self.data_dir),
-                    *self.args,
-                ],
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 20
-        line = b""
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(remaining, 0))
-            if not ready:
-                self.kill()
-                raise TimeoutError(f"broker did not report listening: {log_path.read_text()}")
-            chunk = os.read(self.proc.stdout.fileno(), 1)
-            if not chunk:
-                raise RuntimeError(f"broker exited: {log_path.read_text()}")
-            line += chunk
-        event = json.loads(line)
-        assert event["event"] == "listening"
-        self.address = event["address"]
-
-    def stop(self) -> int:
-        """SIGTERM and wait; return the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-BrokerFactory = Callable[..., BrokerProcess]
-
-FAST = ["--sweep-interval", "0.2", "--offer-ttl-min", "0.5", "--log-level", "WARNING"]
-
-
-@pytest.fixture
-def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
-    """Start brokers with extra arguments; all are stopped at the end."""
-    started: list[BrokerProcess] = []
-
-    def make(*args: str, name: str = "data") -> BrokerProcess:
-        broker = BrokerProcess(data_dir=tmp_path / name, args=[*FAST, *args])
-        broker.start()
-        started.append(broker)
-        return broker
-
-    yield make
-    for broker in started:
-        broker.kill()
 
 
 @pytest.fixture(scope="module")
 def shared_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     """One broker for the tests that do not restart it or exhaust its limits."""
-    broker = BrokerProcess(data_dir=tmp_path_factory.mktemp("shared") / "data", args=FAST)
+    broker = BrokerProcess(data_dir=tmp_path_factory.mktemp("shared") / "data", args=FAST_BROKER)
     broker.start()
     yield broker
     broker.kill()
