@@ -6,6 +6,7 @@ firing it, and returns the next state or raises. The service persists and publis
 Transition table (``claim`` keeps the state and sets ``claimed``; it is legal once)::
 
     OFFERED      --claim-------> OFFERED (claimed)
+    OFFERED      --resume------> OFFERED           (either party; new PeerInfo only)
     OFFERED      --accept------> ACCEPTED          (receiver; needs claimed)
     OFFERED      --decline-----> DECLINED          (receiver)
     ACCEPTED     --connecting--> CONNECTING        (either party)
@@ -14,11 +15,19 @@ Transition table (``claim`` keeps the state and sets ``claimed``; it is legal on
     CONNECTING   --complete----> COMPLETED         (receiver)
     TRANSFERRING --complete----> COMPLETED         (receiver)
     ACCEPTED | CONNECTING | TRANSFERRING --fail--> FAILED (either party)
+    ACCEPTED | CONNECTING | TRANSFERRING --resume--> ACCEPTED (either party; next attempt)
     any non-final --cancel-----> CANCELLED         (either party)
     any non-final --expire-----> EXPIRED           (the broker)
 
 COMPLETED, DECLINED, CANCELLED, FAILED and EXPIRED are final: they accept no event. Reporting
 the current state again (CONNECTING or TRANSFERRING) is not a transition; see :func:`report`.
+
+Attempts: ``accept`` starts connection attempt 1, and every ``resume`` after it starts the next
+one (the caller bumps ``Session.attempt`` and negotiates a new plan; this module only knows the
+states). Within one attempt the states only move forward, ACCEPTED -> CONNECTING ->
+TRANSFERRING -> outcome, so a progress report that names an earlier state than the current one
+is refused as an illegal transition. A resume puts the session back to ACCEPTED, so the next
+attempt's CONNECTING and TRANSFERRING reports are forward moves again.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ class Event(enum.Enum):
     COMPLETE = "complete"
     FAIL = "fail"
     EXPIRE = "expire"
+    RESUME = "resume"
 
 
 class Party(enum.Enum):
@@ -93,6 +103,8 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (TRANSFERRING, Event.FAIL): FAILED,
     **{(s, Event.CANCEL): CANCELLED for s in (OFFERED, ACCEPTED, CONNECTING, TRANSFERRING)},
     **{(s, Event.EXPIRE): EXPIRED for s in (OFFERED, ACCEPTED, CONNECTING, TRANSFERRING)},
+    (OFFERED, Event.RESUME): OFFERED,
+    **{(s, Event.RESUME): ACCEPTED for s in (ACCEPTED, CONNECTING, TRANSFERRING)},
 }
 
 _EITHER = frozenset({Party.SENDER, Party.RECEIVER})
@@ -106,6 +118,7 @@ PERMITTED: Mapping[Event, frozenset[Party]] = {
     Event.CONNECTING: _EITHER,
     Event.TRANSFERRING: _EITHER,
     Event.EXPIRE: frozenset({Party.BROKER}),
+    Event.RESUME: _EITHER,
 }
 
 #: The states a ReportProgress call may name, and the event each one fires.
@@ -151,6 +164,8 @@ def apply(state: State, claimed: bool, event: Event, party: Party) -> Outcome:
     if party not in PERMITTED[event]:
         raise NotPermitted(f"the {party.value} may not {event.value} a session")
     new = TRANSITIONS.get((state, event))
+    if new is None and event is Event.RESUME and state in FINAL_STATES:
+        raise IllegalTransition(f"the session is {state_name(state)}; nothing to resume")
     if new is None:
         raise IllegalTransition(f"cannot {event.value} a session that is {state_name(state)}")
     if event is Event.CLAIM:
@@ -163,7 +178,14 @@ def apply(state: State, claimed: bool, event: Event, party: Party) -> Outcome:
 
 
 def report(state: State, claimed: bool, reported: State, party: Party) -> Outcome:
-    """Apply a ReportProgress naming `reported`: the same live state again is a no-op."""
+    """Apply a ReportProgress naming `reported`: the same live state again is a no-op.
+
+    A report is refused (IllegalTransition) only when it would move the session backwards
+    within the current attempt, e.g. CONNECTING while TRANSFERRING, or when the state is final.
+    After a resume the session is ACCEPTED again, so the new attempt's CONNECTING and
+    TRANSFERRING are accepted. Reports carry no attempt number: a late report of the previous
+    attempt is taken as one of the current attempt.
+    """
     event = REPORTABLE.get(reported)
     if event is None:
         raise IllegalTransition(f"a progress report cannot name the state {state_name(reported)}")

@@ -52,7 +52,9 @@ def test_only_receiver(event: Event) -> None:
         states.apply(states.OFFERED, True, event, Party.SENDER)
 
 
-@pytest.mark.parametrize("event", [Event.CANCEL, Event.FAIL, Event.CONNECTING, Event.TRANSFERRING])
+@pytest.mark.parametrize(
+    "event", [Event.CANCEL, Event.FAIL, Event.CONNECTING, Event.TRANSFERRING, Event.RESUME]
+)
 def test_either_side(event: Event) -> None:
     for party in (Party.SENDER, Party.RECEIVER):
         assert states.apply(states.ACCEPTED, True, event, party).state in states.ALL_STATES
@@ -90,3 +92,33 @@ def test_sans_io() -> None:
         source = Path(module.__file__ or "").read_text(encoding="utf-8")
         for banned in ("import asyncio", "import socket", "import grpc", "import time"):
             assert banned not in source, (module.__name__, banned)
+
+
+def test_resume_table() -> None:
+    for party in (Party.SENDER, Party.RECEIVER):
+        out = states.apply(states.OFFERED, True, Event.RESUME, party)
+        assert out == states.Outcome(states.OFFERED, True)
+        for state in (states.ACCEPTED, states.CONNECTING, states.TRANSFERRING):
+            assert states.apply(state, True, Event.RESUME, party).state == states.ACCEPTED
+    with pytest.raises(states.NotPermitted):
+        states.apply(states.ACCEPTED, True, Event.RESUME, Party.BROKER)
+
+
+@pytest.mark.parametrize("state", sorted(states.FINAL_STATES))
+def test_resume_final_is_refused(state: states.State) -> None:
+    with pytest.raises(states.IllegalTransition) as info:
+        states.apply(state, True, Event.RESUME, Party.SENDER)
+    assert str(info.value) == f"the session is {states.state_name(state)}; nothing to resume"
+
+
+def test_reports_after_resume_move_forward_again() -> None:
+    state = states.TRANSFERRING
+    with pytest.raises(states.IllegalTransition):  # backwards within an attempt
+        states.report(state, True, states.CONNECTING, Party.SENDER)
+    state = states.apply(state, True, Event.RESUME, Party.RECEIVER).state
+    assert state == states.ACCEPTED
+    state = states.report(state, True, states.CONNECTING, Party.SENDER).state
+    assert state == states.CONNECTING
+    state = states.report(state, True, states.TRANSFERRING, Party.RECEIVER).state
+    assert state == states.TRANSFERRING
+    assert states.report(state, True, states.COMPLETED, Party.RECEIVER).state == states.COMPLETED
