@@ -234,31 +234,44 @@ class Broker:
         states.apply(session.state, session.claimed, Event.ACCEPT, party)  # fail before leasing
         now = self.clock()
         expire_s = now + self.config.session_ttl_s
-        count = self.config.stream_count + 2
-        allowed = (session.sender.allowed_ports.first_port, session.sender.allowed_ports.last_port)
-        try:
-            first, last = self.store.lease_ports(
-                _host_key(session.sender), allowed, count, record.session_id, expire_s, now
-            )
-        except leases.NoPortsAvailable as exc:
-            raise BrokerError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.NO_PORTS, str(exc)
-            ) from None
+        span = self._lease_listener(record, expire_s, now)
         try:
             session.receiver.CopyFrom(_with_reflexive(receiver, peer_ip))
-            session.plan.CopyFrom(
-                broker_pb2.ConnectionPlan(
-                    listener=broker_pb2.ConnectionPlan.ROLE_SENDER,
-                    listener_ports=broker_pb2.PortRange(first_port=first, last_port=last),
-                    stream_count=self.config.stream_count,
-                    connect_deadline=timestamp(now + self.config.connect_timeout_s),
-                    lease_expire_time=timestamp(expire_s),
-                )
-            )
+            session.plan.CopyFrom(self._plan(span, expire_s, now))
             session.expire_time.CopyFrom(timestamp(expire_s))
+            session.attempt = 1
             return self._fire(record, Event.ACCEPT, party).session
         except BaseException:
-            self.store.release_lease(record.session_id)
+            self._reconcile_lease(record.session_id, now)
+            raise
+
+    def resume(
+        self, name: str, token: str | None, peer: broker_pb2.PeerInfo, peer_ip: str | None
+    ) -> broker_pb2.Session:
+        """A party comes back (restarted, or lost its data connection) with new details.
+
+        Before acceptance only the caller's PeerInfo is replaced. Once accepted, the session
+        also starts its next attempt: back to ACCEPTED, attempt + 1, the listener's lease
+        replaced by a fresh one (in one store step, so it may reuse the freed ports) and a new
+        plan with a new connect deadline. expire_time stays: it bounds every attempt.
+        """
+        record, party = self.authorize(name, token)
+        validation.check_peer(peer, party.value)
+        session = record.session
+        outcome = states.apply(session.state, session.claimed, Event.RESUME, party)
+        mine = session.sender if party is Party.SENDER else session.receiver
+        mine.CopyFrom(_with_reflexive(peer, peer_ip))
+        if outcome.state == states.OFFERED:
+            return self._commit(record, outcome)
+        now = self.clock()
+        expire_s = record.expire_s
+        span = self._lease_listener(record, expire_s, now)  # replaces the session's lease
+        try:
+            session.plan.CopyFrom(self._plan(span, expire_s, now))
+            session.attempt += 1
+            return self._commit(record, outcome)
+        except BaseException:
+            self._reconcile_lease(record.session_id, now)
             raise
 
     def decline(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
@@ -347,6 +360,58 @@ class Broker:
                 log.exception("expiry sweep failed")
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _lease_listener(self, record: SessionRecord, expire_s: float, now: float) -> leases.Span:
+        """Lease the listener (the sender) stream_count + 2 ports, replacing any older lease."""
+        sender = record.session.sender
+        allowed = (sender.allowed_ports.first_port, sender.allowed_ports.last_port)
+        count = self.config.stream_count + 2
+        try:
+            return self.store.lease_ports(
+                _host_key(sender), allowed, count, record.session_id, expire_s, now
+            )
+        except leases.NoPortsAvailable as exc:
+            raise BrokerError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.NO_PORTS, str(exc)
+            ) from None
+
+    def _plan(self, span: leases.Span, expire_s: float, now: float) -> broker_pb2.ConnectionPlan:
+        """A plan for a new attempt: the sender listens on `span` until `expire_s`."""
+        return broker_pb2.ConnectionPlan(
+            listener=broker_pb2.ConnectionPlan.ROLE_SENDER,
+            listener_ports=broker_pb2.PortRange(first_port=span[0], last_port=span[1]),
+            stream_count=self.config.stream_count,
+            connect_deadline=timestamp(now + self.config.connect_timeout_s),
+            lease_expire_time=timestamp(expire_s),
+        )
+
+    def _reconcile_lease(self, session_id: str, now: float) -> None:
+        """After a failed write, make the session's lease match its stored plan again.
+
+        A session that is not live or has no plan holds no lease; a live one holds exactly
+        the ports of its stored plan (released instead if they cannot be had back).
+        """
+        stored = self.store.get_session(session_id)
+        if (
+            stored is None
+            or stored.session.state not in states.LIVE_STATES
+            or not stored.session.HasField("plan")
+        ):
+            self.store.release_lease(session_id)
+            return
+        ports = stored.session.plan.listener_ports
+        span = (ports.first_port, ports.last_port)
+        try:
+            self.store.lease_ports(
+                _host_key(stored.session.sender),
+                span,
+                span[1] - span[0] + 1,
+                session_id,
+                stored.expire_s,
+                now,
+            )
+        except (leases.NoPortsAvailable, ValueError):
+            self.store.release_lease(session_id)
 
     def _reload(self, record: SessionRecord) -> SessionRecord:
         fresh = self.store.get_session(record.session_id)

@@ -132,6 +132,16 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         )
         return broker_pb2.ReportProgressResponse(session=session)
 
+    async def ResumeSession(
+        self, request: broker_pb2.ResumeSessionRequest, context: Context
+    ) -> broker_pb2.ResumeSessionResponse:
+        ip = validation.peer_ip(context.peer())
+        token = bearer_token(context)
+        session = await _call(
+            context, lambda: self._broker.resume(request.name, token, request.peer, ip)
+        )
+        return broker_pb2.ResumeSessionResponse(session=session)
+
     async def WatchSession(
         self, request: broker_pb2.WatchSessionRequest, context: Context
     ) -> AsyncIterator[broker_pb2.WatchSessionResponse]:
