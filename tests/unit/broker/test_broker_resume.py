@@ -1,0 +1,289 @@
+"""ResumeSession in the Broker domain: new PeerInfo, attempts, leases and watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ferry.broker import states
+from ferry.broker.config import BrokerConfig
+from ferry.broker.core import Broker
+from ferry.broker.errors import BrokerError
+from ferry.broker.store import SqliteStore, StaleRecord
+from ferry.v1 import broker_pb2
+
+pytestmark = pytest.mark.timeout(30)
+
+REFLEXIVE = broker_pb2.Candidate.KIND_SERVER_REFLEXIVE
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _peer(cert: bytes, first: int = 9000, last: int = 9100, host: str = "") -> broker_pb2.PeerInfo:
+    return broker_pb2.PeerInfo(
+        candidates=[
+            broker_pb2.Candidate(ip="192.0.2.1", kind=broker_pb2.Candidate.KIND_HOST),
+            broker_pb2.Candidate(ip="203.0.113.9", kind=REFLEXIVE),  # dropped by the broker
+        ],
+        allowed_ports=broker_pb2.PortRange(first_port=first, last_port=last),
+        certificate_der=cert,
+        host_id=host,
+    )
+
+
+@dataclass
+class Session:
+    name: str
+    sender: str
+    receiver: str
+
+
+@dataclass
+class Env:
+    broker: Broker
+    clock: FakeClock
+    db: Path
+
+    def offer(self, host: str = "laptop", claim: bool = True) -> Session:
+        request = broker_pb2.CreateOfferRequest(
+            manifest=broker_pb2.Manifest(
+                files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
+            ),
+            sender=_peer(b"sender-1", host=host),
+        )
+        offer = self.broker.create_offer(request, "10.0.0.1")
+        receiver = self.broker.claim_offer(offer.code, "10.0.0.2").party_token if claim else ""
+        return Session(offer.session.name, offer.party_token, receiver)
+
+    def accepted(self, host: str = "laptop") -> Session:
+        s = self.offer(host)
+        self.broker.accept(s.name, s.receiver, _peer(b"receiver-1", 1, 2), "10.0.0.2")
+        return s
+
+    def leases(self) -> list[tuple[str, int, int]]:
+        with sqlite3.connect(self.db) as db:
+            rows = db.execute("SELECT session_id, first_port, last_port FROM leases").fetchall()
+        return sorted((f"sessions/{r[0]}", int(r[1]), int(r[2])) for r in rows)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    clock = FakeClock()
+    db = tmp_path / "b.sqlite3"
+    store = SqliteStore(db)
+    try:
+        yield Env(Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock), clock, db)
+    finally:
+        store.close()
+
+
+def _reflexive(peer: broker_pb2.PeerInfo) -> list[str]:
+    return [c.ip for c in peer.candidates if c.kind == REFLEXIVE]
+
+
+def test_offered_sender_replaces_its_peer(env: Env) -> None:
+    s = env.offer(claim=False)
+    before = env.broker.get(s.name, s.sender)
+    env.clock.now += 5
+    got = env.broker.resume(s.name, s.sender, _peer(b"sender-2", 9500, 9600), "10.0.0.7")
+    assert got.state == states.OFFERED
+    assert got.attempt == 0
+    assert got.sender.certificate_der == b"sender-2"
+    assert got.sender.allowed_ports.first_port == 9500
+    assert _reflexive(got.sender) == ["10.0.0.7"]
+    assert not got.HasField("plan")
+    assert got.expire_time == before.expire_time
+    assert got.update_time.seconds == int(env.clock.now)
+    assert env.leases() == []
+
+
+def test_offered_claimed_receiver_may_resume(env: Env) -> None:
+    s = env.offer()
+    got = env.broker.resume(s.name, s.receiver, _peer(b"receiver-0", 1, 2), "10.0.0.8")
+    assert (got.state, got.attempt, got.claimed) == (states.OFFERED, 0, True)
+    assert got.receiver.certificate_der == b"receiver-0"
+    assert got.sender.certificate_der == b"sender-1"
+    assert env.leases() == []
+    # accepting afterwards still works and starts attempt 1 with the accept's details
+    accepted = env.broker.accept(s.name, s.receiver, _peer(b"receiver-1", 1, 2), None)
+    assert (accepted.state, accepted.attempt) == (states.ACCEPTED, 1)
+    assert accepted.receiver.certificate_der == b"receiver-1"
+
+
+def test_accept_starts_attempt_one(env: Env) -> None:
+    s = env.accepted()
+    got = env.broker.get(s.name, s.sender)
+    assert (got.state, got.attempt) == (states.ACCEPTED, 1)
+
+
+@pytest.mark.parametrize("reached", [states.ACCEPTED, states.CONNECTING, states.TRANSFERRING])
+def test_resume_after_accept_starts_next_attempt(env: Env, reached: states.State) -> None:
+    s = env.accepted()
+    for state in (states.CONNECTING, states.TRANSFERRING):
+        if state <= reached:
+            env.broker.report(s.name, s.sender, state, 10, "")
+    before = env.broker.get(s.name, s.sender)
+    env.clock.now += 60
+    got = env.broker.resume(s.name, s.receiver, _peer(b"receiver-2", 3, 4), "10.0.0.9")
+    assert got.state == states.ACCEPTED
+    assert got.attempt == 2
+    assert got.receiver.certificate_der == b"receiver-2"
+    assert _reflexive(got.receiver) == ["10.0.0.9"]
+    assert got.sender == before.sender  # the other party's details are untouched
+    assert got.expire_time == before.expire_time
+    assert got.bytes_done == before.bytes_done
+    assert got.update_time.seconds == int(env.clock.now)
+    plan = got.plan
+    assert plan.listener == broker_pb2.ConnectionPlan.ROLE_SENDER
+    assert plan.stream_count == 4
+    assert plan.connect_deadline.seconds == int(env.clock.now) + 30
+    assert plan.lease_expire_time == got.expire_time
+    # the freed ports may be reused: the receiver's resume keeps the sender's span
+    assert plan.listener_ports == before.plan.listener_ports
+    assert env.leases() == [(s.name, 9000, 9005)]
+    # the next attempt reports forward again
+    assert env.broker.report(s.name, s.sender, states.CONNECTING, 0, "").state == (
+        states.CONNECTING
+    )
+
+
+def test_sender_resume_leases_from_its_new_range(env: Env) -> None:
+    s = env.accepted()
+    got = env.broker.resume(s.name, s.sender, _peer(b"sender-2", 9500, 9600), "10.0.0.1")
+    assert (got.attempt, got.sender.certificate_der) == (2, b"sender-2")
+    assert got.receiver.certificate_der == b"receiver-1"
+    ports = got.plan.listener_ports
+    assert (ports.first_port, ports.last_port) == (9500, 9505)
+    assert env.leases() == [(s.name, 9500, 9505)]
+
+
+def test_two_resumes_leave_one_lease_and_no_overlap(env: Env) -> None:
+    a = env.accepted()
+    b = env.accepted()  # same host: takes the next span
+    assert env.leases() == sorted([(a.name, 9000, 9005), (b.name, 9006, 9011)])
+    env.broker.resume(a.name, a.sender, _peer(b"sender-2", 9003, 9100, "laptop"), None)
+    got = env.broker.resume(a.name, a.receiver, _peer(b"receiver-2", 1, 2), None)
+    assert got.attempt == 3
+    ports = got.plan.listener_ports
+    assert (ports.first_port, ports.last_port) == (9012, 9017)  # not over b's 9006-9011
+    assert env.leases() == sorted([(a.name, 9012, 9017), (b.name, 9006, 9011)])
+    # ending the session after resumes still frees its (only) lease
+    env.broker.cancel(a.name, a.sender, "")
+    assert env.leases() == [(b.name, 9006, 9011)]
+
+
+def test_expiry_after_resumes_frees_the_lease(env: Env) -> None:
+    s = env.accepted()
+    env.broker.resume(s.name, s.receiver, _peer(b"receiver-2", 1, 2), None)
+    env.broker.resume(s.name, s.sender, _peer(b"sender-2"), None)
+    assert len(env.leases()) == 1
+    env.clock.now += 24 * 3600 + 1
+    assert env.broker.sweep() == 1
+    assert env.leases() == []
+    with pytest.raises(states.IllegalTransition, match="expired; nothing to resume"):
+        env.broker.resume(s.name, s.sender, _peer(b"sender-3"), None)
+
+
+def test_no_ports_keeps_the_old_attempt(env: Env) -> None:
+    a = env.accepted()
+    env.accepted()
+    with pytest.raises(BrokerError) as info:  # 9006-9011 is b's; 6 ports do not fit in 9006-9010
+        env.broker.resume(a.name, a.sender, _peer(b"sender-2", 9006, 9010, "laptop"), None)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    got = env.broker.get(a.name, a.sender)
+    assert (got.attempt, got.sender.certificate_der) == (1, b"sender-1")
+    assert (a.name, 9000, 9005) in env.leases()
+
+
+def _finish(env: Env, s: Session, final: states.State) -> None:
+    if final == states.DECLINED:
+        return
+    env.broker.accept(s.name, s.receiver, _peer(b"receiver-1", 1, 2), None)
+    if final == states.COMPLETED:
+        env.broker.report(s.name, s.receiver, states.TRANSFERRING, 0, "")
+        env.broker.report(s.name, s.receiver, states.COMPLETED, 1, "")
+    elif final == states.CANCELLED:
+        env.broker.cancel(s.name, s.sender, "bye")
+    elif final == states.FAILED:
+        env.broker.report(s.name, s.sender, states.FAILED, 0, "disk full")
+    elif final == states.EXPIRED:
+        env.clock.now += 24 * 3600 + 1
+
+
+@pytest.mark.parametrize("final", sorted(states.FINAL_STATES))
+def test_final_states_refuse(env: Env, final: states.State) -> None:
+    s = env.offer()
+    if final == states.DECLINED:
+        env.broker.decline(s.name, s.receiver, "no")
+    _finish(env, s, final)
+    for token in (s.sender, s.receiver):
+        with pytest.raises(states.IllegalTransition) as info:
+            env.broker.resume(s.name, token, _peer(b"new"), None)
+        assert str(info.value) == f"the session is {states.state_name(final)}; nothing to resume"
+    assert env.leases() == []
+
+
+def test_peer_is_validated(env: Env) -> None:
+    s = env.accepted()
+    with pytest.raises(BrokerError) as info:
+        env.broker.resume(s.name, s.receiver, _peer(b""), None)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.reason == "INVALID_PEER"
+    assert "receiver" in info.value.message
+    with pytest.raises(BrokerError) as info:
+        env.broker.resume(s.name, None, _peer(b"x"), None)
+    assert info.value.reason == "TOKEN_MISSING"
+    assert env.broker.get(s.name, s.sender).attempt == 1
+
+
+@pytest.mark.asyncio
+async def test_watchers_see_the_new_attempt(env: Env) -> None:
+    s = env.accepted()
+    env.broker.report(s.name, s.sender, states.TRANSFERRING, 5, "")
+    seen: list[broker_pb2.Session] = []
+
+    async def watch() -> None:
+        async for session in env.broker.watch(s.name, s.sender):
+            seen.append(session)
+            if session.state in states.FINAL_STATES:
+                return
+
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0)
+    env.broker.resume(s.name, s.receiver, _peer(b"receiver-2", 1, 2), None)
+    env.broker.resume(s.name, s.sender, _peer(b"sender-2"), None)
+    env.broker.cancel(s.name, s.sender, "")
+    await asyncio.wait_for(task, 5)
+    assert [(x.state, x.attempt) for x in seen] == [
+        (states.TRANSFERRING, 1),
+        (states.ACCEPTED, 2),
+        (states.ACCEPTED, 3),
+        (states.CANCELLED, 3),
+    ]
+    assert seen[1].receiver.certificate_der == b"receiver-2"
+    assert seen[2].sender.certificate_der == b"sender-2"
+
+
+def test_conflict_puts_the_lease_back(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = env.accepted()
+
+    def stale(record: object) -> object:
+        raise StaleRecord("raced")
+
+    monkeypatch.setattr(env.broker.store, "update_session", stale)
+    with pytest.raises(BrokerError) as info:
+        env.broker.resume(s.name, s.sender, _peer(b"sender-2", 9500, 9600, "laptop"), None)
+    assert (info.value.code, info.value.reason) == (grpc.StatusCode.ABORTED, "CONFLICT")
+    assert env.leases() == [(s.name, 9000, 9005)]  # the stored plan's ports, not 9500-9505
