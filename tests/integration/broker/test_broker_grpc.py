@@ -386,3 +386,127 @@ async def test_restart_loses_nothing(broker_factory: BrokerFactory) -> None:
             timeout=T,
         )
         assert got.session == accepted.session
+
+
+async def _resume(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub, name: str, token: str, peer: broker_pb2.PeerInfo
+) -> broker_pb2.Session:
+    response = await stub.ResumeSession(
+        broker_pb2.ResumeSessionRequest(name=name, peer=peer), metadata=_auth(token), timeout=T
+    )
+    return response.session
+
+
+async def _accepted(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub, sender: broker_pb2.PeerInfo
+) -> tuple[str, str, str]:
+    """A session in STATE_ACCEPTED: (name, sender token, receiver token)."""
+    offer, claim = await _offer_and_claim(stub, sender=sender)
+    accepted = await stub.AcceptOffer(
+        broker_pb2.AcceptOfferRequest(name=offer.session.name, receiver=_peer(50000, 50100)),
+        metadata=_auth(claim.party_token),
+        timeout=T,
+    )
+    assert (accepted.session.state, accepted.session.attempt) == (S.STATE_ACCEPTED, 1)
+    return offer.session.name, offer.party_token, claim.party_token
+
+
+def _with_cert(peer: broker_pb2.PeerInfo, cert: bytes) -> broker_pb2.PeerInfo:
+    peer.certificate_der = cert
+    return peer
+
+
+async def _watch_for_attempt(
+    call: grpc.aio.UnaryStreamCall[broker_pb2.WatchSessionRequest, broker_pb2.WatchSessionResponse],
+    attempt: int,
+) -> broker_pb2.Session:
+    """Read the watch until the session reaches `attempt`."""
+    while True:
+        item = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(item, broker_pb2.WatchSessionResponse), item
+        if item.session.attempt >= attempt:
+            return item.session
+
+
+async def test_resume_session(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    name, sender, receiver = await _accepted(stub, _peer(43000, 43100, host_id="resume-1"))
+    await _report(stub, name, sender, S.STATE_TRANSFERRING, 100)
+    request = broker_pb2.WatchSessionRequest(name=name)
+    sender_watch = stub.WatchSession(request, metadata=_auth(sender), timeout=20)
+    receiver_watch = stub.WatchSession(request, metadata=_auth(receiver), timeout=20)
+    try:
+        assert (await _watch_for_attempt(sender_watch, 1)).state == S.STATE_TRANSFERRING
+        assert (await _watch_for_attempt(receiver_watch, 1)).state == S.STATE_TRANSFERRING
+
+        resumed = await _resume(stub, name, receiver, _with_cert(_peer(50000, 50100), b"rcv-2"))
+        seen = await _watch_for_attempt(sender_watch, 2)
+        assert (seen.state, seen.attempt) == (S.STATE_ACCEPTED, 2)
+        assert seen.receiver.certificate_der == b"rcv-2"
+        assert [c.ip for c in seen.receiver.candidates if c.kind == 2] == ["127.0.0.1"]
+        assert seen.plan == resumed.plan
+        assert seen.plan.connect_deadline.seconds >= seen.update_time.seconds
+
+        resumed = await _resume(
+            stub, name, sender, _with_cert(_peer(43000, 43100, host_id="resume-1"), b"snd-3")
+        )
+        assert (resumed.state, resumed.attempt) == (S.STATE_ACCEPTED, 3)
+        seen = await _watch_for_attempt(receiver_watch, 3)
+        assert (seen.state, seen.attempt) == (S.STATE_ACCEPTED, 3)
+        assert seen.sender.certificate_der == b"snd-3"
+        assert seen.receiver.certificate_der == b"rcv-2"
+        ports = seen.plan.listener_ports
+        assert 43000 <= ports.first_port <= ports.last_port <= 43100
+    finally:
+        sender_watch.cancel()
+        receiver_watch.cancel()
+    # the new attempt moves forward again and can complete
+    assert (await _report(stub, name, sender, S.STATE_CONNECTING)).state == S.STATE_CONNECTING
+    await _report(stub, name, receiver, S.STATE_TRANSFERRING, 600)
+    done = await _report(stub, name, receiver, S.STATE_COMPLETED, 1234)
+    assert (done.state, done.attempt) == (S.STATE_COMPLETED, 3)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _resume(stub, name, sender, _peer(43000, 43100, host_id="resume-1"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(info.value) == "ILLEGAL_TRANSITION"
+    assert info.value.details() == "the session is completed; nothing to resume"
+
+
+async def test_resume_before_accept_and_invalid_peer(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    offer, _ = await _offer_and_claim(stub)
+    name = offer.session.name
+    resumed = await _resume(stub, name, offer.party_token, _with_cert(_peer(), b"snd-2"))
+    assert (resumed.state, resumed.attempt) == (S.STATE_OFFERED, 0)
+    assert resumed.sender.certificate_der == b"snd-2"
+    assert not resumed.HasField("plan")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _resume(stub, name, offer.party_token, _with_cert(_peer(), b""))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason_of(info.value) == "INVALID_PEER"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ResumeSession(
+            broker_pb2.ResumeSessionRequest(name=name, peer=_peer()), timeout=T
+        )
+    assert reason_of(info.value) == "TOKEN_MISSING"
+
+
+async def test_resume_survives_restart(broker_factory: BrokerFactory) -> None:
+    broker = broker_factory()
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        name, sender, receiver = await _accepted(stub, _peer())
+        first = await _resume(stub, name, receiver, _with_cert(_peer(50000, 50100), b"rcv-2"))
+        assert first.attempt == 2
+    broker.restart()
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        got = await stub.GetSession(
+            broker_pb2.GetSessionRequest(name=name), metadata=_auth(sender), timeout=T
+        )
+        assert got.session == first
+        second = await _resume(stub, name, sender, _with_cert(_peer(), b"snd-3"))
+        assert (second.state, second.attempt) == (S.STATE_ACCEPTED, 3)
+        assert second.receiver.certificate_der == b"rcv-2"
+        assert second.sender.certificate_der == b"snd-3"
+        assert second.plan.listener_ports == first.plan.listener_ports  # freed, then reused
