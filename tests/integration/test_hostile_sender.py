@@ -20,7 +20,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ferry.client._api import Incoming
+from ferry.client._api import Client, Incoming
 from ferry.client._broker import BrokerError, BrokerLink
 from ferry.client._tls import Identity
 from ferry.files import UnsafePathError
@@ -151,6 +151,30 @@ def assert_failed(
     return error
 
 
+def assert_interrupted(
+    outcome: Outcome, sender: HostileSender, box: Box, tmp_path: Path, *words: str
+) -> str:
+    """The receiver gave up for now: exit 1, nothing visible, the session left to resume."""
+    assert outcome.code == 1, outcome
+    last = outcome.lines[-1]
+    assert last["event"] == "failed", outcome
+    error = str(last["error"])
+    for word in (*words, "run the same command again to resume"):
+        assert word in error.lower(), f"{word!r} not in {error!r}"
+    err_lines = outcome.stderr.splitlines()
+    assert len(err_lines) == 1, outcome.stderr
+    assert err_lines[0].startswith("ferry: error:"), outcome.stderr
+    # Only hidden partial data (temporary files and the journal) is kept; nothing outside.
+    kept = sorted(p.name for p in box.dest.iterdir())
+    assert all(name.startswith(".") for name in kept), kept
+    assert any(name.endswith(".journal") for name in kept), kept
+    assert box.new_outside_dest(tmp_path) == []
+    session = sender.session()
+    live = (State.STATE_ACCEPTED, State.STATE_CONNECTING, State.STATE_TRANSFERRING)
+    assert session.state in live, session
+    return error
+
+
 # -- chunks that fail their digest ---------------------------------------------------------
 
 
@@ -233,36 +257,37 @@ def test_garbage_after_hello_fails(
 # -- a sender that goes away ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("broker_args", [("--connect-timeout", "2")])
 @pytest.mark.parametrize("hostile", [(Mode.HANGUP, LARGE)], indirect=True)
-def test_sender_hanging_up_mid_transfer_fails_promptly(
+def test_sender_hanging_up_mid_transfer_is_kept_for_resume(
     ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
 ) -> None:
-    outcome = receive(ferry, hostile, box.dest)
+    outcome = receive(ferry, hostile, box.dest, "--stall-timeout", "3")
     assert hostile.hung_up.is_set()
     assert 1 <= hostile.chunks_sent <= hostile.hangup_after  # some data moved first
-    assert_failed(outcome, hostile, box, tmp_path, "closed")
+    assert_interrupted(outcome, hostile, box, tmp_path, "could not reach the sender")
     assert outcome.seconds < 20, outcome
 
 
 @pytest.mark.parametrize("hostile", [(Mode.STALL, 16 * CHUNK_SIZE)], indirect=True)
-def test_sender_going_silent_fails_after_the_stall_timeout(
+def test_sender_going_silent_is_given_up_after_the_stall_timeout(
     ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
 ) -> None:
     outcome = receive(ferry, hostile, box.dest, "--stall-timeout", "3")
     assert hostile.chunks_sent >= 1
-    assert_failed(outcome, hostile, box, tmp_path, "sent nothing for 3 s")
+    assert_interrupted(outcome, hostile, box, tmp_path, "sent nothing for 3 s")
     # One watchdog for the whole transfer: not one timeout per stream in turn.
     assert outcome.seconds < 15, outcome
 
 
 @pytest.mark.parametrize("broker_args", [("--connect-timeout", "3")])
 @pytest.mark.parametrize("hostile", [(Mode.NO_HELLO, SMALL)], indirect=True)
-def test_sender_that_never_answers_hello_fails_at_the_connect_deadline(
+def test_sender_that_never_answers_hello_is_given_up(
     ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
 ) -> None:
-    outcome = receive(ferry, hostile, box.dest)
+    outcome = receive(ferry, hostile, box.dest, "--stall-timeout", "3")
     assert hostile.hellos >= 1
-    assert_failed(outcome, hostile, box, tmp_path, "could not reach the sender")
+    assert_interrupted(outcome, hostile, box, tmp_path, "could not reach the sender")
     assert outcome.seconds < 15, outcome
 
 
@@ -274,8 +299,8 @@ def test_sender_that_never_answers_hello_fails_at_the_connect_deadline(
 def test_sender_with_another_certificate_is_refused(
     ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
 ) -> None:
-    outcome = receive(ferry, hostile, box.dest)
-    assert_failed(outcome, hostile, box, tmp_path, "could not reach the sender")
+    outcome = receive(ferry, hostile, box.dest, "--stall-timeout", "3")
+    assert_interrupted(outcome, hostile, box, tmp_path, "did not present the certificate")
     # The receiver did dial, but no TLS handshake ever completed, so nothing was said.
     assert hostile.tcp_connections >= 1
     assert hostile.tls_failures >= 1
@@ -328,7 +353,7 @@ async def test_incoming_refuses_a_session_with_an_unsafe_path(
     link = BrokerLink(broker.address)
     try:
         with pytest.raises(UnsafePathError) as info:
-            Incoming(link, session, (47100, 47999))
+            Incoming(Client(broker.address), link, session)
     finally:
         await link.close()
     assert info.value.path == path

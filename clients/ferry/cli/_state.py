@@ -1,11 +1,14 @@
 """Where the CLI keeps the session tokens it was given, so `ferry status` can ask later.
 
 One JSON file, `$XDG_STATE_HOME/ferry/sessions.json` (default `~/.local/state/...`),
-mode 0600, holding the last 50 sessions: name -> token, role, broker address.
+mode 0600, holding the last 50 sessions: name -> token, role, broker address, and what a
+rerun of the same command needs to find the session again: the sender's source paths and
+code, the receiver's code (as a SHA-256) and destination.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,11 +34,40 @@ def load() -> dict[str, dict[str, Any]]:
     return data if isinstance(data, dict) else {}
 
 
-def remember(name: str, token: str, role: str, broker: str) -> None:
+def code_key(code: str) -> str:
+    """How a receiver's code is remembered: hashed, after the broker's normalization."""
+    normal = "-".join(code.strip().lower().replace("_", "-").split())
+    return hashlib.sha256(normal.encode()).hexdigest()
+
+
+def find(role: str, broker: str, **match: Any) -> tuple[str, dict[str, Any]] | None:
+    """The newest remembered session of ``role`` on ``broker`` whose fields equal ``match``."""
+    for name, entry in reversed(list(load().items())):
+        if (
+            entry.get("role") == role
+            and entry.get("broker") == broker
+            and all(entry.get(k) == v for k, v in match.items())
+        ):
+            return name, entry
+    return None
+
+
+def forget(name: str) -> None:
+    """Drop a session that is over."""
+    sessions = load()
+    if sessions.pop(name, None) is not None:
+        _save(sessions)
+
+
+def remember(name: str, token: str, role: str, broker: str, **extra: Any) -> None:
     """Remember a session's token (best effort: a read-only home just loses `status`)."""
     sessions = load()
     sessions.pop(name, None)
-    sessions[name] = {"token": token, "role": role, "broker": broker}
+    sessions[name] = {"token": token, "role": role, "broker": broker, **extra}
+    _save(sessions)
+
+
+def _save(sessions: dict[str, dict[str, Any]]) -> None:
     while len(sessions) > _KEEP:
         sessions.pop(next(iter(sessions)))
     path = _path()

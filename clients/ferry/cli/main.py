@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import grpc
+
 from ferry.cli import _progress, _state
 from ferry.client import (
     DEFAULT_CHUNK_SIZE,
@@ -27,6 +29,7 @@ from ferry.client import (
     Completed,
     Event,
     Incoming,
+    Outgoing,
     Progress,
     TransferError,
     TransferResult,
@@ -88,6 +91,8 @@ def _completed_line(result: TransferResult) -> dict[str, Any]:
         "session": result.session,
         "bytes": result.bytes,
         "bytes_transferred": result.bytes_transferred,
+        "bytes_resumed": result.bytes_resumed,
+        "chunks_retried": result.chunks_retried,
         "seconds": round(result.seconds, 6),
         "path": result.path,
         "files": [
@@ -119,15 +124,39 @@ class _Events:
 # -- send -----------------------------------------------------------------------------
 
 
+async def _offer_or_resume(ns: argparse.Namespace, client: Client) -> tuple[Outgoing, bool]:
+    """Resume this machine's unfinished offer of the very same paths, else offer anew."""
+    sources = [str(p.absolute()) for p in ns.paths]
+    found = _state.find("sender", ns.broker, sources=sources)
+    if found is not None:
+        name, entry = found
+        try:
+            outgoing = await client.resume_offer(name, entry["token"], ns.paths, entry["code"])
+        except TransferError as exc:
+            _state.forget(name)
+            if "changed" in str(exc):
+                raise
+        except BrokerError as exc:
+            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            _state.forget(name)
+        else:
+            return outgoing, True
+    outgoing = await client.offer(ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl)
+    _state.remember(
+        outgoing.name, outgoing.token, "sender", ns.broker, sources=sources, code=outgoing.code
+    )
+    return outgoing, False
+
+
 async def _send(ns: argparse.Namespace) -> int:
     client = Client(ns.broker, ports=ns.ports)
-    outgoing = await client.offer(ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl)
-    _state.remember(outgoing.name, outgoing.token, "sender", ns.broker)
+    outgoing, resumed = await _offer_or_resume(ns, client)
     try:
         if ns.json:
             _emit(
                 {
-                    "event": "offered",
+                    "event": "resumed" if resumed else "offered",
                     "code": outgoing.code,
                     "session": outgoing.name,
                     "files": len(outgoing.files),
@@ -140,7 +169,8 @@ async def _send(ns: argparse.Namespace) -> int:
                 if len(outgoing.files) != 1
                 else escape_name(outgoing.files[0].path)
             )
-            _say(f"Sending {what} ({format_size(outgoing.total_size)}).")
+            verb = "Resuming" if resumed else "Sending"
+            _say(f"{verb} {what} ({format_size(outgoing.total_size)}).")
             _say(f"Code: {outgoing.code}")
             _say(f"On the other machine run:  ferry receive {outgoing.code}")
         events = _Events(ns.json, "sending")
@@ -212,19 +242,43 @@ def _consent(ns: argparse.Namespace) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+async def _claim_or_resume(ns: argparse.Namespace, client: Client) -> Incoming:
+    """Resume this machine's unfinished transfer of the same code, else claim the code."""
+    key = _state.code_key(ns.code)
+    found = _state.find("receiver", ns.broker, code=key)
+    if found is not None:
+        name, entry = found
+        try:
+            return await client.resume_claim(name, entry["token"])
+        except TransferError:
+            _state.forget(name)
+        except BrokerError as exc:
+            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            _state.forget(name)
+    incoming = await client.claim(ns.code)
+    _state.remember(
+        incoming.name, incoming.token, "receiver", ns.broker, code=key, dest=str(ns.dest)
+    )
+    return incoming
+
+
 async def _receive(ns: argparse.Namespace) -> int:
     client = Client(ns.broker, ports=ns.ports, stall_timeout=ns.stall_timeout)
-    incoming = await client.claim(ns.code)
-    _state.remember(incoming.name, incoming.token, "receiver", ns.broker)
+    incoming = await _claim_or_resume(ns, client)
     try:
         dest = Path(ns.dest)
         try:
             _show_offer(ns, incoming, dest)
         except CliError as exc:
             reason = str(exc)
-            await _cancel_quietly(lambda: incoming.decline(reason))
+            if not incoming.accepted:
+                await _cancel_quietly(lambda: incoming.decline(reason))
             raise
-        if not await asyncio.to_thread(_consent, ns):
+        if incoming.accepted:
+            if not ns.json:
+                _say("Resuming: consent was given when this transfer started.")
+        elif not await asyncio.to_thread(_consent, ns):
             await incoming.decline("declined by the receiver")
             if ns.json:
                 _emit({"event": "declined", "session": incoming.name})
@@ -236,7 +290,8 @@ async def _receive(ns: argparse.Namespace) -> int:
             result = await incoming.accept(dest, overwrite=ns.overwrite, on_event=events)
         except (DestinationExistsError, UnsafePathError) as exc:
             reason = str(exc)
-            await _cancel_quietly(lambda: incoming.decline(reason))
+            if not incoming.accepted:
+                await _cancel_quietly(lambda: incoming.decline(reason))
             raise
         finally:
             events.close()

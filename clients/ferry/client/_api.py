@@ -29,12 +29,23 @@ import psutil
 from google.protobuf.duration_pb2 import Duration
 
 from ferry.client._broker import BrokerError, BrokerLink
+from ferry.client._journal import Journal
 from ferry.client._receive import ReceivePeer
-from ferry.client._send import SendPeer
+from ferry.client._resume import resume_from_journal
+from ferry.client._send import SendCounter, SendPeer, SourceChanged
 from ferry.client._sink import FileSink, SinkFile
 from ferry.client._tls import Identity, client_context, server_context
+from ferry.client._wire import PeerGone
 from ferry.files import build_manifest, check_manifest_paths, free_space_ok
-from ferry.protocol import FILE_DIGEST_ALGORITHM
+from ferry.protocol import (
+    FILE_DIGEST_ALGORITHM,
+    PeerAborted,
+    ProtocolError,
+    ReceiveSession,
+    SendSession,
+    chunk_count,
+)
+from ferry.protocol.journal import manifest_fingerprint
 from ferry.v1 import broker_pb2
 
 __all__ = [
@@ -61,6 +72,7 @@ State = broker_pb2.Session.State
 _RESUBSCRIBE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 )
+_LIVE = frozenset({State.STATE_ACCEPTED, State.STATE_CONNECTING, State.STATE_TRANSFERRING})
 _FINAL = frozenset(
     {
         State.STATE_COMPLETED,
@@ -96,6 +108,8 @@ class TransferResult:
     bytes_transferred: int
     seconds: float
     path: str = "direct"
+    bytes_resumed: int = 0
+    chunks_retried: int = 0
 
 
 @dataclass(frozen=True)
@@ -195,6 +209,13 @@ class Client:
         self.timeout = timeout
         self.stall_timeout = stall_timeout
 
+    def _peer_info(self, identity: Identity) -> broker_pb2.PeerInfo:
+        return broker_pb2.PeerInfo(
+            candidates=local_candidates(),
+            allowed_ports=broker_pb2.PortRange(first_port=self.ports[0], last_port=self.ports[1]),
+            certificate_der=identity.cert_der,
+        )
+
     async def offer(
         self,
         paths: Sequence[Path | str],
@@ -209,13 +230,7 @@ class Client:
         try:
             request = broker_pb2.CreateOfferRequest(
                 manifest=manifest,
-                sender=broker_pb2.PeerInfo(
-                    candidates=local_candidates(),
-                    allowed_ports=broker_pb2.PortRange(
-                        first_port=self.ports[0], last_port=self.ports[1]
-                    ),
-                    certificate_der=identity.cert_der,
-                ),
+                sender=self._peer_info(identity),
                 ttl=Duration(seconds=int(ttl)),
                 request_id=uuid.uuid4().hex,
             )
@@ -225,6 +240,37 @@ class Client:
             raise
         return Outgoing(link, response.session, response.code, sources, identity)
 
+    async def resume_offer(
+        self, name: str, token: str, paths: Sequence[Path | str], code: str = ""
+    ) -> Outgoing:
+        """Come back to an offer this side made earlier (after a crash or a kill).
+
+        Raises TransferError if the files changed since they were offered (the session is
+        then failed, so the receiver never mixes old and new bytes).
+        """
+        link = BrokerLink(self.broker, timeout=self.timeout)
+        link.token = token
+        try:
+            session = await link.get(name)
+            if session.state in _FINAL:
+                raise TransferError(f"that transfer is over ({_ended(session)})")
+            manifest, sources = build_manifest(
+                [Path(p) for p in paths], session.manifest.chunk_size_bytes
+            )
+            if manifest.SerializeToString(deterministic=True) != session.manifest.SerializeToString(
+                deterministic=True
+            ):
+                reason = "the files changed since they were offered"
+                with contextlib.suppress(BrokerError):
+                    await link.report(name, State.STATE_FAILED, 0, reason)
+                raise TransferError(f"{reason}; send them again for a new code")
+            identity = Identity.generate()
+            session = await link.resume(name, self._peer_info(identity))
+        except BaseException:
+            await link.close()
+            raise
+        return Outgoing(link, session, code, sources, identity)
+
     async def claim(self, code: str) -> Incoming:
         """Redeem a one-time code: see what is offered, then accept or decline."""
         link = BrokerLink(self.broker, timeout=self.timeout)
@@ -233,7 +279,20 @@ class Client:
         except BaseException:
             await link.close()
             raise
-        return Incoming(link, response.session, self.ports, self.stall_timeout)
+        return Incoming(self, link, response.session)
+
+    async def resume_claim(self, name: str, token: str) -> Incoming:
+        """Come back to an offer this side claimed earlier, to finish receiving it."""
+        link = BrokerLink(self.broker, timeout=self.timeout)
+        link.token = token
+        try:
+            session = await link.get(name)
+            if session.state in _FINAL:
+                raise TransferError(f"that transfer is over ({_ended(session)})")
+        except BaseException:
+            await link.close()
+            raise
+        return Incoming(self, link, session)
 
 
 class Outgoing:
@@ -269,125 +328,138 @@ class Outgoing:
         """Cancel the offer or the transfer."""
         await self._link.cancel(self.name, reason)
 
-    async def wait_accepted(self) -> broker_pb2.Session:
-        """Wait until the receiver accepts; raise TransferError on decline or expiry."""
+    async def _next_attempt(self, served: int) -> broker_pb2.Session:
+        """The session once it has a connection attempt newer than ``served`` (or is over)."""
         remaining = self.session.expire_time.ToDatetime().timestamp() - time.time() + 5
         async for session in _watch(self._link, self.name, max(remaining, 5.0)):
             self.session = session
-            state = session.state
-            if state == State.STATE_OFFERED:
-                continue
-            if state in (State.STATE_DECLINED, State.STATE_CANCELLED, State.STATE_FAILED):
+            if session.state in _LIVE and session.attempt > served:
+                return session
+            if session.state == State.STATE_COMPLETED:
+                return session
+            if session.state == State.STATE_EXPIRED:
+                if served == 0 and not session.receiver.certificate_der:
+                    raise TransferError("the offer expired before it was accepted")
+                raise TransferError("the transfer expired before it completed")
+            if session.state in _FINAL:
                 raise TransferError(_ended(session))
-            if state == State.STATE_EXPIRED:
-                raise TransferError("the offer expired before it was accepted")
-            return session
         raise TransferError("the offer expired before it was accepted")
 
+    async def wait_accepted(self) -> broker_pb2.Session:
+        """Wait until the receiver accepts; raise TransferError on decline or expiry."""
+        return await self._next_attempt(0)
+
     async def transfer(self, on_event: EventHandler | None = None) -> TransferResult:
-        """Wait for acceptance, then serve the receiver until it has verified everything."""
-        session = await self.wait_accepted()
-        plan = session.plan
-        peer = SendPeer(
-            self.name,
-            self._sources,
-            [f.size for f in self.files],
-            session.manifest.chunk_size_bytes,
-            server_context(self._identity, session.receiver.certificate_der),
-            session.receiver.certificate_der,
-        )
-        peer.bind(plan.listener_ports.first_port, plan.listener_ports.last_port)
-        cancel = threading.Event()
+        """Serve the receiver, over as many connection attempts as it takes, until done."""
+        sizes = [f.size for f in self.files]
+        mtimes = [
+            e.modify_time.seconds * 1_000_000_000 + e.modify_time.nanos
+            for e in self.session.manifest.files
+        ]
+        send_session = SendSession(sizes, self.session.manifest.chunk_size_bytes)
+        counter = SendCounter()
         started = time.monotonic()
-        deadline = plan.connect_deadline.ToDatetime().timestamp() - time.time()
-        pump = _Pump(self.total_size, on_event, lambda: peer.bytes_sent)
+        pump = _Pump(self.total_size, on_event, lambda: counter.bytes_sent)
         pump_task = asyncio.create_task(pump.run())
-        watch_task = asyncio.create_task(self._watch_end(cancel))
+        served = 0
         try:
-            await asyncio.to_thread(peer.run, cancel, max(deadline, 5.0))
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-        except Exception as exc:
-            reason = self._end_reason or f"sending failed: {exc}"
+            while True:
+                session = await self._next_attempt(served)
+                if session.state == State.STATE_COMPLETED:
+                    break
+                served = session.attempt
+                der = session.receiver.certificate_der
+                peer = SendPeer(
+                    self.name,
+                    self._sources,
+                    send_session,
+                    sizes,
+                    mtimes,
+                    counter,
+                    server_context(self._identity, der),
+                    der,
+                )
+                ports = session.plan.listener_ports
+                peer.bind(ports.first_port, ports.last_port)
+                if await self._serve(peer, served):
+                    break
+        except (ProtocolError, PeerAborted, SourceChanged, OSError) as exc:
+            reason = f"sending failed: {exc}"
             with contextlib.suppress(BrokerError):
-                await self._link.report(self.name, State.STATE_FAILED, peer.bytes_sent, reason)
+                await self._link.report(self.name, State.STATE_FAILED, 0, reason)
             raise TransferError(reason) from exc
         finally:
-            cancel.set()
             pump_task.cancel()
-            watch_task.cancel()
-            await asyncio.gather(pump_task, watch_task, return_exceptions=True)
+            await asyncio.gather(pump_task, return_exceptions=True)
         seconds = time.monotonic() - started
         final = await self._confirmed()
-        result = TransferResult(
-            session=self.name,
-            files=[],
-            bytes=self.total_size,
-            bytes_transferred=peer.bytes_sent,
-            seconds=seconds,
-        )
-        result = _with_digests(result, self.files, peer.session_digests())
         if final.state != State.STATE_COMPLETED:
             raise TransferError(f"the receiver did not confirm completion ({_ended(final)})")
+        digests = [send_session.digest(i) for i in range(len(self.files))]
+        result = TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, d.hex() if d is not None else "")
+                for f, d in zip(self.files, digests, strict=True)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=counter.bytes_sent,
+            bytes_resumed=max(0, self.total_size - counter.bytes_sent),
+            seconds=seconds,
+        )
         if on_event is not None:
             on_event(Completed(result))
         return result
 
-    _end_reason = ""
+    async def _serve(self, peer: SendPeer, attempt: int) -> bool:
+        """Serve one attempt; True once the receiver said Done, False if the session moved."""
+        cancel = threading.Event()
+        watcher = asyncio.create_task(_follow(self._link, self.name, attempt, cancel, []))
+        try:
+            await asyncio.to_thread(peer.run, cancel)
+        except PeerGone:
+            return False
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            cancel.set()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        return True
 
     async def _confirmed(self) -> broker_pb2.Session:
         """The session once the receiver has reported its outcome (or after a grace time)."""
         last = self.session
         with contextlib.suppress(BrokerError):
-            async for session in _watch(self._link, self.name, 15.0):
+            async for session in _watch(self._link, self.name, 60.0):
                 last = session
-                if session.state not in (
-                    State.STATE_ACCEPTED,
-                    State.STATE_CONNECTING,
-                    State.STATE_TRANSFERRING,
-                ):
+                if session.state not in _LIVE:
                     break
         return last
-
-    async def _watch_end(self, cancel: threading.Event) -> None:
-        """Stop the data path if the session ends badly on the broker (cancel, expiry)."""
-        with contextlib.suppress(BrokerError):
-            async for session in _watch(self._link, self.name, 86400):
-                if session.state in (
-                    State.STATE_CANCELLED,
-                    State.STATE_FAILED,
-                    State.STATE_EXPIRED,
-                    State.STATE_DECLINED,
-                ):
-                    self._end_reason = _ended(session)
-                    cancel.set()
-                    return
 
 
 class Incoming:
     """An offer claimed by this side with a code."""
 
-    def __init__(
-        self,
-        link: BrokerLink,
-        session: broker_pb2.Session,
-        ports: tuple[int, int],
-        stall_timeout: float = 30.0,
-    ) -> None:
+    def __init__(self, client: Client, link: BrokerLink, session: broker_pb2.Session) -> None:
+        self._client = client
         self._link = link
-        self._stall_timeout = stall_timeout
         self.session = session
         self.name = session.name
         self.files = _files_of(session.manifest)
         self.total_size = sum(f.size for f in self.files)
-        self._ports = ports
         check_manifest_paths([f.path for f in self.files])
 
     @property
     def token(self) -> str:
         """The receiver's bearer token for this session (for `ferry status`)."""
         return self._link.token
+
+    @property
+    def accepted(self) -> bool:
+        """Whether this offer was accepted already (a transfer to resume)."""
+        return self.session.state != State.STATE_OFFERED
 
     async def close(self) -> None:
         """Release the broker connection."""
@@ -408,8 +480,19 @@ class Incoming:
         overwrite: bool = False,
         on_event: EventHandler | None = None,
     ) -> TransferResult:
-        """Accept, receive every file into ``dest``, verify it, move it into place."""
+        """Accept (or resume), receive every file into ``dest``, verify it, move it in place.
+
+        What an earlier run of this transfer verified into ``dest`` is kept (its journal).
+        If the sender is unreachable for longer than the client's stall timeout this raises
+        TransferError and keeps the partial data hidden, so a rerun continues; any other
+        failure removes the partial data.
+        """
         dest = Path(dest)
+        manifest = self.session.manifest
+        chunk_size = manifest.chunk_size_bytes
+        sizes = [f.size for f in self.files]
+        file_chunks = [chunk_count(size, chunk_size) for size in sizes]
+        tag = self.name.rsplit("/", 1)[-1]
         sink = FileSink(
             dest,
             [
@@ -419,81 +502,151 @@ class Incoming:
                     f.mode,
                     f.modify_time.seconds * 1_000_000_000 + f.modify_time.nanos,
                 )
-                for f in self.session.manifest.files
+                for f in manifest.files
             ],
-            self.name.rsplit("/", 1)[-1],
+            tag,
             overwrite=overwrite,
         )
-        sink.prepare()  # refuse unsafe or clobbering names before consenting
+        dest.mkdir(parents=True, exist_ok=True)
+        journal = Journal(
+            dest / f".ferry-{tag[:12]}.journal",
+            chunk_size,
+            manifest_fingerprint(self.name, manifest.SerializeToString(deterministic=True)),
+        )
+        receive = ReceiveSession(sizes, chunk_size)
+        # Refuses unsafe or clobbering names before consenting; restores an earlier run.
+        resume_from_journal(sink, journal, receive, file_chunks)
         identity = Identity.generate()
-        session = await self._link.accept(
-            self.name,
-            broker_pb2.PeerInfo(
-                candidates=local_candidates(),
-                allowed_ports=broker_pb2.PortRange(
-                    first_port=self._ports[0], last_port=self._ports[1]
-                ),
-                certificate_der=identity.cert_der,
-            ),
-        )
-        self.session = session
-        plan = session.plan
-        candidates = _dial_order(session.sender.candidates)
-        ports = range(plan.listener_ports.first_port, plan.listener_ports.last_port + 1)
-        peer = ReceivePeer(
-            self.name,
-            [f.size for f in self.files],
-            session.manifest.chunk_size_bytes,
-            sink,
-            client_context(identity, session.sender.certificate_der),
-            session.sender.certificate_der,
-            streams=plan.stream_count or 1,
-            stall_timeout=self._stall_timeout,
-        )
-        cancel = threading.Event()
+        me = self._client._peer_info(identity)
+        if self.accepted:
+            session = await self._link.resume(self.name, me)
+        else:
+            session = await self._link.accept(self.name, me)
         started = time.monotonic()
-        deadline = time.monotonic() + max(
-            plan.connect_deadline.ToDatetime().timestamp() - time.time(), 1.0
-        )
-        with contextlib.suppress(BrokerError):
-            await self._link.report(self.name, State.STATE_CONNECTING, 0)
 
         async def report(done: int) -> None:
             await self._link.report(self.name, State.STATE_TRANSFERRING, done)
 
-        pump = _Pump(self.total_size, on_event, lambda: peer.bytes_verified, report)
+        pump = _Pump(self.total_size, on_event, lambda: receive.bytes_verified, report)
         pump_task = asyncio.create_task(pump.run())
         try:
-            await asyncio.to_thread(peer.run, candidates, ports, deadline, cancel)
-        except asyncio.CancelledError:
-            cancel.set()
-            sink.discard()
+            await self._attempts(session, identity, me, receive, sink, journal)
+        except (TransferError, asyncio.CancelledError):
+            journal.close()
             raise
         except Exception as exc:
+            journal.remove()
             sink.discard()
             reason = f"receiving failed: {exc}"
             with contextlib.suppress(BrokerError):
                 await self._link.report(self.name, State.STATE_FAILED, 0, reason)
             raise TransferError(reason) from exc
         finally:
-            cancel.set()
             pump_task.cancel()
             await asyncio.gather(pump_task, return_exceptions=True)
+        journal.remove()
         seconds = time.monotonic() - started
         result = TransferResult(
             session=self.name,
             files=[
-                FileResult(f.path, f.size, peer.session.digest(i).hex())
+                FileResult(f.path, f.size, receive.digest(i).hex())
                 for i, f in enumerate(self.files)
             ],
             bytes=self.total_size,
-            bytes_transferred=peer.bytes_verified,
+            bytes_transferred=receive.bytes_verified - receive.bytes_resumed,
+            bytes_resumed=receive.bytes_resumed,
             seconds=seconds,
+            chunks_retried=receive.retries,
         )
-        await self._link.report(self.name, State.STATE_COMPLETED, peer.bytes_verified)
+        await self._report_completed(receive.bytes_verified)
         if on_event is not None:
             on_event(Completed(result))
         return result
+
+    async def _attempts(
+        self,
+        session: broker_pb2.Session,
+        identity: Identity,
+        me: broker_pb2.PeerInfo,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+    ) -> None:
+        """Connect and receive, negotiating new attempts while the sender may come back."""
+        stream_id = 0
+        held, since = receive.bytes_verified, time.monotonic()
+        patience = self._client.stall_timeout
+        while not receive.done:
+            latest = [session]
+            cancel = threading.Event()
+            der = session.sender.certificate_der
+            peer = ReceivePeer(
+                self.name,
+                receive,
+                sink,
+                journal,
+                client_context(identity, der),
+                der,
+                streams=session.plan.stream_count or 1,
+                first_stream_id=stream_id,
+                stall_timeout=patience,
+            )
+            plan = session.plan
+            ports = range(plan.listener_ports.first_port, plan.listener_ports.last_port + 1)
+            deadline = time.monotonic() + max(
+                plan.connect_deadline.ToDatetime().timestamp() - time.time(), 1.0
+            )
+            with contextlib.suppress(BrokerError):
+                await self._link.report(self.name, State.STATE_CONNECTING, receive.bytes_verified)
+            watcher = asyncio.create_task(
+                _follow(self._link, self.name, session.attempt, cancel, latest)
+            )
+            try:
+                await asyncio.to_thread(
+                    peer.run, _dial_order(session.sender.candidates), ports, deadline, cancel
+                )
+                return
+            except PeerGone as exc:
+                lost: Exception = exc
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+            finally:
+                cancel.set()
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+                stream_id = peer.next_stream_id
+            now = time.monotonic()
+            if receive.bytes_verified != held:
+                held, since = receive.bytes_verified, now
+            current = latest[0]
+            if current.state in _FINAL:
+                raise TransferFailed(_ended(current))
+            if current.attempt != session.attempt and current.state in _LIVE:
+                session = current  # the sender came back (or moved): follow it
+                continue
+            if now - since > patience:
+                raise TransferError(
+                    f"{lost}; the partial transfer is kept: run the same command again to resume"
+                )
+            await asyncio.sleep(0.2)
+            session = await self._link.resume(self.name, me)
+
+    async def _report_completed(self, done: int) -> None:
+        """Tell the broker, retrying while it restarts (bounded): the sender waits for it."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self._link.report(self.name, State.STATE_COMPLETED, done)
+                return
+            except BrokerError as exc:
+                if exc.code not in _RESUBSCRIBE or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.5)
+
+
+class TransferFailed(Exception):
+    """The session ended on the broker (cancelled, failed, expired) while receiving."""
 
 
 async def _watch(link: BrokerLink, name: str, seconds: float) -> AsyncIterator[broker_pb2.Session]:
@@ -522,28 +675,28 @@ async def _watch(link: BrokerLink, name: str, seconds: float) -> AsyncIterator[b
         pause = min(pause * 2, 2.0)
 
 
+async def _follow(
+    link: BrokerLink,
+    name: str,
+    attempt: int,
+    cancel: threading.Event,
+    latest: list[broker_pb2.Session],
+) -> None:
+    """Set ``cancel`` once the session leaves ``attempt`` or ends; keep ``latest[0]`` current."""
+    async for session in _watch(link, name, 86400.0):
+        if latest:
+            latest[0] = session
+        if session.attempt != attempt or session.state in _FINAL:
+            cancel.set()
+            return
+
+
 def _dial_order(candidates: Sequence[broker_pb2.Candidate]) -> list[str]:
     out: list[str] = []
     for c in candidates:
         if c.ip not in out:
             out.append(c.ip)
     return out
-
-
-def _with_digests(
-    result: TransferResult, files: Sequence[OfferedFile], digests: Sequence[bytes | None]
-) -> TransferResult:
-    return TransferResult(
-        session=result.session,
-        files=[
-            FileResult(f.path, f.size, d.hex() if d is not None else "")
-            for f, d in zip(files, digests, strict=True)
-        ],
-        bytes=result.bytes,
-        bytes_transferred=result.bytes_transferred,
-        seconds=result.seconds,
-        path=result.path,
-    )
 
 
 def _ended(session: broker_pb2.Session) -> str:

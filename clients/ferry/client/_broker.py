@@ -167,6 +167,19 @@ class BrokerLink:
             raise BrokerError.from_rpc(err, "report") from None
         return response.session
 
+    async def resume(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
+        """ResumeSession: come back with new connection details; a new attempt."""
+        try:
+            response: broker_pb2.ResumeSessionResponse = await self._stub.ResumeSession(
+                broker_pb2.ResumeSessionRequest(name=name, peer=me),
+                timeout=self.timeout,
+                metadata=self._meta(),
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, "resume") from None
+        return response.session
+
     async def watch(self, name: str, seconds: float) -> AsyncIterator[broker_pb2.Session]:
         """WatchSession: the session now, then after every change, for at most ``seconds``."""
         call = self._stub.WatchSession(

@@ -1,12 +1,16 @@
-"""The receiver's data path: dial the sender, drive the streams, verify and write.
+"""The receiver's data path: dial the sender, drive the streams, verify, write, journal.
 
 The first stream is found by trying every candidate address on every leased port at once
 (the sender listens on the first free one) until the plan's deadline; the other streams
 dial the address that answered. Each stream thread asks for chunks (`ReceiveSession`
 decides which), reads each payload into its own buffer, checks the digest outside the
-lock, writes it at its offset, and asks for a file's digest once it holds the whole file.
-A stream that breaks gives its chunks back to the others; the transfer fails only when no
-stream is left, or on a protocol violation, which is never retried.
+lock, writes it at its offset, records it in the journal, and asks for a file's digest
+once it holds the whole file. A stream that breaks gives its chunks back to the others.
+
+One `ReceivePeer` is one connection attempt; the `ReceiveSession`, the sink and the
+journal outlive it, so a new attempt (after a restart or a lost connection) asks only
+for what is still missing. `PeerGone` means "try again later"; a `ProtocolError` or
+`PeerAborted` is final.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from ferry.client._journal import Journal
 from ferry.client._sink import FileSink
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
@@ -40,54 +45,54 @@ __all__ = ["ReceivePeer"]
 _CONNECT_TIMEOUT = 2.0
 _IO_TIMEOUT = 60.0
 _RETRY_PAUSE = 0.05
+_SYNC_INTERVAL = 0.5
 
 
 class ReceivePeer:
-    """Fetches one transfer from the sender into a FileSink."""
+    """One connection attempt: fetch what the session still lacks into the sink."""
 
     def __init__(
         self,
-        session: str,
-        sizes: Sequence[int],
-        chunk_size: int,
+        name: str,
+        session: ReceiveSession,
         sink: FileSink,
+        journal: Journal | None,
         context: ssl.SSLContext,
         peer_der: bytes,
         *,
         streams: int,
-        window: int = 8,
+        first_stream_id: int = 0,
         stall_timeout: float = 30.0,
         on_file: Callable[[int], None] | None = None,
     ) -> None:
-        self.session_name = session
+        self.session_name = name
+        self.session = session
         self.sink = sink
-        self.chunk_size = chunk_size
+        self.journal = journal
+        self.chunk_size = session.chunk_size
         self.context = context
         self.peer_der = peer_der
         self.streams = max(1, streams)
-        self.session = ReceiveSession(sizes, chunk_size, window=window)
         self.on_file = on_file
         self.stall_timeout = stall_timeout
         self.events = 0  # frames received: the stall watchdog's measure of progress
-        self.connected_streams = 0
+        self._next_id = first_stream_id
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._conns: set[PeerConnection] = set()
-        self._awaiting_digest: set[int] = set()
-        self._pending_conn: dict[int, PeerConnection] = {}
+        self._conns: dict[int, PeerConnection] = {}
         self.error: BaseException | None = None
 
     @property
-    def bytes_verified(self) -> int:
-        """Bytes verified and written so far."""
-        return self.session.bytes_verified
+    def next_stream_id(self) -> int:
+        """The first stream id a later attempt may use."""
+        return self._next_id
 
     # -- connecting -------------------------------------------------------------------
 
     def _dial(
         self, address: tuple[str, int], stream: int, timeout: float = _CONNECT_TIMEOUT
     ) -> PeerConnection:
-        """Connect, handshake and exchange Hello, all within ``timeout`` per step."""
+        """Connect, handshake and exchange Hello, each step within ``timeout``."""
         raw = socket.create_connection(address, timeout=timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -109,6 +114,13 @@ class ReceivePeer:
             raw.close()
             raise
 
+    def _adopt(self, conn: PeerConnection) -> None:
+        with self._lock:
+            stream = self._next_id
+            self._next_id += 1
+            self._conns[stream] = conn
+            self.session.open_stream(stream)
+
     def connect(
         self, candidates: Sequence[str], ports: range, deadline: float, cancel: threading.Event
     ) -> tuple[str, int]:
@@ -120,7 +132,8 @@ class ReceivePeer:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
             while (remaining := deadline - time.monotonic()) > 0 and not cancel.is_set():
                 step = min(_CONNECT_TIMEOUT, max(remaining, 0.1))
-                futures = {pool.submit(self._dial, t, 0, step): t for t in targets}
+                stream = self._next_id
+                futures = {pool.submit(self._dial, t, stream, step): t for t in targets}
                 winner: tuple[str, int] | None = None
                 for future in concurrent.futures.as_completed(futures):
                     try:
@@ -138,79 +151,83 @@ class ReceivePeer:
                 if winner is not None:
                     return winner
                 time.sleep(_RETRY_PAUSE)
+        if isinstance(last, PeerAuthError | ssl.SSLError):
+            raise PeerGone(
+                "could not reach the sender before the deadline: the peer that answered did "
+                "not present the certificate the broker introduced"
+            )
         raise PeerGone(f"could not reach the sender directly before the deadline ({last})")
-
-    def _adopt(self, conn: PeerConnection) -> int:
-        with self._lock:
-            stream = self.connected_streams
-            self.connected_streams += 1
-            self._conns.add(conn)
-            self.session.open_stream(stream)
-        self._pending_conn[stream] = conn
-        return stream
 
     # -- transferring -----------------------------------------------------------------
 
     def run(
         self, candidates: Sequence[str], ports: range, deadline: float, cancel: threading.Event
     ) -> None:
-        """Connect, receive everything, finish every file; raise on failure."""
-        self.sink.prepare()
+        """Connect, receive everything still missing, finish every file; raise on failure."""
         address = self.connect(candidates, ports, deadline, cancel)
-        for stream in range(1, self.streams):
+        for _ in range(1, self.streams):
             try:
-                self._adopt(self._dial(address, stream))
+                self._adopt(self._dial(address, self._next_id))
             except (OSError, ssl.SSLError, PeerAuthError, ProtocolError):
                 break  # fewer streams is still a transfer
         with self._lock:
-            for index in self.session.empty_files():
-                self._awaiting_digest.add(index)
+            conns = dict(self._conns)
+            waiting = self.session.complete_unconfirmed()
+        first = min(conns)
         threads = [
-            threading.Thread(target=self._stream, args=(stream, conn, cancel), daemon=True)
-            for stream, conn in self._pending_conn.items()
+            threading.Thread(
+                target=self._stream,
+                args=(stream, conn, cancel, waiting if stream == first else []),
+                daemon=True,
+            )
+            for stream, conn in conns.items()
         ]
         for t in threads:
             t.start()
         self._watch(threads, cancel)
         if self.error is not None:
             raise self.error
-        if cancel.is_set() and not self.session.done:
-            raise PeerGone("cancelled")
         if not self.session.done:
             raise PeerGone("every connection to the sender broke")
 
     def _watch(self, threads: list[threading.Thread], cancel: threading.Event) -> None:
-        """Wait for the streams; end them on cancel or when nothing arrives for too long."""
-        seen, since = self.events, time.monotonic()
+        """Wait for the streams; sync the journal; stop on cancel or a long silence."""
+        seen, since, synced = self.events, time.monotonic(), time.monotonic()
         while alive := [t for t in threads if t.is_alive()]:
             alive[0].join(timeout=0.2)
+            now = time.monotonic()
+            if self.journal is not None and now - synced >= _SYNC_INTERVAL:
+                self.journal.sync(self.sink.open_fds())
+                synced = now
             if cancel.is_set():
                 self._fail(PeerGone("cancelled"))
             elif self.events != seen:
-                seen, since = self.events, time.monotonic()
-            elif time.monotonic() - since > self.stall_timeout and self.error is None:
-                self._fail(
-                    PeerGone(f"the sender sent nothing for {self.stall_timeout:g} s; giving up")
-                )
+                seen, since = self.events, now
+            elif now - since > self.stall_timeout and self.error is None:
+                self._fail(PeerGone(f"the sender sent nothing for {self.stall_timeout:g} s"))
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
             if self.error is None:
                 self.error = exc
-            conns = list(self._conns)
+            conns = list(self._conns.values())
             self._wake.notify_all()
+        final = not isinstance(exc, PeerGone)
         for conn in conns:
-            with contextlib.suppress(PeerGone, ProtocolError):
-                conn.send(abort(str(exc)))
+            if final:
+                with contextlib.suppress(PeerGone, ProtocolError):
+                    conn.send(abort(str(exc)))
             conn.close()
 
-    def _stream(self, stream: int, conn: PeerConnection, cancel: threading.Event) -> None:
+    def _stream(
+        self, stream: int, conn: PeerConnection, cancel: threading.Event, digests: list[int]
+    ) -> None:
         try:
-            self._converse(stream, conn, cancel)
+            self._converse(stream, conn, cancel, digests)
         except PeerGone as exc:
             with self._lock:
                 self.session.stream_lost(stream)
-                self._conns.discard(conn)
+                self._conns.pop(stream, None)
                 alive = bool(self._conns)
                 self._wake.notify_all()
             if not alive and not self.session.done and self.error is None:
@@ -218,16 +235,18 @@ class ReceivePeer:
         except (ProtocolError, PeerAborted, OSError) as exc:
             self._fail(exc)
         finally:
+            with self._lock:
+                self.session.stream_lost(stream)
+                self._conns.pop(stream, None)
             conn.close()
 
-    def _converse(self, stream: int, conn: PeerConnection, cancel: threading.Event) -> None:
+    def _converse(
+        self, stream: int, conn: PeerConnection, cancel: threading.Event, digests: list[int]
+    ) -> None:
         buffer = memoryview(bytearray(self.chunk_size))
-        my_digests: set[int] = set()
-        if stream == 0:
-            with self._lock:
-                my_digests.update(self._awaiting_digest)
-            for index in sorted(my_digests):
-                conn.send(self.session.digest_request(index))
+        my_digests: set[int] = set(digests)
+        for index in sorted(my_digests):
+            conn.send(self.session.digest_request(index))
         while True:
             with self._lock:
                 if self.error is not None or cancel.is_set():
@@ -238,8 +257,7 @@ class ReceivePeer:
             if request is not None:
                 conn.send(request)
             with self._lock:
-                idle = not my_digests and not self.session.has_in_flight(stream)
-                if idle:
+                if not my_digests and not self.session.has_in_flight(stream):
                     # Nothing to read on this stream: wait for work to come back or the end.
                     self._wake.wait(timeout=0.5)
                     continue
@@ -252,6 +270,8 @@ class ReceivePeer:
                 ok = chunk_digest(payload) == event.digest
                 if ok:
                     self.sink.write(target.file_index, target.offset, payload)
+                    if self.journal is not None:
+                        self.journal.chunk(target.file_index, target.chunk_index, event.digest)
                 with self._lock:
                     finished = self.session.chunk_done(stream, event, ok)
                     self._wake.notify_all()
@@ -269,6 +289,8 @@ class ReceivePeer:
                     self.session.file_end(message.file_end)
                 my_digests.discard(index)
                 self.sink.finish(index)
+                if self.journal is not None:
+                    self.journal.finished(index)
                 if self.on_file is not None:
                     self.on_file(index)
                 with self._lock:

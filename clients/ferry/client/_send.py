@@ -13,13 +13,13 @@ import os
 import socket
 import ssl
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
+from ferry.files import escape_name
 from ferry.protocol import (
     ChunkStart,
     ChunkWork,
@@ -47,26 +47,39 @@ class SourceChanged(Exception):
     """A file being sent changed since it was offered."""
 
 
+class SendCounter:
+    """Bytes sent over every attempt of one sender process."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+
+
 class SendPeer:
-    """Serves one transfer's chunks to the receiver that proves the pinned certificate."""
+    """One connection attempt: serves chunks to the receiver that proves its certificate.
+
+    The SendSession (digests of chunks read so far) and the counter outlive the attempt.
+    """
 
     def __init__(
         self,
-        session: str,
+        name: str,
         sources: Sequence[Path],
+        session: SendSession,
         sizes: Sequence[int],
-        chunk_size: int,
+        mtimes_ns: Sequence[int],
+        counter: SendCounter,
         context: ssl.SSLContext,
         peer_der: bytes,
     ) -> None:
-        self.session_name = session
+        self.session_name = name
         self.sources = list(sources)
         self.sizes = list(sizes)
-        self.chunk_size = chunk_size
+        self.mtimes_ns = list(mtimes_ns)
+        self.chunk_size = session.chunk_size
         self.context = context
         self.peer_der = peer_der
-        self.session = SendSession(sizes, chunk_size)
-        self.bytes_sent = 0
+        self.session = session
+        self.counter = counter
         self.finished = threading.Event()
         self.error: BaseException | None = None
         self._lock = threading.Lock()
@@ -95,26 +108,22 @@ class SendPeer:
             return port
         raise OSError(f"no free port in the leased range {first_port}-{last_port}: {last_error}")
 
-    def run(self, cancel: threading.Event, idle_timeout: float) -> None:
-        """Accept and serve until the receiver says Done, an error, or ``cancel``."""
+    def run(self, cancel: threading.Event) -> None:
+        """Accept and serve until the receiver says Done, a final error, or ``cancel``.
+
+        A receiver that goes away is not an error here: it may come back on this attempt
+        or a later one; the caller ends the attempt (``cancel``) when the session moves on.
+        """
         listener = self._listener
         assert listener is not None, "bind() first"
         listener.settimeout(_ACCEPT_POLL)
         threads: list[threading.Thread] = []
-        last_activity = time.monotonic()
         try:
             while not (self.finished.is_set() or cancel.is_set() or self.error):
                 try:
                     raw, _ = listener.accept()
                 except TimeoutError:
-                    with self._lock:
-                        busy = bool(self._conns)
-                    if busy:
-                        last_activity = time.monotonic()
-                    elif time.monotonic() - last_activity > idle_timeout:
-                        raise PeerGone("the receiver did not connect in time") from None
                     continue
-                last_activity = time.monotonic()
                 t = threading.Thread(target=self._serve, args=(raw,), daemon=True)
                 t.start()
                 threads.append(t)
@@ -201,16 +210,19 @@ class SendPeer:
             conn.send_bytes(buffer[: _HEAD + item.length])
             with self._lock:
                 self.session.chunk_sent(item, digest)
-                self.bytes_sent += item.length
+                self.counter.bytes_sent += item.length
 
     def _fd(self, index: int) -> int:
         with self._lock:
             fd = self._fds.get(index)
             if fd is None:
                 fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
-                if os.fstat(fd).st_size != self.sizes[index]:
+                st = os.fstat(fd)
+                if st.st_size != self.sizes[index] or st.st_mtime_ns != self.mtimes_ns[index]:
                     os.close(fd)
-                    raise SourceChanged(f"{self.sources[index]} changed size since it was offered")
+                    raise SourceChanged(
+                        f"{escape_name(str(self.sources[index]))} changed since it was offered"
+                    )
                 self._fds[index] = fd
             return fd
 
@@ -220,7 +232,8 @@ class SendPeer:
         while got < item.length:
             n = os.preadv(fd, [into[got:]], item.offset + got)
             if n == 0:
-                raise SourceChanged(f"{self.sources[item.file_index]} shrank since it was offered")
+                shown = escape_name(str(self.sources[item.file_index]))
+                raise SourceChanged(f"{shown} shrank since it was offered")
             got += n
 
     def _file_end(self, index: int) -> peer_pb2.PeerMessage:

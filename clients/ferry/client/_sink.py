@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -55,12 +56,43 @@ class FileSink:
         # Sanitize the whole manifest (collisions included) before anything is written.
         check_manifest_paths([f.rel.as_posix() for f in self.files])
 
-    def prepare(self) -> None:
-        """Check every target before the first byte: inside dest, no symlinks, no clobber."""
+    def prepare(self, finished: Iterable[int] = ()) -> None:
+        """Check every target before the first byte: inside dest, no symlinks, no clobber.
+
+        ``finished`` are files an earlier run of this transfer already put in place.
+        """
+        done = set(finished)
         self.dest.mkdir(parents=True, exist_ok=True)
-        check_no_overwrite(self.dest, [f.rel for f in self.files], self.overwrite)
+        todo = [f.rel for i, f in enumerate(self.files) if i not in done]
+        check_no_overwrite(self.dest, todo, self.overwrite)
         for index, f in enumerate(self.files):
             self._final[index] = resolve_destination(self.dest, f.rel)
+
+    def final_ok(self, index: int) -> bool:
+        """Whether file ``index`` is in place with its size (finished by an earlier run)."""
+        try:
+            st = os.lstat(resolve_destination(self.dest, self.files[index].rel))
+        except (OSError, ValueError):
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == self.files[index].size
+
+    def has_temp(self, index: int) -> bool:
+        """Whether file ``index`` has a temporary file from an earlier run."""
+        try:
+            final = resolve_destination(self.dest, self.files[index].rel)
+            st = os.lstat(final.with_name(f".{final.name}.{self._tag}.ferry-part"))
+        except (OSError, ValueError):
+            return False
+        return stat.S_ISREG(st.st_mode)
+
+    def read_at(self, index: int, offset: int, length: int) -> bytes:
+        """Bytes already written to file ``index``'s temporary file (to re-verify them)."""
+        return os.pread(self.fd(index), length, offset)
+
+    def open_fds(self) -> list[int]:
+        """The descriptors of the temporary files being written (for the journal's sync)."""
+        with self._lock:
+            return list(self._fds.values())
 
     def temp_path(self, index: int) -> Path:
         """The hidden temporary file of file ``index``."""
@@ -80,7 +112,8 @@ class FileSink:
                 make_parents(self.dest, f.rel)
                 resolve_destination(self.dest, f.rel)  # re-check after creating folders
                 temp = self.temp_path(index)
-                flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                # No O_TRUNC: a resumed transfer keeps the chunks its journal vouches for.
+                flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
                 fd = os.open(temp, flags, 0o600)
                 self._temps[index] = temp
                 os.ftruncate(fd, f.size)

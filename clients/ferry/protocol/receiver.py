@@ -88,6 +88,7 @@ class ReceiveSession:
         self.max_retries = max_retries
         self.retries = 0
         self.bytes_verified = 0
+        self.bytes_resumed = 0
         self._files: list[_File] = []
         for size in sizes:
             try:
@@ -239,6 +240,37 @@ class ReceiveSession:
     def empty_files(self) -> list[int]:
         """Files with no chunks: complete from the start."""
         return [i for i, f in enumerate(self._files) if f.chunks == 0]
+
+    def complete_unconfirmed(self) -> list[int]:
+        """Files holding every chunk whose digest is not confirmed yet (empty or resumed)."""
+        return [i for i, f in enumerate(self._files) if f.missing == 0 and not f.confirmed]
+
+    # -- resuming -----------------------------------------------------------------------
+
+    def restore(self, file_index: int, chunk_index: int, digest: bytes) -> None:
+        """Count a chunk verified in an earlier run (from the journal) as held."""
+        if self._streams:
+            raise LocalProtocolError("restore chunks before opening streams")
+        f = self._files[file_index]
+        if not 0 <= chunk_index < f.chunks:
+            raise LocalProtocolError(f"chunk {chunk_index} of file {file_index} out of range")
+        if f.digests[chunk_index] is None:
+            f.digests[chunk_index] = digest
+            f.missing -= 1
+            length = self.chunk_length(file_index, chunk_index)
+            self.bytes_verified += length
+            self.bytes_resumed += length
+
+    def mark_confirmed(self, file_index: int) -> None:
+        """A file finished in an earlier run: every chunk held, its digest confirmed."""
+        f = self._files[file_index]
+        if f.missing:
+            raise LocalProtocolError(f"file {file_index} is not complete")
+        f.confirmed = True
+
+    def held(self, file_index: int) -> dict[int, bytes]:
+        """The verified chunks of a file and their digests."""
+        return {i: d for i, d in enumerate(self._files[file_index].digests) if d is not None}
 
     # -- whole files --------------------------------------------------------------------
 
