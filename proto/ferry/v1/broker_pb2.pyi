@@ -492,16 +492,23 @@ class ClaimOfferRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """The code the sender's side printed."""
+    request_id: _builtins.str
+    """A client-chosen secret id (e.g. a random UUID) kept by the claimant. A
+    claim repeated with the same code and request_id (say, after the claimant
+    crashed before it saw the answer) succeeds again, with the same token.
+    """
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
