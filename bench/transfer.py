@@ -67,24 +67,51 @@ def start_broker(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str
     return proc, str(_line(proc, "broker")["address"])
 
 
-def ferry_copy(src: Path, dest: Path, broker: str, chunk_size: int) -> tuple[float, float]:
-    """Move ``src`` into folder ``dest`` with real CLI processes.
+FERRY = [sys.executable, "-m", "ferry.cli"]
 
-    Returns (data-path seconds reported by the receiver, wall seconds of `ferry receive`).
+
+def ferry_env(broker: str, **extra: str) -> dict[str, str]:
+    """The environment for a `ferry` process talking to ``broker``."""
+    return {**os.environ, "FERRY_BROKER": broker, **extra}
+
+
+def start_sender(
+    src: Path, env: dict[str, str], chunk_size: int = 1 << 20
+) -> tuple[subprocess.Popen[str], str]:
+    """A real `ferry send --json` process and the code from its first line.
+
+    The sender waits for the receiver's consent from then on; the caller must end it.
     """
-    env = {**os.environ, "FERRY_BROKER": broker}
-    cmd = [sys.executable, "-m", "ferry.cli"]
     sender = subprocess.Popen(
-        [*cmd, "send", str(src), "--json", "--chunk-size", str(chunk_size)],
+        [*FERRY, "send", str(src), "--json", "--chunk-size", str(chunk_size)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
     )
     try:
-        code = _line(sender, "ferry send")["code"]
+        return sender, str(_line(sender, "ferry send")["code"])
+    except BaseException:
+        sender.kill()
+        sender.wait()
+        raise
+
+
+def receive_args(code: str, dest: Path) -> list[str]:
+    """The command line of `ferry receive --json` into folder ``dest``."""
+    return [*FERRY, "receive", code, "--dest", str(dest), "--yes", "--json"]
+
+
+def ferry_copy(src: Path, dest: Path, broker: str, chunk_size: int) -> tuple[float, float]:
+    """Move ``src`` into folder ``dest`` with real CLI processes.
+
+    Returns (data-path seconds reported by the receiver, wall seconds of `ferry receive`).
+    """
+    env = ferry_env(broker)
+    sender, code = start_sender(src, env, chunk_size)
+    try:
         started = time.perf_counter()
         done = subprocess.run(
-            [*cmd, "receive", code, "--dest", str(dest), "--yes", "--json"],
+            receive_args(code, dest),
             capture_output=True,
             text=True,
             env=env,
