@@ -900,3 +900,371 @@ class ResumeSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeSessionResponse: _TypeAlias = ResumeSessionResponse  # noqa: Y015
+
+@_typing.final
+class StartStoreUploadRequest(_message.Message):
+    """StartStoreUploadRequest starts (or looks up) the upload of one file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_INDEX_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    file_index: _builtins.int
+    """The file's position in the manifest, from 0."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartStoreUploadRequest: _TypeAlias = StartStoreUploadRequest  # noqa: Y015
+
+@_typing.final
+class StartStoreUploadResponse(_message.Message):
+    """StartStoreUploadResponse tells the sender how to cut the file into parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    PART_COUNT_FIELD_NUMBER: _builtins.int
+    DIGESTS_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    part_size_bytes: _builtins.int
+    """The size of every part but the last, a whole number of chunks."""
+    part_count: _builtins.int
+    """How many parts the file has (1 for an empty file: one empty part)."""
+    digests_size_bytes: _builtins.int
+    """The exact size of the digests object: 32 bytes per chunk."""
+    completed: _builtins.bool
+    """Whether the upload was already completed (nothing left to send)."""
+    def __init__(
+        self,
+        *,
+        part_size_bytes: _builtins.int = ...,
+        part_count: _builtins.int = ...,
+        digests_size_bytes: _builtins.int = ...,
+        completed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "digests_size_bytes", b"digests_size_bytes", "part_count", b"part_count", "part_size_bytes", b"part_size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartStoreUploadResponse: _TypeAlias = StartStoreUploadResponse  # noqa: Y015
+
+@_typing.final
+class PresignedUrl(_message.Message):
+    """PresignedUrl is a short-lived URL for one HTTP request to the object
+    store. It is a bearer secret: whoever holds it may make that request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    """The part the URL uploads (from 1); 0 for the digests object."""
+    url: _builtins.str
+    """The URL. For uploads: an HTTP PUT whose body is exactly size_bytes
+    bytes, with that Content-Length header; other sizes are refused.
+    """
+    size_bytes: _builtins.int
+    """The exact number of bytes the request must carry."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the URL stops working; ask the broker for a new one after."""
+
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        url: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "part_number", b"part_number", "size_bytes", b"size_bytes", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresignedUrl: _TypeAlias = PresignedUrl  # noqa: Y015
+
+@_typing.final
+class PresignStorePartsRequest(_message.Message):
+    """PresignStorePartsRequest asks for upload URLs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_INDEX_FIELD_NUMBER: _builtins.int
+    PART_NUMBERS_FIELD_NUMBER: _builtins.int
+    INCLUDE_DIGESTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    file_index: _builtins.int
+    """The file's position in the manifest, from 0."""
+    include_digests: _builtins.bool
+    """Whether to presign the digests object's PUT too."""
+    @_builtins.property
+    def part_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The parts to presign (1..part_count); at most 1000 per call."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_index: _builtins.int = ...,
+        part_numbers: _abc.Iterable[_builtins.int] | None = ...,
+        include_digests: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index", "include_digests", b"include_digests", "name", b"name", "part_numbers", b"part_numbers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresignStorePartsRequest: _TypeAlias = PresignStorePartsRequest  # noqa: Y015
+
+@_typing.final
+class PresignStorePartsResponse(_message.Message):
+    """PresignStorePartsResponse returns the upload URLs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTS_FIELD_NUMBER: _builtins.int
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PresignedUrl]:
+        """One URL per requested part, in the order asked."""
+
+    @_builtins.property
+    def digests(self) -> Global___PresignedUrl:
+        """The digests object's PUT URL, if include_digests was set."""
+
+    def __init__(
+        self,
+        *,
+        parts: _abc.Iterable[Global___PresignedUrl] | None = ...,
+        digests: Global___PresignedUrl | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests", b"digests", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresignStorePartsResponse: _TypeAlias = PresignStorePartsResponse  # noqa: Y015
+
+@_typing.final
+class ListStorePartsRequest(_message.Message):
+    """ListStorePartsRequest asks which parts are stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_INDEX_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    file_index: _builtins.int
+    """The file's position in the manifest, from 0."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStorePartsRequest: _TypeAlias = ListStorePartsRequest  # noqa: Y015
+
+@_typing.final
+class StoredPart(_message.Message):
+    """StoredPart is one part the object store holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    """The part's number, from 1."""
+    size_bytes: _builtins.int
+    """The part's size in bytes."""
+    etag: _builtins.str
+    """The part's entity tag, as the object store reports it."""
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "part_number", b"part_number", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredPart: _TypeAlias = StoredPart  # noqa: Y015
+
+@_typing.final
+class ListStorePartsResponse(_message.Message):
+    """ListStorePartsResponse lists the stored parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTS_FIELD_NUMBER: _builtins.int
+    DIGESTS_STORED_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    digests_stored: _builtins.bool
+    """Whether the digests object is stored with its exact size."""
+    completed: _builtins.bool
+    """Whether the upload is completed."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredPart]:
+        """The parts stored so far, by part number; empty once completed."""
+
+    def __init__(
+        self,
+        *,
+        parts: _abc.Iterable[Global___StoredPart] | None = ...,
+        digests_stored: _builtins.bool = ...,
+        completed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "digests_stored", b"digests_stored", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStorePartsResponse: _TypeAlias = ListStorePartsResponse  # noqa: Y015
+
+@_typing.final
+class CompleteStoreUploadRequest(_message.Message):
+    """CompleteStoreUploadRequest finishes the upload of one file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_INDEX_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    file_index: _builtins.int
+    """The file's position in the manifest, from 0."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteStoreUploadRequest: _TypeAlias = CompleteStoreUploadRequest  # noqa: Y015
+
+@_typing.final
+class CompleteStoreUploadResponse(_message.Message):
+    """CompleteStoreUploadResponse confirms the stored file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    size_bytes: _builtins.int
+    """The stored object's size in bytes (the file's size)."""
+    def __init__(
+        self,
+        *,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteStoreUploadResponse: _TypeAlias = CompleteStoreUploadResponse  # noqa: Y015
+
+@_typing.final
+class PresignStoreDownloadRequest(_message.Message):
+    """PresignStoreDownloadRequest asks for download URLs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_INDEX_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    file_index: _builtins.int
+    """The file's position in the manifest, from 0."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresignStoreDownloadRequest: _TypeAlias = PresignStoreDownloadRequest  # noqa: Y015
+
+@_typing.final
+class PresignStoreDownloadResponse(_message.Message):
+    """PresignStoreDownloadResponse returns the download URLs, if stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    DIGESTS_URL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    stored: _builtins.bool
+    """Whether the sender has completed the upload; the URLs are set only then."""
+    url: _builtins.str
+    """A GET URL for the file's object; send a Range header for each chunk."""
+    digests_url: _builtins.str
+    """A GET URL for the digests object (32 bytes per chunk, in order)."""
+    size_bytes: _builtins.int
+    """The object's size in bytes."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When both URLs stop working; ask the broker for new ones after."""
+
+    def __init__(
+        self,
+        *,
+        stored: _builtins.bool = ...,
+        url: _builtins.str = ...,
+        digests_url: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digests_url", b"digests_url", "expire_time", b"expire_time", "size_bytes", b"size_bytes", "stored", b"stored", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresignStoreDownloadResponse: _TypeAlias = PresignStoreDownloadResponse  # noqa: Y015

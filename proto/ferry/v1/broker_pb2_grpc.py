@@ -38,6 +38,12 @@ class BrokerServiceStub:
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
+
+    Object-store fallback: when bytes cannot go peer to peer, the sender
+    uploads them to an S3 bucket through URLs the broker presigns and the
+    receiver downloads them the same way; no client holds S3 credentials. The
+    broker deletes the objects once the session is completed, cancelled,
+    failed or expired. Presigned URLs are bearer secrets: never log them.
     """
 
     def __init__(self, channel):
@@ -91,6 +97,31 @@ class BrokerServiceStub:
                 request_serializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.SerializeToString,
                 response_deserializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.FromString,
                 _registered_method=True)
+        self.StartStoreUpload = channel.unary_unary(
+                '/ferry.v1.BrokerService/StartStoreUpload',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.StartStoreUploadRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.StartStoreUploadResponse.FromString,
+                _registered_method=True)
+        self.PresignStoreParts = channel.unary_unary(
+                '/ferry.v1.BrokerService/PresignStoreParts',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.PresignStorePartsRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.PresignStorePartsResponse.FromString,
+                _registered_method=True)
+        self.ListStoreParts = channel.unary_unary(
+                '/ferry.v1.BrokerService/ListStoreParts',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.ListStorePartsRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.ListStorePartsResponse.FromString,
+                _registered_method=True)
+        self.CompleteStoreUpload = channel.unary_unary(
+                '/ferry.v1.BrokerService/CompleteStoreUpload',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.CompleteStoreUploadRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.CompleteStoreUploadResponse.FromString,
+                _registered_method=True)
+        self.PresignStoreDownload = channel.unary_unary(
+                '/ferry.v1.BrokerService/PresignStoreDownload',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -106,6 +137,12 @@ class BrokerServiceServicer:
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
+
+    Object-store fallback: when bytes cannot go peer to peer, the sender
+    uploads them to an S3 bucket through URLs the broker presigns and the
+    receiver downloads them the same way; no client holds S3 credentials. The
+    broker deletes the objects once the session is completed, cancelled,
+    failed or expired. Presigned URLs are bearer secrets: never log them.
     """
 
     def CreateOffer(self, request, context):
@@ -177,6 +214,59 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartStoreUpload(self, request, context):
+        """StartStoreUpload begins the object-store fallback for one file (sender
+        only; the session must be offered, accepted, connecting or transferring,
+        so a sender may store-and-forward before the receiver accepts). The file
+        becomes one S3 object uploaded in parts of whole chunks: part_size_bytes
+        is chunk_size_bytes times ceil(8 MiB / chunk_size_bytes), so part N
+        (from 1) holds chunks (N-1)*k .. N*k-1 and only the last part is shorter.
+        Beside it a digests object holds the file's 32-byte chunk digests, in
+        chunk order. Idempotent: a second call returns the same layout and keeps
+        the parts already stored. Without an object store configured every Store
+        RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PresignStoreParts(self, request, context):
+        """PresignStoreParts returns short-lived URLs to PUT parts of a started
+        upload, and optionally the digests object (sender only). Each URL is
+        bound to its object, part and exact size (Content-Length is signed).
+        Ask again for fresh URLs when they expire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStoreParts(self, request, context):
+        """ListStoreParts lists the parts the object store already holds, so an
+        upload resumes where it stopped (sender only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteStoreUpload(self, request, context):
+        """CompleteStoreUpload assembles the uploaded parts into the object (sender
+        only). It fails with FAILED_PRECONDITION, reason PARTS_MISSING, unless
+        every part and the digests object are stored with their exact sizes.
+        Completing a completed upload succeeds again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PresignStoreDownload(self, request, context):
+        """PresignStoreDownload returns short-lived GET URLs for a stored file and
+        its digests (receiver only; once accepted). The receiver fetches chunks
+        with ranged GETs (`Range: bytes=a-b`) and checks each against its digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +315,31 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     request_deserializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.FromString,
                     response_serializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.SerializeToString,
             ),
+            'StartStoreUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartStoreUpload,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.StartStoreUploadRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.StartStoreUploadResponse.SerializeToString,
+            ),
+            'PresignStoreParts': grpc.unary_unary_rpc_method_handler(
+                    servicer.PresignStoreParts,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.PresignStorePartsRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.PresignStorePartsResponse.SerializeToString,
+            ),
+            'ListStoreParts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStoreParts,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.ListStorePartsRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.ListStorePartsResponse.SerializeToString,
+            ),
+            'CompleteStoreUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteStoreUpload,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.CompleteStoreUploadRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.CompleteStoreUploadResponse.SerializeToString,
+            ),
+            'PresignStoreDownload': grpc.unary_unary_rpc_method_handler(
+                    servicer.PresignStoreDownload,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ferry.v1.BrokerService', rpc_method_handlers)
@@ -246,6 +361,12 @@ class BrokerService:
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
+
+    Object-store fallback: when bytes cannot go peer to peer, the sender
+    uploads them to an S3 bucket through URLs the broker presigns and the
+    receiver downloads them the same way; no client holds S3 credentials. The
+    broker deletes the objects once the session is completed, cancelled,
+    failed or expired. Presigned URLs are bearer secrets: never log them.
     """
 
     @staticmethod
@@ -481,6 +602,141 @@ class BrokerService:
             '/ferry.v1.BrokerService/ResumeSession',
             ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.SerializeToString,
             ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartStoreUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/StartStoreUpload',
+            ferry_dot_v1_dot_broker__pb2.StartStoreUploadRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.StartStoreUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PresignStoreParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/PresignStoreParts',
+            ferry_dot_v1_dot_broker__pb2.PresignStorePartsRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.PresignStorePartsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStoreParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/ListStoreParts',
+            ferry_dot_v1_dot_broker__pb2.ListStorePartsRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.ListStorePartsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteStoreUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/CompleteStoreUpload',
+            ferry_dot_v1_dot_broker__pb2.CompleteStoreUploadRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.CompleteStoreUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PresignStoreDownload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/PresignStoreDownload',
+            ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,12 @@ class BrokerServiceStub:
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
+
+    Object-store fallback: when bytes cannot go peer to peer, the sender
+    uploads them to an S3 bucket through URLs the broker presigns and the
+    receiver downloads them the same way; no client holds S3 credentials. The
+    broker deletes the objects once the session is completed, cancelled,
+    failed or expired. Presigned URLs are bearer secrets: never log them.
     """
 
     @_typing.overload
@@ -73,6 +79,39 @@ class BrokerServiceStub:
     (a restarted party has a new certificate) and, once the offer is
     accepted, negotiates a new connection attempt (new lease, new deadline).
     """
+    StartStoreUpload: _grpc.UnaryUnaryMultiCallable[_broker_pb2.StartStoreUploadRequest, _broker_pb2.StartStoreUploadResponse]
+    """StartStoreUpload begins the object-store fallback for one file (sender
+    only; the session must be offered, accepted, connecting or transferring,
+    so a sender may store-and-forward before the receiver accepts). The file
+    becomes one S3 object uploaded in parts of whole chunks: part_size_bytes
+    is chunk_size_bytes times ceil(8 MiB / chunk_size_bytes), so part N
+    (from 1) holds chunks (N-1)*k .. N*k-1 and only the last part is shorter.
+    Beside it a digests object holds the file's 32-byte chunk digests, in
+    chunk order. Idempotent: a second call returns the same layout and keeps
+    the parts already stored. Without an object store configured every Store
+    RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
+    """
+    PresignStoreParts: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PresignStorePartsRequest, _broker_pb2.PresignStorePartsResponse]
+    """PresignStoreParts returns short-lived URLs to PUT parts of a started
+    upload, and optionally the digests object (sender only). Each URL is
+    bound to its object, part and exact size (Content-Length is signed).
+    Ask again for fresh URLs when they expire.
+    """
+    ListStoreParts: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListStorePartsRequest, _broker_pb2.ListStorePartsResponse]
+    """ListStoreParts lists the parts the object store already holds, so an
+    upload resumes where it stopped (sender only).
+    """
+    CompleteStoreUpload: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CompleteStoreUploadRequest, _broker_pb2.CompleteStoreUploadResponse]
+    """CompleteStoreUpload assembles the uploaded parts into the object (sender
+    only). It fails with FAILED_PRECONDITION, reason PARTS_MISSING, unless
+    every part and the digests object are stored with their exact sizes.
+    Completing a completed upload succeeds again.
+    """
+    PresignStoreDownload: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PresignStoreDownloadRequest, _broker_pb2.PresignStoreDownloadResponse]
+    """PresignStoreDownload returns short-lived GET URLs for a stored file and
+    its digests (receiver only; once accepted). The receiver fetches chunks
+    with ranged GETs (`Range: bytes=a-b`) and checks each against its digest.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -88,6 +127,12 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
+
+    Object-store fallback: when bytes cannot go peer to peer, the sender
+    uploads them to an S3 bucket through URLs the broker presigns and the
+    receiver downloads them the same way; no client holds S3 credentials. The
+    broker deletes the objects once the session is completed, cancelled,
+    failed or expired. Presigned URLs are bearer secrets: never log them.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -119,6 +164,39 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     (a restarted party has a new certificate) and, once the offer is
     accepted, negotiates a new connection attempt (new lease, new deadline).
     """
+    StartStoreUpload: _aio.UnaryUnaryMultiCallable[_broker_pb2.StartStoreUploadRequest, _broker_pb2.StartStoreUploadResponse]  # type: ignore[assignment]
+    """StartStoreUpload begins the object-store fallback for one file (sender
+    only; the session must be offered, accepted, connecting or transferring,
+    so a sender may store-and-forward before the receiver accepts). The file
+    becomes one S3 object uploaded in parts of whole chunks: part_size_bytes
+    is chunk_size_bytes times ceil(8 MiB / chunk_size_bytes), so part N
+    (from 1) holds chunks (N-1)*k .. N*k-1 and only the last part is shorter.
+    Beside it a digests object holds the file's 32-byte chunk digests, in
+    chunk order. Idempotent: a second call returns the same layout and keeps
+    the parts already stored. Without an object store configured every Store
+    RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
+    """
+    PresignStoreParts: _aio.UnaryUnaryMultiCallable[_broker_pb2.PresignStorePartsRequest, _broker_pb2.PresignStorePartsResponse]  # type: ignore[assignment]
+    """PresignStoreParts returns short-lived URLs to PUT parts of a started
+    upload, and optionally the digests object (sender only). Each URL is
+    bound to its object, part and exact size (Content-Length is signed).
+    Ask again for fresh URLs when they expire.
+    """
+    ListStoreParts: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListStorePartsRequest, _broker_pb2.ListStorePartsResponse]  # type: ignore[assignment]
+    """ListStoreParts lists the parts the object store already holds, so an
+    upload resumes where it stopped (sender only).
+    """
+    CompleteStoreUpload: _aio.UnaryUnaryMultiCallable[_broker_pb2.CompleteStoreUploadRequest, _broker_pb2.CompleteStoreUploadResponse]  # type: ignore[assignment]
+    """CompleteStoreUpload assembles the uploaded parts into the object (sender
+    only). It fails with FAILED_PRECONDITION, reason PARTS_MISSING, unless
+    every part and the digests object are stored with their exact sizes.
+    Completing a completed upload succeeds again.
+    """
+    PresignStoreDownload: _aio.UnaryUnaryMultiCallable[_broker_pb2.PresignStoreDownloadRequest, _broker_pb2.PresignStoreDownloadResponse]  # type: ignore[assignment]
+    """PresignStoreDownload returns short-lived GET URLs for a stored file and
+    its digests (receiver only; once accepted). The receiver fetches chunks
+    with ranged GETs (`Range: bytes=a-b`) and checks each against its digest.
+    """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """BrokerService is Ferry's control plane. It never carries file bytes: it
@@ -133,6 +211,12 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
+
+    Object-store fallback: when bytes cannot go peer to peer, the sender
+    uploads them to an S3 bucket through URLs the broker presigns and the
+    receiver downloads them the same way; no client holds S3 credentials. The
+    broker deletes the objects once the session is completed, cancelled,
+    failed or expired. Presigned URLs are bearer secrets: never log them.
     """
 
     @_abc_1.abstractmethod
@@ -215,6 +299,69 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         or lost its data connection: it replaces the caller's connection details
         (a restarted party has a new certificate) and, once the offer is
         accepted, negotiates a new connection attempt (new lease, new deadline).
+        """
+
+    @_abc_1.abstractmethod
+    def StartStoreUpload(
+        self,
+        request: _broker_pb2.StartStoreUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.StartStoreUploadResponse, _abc.Awaitable[_broker_pb2.StartStoreUploadResponse]]:
+        """StartStoreUpload begins the object-store fallback for one file (sender
+        only; the session must be offered, accepted, connecting or transferring,
+        so a sender may store-and-forward before the receiver accepts). The file
+        becomes one S3 object uploaded in parts of whole chunks: part_size_bytes
+        is chunk_size_bytes times ceil(8 MiB / chunk_size_bytes), so part N
+        (from 1) holds chunks (N-1)*k .. N*k-1 and only the last part is shorter.
+        Beside it a digests object holds the file's 32-byte chunk digests, in
+        chunk order. Idempotent: a second call returns the same layout and keeps
+        the parts already stored. Without an object store configured every Store
+        RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def PresignStoreParts(
+        self,
+        request: _broker_pb2.PresignStorePartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.PresignStorePartsResponse, _abc.Awaitable[_broker_pb2.PresignStorePartsResponse]]:
+        """PresignStoreParts returns short-lived URLs to PUT parts of a started
+        upload, and optionally the digests object (sender only). Each URL is
+        bound to its object, part and exact size (Content-Length is signed).
+        Ask again for fresh URLs when they expire.
+        """
+
+    @_abc_1.abstractmethod
+    def ListStoreParts(
+        self,
+        request: _broker_pb2.ListStorePartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListStorePartsResponse, _abc.Awaitable[_broker_pb2.ListStorePartsResponse]]:
+        """ListStoreParts lists the parts the object store already holds, so an
+        upload resumes where it stopped (sender only).
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteStoreUpload(
+        self,
+        request: _broker_pb2.CompleteStoreUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CompleteStoreUploadResponse, _abc.Awaitable[_broker_pb2.CompleteStoreUploadResponse]]:
+        """CompleteStoreUpload assembles the uploaded parts into the object (sender
+        only). It fails with FAILED_PRECONDITION, reason PARTS_MISSING, unless
+        every part and the digests object are stored with their exact sizes.
+        Completing a completed upload succeeds again.
+        """
+
+    @_abc_1.abstractmethod
+    def PresignStoreDownload(
+        self,
+        request: _broker_pb2.PresignStoreDownloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.PresignStoreDownloadResponse, _abc.Awaitable[_broker_pb2.PresignStoreDownloadResponse]]:
+        """PresignStoreDownload returns short-lived GET URLs for a stored file and
+        its digests (receiver only; once accepted). The receiver fetches chunks
+        with ranged GETs (`Range: bytes=a-b`) and checks each against its digest.
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
