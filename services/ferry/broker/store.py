@@ -1,7 +1,9 @@
 """The broker's store: the `Store` interface and `SqliteStore`, its embedded implementation.
 
 Everything that must survive a restart lives here: sessions (the Session proto as a blob, plus
-the columns we look things up by) and port leases. Secrets are stored only as sha256 hashes.
+the columns we look things up by), port leases, and the object-store uploads of the fallback
+path (so that a restarted broker still deletes every object it made). Secrets are stored only
+as sha256 hashes.
 
 The interface is synchronous and every method is one short atomic step, so that a store over
 Redis can implement each with one transaction (MULTI/EXEC or a script). Updates are
@@ -51,6 +53,24 @@ class SessionRecord:
         return self.session.expire_time.ToNanoseconds() / 1e9
 
 
+@dataclasses.dataclass(slots=True)
+class UploadRecord:
+    """One file's object-store upload: the S3 multipart upload and its cleanup bookkeeping.
+
+    `urls_expire_s` is the latest expiry of any upload URL handed out for it: until then a
+    holder could still PUT, so cleanup runs once more after it. `clean_after_s` is when the
+    cleanup of a finished session may (next) run.
+    """
+
+    session_id: str
+    file_index: int
+    upload_id: str
+    create_s: float
+    completed: bool = False
+    urls_expire_s: float = 0.0
+    clean_after_s: float = 0.0
+
+
 class Store(Protocol):
     """What the broker needs from its storage. Implementations: SqliteStore, later Redis."""
 
@@ -95,6 +115,27 @@ class Store(Protocol):
     def release_lease(self, session_id: str) -> None:
         """Forget the session's lease, if any."""
 
+    def add_upload(self, record: UploadRecord) -> UploadRecord:
+        """Record the upload unless the file has one already; return the one that is stored."""
+
+    def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
+        """The upload of this file of this session, or None."""
+
+    def complete_upload(self, session_id: str, file_index: int) -> None:
+        """Mark the file's upload completed."""
+
+    def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
+        """Raise the upload's urls_expire_s to `expire_s` if that is later."""
+
+    def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
+        """Up to `limit` uploads whose session is final (or gone) and clean_after_s <= now."""
+
+    def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
+        """Run the upload's cleanup again at `after_s`."""
+
+    def delete_upload(self, session_id: str, file_index: int) -> None:
+        """Forget the upload (its objects are gone)."""
+
     def close(self) -> None:
         """Release the store's resources."""
 
@@ -126,7 +167,35 @@ CREATE TABLE IF NOT EXISTS leases (
     expire_time REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_host ON leases (host_id, expire_time);
+CREATE TABLE IF NOT EXISTS uploads (
+    session_id TEXT NOT NULL,
+    file_index INTEGER NOT NULL,
+    upload_id TEXT NOT NULL,
+    create_time REAL NOT NULL,
+    completed INTEGER NOT NULL DEFAULT 0,
+    urls_expire_time REAL NOT NULL DEFAULT 0,
+    clean_after REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, file_index)
+);
 """
+
+_UPLOAD_COLUMNS = (
+    "session_id, file_index, upload_id, create_time, completed, urls_expire_time, clean_after"
+)
+
+
+def _upload(row: tuple[str, int, str, float, int, float, float]) -> UploadRecord:
+    session_id, file_index, upload_id, create_s, completed, urls_expire_s, clean_after_s = row
+    return UploadRecord(
+        session_id=session_id,
+        file_index=file_index,
+        upload_id=upload_id,
+        create_s=create_s,
+        completed=bool(completed),
+        urls_expire_s=urls_expire_s,
+        clean_after_s=clean_after_s,
+    )
+
 
 _COLUMNS = "data, code_hash, sender_token_hash, receiver_token_hash, request_id, version"
 _Row = tuple[bytes, str | None, str, str | None, str | None, int]
@@ -265,6 +334,68 @@ class SqliteStore:
 
     def release_lease(self, session_id: str) -> None:
         self._db.execute("DELETE FROM leases WHERE session_id = ?", (session_id,))
+
+    def add_upload(self, record: UploadRecord) -> UploadRecord:
+        self._db.execute(
+            f"INSERT OR IGNORE INTO uploads ({_UPLOAD_COLUMNS})"  # noqa: S608 - fixed columns
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.session_id,
+                record.file_index,
+                record.upload_id,
+                record.create_s,
+                int(record.completed),
+                record.urls_expire_s,
+                record.clean_after_s,
+            ),
+        )
+        stored = self.get_upload(record.session_id, record.file_index)
+        assert stored is not None
+        return stored
+
+    def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
+        row = self._db.execute(
+            f"SELECT {_UPLOAD_COLUMNS} FROM uploads"  # noqa: S608 - fixed columns
+            " WHERE session_id = ? AND file_index = ?",
+            (session_id, file_index),
+        ).fetchone()
+        return None if row is None else _upload(row)
+
+    def complete_upload(self, session_id: str, file_index: int) -> None:
+        self._db.execute(
+            "UPDATE uploads SET completed = 1 WHERE session_id = ? AND file_index = ?",
+            (session_id, file_index),
+        )
+
+    def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
+        self._db.execute(
+            "UPDATE uploads SET urls_expire_time = MAX(urls_expire_time, ?)"
+            " WHERE session_id = ? AND file_index = ?",
+            (expire_s, session_id, file_index),
+        )
+
+    def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
+        marks = ", ".join("?" for _ in LIVE_STATES)
+        columns = ", ".join(f"u.{c.strip()}" for c in _UPLOAD_COLUMNS.split(","))
+        rows = self._db.execute(
+            f"SELECT {columns} FROM uploads u LEFT JOIN sessions s ON s.id = u.session_id"  # noqa: S608
+            f" WHERE (s.id IS NULL OR s.state NOT IN ({marks})) AND u.clean_after <= ?"
+            " ORDER BY u.clean_after LIMIT ?",
+            (*sorted(int(s) for s in LIVE_STATES), now, limit),
+        ).fetchall()
+        return [_upload(r) for r in rows]
+
+    def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
+        self._db.execute(
+            "UPDATE uploads SET clean_after = ? WHERE session_id = ? AND file_index = ?",
+            (after_s, session_id, file_index),
+        )
+
+    def delete_upload(self, session_id: str, file_index: int) -> None:
+        self._db.execute(
+            "DELETE FROM uploads WHERE session_id = ? AND file_index = ?",
+            (session_id, file_index),
+        )
 
     def close(self) -> None:
         self._db.close()
