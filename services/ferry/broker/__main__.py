@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from ferry.broker.config import BrokerConfig
+from ferry.broker.config import BrokerConfig, s3_from_environment
 from ferry.broker.server import serve
 
 
@@ -29,6 +30,18 @@ def parse_args(argv: Sequence[str] | None = None) -> BrokerConfig:
     p.add_argument("--claim-rate-per-ip", type=float, default=d.claim_refill_per_ip_s)
     p.add_argument("--claim-burst-global", type=float, default=d.claim_burst_global)
     p.add_argument("--claim-rate-global", type=float, default=d.claim_refill_global_s)
+    s3 = {**dataclasses.asdict(d), **s3_from_environment()}  # FERRY_S3_* env, then flags
+    p.add_argument("--s3-bucket", default=s3["s3_bucket"], help="object-store fallback bucket")
+    p.add_argument("--s3-endpoint", default=s3["s3_endpoint"], help="S3 URL; unset: AWS")
+    p.add_argument("--s3-region", default=s3["s3_region"])
+    p.add_argument("--s3-prefix", default=s3["s3_prefix"], help="prefix of every object key")
+    p.add_argument("--s3-url-ttl", type=float, default=s3["s3_url_ttl_s"], metavar="S")
+    p.add_argument(
+        "--s3-stale-sweep-interval",
+        type=float,
+        default=d.s3_stale_sweep_interval_s,
+        metavar="S",
+    )
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(
@@ -49,6 +62,12 @@ def parse_args(argv: Sequence[str] | None = None) -> BrokerConfig:
             claim_refill_per_ip_s=a.claim_rate_per_ip,
             claim_burst_global=a.claim_burst_global,
             claim_refill_global_s=a.claim_rate_global,
+            s3_bucket=a.s3_bucket or None,
+            s3_endpoint=a.s3_endpoint or None,
+            s3_region=a.s3_region or None,
+            s3_prefix=a.s3_prefix,
+            s3_url_ttl_s=a.s3_url_ttl,
+            s3_stale_sweep_interval_s=a.s3_stale_sweep_interval,
         )
     except ValueError as exc:
         p.error(str(exc))

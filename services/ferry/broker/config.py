@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -36,6 +38,18 @@ class BrokerConfig:
     claim_refill_global_s: float = 100.0
     #: Seconds to let in-flight calls finish on shutdown.
     shutdown_grace_s: float = 5.0
+    #: Object-store fallback: the S3 bucket; None turns the fallback off (STORE_UNAVAILABLE).
+    s3_bucket: str | None = None
+    #: The S3 endpoint URL (MinIO, Ceph, ...; path-style addressing); None means AWS.
+    s3_endpoint: str | None = None
+    #: The S3 region; None means boto3's default (AWS_DEFAULT_REGION, config files).
+    s3_region: str | None = None
+    #: Prefix of every object key; objects are `{prefix}{session_id}/{file_index}`.
+    s3_prefix: str = "ferry/"
+    #: Lifetime of each presigned URL (never past the session's expiry).
+    s3_url_ttl_s: float = 900.0
+    #: How often to abort multipart uploads under the prefix that no session knows.
+    s3_stale_sweep_interval_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0 < self.offer_ttl_min_s <= self.offer_ttl_default_s <= self.offer_ttl_max_s:
@@ -44,8 +58,36 @@ class BrokerConfig:
             raise ValueError("session_ttl_s, connect_timeout_s and sweep_interval_s must be > 0")
         if not 1 <= self.stream_count <= 64:
             raise ValueError("stream_count must be between 1 and 64")
+        if not 1 <= self.s3_url_ttl_s <= 7 * 24 * 3600 or self.s3_stale_sweep_interval_s <= 0:
+            raise ValueError("need 1 <= s3_url_ttl_s <= 7 days and s3_stale_sweep_interval_s > 0")
+        if self.s3_prefix.startswith("/"):
+            raise ValueError("s3_prefix must not start with '/'")
 
     @property
     def database_path(self) -> Path:
         """The SQLite file inside data_dir."""
         return Path(self.data_dir) / "broker.sqlite3"
+
+
+#: The environment variables that configure the object-store fallback, by BrokerConfig field.
+S3_ENVIRONMENT = {
+    "s3_endpoint": "FERRY_S3_ENDPOINT",
+    "s3_bucket": "FERRY_S3_BUCKET",
+    "s3_prefix": "FERRY_S3_PREFIX",
+    "s3_region": "FERRY_S3_REGION",
+    "s3_url_ttl_s": "FERRY_S3_URL_TTL",
+}
+
+
+def s3_from_environment(environ: Mapping[str, str] | None = None) -> dict[str, str | float]:
+    """BrokerConfig keyword arguments from the FERRY_S3_* variables that are set (non-empty).
+
+    Credentials are not read here: boto3 finds them the usual way (AWS_ACCESS_KEY_ID, ...).
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, str | float] = {}
+    for field, var in S3_ENVIRONMENT.items():
+        value = env.get(var, "").strip()
+        if value:
+            out[field] = float(value) if field == "s3_url_ttl_s" else value
+    return out

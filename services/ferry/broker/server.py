@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker, Clock
+from ferry.broker.fallback import Fallback
+from ferry.broker.objectstore import ObjectStore
 from ferry.broker.service import BrokerService
 from ferry.broker.store import SqliteStore, Store
 from ferry.v1 import broker_pb2, broker_pb2_grpc
@@ -38,15 +40,18 @@ class RunningBroker:
     store: Store
     health: health.aio.HealthServicer
     sweeper: asyncio.Task[None]
+    cleaner: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, end watches, drain calls for `grace` seconds, close the store."""
         grace = self.config.shutdown_grace_s if grace is None else grace
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.sweeper
+        for task in (self.sweeper, self.cleaner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.broker.hub.close()
         await self.server.stop(grace)
         self.store.close()
@@ -59,7 +64,13 @@ async def start_server(
     store = store if store is not None else SqliteStore(config.database_path)
     broker = Broker(config, store) if clock is None else Broker(config, store, clock=clock)
     server = grpc.aio.server()
-    broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerService(broker), server)
+    objects = (
+        ObjectStore(config.s3_bucket, endpoint=config.s3_endpoint, region=config.s3_region)
+        if config.s3_bucket
+        else None
+    )
+    fallback = Fallback(broker, objects)
+    broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerService(broker, fallback), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -76,6 +87,7 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     broker.sweep()  # expire what ran out while the broker was down
     sweeper = asyncio.create_task(broker.run_sweeper(), name="ferry-broker-sweeper")
+    cleaner = asyncio.create_task(fallback.run_cleaner(), name="ferry-broker-object-cleaner")
     return RunningBroker(
         config=config,
         address=f"{host}:{port}",
@@ -85,6 +97,7 @@ async def start_server(
         store=store,
         health=health_servicer,
         sweeper=sweeper,
+        cleaner=cleaner,
     )
 
 

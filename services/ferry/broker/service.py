@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from ferry.broker import states, validation
 from ferry.broker.core import Broker
 from ferry.broker.errors import DOMAIN, BrokerError, Reason
+from ferry.broker.fallback import Fallback
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ async def _call(context: Context, fn: Callable[[], T]) -> T:
     await abort(context, error.code, error.message, error.reason)
 
 
+async def _acall(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except Exception as exc:
+        error = as_broker_error(exc)
+    await abort(context, error.code, error.message, error.reason)
+
+
 def bearer_token(context: Context) -> str | None:
     """The token of `authorization: Bearer <token>` metadata, if any."""
     for key, value in context.invocation_metadata() or ():
@@ -70,8 +79,9 @@ def bearer_token(context: Context) -> str | None:
 class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     """The gRPC face of a Broker."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, fallback: Fallback | None = None) -> None:
         self._broker = broker
+        self._fallback = fallback or Fallback(broker, None)
 
     async def CreateOffer(
         self, request: broker_pb2.CreateOfferRequest, context: Context
@@ -141,6 +151,55 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
             context, lambda: self._broker.resume(request.name, token, request.peer, ip)
         )
         return broker_pb2.ResumeSessionResponse(session=session)
+
+    async def StartStoreUpload(
+        self, request: broker_pb2.StartStoreUploadRequest, context: Context
+    ) -> broker_pb2.StartStoreUploadResponse:
+        token = bearer_token(context)
+        return await _acall(
+            context, lambda: self._fallback.start_upload(request.name, token, request.file_index)
+        )
+
+    async def PresignStoreParts(
+        self, request: broker_pb2.PresignStorePartsRequest, context: Context
+    ) -> broker_pb2.PresignStorePartsResponse:
+        token = bearer_token(context)
+        return await _acall(
+            context,
+            lambda: self._fallback.presign_parts(
+                request.name,
+                token,
+                request.file_index,
+                list(request.part_numbers),
+                request.include_digests,
+            ),
+        )
+
+    async def ListStoreParts(
+        self, request: broker_pb2.ListStorePartsRequest, context: Context
+    ) -> broker_pb2.ListStorePartsResponse:
+        token = bearer_token(context)
+        return await _acall(
+            context, lambda: self._fallback.list_parts(request.name, token, request.file_index)
+        )
+
+    async def CompleteStoreUpload(
+        self, request: broker_pb2.CompleteStoreUploadRequest, context: Context
+    ) -> broker_pb2.CompleteStoreUploadResponse:
+        token = bearer_token(context)
+        return await _acall(
+            context,
+            lambda: self._fallback.complete_upload(request.name, token, request.file_index),
+        )
+
+    async def PresignStoreDownload(
+        self, request: broker_pb2.PresignStoreDownloadRequest, context: Context
+    ) -> broker_pb2.PresignStoreDownloadResponse:
+        token = bearer_token(context)
+        return await _acall(
+            context,
+            lambda: self._fallback.presign_download(request.name, token, request.file_index),
+        )
 
     async def WatchSession(
         self, request: broker_pb2.WatchSessionRequest, context: Context

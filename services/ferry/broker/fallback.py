@@ -1,0 +1,351 @@
+"""The object-store fallback, broker side: presigned multipart uploads and ranged downloads.
+
+gRPC-free like core.py: methods take plain values, return protos, raise BrokerError. The bytes
+never pass through the broker; it only talks to S3 to create, list, complete and abort
+uploads and to delete objects, and presigns URLs for the clients (see objectlayout for how a
+file lies in the bucket).
+
+Who may do what (the session's state is checked after its expiry is applied)::
+
+    StartStoreUpload, PresignStoreParts,   sender     OFFERED (store-and-forward before
+    ListStoreParts, CompleteStoreUpload               consent), ACCEPTED, CONNECTING,
+                                                      TRANSFERRING
+    PresignStoreDownload                   receiver   ACCEPTED, CONNECTING, TRANSFERRING
+
+Errors: no bucket configured -> FAILED_PRECONDITION / STORE_UNAVAILABLE (a configuration
+fact: retrying does not help); S3 failing -> UNAVAILABLE / STORE_ERROR (retry later).
+
+Cleanup is driven by the store, so a restart loses none of it: every upload is recorded
+(uploads table) before its URLs leave the broker, and the cleaner deletes the objects and
+aborts the upload of every recorded file whose session is final. It runs once more after the
+last upload URL handed out has expired, since until then a holder could still PUT. Separately,
+multipart uploads under the prefix older than any session can live and unknown to the store
+(a crash between creating one and recording it) are aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from ferry.broker import objectlayout as layout
+from ferry.broker import states
+from ferry.broker.core import Broker, timestamp
+from ferry.broker.errors import BrokerError, Reason, invalid
+from ferry.broker.objectstore import ObjectStore, ObjectStoreError
+from ferry.broker.states import Party
+from ferry.broker.store import SessionRecord, UploadRecord
+from ferry.v1 import broker_pb2
+
+log = logging.getLogger(__name__)
+
+UPLOAD_STATES = frozenset({states.OFFERED, states.ACCEPTED, states.CONNECTING, states.TRANSFERRING})
+DOWNLOAD_STATES = frozenset({states.ACCEPTED, states.CONNECTING, states.TRANSFERRING})
+MAX_PARTS_PER_CALL = 1000
+_CLEAN_BATCH = 100
+
+
+@contextlib.contextmanager
+def _s3() -> Iterator[None]:
+    try:
+        yield
+    except ObjectStoreError as exc:
+        raise BrokerError(grpc.StatusCode.UNAVAILABLE, Reason.STORE_ERROR, str(exc)) from None
+
+
+def _failed(reason: str, message: str) -> BrokerError:
+    return BrokerError(grpc.StatusCode.FAILED_PRECONDITION, reason, message)
+
+
+class Fallback:
+    """The Store* RPCs and the object cleaner of one broker."""
+
+    def __init__(self, broker: Broker, objects: ObjectStore | None) -> None:
+        self.broker = broker
+        self.objects = objects
+        self.prefix = broker.config.s3_prefix
+        self._last_stale_sweep = float("-inf")
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def _authorize(
+        self,
+        name: str,
+        token: str | None,
+        file_index: int,
+        party: Party,
+        allowed: frozenset[states.State],
+    ) -> tuple[ObjectStore, SessionRecord, broker_pb2.FileEntry]:
+        record, caller = self.broker.authorize(name, token)
+        if self.objects is None:
+            raise _failed(
+                Reason.STORE_UNAVAILABLE,
+                "the object-store fallback is not available: this broker has no S3 bucket"
+                " configured (--s3-bucket / FERRY_S3_BUCKET)",
+            )
+        if caller is not party:
+            verb = "upload to" if party is Party.SENDER else "download from"
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.WRONG_PARTY,
+                f"only the {party.value} may {verb} the object store",
+            )
+        state = record.session.state
+        if state not in allowed:
+            raise _failed(
+                Reason.WRONG_STATE,
+                f"the session is {states.state_name(state)}; the object store is not open to it",
+            )
+        files = record.session.manifest.files
+        if not 0 <= file_index < len(files):
+            raise invalid(
+                Reason.INVALID_ARGUMENT, f"file_index must be between 0 and {len(files) - 1}"
+            )
+        return self.objects, record, files[file_index]
+
+    def _upload(self, record: SessionRecord, file_index: int) -> UploadRecord:
+        upload = self.broker.store.get_upload(record.session_id, file_index)
+        if upload is None:
+            raise _failed(Reason.UPLOAD_NOT_STARTED, "call StartStoreUpload for this file first")
+        return upload
+
+    def _url_ttl(self, record: SessionRecord, now: float) -> int:
+        """Seconds a URL lives: the configured TTL, never past the session's expiry."""
+        return max(1, int(min(self.broker.config.s3_url_ttl_s, record.expire_s - now)))
+
+    def _keys(self, record: SessionRecord, file_index: int) -> tuple[str, str]:
+        return (
+            layout.object_key(self.prefix, record.session_id, file_index),
+            layout.digests_key(self.prefix, record.session_id, file_index),
+        )
+
+    # -- sender -----------------------------------------------------------------------------
+
+    async def start_upload(
+        self, name: str, token: str | None, file_index: int
+    ) -> broker_pb2.StartStoreUploadResponse:
+        """Create the file's multipart upload once; return its layout."""
+        objects, record, entry = self._authorize(
+            name, token, file_index, Party.SENDER, UPLOAD_STATES
+        )
+        size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
+        upload = self.broker.store.get_upload(record.session_id, file_index)
+        if upload is None:
+            key, _ = self._keys(record, file_index)
+            with _s3():
+                upload_id = await objects.create_upload(key)
+            upload = self.broker.store.add_upload(
+                UploadRecord(record.session_id, file_index, upload_id, self.broker.clock())
+            )
+            if upload.upload_id != upload_id:  # a concurrent call recorded its upload first
+                with _s3():
+                    await objects.abort_upload(key, upload_id)
+        return broker_pb2.StartStoreUploadResponse(
+            part_size_bytes=layout.part_size(size, chunk),
+            part_count=layout.part_count(size, chunk),
+            digests_size_bytes=layout.digests_size(size, chunk),
+            completed=upload.completed,
+        )
+
+    async def presign_parts(
+        self,
+        name: str,
+        token: str | None,
+        file_index: int,
+        part_numbers: Sequence[int],
+        include_digests: bool,
+    ) -> broker_pb2.PresignStorePartsResponse:
+        """Upload URLs, each bound to its part and exact size."""
+        objects, record, entry = self._authorize(
+            name, token, file_index, Party.SENDER, UPLOAD_STATES
+        )
+        size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
+        count = layout.part_count(size, chunk)
+        if len(part_numbers) > MAX_PARTS_PER_CALL:
+            raise invalid(Reason.INVALID_ARGUMENT, f"at most {MAX_PARTS_PER_CALL} parts per call")
+        if any(not 1 <= n <= count for n in part_numbers):
+            raise invalid(Reason.INVALID_ARGUMENT, f"part numbers must be between 1 and {count}")
+        upload = self._upload(record, file_index)
+        if upload.completed:
+            raise _failed(Reason.UPLOAD_COMPLETED, "this file's upload is already completed")
+        now = self.broker.clock()
+        ttl = self._url_ttl(record, now)
+        expire = timestamp(now + ttl)
+        # Recorded before any URL leaves: cleanup must outlive every URL.
+        self.broker.store.extend_upload_urls(record.session_id, file_index, now + ttl)
+        key, digests_key = self._keys(record, file_index)
+        sizes = [(n, layout.part_length(size, chunk, n)) for n in part_numbers]
+        reply = broker_pb2.PresignStorePartsResponse()
+        with _s3():
+            urls = await objects.presign_parts(key, upload.upload_id, sizes, ttl)
+            for (number, length), url in zip(sizes, urls, strict=True):
+                reply.parts.add(part_number=number, url=url, size_bytes=length, expire_time=expire)
+            if include_digests:
+                digests_size = layout.digests_size(size, chunk)
+                url = await objects.presign_put(digests_key, digests_size, ttl)
+                reply.digests.CopyFrom(
+                    broker_pb2.PresignedUrl(
+                        part_number=0, url=url, size_bytes=digests_size, expire_time=expire
+                    )
+                )
+        return reply
+
+    async def list_parts(
+        self, name: str, token: str | None, file_index: int
+    ) -> broker_pb2.ListStorePartsResponse:
+        """The parts S3 already holds, and whether the digests object is there."""
+        objects, record, entry = self._authorize(
+            name, token, file_index, Party.SENDER, UPLOAD_STATES
+        )
+        upload = self._upload(record, file_index)
+        key, digests_key = self._keys(record, file_index)
+        expected = layout.digests_size(entry.size_bytes, record.session.manifest.chunk_size_bytes)
+        with _s3():
+            parts = [] if upload.completed else await objects.list_parts(key, upload.upload_id)
+            digests_stored = await objects.size(digests_key) == expected
+        return broker_pb2.ListStorePartsResponse(
+            parts=[
+                broker_pb2.StoredPart(part_number=p.number, size_bytes=p.size, etag=p.etag)
+                for p in parts or ()
+            ],
+            digests_stored=digests_stored,
+            completed=upload.completed,
+        )
+
+    async def complete_upload(
+        self, name: str, token: str | None, file_index: int
+    ) -> broker_pb2.CompleteStoreUploadResponse:
+        """Check that every part and the digests are stored, then assemble the object."""
+        objects, record, entry = self._authorize(
+            name, token, file_index, Party.SENDER, UPLOAD_STATES
+        )
+        size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
+        upload = self._upload(record, file_index)
+        reply = broker_pb2.CompleteStoreUploadResponse(size_bytes=size)
+        if upload.completed:
+            return reply
+        key, digests_key = self._keys(record, file_index)
+        with _s3():
+            parts = await objects.list_parts(key, upload.upload_id)
+            if parts is None:  # completed by a call that died before recording it?
+                if await objects.size(key) == size:
+                    self.broker.store.complete_upload(record.session_id, file_index)
+                    return reply
+                raise _failed(
+                    Reason.PARTS_MISSING, "the upload is gone from the object store; start again"
+                )
+            by_number = {p.number: p for p in parts}
+            problems = []
+            for number in range(1, layout.part_count(size, chunk) + 1):
+                want = layout.part_length(size, chunk, number)
+                part = by_number.get(number)
+                if part is None:
+                    problems.append(f"part {number} is missing")
+                elif part.size != want:
+                    problems.append(f"part {number} has {part.size} bytes, not {want}")
+            if await objects.size(digests_key) != layout.digests_size(size, chunk):
+                problems.append("the digests object is missing or has the wrong size")
+            if problems:
+                more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+                raise _failed(Reason.PARTS_MISSING, "; ".join(problems[:5]) + more)
+            await objects.complete_upload(key, upload.upload_id, parts)
+        self.broker.store.complete_upload(record.session_id, file_index)
+        log.info("stored file completed", extra={"session": record.session.name})
+        return reply
+
+    # -- receiver ---------------------------------------------------------------------------
+
+    async def presign_download(
+        self, name: str, token: str | None, file_index: int
+    ) -> broker_pb2.PresignStoreDownloadResponse:
+        """GET URLs for the stored file and its digests, once the upload is completed."""
+        objects, record, entry = self._authorize(
+            name, token, file_index, Party.RECEIVER, DOWNLOAD_STATES
+        )
+        upload = self.broker.store.get_upload(record.session_id, file_index)
+        if upload is None or not upload.completed:
+            return broker_pb2.PresignStoreDownloadResponse(stored=False)
+        now = self.broker.clock()
+        ttl = self._url_ttl(record, now)
+        key, digests_key = self._keys(record, file_index)
+        with _s3():
+            url = await objects.presign_get(key, ttl)
+            digests_url = await objects.presign_get(digests_key, ttl)
+        return broker_pb2.PresignStoreDownloadResponse(
+            stored=True,
+            url=url,
+            digests_url=digests_url,
+            expire_time=timestamp(now + ttl),
+            size_bytes=entry.size_bytes,
+        )
+
+    # -- cleanup ----------------------------------------------------------------------------
+
+    async def clean(self) -> int:
+        """Delete the objects and abort the uploads of final sessions; return how many."""
+        if self.objects is None:
+            return 0
+        store = self.broker.store
+        cleaned = 0
+        while True:
+            now = self.broker.clock()
+            due = store.uploads_to_clean(now, _CLEAN_BATCH)
+            for upload in due:
+                key = layout.object_key(self.prefix, upload.session_id, upload.file_index)
+                try:
+                    await self.objects.abort_upload(key, upload.upload_id)
+                    await self.objects.delete([key, key + layout.DIGESTS_SUFFIX])
+                except ObjectStoreError as exc:
+                    log.warning("object cleanup failed, will retry: %s", exc)
+                    retry = now + self.broker.config.sweep_interval_s
+                    store.defer_upload_cleanup(upload.session_id, upload.file_index, retry)
+                    continue
+                if upload.urls_expire_s > now:  # a URL holder could still PUT: once more later
+                    store.defer_upload_cleanup(
+                        upload.session_id, upload.file_index, upload.urls_expire_s + 1
+                    )
+                else:
+                    store.delete_upload(upload.session_id, upload.file_index)
+                cleaned += 1
+            if len(due) < _CLEAN_BATCH:
+                return cleaned
+
+    async def abort_stale(self) -> int:
+        """Abort multipart uploads under the prefix that outlived any session, unknown here."""
+        if self.objects is None:
+            return 0
+        config = self.broker.config
+        cutoff = self.broker.clock() - (config.offer_ttl_max_s + config.session_ttl_s)
+        aborted = 0
+        for upload in await self.objects.list_uploads(self.prefix):
+            if upload.initiated_s > cutoff:
+                continue
+            parsed = layout.parse_key(self.prefix, upload.key)
+            known = parsed and self.broker.store.get_upload(*parsed)
+            if known and known.upload_id == upload.upload_id:
+                continue  # its session's cleanup owns it
+            await self.objects.abort_upload(upload.key, upload.upload_id)
+            aborted += 1
+        if aborted:
+            log.info("aborted %d stale multipart uploads", aborted)
+        return aborted
+
+    async def run_cleaner(self) -> None:
+        """Clean every sweep interval and abort stale uploads every stale-sweep interval."""
+        if self.objects is None:
+            return
+        config = self.broker.config
+        while True:
+            try:
+                await self.clean()
+                now = self.broker.clock()
+                if now - self._last_stale_sweep >= config.s3_stale_sweep_interval_s:
+                    self._last_stale_sweep = now
+                    await self.abort_stale()
+            except Exception:
+                log.exception("object-store cleanup failed")
+            await asyncio.sleep(config.sweep_interval_s)
