@@ -1,0 +1,456 @@
+"""The object-store fallback through a real broker process and a real S3 server (moto, loopback).
+
+Bytes go over plain HTTP to the presigned URLs (http.client), as a client in any language
+would send them; boto3 is used only by the test to look at the bucket, and is never patched.
+
+moto 5 does not verify presigned URLs (signature, expiry, signed Content-Length: a PUT of the
+wrong size is accepted, and so is a URL whose key was altered). What those URLs promise is
+therefore checked with tests.support.s3.verify_presigned, an independent SigV4 verifier doing
+what real S3 does on each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import random
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+import pytest_asyncio
+from botocore.exceptions import ClientError
+from google.protobuf.duration_pb2 import Duration
+
+from ferry.v1 import broker_pb2, broker_pb2_grpc
+from tests.conftest import BrokerFactory
+from tests.integration.broker.test_broker_grpc import _auth, _peer, reason_of
+from tests.support.processes import BrokerProcess
+from tests.support.s3 import S3Server, http_request, verify_presigned
+
+if TYPE_CHECKING:
+    Stub = broker_pb2_grpc.BrokerServiceAsyncStub
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
+
+S = broker_pb2.Session
+T = 5.0
+MiB = 1 << 20
+CHUNK = 1 * MiB  # 8 chunks per 8 MiB part
+SIZE = 16 * MiB + 300_000  # 17 chunks: parts of 8 MiB, 8 MiB, 300,000 bytes
+DATA = random.Random(7).randbytes(SIZE)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1 with a bucket; killed after the module."""
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Put moto's dummy credentials in the environment the broker processes inherit."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest_asyncio.fixture
+async def channel_to() -> AsyncIterator[list[grpc.aio.Channel]]:
+    channels: list[grpc.aio.Channel] = []
+    yield channels
+    for channel in channels:
+        await channel.close()
+
+
+def _stub(broker: BrokerProcess, channels: list[grpc.aio.Channel]) -> Stub:
+    channel = grpc.aio.insecure_channel(broker.address)
+    channels.append(channel)
+    return broker_pb2_grpc.BrokerServiceStub(channel)
+
+
+def _digests() -> bytes:
+    return b"".join(hashlib.sha256(DATA[i : i + CHUNK]).digest() for i in range(0, SIZE, CHUNK))
+
+
+async def _offer(stub: Stub, ttl_s: float | None = None) -> tuple[str, str]:
+    """A two-file offer (a 3-part file and an empty one): (name, sender token)."""
+    name, token, _ = await _offer_full(stub, ttl_s)
+    return name, token
+
+
+async def _offer_full(stub: Stub, ttl_s: float | None = None) -> tuple[str, str, str]:
+    """The same, with its code: (name, sender token, code)."""
+    request = broker_pb2.CreateOfferRequest(
+        manifest=broker_pb2.Manifest(
+            files=[
+                broker_pb2.FileEntry(path="big.bin", size_bytes=SIZE, mode=0o644),
+                broker_pb2.FileEntry(path="empty.txt", size_bytes=0, mode=0o644),
+            ],
+            chunk_size_bytes=CHUNK,
+        ),
+        sender=_peer(),
+    )
+    if ttl_s is not None:
+        request.ttl.CopyFrom(Duration(seconds=int(ttl_s), nanos=int(ttl_s % 1 * 1e9)))
+    offer = await stub.CreateOffer(request, timeout=T)
+    return offer.session.name, offer.party_token, offer.code
+
+
+def _put(url: str, body: bytes) -> int:
+    status, reply, _ = http_request("PUT", url, body, {"Content-Length": str(len(body))})
+    assert status == 200 or status >= 400, reply
+    return status
+
+
+def _part(number: int) -> bytes:
+    return DATA[(number - 1) * 8 * MiB : number * 8 * MiB]
+
+
+async def _expect(call: object, code: grpc.StatusCode, reason: str) -> None:
+    assert asyncio.iscoroutine(call) or hasattr(call, "__await__")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    assert info.value.code() == code, info.value.details()
+    assert reason_of(info.value) == reason
+
+
+def _gone(s3: S3Server, key: str) -> bool:
+    try:
+        s3.client().head_object(Bucket=s3.bucket, Key=key)
+    except ClientError as exc:
+        return exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound")
+    return False
+
+
+def _uploads(s3: S3Server, prefix: str) -> list[str]:
+    reply = s3.client().list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix)
+    return [u["Key"] for u in reply.get("Uploads", [])]
+
+
+async def _until(predicate: object, timeout: float = 8.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def test_store_and_forward_flow(
+    s3_env: S3Server, broker_factory: BrokerFactory, channel_to: list[grpc.aio.Channel]
+) -> None:
+    prefix = "flow/"
+    broker = broker_factory(*s3_env.broker_args(prefix), "--log-level", "DEBUG")
+    stub = _stub(broker, channel_to)
+    name, sender, code = await _offer_full(stub)
+    session_id = name.removeprefix("sessions/")
+    key = f"{prefix}{session_id}/0"
+    sa = _auth(sender)
+
+    # Store-and-forward: the sender uploads before anyone has accepted (OFFERED).
+    start = await stub.StartStoreUpload(
+        broker_pb2.StartStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
+    )
+    assert (start.part_size_bytes, start.part_count) == (8 * MiB, 3)
+    assert start.digests_size_bytes == 17 * 32
+    assert not start.completed
+    again = await stub.StartStoreUpload(
+        broker_pb2.StartStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
+    )
+    assert again == start
+    assert _uploads(s3_env, prefix) == [key]  # idempotent: one multipart upload
+
+    urls = await stub.PresignStoreParts(
+        broker_pb2.PresignStorePartsRequest(name=name, file_index=0, part_numbers=[1, 2]),
+        metadata=sa,
+        timeout=T,
+    )
+    assert [(p.part_number, p.size_bytes) for p in urls.parts] == [(1, 8 * MiB), (2, 8 * MiB)]
+    assert not urls.HasField("digests")
+    for part in urls.parts:
+        assert _put(part.url, _part(part.part_number)) == 200
+
+    listed = await stub.ListStoreParts(
+        broker_pb2.ListStorePartsRequest(name=name, file_index=0), metadata=sa, timeout=T
+    )
+    assert [(p.part_number, p.size_bytes) for p in listed.parts] == [(1, 8 * MiB), (2, 8 * MiB)]
+    assert all(p.etag for p in listed.parts)
+    assert not listed.digests_stored
+    assert not listed.completed
+
+    await _expect(
+        stub.CompleteStoreUpload(
+            broker_pb2.CompleteStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PARTS_MISSING",
+    )
+
+    rest = await stub.PresignStoreParts(
+        broker_pb2.PresignStorePartsRequest(
+            name=name, file_index=0, part_numbers=[3], include_digests=True
+        ),
+        metadata=sa,
+        timeout=T,
+    )
+    assert rest.parts[0].size_bytes == 300_000
+    assert rest.digests.part_number == 0
+    assert rest.digests.size_bytes == 17 * 32
+    assert _put(rest.parts[0].url, _part(3)) == 200
+    assert _put(rest.digests.url, _digests()) == 200
+    done = await stub.CompleteStoreUpload(
+        broker_pb2.CompleteStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
+    )
+    assert done.size_bytes == SIZE
+    await stub.CompleteStoreUpload(  # completing again is fine
+        broker_pb2.CompleteStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
+    )
+    assert _uploads(s3_env, prefix) == []
+
+    # The receiver claims; before accepting it may not download.
+    claim = await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=code), timeout=T)
+    ra = _auth(claim.party_token)
+    download = broker_pb2.PresignStoreDownloadRequest(name=name, file_index=0)
+    await _expect(
+        stub.PresignStoreDownload(download, metadata=ra, timeout=T),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WRONG_STATE",
+    )
+    await stub.AcceptOffer(
+        broker_pb2.AcceptOfferRequest(name=name, receiver=_peer(50000, 50100)),
+        metadata=ra,
+        timeout=T,
+    )
+
+    # Each side only its own direction.
+    await _expect(
+        stub.PresignStoreDownload(download, metadata=sa, timeout=T),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "WRONG_PARTY",
+    )
+    for call in (
+        stub.StartStoreUpload(
+            broker_pb2.StartStoreUploadRequest(name=name, file_index=1), metadata=ra, timeout=T
+        ),
+        stub.PresignStoreParts(
+            broker_pb2.PresignStorePartsRequest(name=name, file_index=0, part_numbers=[1]),
+            metadata=ra,
+            timeout=T,
+        ),
+    ):
+        await _expect(call, grpc.StatusCode.PERMISSION_DENIED, "WRONG_PARTY")
+
+    # A file not uploaded yet is reported as not stored.
+    empty = await stub.PresignStoreDownload(
+        broker_pb2.PresignStoreDownloadRequest(name=name, file_index=1), metadata=ra, timeout=T
+    )
+    assert not empty.stored
+    assert not empty.url
+
+    got = await stub.PresignStoreDownload(download, metadata=ra, timeout=T)
+    assert got.stored
+    assert got.size_bytes == SIZE
+    first, last = 9 * CHUNK, 10 * CHUNK - 1  # chunk 9, in part 2
+    status, body, _ = http_request("GET", got.url, headers={"Range": f"bytes={first}-{last}"})
+    assert status == 206
+    assert body == DATA[first : last + 1]
+    status, digests, _ = http_request("GET", got.digests_url)
+    assert status == 200
+    assert digests == _digests()
+    assert digests[9 * 32 : 10 * 32] == hashlib.sha256(body).digest()
+
+    # Verified completion: the broker deletes both objects.
+    for state in (S.STATE_TRANSFERRING, S.STATE_COMPLETED):
+        await stub.ReportProgress(
+            broker_pb2.ReportProgressRequest(name=name, state=state, bytes_done=SIZE),
+            metadata=ra,
+            timeout=T,
+        )
+    await _until(lambda: _gone(s3_env, key) and _gone(s3_env, f"{key}.digests"))
+    await _expect(
+        stub.StartStoreUpload(
+            broker_pb2.StartStoreUploadRequest(name=name, file_index=1), metadata=sa, timeout=T
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "WRONG_STATE",
+    )
+
+    # Presigned URLs are bearer secrets: the broker logged at DEBUG and never wrote one.
+    broker.stop()
+    log = "".join(path.read_text() for path in broker.log)
+    assert "DEBUG" in log
+    assert "X-Amz-Signature" not in log
+    assert "Signature=" not in log
+    for url in (*[p.url for p in urls.parts], rest.digests.url, got.url):
+        assert urllib.parse.urlsplit(url).query not in log
+
+
+async def test_presigned_urls_are_bound_to_key_and_size(
+    s3_env: S3Server, broker_factory: BrokerFactory, channel_to: list[grpc.aio.Channel]
+) -> None:
+    broker = broker_factory(*s3_env.broker_args("bound/"), "--s3-url-ttl", "60")
+    stub = _stub(broker, channel_to)
+    (name_a, token_a), (name_b, _) = await _offer(stub), await _offer(stub)
+    for name, token in ((name_a, token_a),):
+        await stub.StartStoreUpload(
+            broker_pb2.StartStoreUploadRequest(name=name, file_index=0),
+            metadata=_auth(token),
+            timeout=T,
+        )
+    urls = await stub.PresignStoreParts(
+        broker_pb2.PresignStorePartsRequest(
+            name=name_a, file_index=0, part_numbers=[3], include_digests=True
+        ),
+        metadata=_auth(token_a),
+        timeout=T,
+    )
+    part, digests = urls.parts[0], urls.digests
+    lifetime = part.expire_time.ToSeconds() - datetime.datetime.now(datetime.UTC).timestamp()
+    assert 50 < lifetime <= 61
+
+    for url, size in ((part.url, part.size_bytes), (digests.url, digests.size_bytes)):
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        assert query["X-Amz-SignedHeaders"] == ["content-length;host"]
+        assert query["X-Amz-Expires"] == ["60"]
+        good = {"Content-Length": str(size)}
+        assert verify_presigned("PUT", url, good) is None
+        # Another size: the signature covers Content-Length.
+        assert verify_presigned("PUT", url, {"Content-Length": str(size + 1)}) is not None
+        # Another method (reading with an upload URL).
+        assert verify_presigned("GET", url, good) is not None
+        # Another transfer's object: the key is in the signature.
+        other = url.replace(name_a.removeprefix("sessions/"), name_b.removeprefix("sessions/"))
+        assert other != url
+        assert verify_presigned("PUT", other, good) == "signature does not match"
+        # After its expiry.
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=61)
+        assert verify_presigned("PUT", url, good, now=later) == "expired"
+
+    # Another part number of the same upload is another signature, too.
+    other_part = part.url.replace("partNumber=3", "partNumber=1")
+    assert verify_presigned("PUT", other_part, {"Content-Length": "300000"}) is not None
+
+    # moto itself takes a wrong-size PUT (it checks no signature); real S3 answers 403.
+    status, _, _ = http_request("PUT", part.url, b"x" * 10, {"Content-Length": "10"})
+    assert status == 200  # documents moto's leniency; see the module docstring
+
+    # Out-of-range requests are refused before anything is signed.
+    await _expect(
+        stub.PresignStoreParts(
+            broker_pb2.PresignStorePartsRequest(name=name_a, file_index=0, part_numbers=[4]),
+            metadata=_auth(token_a),
+            timeout=T,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    await _expect(
+        stub.StartStoreUpload(
+            broker_pb2.StartStoreUploadRequest(name=name_a, file_index=2),
+            metadata=_auth(token_a),
+            timeout=T,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    await _expect(
+        stub.PresignStoreParts(
+            broker_pb2.PresignStorePartsRequest(name=name_a, file_index=1, part_numbers=[1]),
+            metadata=_auth(token_a),
+            timeout=T,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "UPLOAD_NOT_STARTED",
+    )
+
+
+async def test_expiry_aborts_upload_and_deletes_objects(
+    s3_env: S3Server, broker_factory: BrokerFactory, channel_to: list[grpc.aio.Channel]
+) -> None:
+    prefix = "expiry/"
+    broker = broker_factory(*s3_env.broker_args(prefix))
+    stub = _stub(broker, channel_to)
+    name, token = await _offer(stub, ttl_s=2.0)
+    key = f"{prefix}{name.removeprefix('sessions/')}/0"
+    await stub.StartStoreUpload(
+        broker_pb2.StartStoreUploadRequest(name=name, file_index=0),
+        metadata=_auth(token),
+        timeout=T,
+    )
+    urls = await stub.PresignStoreParts(
+        broker_pb2.PresignStorePartsRequest(
+            name=name, file_index=0, part_numbers=[3], include_digests=True
+        ),
+        metadata=_auth(token),
+        timeout=T,
+    )
+    # URLs never outlive the session.
+    assert urls.parts[0].expire_time.ToSeconds() <= (
+        datetime.datetime.now(datetime.UTC).timestamp() + 3
+    )
+    assert _put(urls.parts[0].url, _part(3)) == 200
+    assert _put(urls.digests.url, _digests()) == 200
+    assert _uploads(s3_env, prefix) == [key]
+    assert not _gone(s3_env, f"{key}.digests")
+
+    await _until(lambda: not _uploads(s3_env, prefix) and _gone(s3_env, f"{key}.digests"))
+    session = await stub.GetSession(
+        broker_pb2.GetSessionRequest(name=name), metadata=_auth(token), timeout=T
+    )
+    assert session.session.state == S.STATE_EXPIRED
+
+
+async def test_stale_uploads_are_aborted(
+    s3_env: S3Server, broker_factory: BrokerFactory, channel_to: list[grpc.aio.Channel]
+) -> None:
+    prefix = "stale/"
+    client = s3_env.client()
+    orphan = client.create_multipart_upload(Bucket=s3_env.bucket, Key=f"{prefix}gone/0")
+    outside = client.create_multipart_upload(Bucket=s3_env.bucket, Key="elsewhere/0")
+    # Sessions live at most 1 + 1 s here, so anything older than 2 s is stale.
+    broker_factory(
+        *s3_env.broker_args(prefix),
+        "--offer-ttl",
+        "1",
+        "--offer-ttl-max",
+        "1",
+        "--session-ttl",
+        "1",
+        "--s3-stale-sweep-interval",
+        "0.5",
+    )
+    await _until(lambda: not _uploads(s3_env, prefix), timeout=10)
+    assert _uploads(s3_env, "elsewhere/") == ["elsewhere/0"]
+    client.abort_multipart_upload(
+        Bucket=s3_env.bucket, Key="elsewhere/0", UploadId=outside["UploadId"]
+    )
+    del orphan
+
+
+async def test_without_s3_the_fallback_is_unavailable(
+    broker: BrokerProcess, channel_to: list[grpc.aio.Channel]
+) -> None:
+    stub = _stub(broker, channel_to)
+    name, token = await _offer(stub)
+    md = _auth(token)
+    calls = [
+        stub.StartStoreUpload(broker_pb2.StartStoreUploadRequest(name=name), metadata=md),
+        stub.PresignStoreParts(broker_pb2.PresignStorePartsRequest(name=name), metadata=md),
+        stub.ListStoreParts(broker_pb2.ListStorePartsRequest(name=name), metadata=md),
+        stub.CompleteStoreUpload(broker_pb2.CompleteStoreUploadRequest(name=name), metadata=md),
+        stub.PresignStoreDownload(broker_pb2.PresignStoreDownloadRequest(name=name), metadata=md),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert reason_of(info.value) == "STORE_UNAVAILABLE"
+        assert "no S3 bucket configured" in (info.value.details() or "")
+    # Without a token it is still an authentication error first.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.StartStoreUpload(broker_pb2.StartStoreUploadRequest(name=name), timeout=T)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
