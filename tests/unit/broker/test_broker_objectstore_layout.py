@@ -1,0 +1,145 @@
+"""Pure pieces of the object-store fallback: the layout, the env config, the uploads table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferry.broker import objectlayout as layout
+from ferry.broker.__main__ import parse_args
+from ferry.broker.config import BrokerConfig, s3_from_environment
+from ferry.broker.store import SqliteStore, UploadRecord
+from ferry.v1 import broker_pb2
+
+pytestmark = pytest.mark.timeout(30)
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("chunk", "per_part"),
+    [(64 * KiB, 128), (1 * MiB, 8), (3 * MiB, 3), (5 * MiB, 2), (8 * MiB, 1), (64 * MiB, 1)],
+)
+def test_parts_are_whole_chunks_of_at_least_8_mib(chunk: int, per_part: int) -> None:
+    size = 100 * MiB + 1
+    assert layout.chunks_per_part(size, chunk) == per_part
+    assert layout.part_size(size, chunk) == chunk * per_part
+    assert layout.part_size(size, chunk) >= max(layout.TARGET_PART_BYTES, layout.MIN_PART_BYTES)
+
+
+def test_part_lengths_add_up_and_only_the_last_is_short() -> None:
+    for size in (1, 8 * MiB - 1, 8 * MiB, 8 * MiB + 1, 16 * MiB + 300_000, 100 * MiB):
+        count = layout.part_count(size, MiB)
+        lengths = [layout.part_length(size, MiB, n) for n in range(1, count + 1)]
+        assert sum(lengths) == size
+        assert all(n == 8 * MiB for n in lengths[:-1])
+        assert 0 < lengths[-1] <= 8 * MiB
+
+
+def test_chunk_to_part() -> None:
+    size = 16 * MiB + 300_000  # 17 chunks of 1 MiB
+    assert [layout.part_of_chunk(size, MiB, c) for c in (0, 7, 8, 15, 16)] == [1, 1, 2, 2, 3]
+    with pytest.raises(ValueError, match="chunk_index"):
+        layout.part_of_chunk(size, MiB, 17)
+    with pytest.raises(ValueError, match="part_number"):
+        layout.part_length(size, MiB, 4)
+    with pytest.raises(ValueError, match="part_number"):
+        layout.part_length(size, MiB, 0)
+
+
+def test_empty_file_is_one_empty_part_and_no_digests() -> None:
+    assert layout.part_count(0, MiB) == 1
+    assert layout.part_length(0, MiB, 1) == 0
+    assert layout.digests_size(0, MiB) == 0
+    assert layout.digests_size(MiB + 1, MiB) == 64
+
+
+def test_huge_files_stay_within_s3_part_limit() -> None:
+    size = 1 << 40  # the manifest maximum, 1 TiB
+    for chunk in (64 * KiB, MiB):
+        count = layout.part_count(size, chunk)
+        assert count <= layout.MAX_PARTS
+        assert layout.part_size(size, chunk) % chunk == 0
+        assert layout.part_size(size, chunk) <= 5 * GiB  # S3's largest part
+
+
+def test_keys() -> None:
+    key = layout.object_key("ferry/", "abc", 3)
+    assert key == "ferry/abc/3"
+    assert layout.digests_key("ferry/", "abc", 3) == "ferry/abc/3.digests"
+    assert layout.parse_key("ferry/", key) == ("abc", 3)
+    for other in ("ferry/abc/3.digests", "other/abc/3", "ferry/abc", "ferry//3"):
+        assert layout.parse_key("ferry/", other) is None
+
+
+def test_s3_config_from_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "FERRY_S3_ENDPOINT": "http://minio:9000",
+        "FERRY_S3_BUCKET": "b",
+        "FERRY_S3_PREFIX": "p/",
+        "FERRY_S3_REGION": "eu-west-1",
+        "FERRY_S3_URL_TTL": "60",
+    }
+    assert s3_from_environment(env) == {
+        "s3_endpoint": "http://minio:9000",
+        "s3_bucket": "b",
+        "s3_prefix": "p/",
+        "s3_region": "eu-west-1",
+        "s3_url_ttl_s": 60.0,
+    }
+    assert s3_from_environment({"FERRY_S3_BUCKET": " "}) == {}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = parse_args(["--s3-bucket", "flag-bucket", "--log-level", "WARNING"])
+    assert (config.s3_bucket, config.s3_endpoint, config.s3_url_ttl_s) == (
+        "flag-bucket",
+        "http://minio:9000",
+        60.0,
+    )
+    for key in env:
+        monkeypatch.delenv(key)
+    config = parse_args(["--log-level", "WARNING"])
+    assert config.s3_bucket is None
+    assert config.s3_endpoint is None
+    assert config.s3_url_ttl_s == 900.0
+    with pytest.raises(ValueError, match="s3_prefix"):
+        BrokerConfig(s3_prefix="/abs")
+
+
+def test_uploads_table(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    first = store.add_upload(UploadRecord("s1", 0, "up-1", 10.0))
+    assert first.upload_id == "up-1"
+    assert store.add_upload(UploadRecord("s1", 0, "up-2", 11.0)).upload_id == "up-1"
+    store.extend_upload_urls("s1", 0, 100.0)
+    store.extend_upload_urls("s1", 0, 50.0)
+    store.complete_upload("s1", 0)
+    got = store.get_upload("s1", 0)
+    assert got is not None
+    assert (got.completed, got.urls_expire_s) == (True, 100.0)
+    # Orphans (no session row) and uploads of final sessions are due; live ones are not.
+    assert [u.session_id for u in store.uploads_to_clean(0.0, 10)] == ["s1"]
+    store.defer_upload_cleanup("s1", 0, 200.0)
+    assert store.uploads_to_clean(199.0, 10) == []
+    assert len(store.uploads_to_clean(200.0, 10)) == 1
+    store.delete_upload("s1", 0)
+    assert store.get_upload("s1", 0) is None
+    store.close()
+
+
+def test_live_session_uploads_are_not_cleaned(tmp_path: Path) -> None:
+    from ferry.broker.store import SessionRecord
+
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    session = broker_pb2.Session(name="sessions/live", state=broker_pb2.Session.STATE_OFFERED)
+    session.expire_time.FromSeconds(1000)
+    store.create_session(SessionRecord(session=session, sender_token_hash="h"))
+    store.add_upload(UploadRecord("live", 0, "up", 1.0))
+    assert store.uploads_to_clean(500.0, 10) == []
+    record = store.get_session("live")
+    assert record is not None
+    record.session.state = broker_pb2.Session.STATE_COMPLETED
+    store.update_session(record)
+    assert [u.upload_id for u in store.uploads_to_clean(500.0, 10)] == ["up"]
+    store.close()
