@@ -22,7 +22,9 @@ because a code lives minutes and stops working at its first claim.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import re
 import secrets
 
@@ -68,6 +70,16 @@ def hash_code(code: str) -> str:
 def hash_token(token: str) -> str:
     """The hex sha256 of a party token: what the store keeps."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def derived_token(key: bytes, session_id: str, request_id: str) -> str:
+    """The token a claim with ``request_id`` gets: the same for a repeated claim.
+
+    HMAC-SHA256 under the broker's secret key, so only the broker can compute it, and only
+    someone holding both the code and the claimant's secret request id can ask for it.
+    """
+    mac = hmac.new(key, f"claim\0{session_id}\0{request_id}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()).decode("ascii").rstrip("=")
 
 
 def new_token() -> str:

@@ -68,6 +68,11 @@ class BrokerConfig:
         """The SQLite file inside data_dir."""
         return Path(self.data_dir) / "broker.sqlite3"
 
+    @property
+    def token_key_path(self) -> Path:
+        """The broker's secret for repeatable claim tokens (made on first start, mode 0600)."""
+        return Path(self.data_dir) / "token.key"
+
 
 #: The environment variables that configure the object-store fallback, by BrokerConfig field.
 S3_ENVIRONMENT = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -59,9 +60,12 @@ class Broker:
         store: Store,
         clock: Clock = time.time,
         hub: Hub | None = None,
+        token_key: bytes | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # Keys the tokens of repeated claims (codes.derived_token); persisted by the server.
+        self.token_key = token_key or secrets.token_bytes(32)
         self.clock = clock
         self.hub = hub or Hub()
         self.limiter = ClaimLimiter(
@@ -164,8 +168,14 @@ class Broker:
             self._replies.popitem(last=False)
         self._replies[request_id] = (fingerprint, response, expire_s)
 
-    def claim_offer(self, code: str, peer_ip: str | None) -> broker_pb2.ClaimOfferResponse:
-        """Redeem a one-time code; a second claim looks exactly like a wrong code."""
+    def claim_offer(
+        self, code: str, peer_ip: str | None, request_id: str = ""
+    ) -> broker_pb2.ClaimOfferResponse:
+        """Redeem a one-time code; a second claim looks exactly like a wrong code.
+
+        Unless it repeats the first claim's ``request_id``: then the claimant (which crashed
+        before it saw the answer, say) gets the session and the same token again.
+        """
         now = self.clock()
         ip = peer_ip or "unknown"
         if not self.limiter.allowed(ip, now):
@@ -178,6 +188,13 @@ class Broker:
         record = None
         if codes.is_well_formed(normalized):
             record = self.store.find_by_code_hash(codes.hash_code(normalized))
+        if record is not None and record.session.claimed and request_id:
+            token = codes.derived_token(self.token_key, record.session_id, request_id)
+            if (
+                record.receiver_token_hash == codes.hash_token(token)
+                and record.session.state not in states.FINAL_STATES
+            ):
+                return broker_pb2.ClaimOfferResponse(session=record.session, party_token=token)
         if record is None or record.session.claimed:
             self.limiter.failed(ip, now)
             raise _not_found()
@@ -190,7 +207,11 @@ class Broker:
         if record.session.state != states.OFFERED:
             self.limiter.failed(ip, now)
             raise _not_found()
-        token = codes.new_token()
+        token = (
+            codes.derived_token(self.token_key, record.session_id, request_id)
+            if request_id
+            else codes.new_token()
+        )
         record.receiver_token_hash = codes.hash_token(token)
         record = self._fire(record, Event.CLAIM, Party.RECEIVER)
         return broker_pb2.ClaimOfferResponse(session=record.session, party_token=token)
@@ -435,8 +456,10 @@ class Broker:
         session.claimed = outcome.claimed
         session.update_time.CopyFrom(timestamp(self.clock()))
         final = outcome.state in states.FINAL_STATES
-        if outcome.claimed or (final and outcome.state != states.EXPIRED):
-            record.code_hash = None  # single use; EXPIRED keeps it to say CODE_EXPIRED
+        if final and outcome.state != states.EXPIRED:
+            # Until then the code still finds the session: single use is `claimed`, and a
+            # repeated claim (same request_id) must find it. EXPIRED keeps it for CODE_EXPIRED.
+            record.code_hash = None
         try:
             stored = self.store.update_session(record)
         except StaleRecord:

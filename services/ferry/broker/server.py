@@ -7,8 +7,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import secrets
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,12 +60,38 @@ class RunningBroker:
         self.store.close()
 
 
+def load_token_key(path: Path) -> bytes:
+    """Read the broker's token key, or create it (32 random bytes, 0600) on first start."""
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    temp = path.with_name(path.name + ".new")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    return key
+
+
 async def start_server(
     config: BrokerConfig, *, store: Store | None = None, clock: Clock | None = None
 ) -> RunningBroker:
     """Open the store, bind `config.listen` (port 0 allowed) and start serving."""
     store = store if store is not None else SqliteStore(config.database_path)
-    broker = Broker(config, store) if clock is None else Broker(config, store, clock=clock)
+    key = load_token_key(config.token_key_path)
+    broker = (
+        Broker(config, store, token_key=key)
+        if clock is None
+        else Broker(config, store, clock=clock, token_key=key)
+    )
     server = grpc.aio.server()
     objects = (
         ObjectStore(config.s3_bucket, endpoint=config.s3_endpoint, region=config.s3_region)

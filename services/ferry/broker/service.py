@@ -93,7 +93,9 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.ClaimOfferRequest, context: Context
     ) -> broker_pb2.ClaimOfferResponse:
         ip = validation.peer_ip(context.peer())
-        return await _call(context, lambda: self._broker.claim_offer(request.code, ip))
+        return await _call(
+            context, lambda: self._broker.claim_offer(request.code, ip, request.request_id)
+        )
 
     async def AcceptOffer(
         self, request: broker_pb2.AcceptOfferRequest, context: Context
