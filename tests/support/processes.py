@@ -46,8 +46,10 @@ def _kill(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)
-    if proc is not None and proc.stdout is not None:
-        proc.stdout.close()
+    if proc is not None:
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @dataclass
@@ -62,7 +64,8 @@ class BrokerProcess:
     listen: str = "127.0.0.1:0"
 
     def start(self) -> None:
-        """Start it and wait for its listening line."""
+        """Start it (again) and wait for its listening line."""
+        _kill(self.proc)  # an earlier run's process and pipes, if any
         log_path = self.data_dir.parent / f"{self.data_dir.name}-{len(self.log)}.log"
         self.log.append(log_path)
         with log_path.open("wb") as log_file:

@@ -52,6 +52,14 @@ def find(role: str, broker: str, **match: Any) -> tuple[str, dict[str, Any]] | N
     return None
 
 
+def update(name: str, **fields: Any) -> None:
+    """Change some fields of a remembered session."""
+    sessions = load()
+    if name in sessions:
+        sessions[name].update(fields)
+        _save(sessions)
+
+
 def forget(name: str) -> None:
     """Drop a session that is over."""
     sessions = load()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -127,7 +128,7 @@ class _Events:
 async def _offer_or_resume(ns: argparse.Namespace, client: Client) -> tuple[Outgoing, bool]:
     """Resume this machine's unfinished offer of the very same paths, else offer anew."""
     sources = [str(p.absolute()) for p in ns.paths]
-    found = _state.find("sender", ns.broker, sources=sources)
+    found = _state.find("sender", ns.broker, sources=sources, done=None)
     if found is not None:
         name, entry = found
         try:
@@ -182,6 +183,8 @@ async def _send(ns: argparse.Namespace) -> int:
         finally:
             events.close()
         _finish(ns, result, "Sent")
+        # Only after the result is out: from now on `ferry send` of these files is a new offer.
+        _state.update(outgoing.name, done=True)
         return 0
     finally:
         await outgoing.close()
@@ -243,23 +246,42 @@ def _consent(ns: argparse.Namespace) -> bool:
 
 
 async def _claim_or_resume(ns: argparse.Namespace, client: Client) -> Incoming:
-    """Resume this machine's unfinished transfer of the same code, else claim the code."""
+    """Resume this machine's unfinished transfer of the same code, else claim the code.
+
+    The claim's request id is saved before the claim, so a receiver killed mid-claim can
+    repeat it: the code itself is used up by then.
+    """
     key = _state.code_key(ns.code)
     found = _state.find("receiver", ns.broker, code=key)
+    request_id = uuid.uuid4().hex
     if found is not None:
         name, entry = found
-        try:
-            return await client.resume_claim(name, entry["token"])
-        except TransferError:
-            _state.forget(name)
-        except BrokerError as exc:
-            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
-                raise
-            _state.forget(name)
-    incoming = await client.claim(ns.code)
+        if entry.get("token"):
+            try:
+                return await client.resume_claim(name, entry["token"])
+            except TransferError as exc:
+                # This machine used the code for a transfer that is over; it can't be reused.
+                raise CliError(f"this code was used here already: {exc}") from None
+            except BrokerError as exc:
+                if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                    raise
+                _state.forget(name)
+        else:
+            request_id = entry.get("claim_request") or request_id
+    pending = f"pending/{key}"
+    _state.remember(
+        pending, "", "receiver", ns.broker, code=key, claim_request=request_id, dest=str(ns.dest)
+    )
+    try:
+        incoming = await client.claim(ns.code, request_id)
+    except BrokerError as exc:
+        if exc.code != grpc.StatusCode.UNAVAILABLE:
+            _state.forget(pending)  # a wrong or used-up code: nothing to repeat
+        raise
     _state.remember(
         incoming.name, incoming.token, "receiver", ns.broker, code=key, dest=str(ns.dest)
     )
+    _state.forget(pending)  # only now: a kill in between leaves one of the two
     return incoming
 
 
@@ -309,7 +331,7 @@ async def _status(ns: argparse.Namespace) -> int:
     from ferry.v1 import broker_pb2
 
     known = _state.load()
-    names = [ns.session] if ns.session else list(known)[-10:]
+    names = [ns.session] if ns.session else [n for n, e in known.items() if e.get("token")][-10:]
     if not names:
         raise CliError("no sessions known on this machine yet")
     for name in names:
@@ -346,14 +368,10 @@ async def _status(ns: argparse.Namespace) -> int:
 
 
 def _digest(ns: argparse.Namespace) -> int:
-    from ferry.protocol import chunk_digest, file_digest
+    from ferry.client._send import digest_file
 
     for path in ns.files:
-        digests = []
-        with open(path, "rb") as f:
-            while chunk := f.read(ns.chunk_size):
-                digests.append(chunk_digest(chunk))
-        print(f"{file_digest(digests).hex()}  {escape_name(str(path))}")
+        print(f"{digest_file(path, ns.chunk_size).hex()}  {escape_name(str(path))}")
     return 0
 
 

@@ -32,11 +32,23 @@ from ferry.client._broker import BrokerError, BrokerLink
 from ferry.client._journal import Journal
 from ferry.client._receive import ReceivePeer
 from ferry.client._resume import resume_from_journal
-from ferry.client._send import SendCounter, SendPeer, SourceChanged
+from ferry.client._send import (
+    SendCounter,
+    SendPeer,
+    SourceChanged,
+    digest_file,
+    fill_digests,
+)
 from ferry.client._sink import FileSink, SinkFile
 from ferry.client._tls import Identity, client_context, server_context
 from ferry.client._wire import PeerGone
-from ferry.files import build_manifest, check_manifest_paths, free_space_ok
+from ferry.files import (
+    build_manifest,
+    check_manifest_paths,
+    escape_name,
+    free_space_ok,
+    resolve_destination,
+)
 from ferry.protocol import (
     FILE_DIGEST_ALGORITHM,
     PeerAborted,
@@ -252,7 +264,7 @@ class Client:
         link.token = token
         try:
             session = await link.get(name)
-            if session.state in _FINAL:
+            if session.state in _FINAL and session.state != State.STATE_COMPLETED:
                 raise TransferError(f"that transfer is over ({_ended(session)})")
             manifest, sources = build_manifest(
                 [Path(p) for p in paths], session.manifest.chunk_size_bytes
@@ -261,21 +273,27 @@ class Client:
                 deterministic=True
             ):
                 reason = "the files changed since they were offered"
-                with contextlib.suppress(BrokerError):
-                    await link.report(name, State.STATE_FAILED, 0, reason)
+                if session.state != State.STATE_COMPLETED:
+                    with contextlib.suppress(BrokerError):
+                        await link.report(name, State.STATE_FAILED, 0, reason)
                 raise TransferError(f"{reason}; send them again for a new code")
             identity = Identity.generate()
-            session = await link.resume(name, self._peer_info(identity))
+            if session.state != State.STATE_COMPLETED:  # else: only the result is left to show
+                session = await link.resume(name, self._peer_info(identity))
         except BaseException:
             await link.close()
             raise
         return Outgoing(link, session, code, sources, identity)
 
-    async def claim(self, code: str) -> Incoming:
-        """Redeem a one-time code: see what is offered, then accept or decline."""
+    async def claim(self, code: str, request_id: str = "") -> Incoming:
+        """Redeem a one-time code: see what is offered, then accept or decline.
+
+        Keep ``request_id`` (a random secret) before calling: if this process dies before it
+        sees the answer, claiming again with the same id gets the same session and token.
+        """
         link = BrokerLink(self.broker, timeout=self.timeout)
         try:
-            response = await link.claim_offer(code)
+            response = await link.claim_offer(code, request_id)
         except BaseException:
             await link.close()
             raise
@@ -287,7 +305,7 @@ class Client:
         link.token = token
         try:
             session = await link.get(name)
-            if session.state in _FINAL:
+            if session.state in _FINAL and session.state != State.STATE_COMPLETED:
                 raise TransferError(f"that transfer is over ({_ended(session)})")
         except BaseException:
             await link.close()
@@ -395,6 +413,8 @@ class Outgoing:
         final = await self._confirmed()
         if final.state != State.STATE_COMPLETED:
             raise TransferError(f"the receiver did not confirm completion ({_ended(final)})")
+        # Chunks the receiver had from an earlier run were not read here: hash them now.
+        await asyncio.to_thread(fill_digests, send_session, self._sources)
         digests = [send_session.digest(i) for i in range(len(self.files))]
         result = TransferResult(
             session=self.name,
@@ -488,6 +508,8 @@ class Incoming:
         failure removes the partial data.
         """
         dest = Path(dest)
+        if self.session.state == State.STATE_COMPLETED:
+            return await self._completed_earlier(dest, on_event)
         manifest = self.session.manifest
         chunk_size = manifest.chunk_size_bytes
         sizes = [f.size for f in self.files]
@@ -559,6 +581,35 @@ class Incoming:
             chunks_retried=receive.retries,
         )
         await self._report_completed(receive.bytes_verified)
+        if on_event is not None:
+            on_event(Completed(result))
+        return result
+
+    async def _completed_earlier(self, dest: Path, on_event: EventHandler | None) -> TransferResult:
+        """This transfer completed in an earlier run (killed before it could say so)."""
+        started = time.monotonic()
+        chunk_size = self.session.manifest.chunk_size_bytes
+        paths: list[Path] = []
+        for f in self.files:
+            path = resolve_destination(dest, PurePosixPath(f.path))
+            if not path.is_file() or path.stat().st_size != f.size:
+                raise TransferError(
+                    f"this transfer completed earlier, but {escape_name(f.path)} is no longer "
+                    f"in {escape_name(str(dest))}"
+                )
+            paths.append(path)
+        digests = await asyncio.to_thread(lambda: [digest_file(p, chunk_size) for p in paths])
+        result = TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, d.hex())
+                for f, d in zip(self.files, digests, strict=True)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=0,
+            bytes_resumed=self.total_size,
+            seconds=time.monotonic() - started,
+        )
         if on_event is not None:
             on_event(Completed(result))
         return result

@@ -89,11 +89,13 @@ class BrokerLink:
         self.token = response.party_token
         return response
 
-    async def claim_offer(self, code: str) -> broker_pb2.ClaimOfferResponse:
+    async def claim_offer(self, code: str, request_id: str = "") -> broker_pb2.ClaimOfferResponse:
         """ClaimOffer; keeps the receiver's token."""
         try:
             response: broker_pb2.ClaimOfferResponse = await self._stub.ClaimOffer(
-                broker_pb2.ClaimOfferRequest(code=code), timeout=self.timeout, wait_for_ready=True
+                broker_pb2.ClaimOfferRequest(code=code, request_id=request_id),
+                timeout=self.timeout,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as err:
             raise BrokerError.from_rpc(err, "code") from None

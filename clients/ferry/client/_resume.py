@@ -18,6 +18,10 @@ from ferry.protocol.journal import Recovered
 __all__ = ["resume_from_journal"]
 
 
+def _matches(data: bytes, digest: bytes) -> bool:
+    return chunk_digest(data) == digest
+
+
 def resume_from_journal(
     sink: FileSink, journal: Journal, session: ReceiveSession, file_chunks: list[int]
 ) -> Recovered:
@@ -29,6 +33,21 @@ def resume_from_journal(
         for i in found.finished
         if sink.final_ok(i) and sum(1 for f, _ in found.sure if f == i) == file_chunks[i]
     }
+    # Killed between moving a file into place and journaling FINISHED: every chunk is in
+    # the journal, the temporary file is gone and the final one is there. The data was
+    # fsynced before the move; check the unsure chunks against the final file.
+    for i in range(len(file_chunks)):
+        if i in finished or sink.has_temp(i) or not sink.final_ok(i):
+            continue
+        chunks = {c: d for (f, c), d in {**found.sure, **found.unsure}.items() if f == i}
+        if len(chunks) != file_chunks[i]:
+            continue
+        if all(
+            (i, c) in found.sure or _matches(sink.read_final(i, c, session), d)
+            for c, d in chunks.items()
+        ):
+            found.sure.update({(i, c): d for c, d in chunks.items()})
+            finished.add(i)
     sink.prepare(finished)
     for index in sorted(finished):
         for (f, chunk), digest in found.sure.items():

@@ -31,12 +31,13 @@ from ferry.protocol import (
     check_hello,
     chunk_digest,
     encode_chunk_head,
+    file_digest,
     hello,
 )
 from ferry.protocol.frames import CHUNK_HEAD_SIZE, HEADER_SIZE
 from ferry.v1 import peer_pb2
 
-__all__ = ["SendPeer", "SourceChanged"]
+__all__ = ["SendCounter", "SendPeer", "SourceChanged", "digest_file", "fill_digests"]
 
 _HEAD = HEADER_SIZE + CHUNK_HEAD_SIZE
 _ACCEPT_POLL = 0.2
@@ -252,6 +253,30 @@ class SendPeer:
         if fd is not None:
             os.close(fd)
         return message
+
+
+def digest_file(path: Path, chunk_size: int) -> bytes:
+    """A whole file's blake3-chunks digest, read from disk (what `ferry digest` prints)."""
+    digests = []
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digests.append(chunk_digest(chunk))
+    return file_digest(digests)
+
+
+def fill_digests(session: SendSession, sources: Sequence[Path]) -> None:
+    """Hash the chunks whose digests the session does not know yet, from the sources."""
+    buffer = memoryview(bytearray(session.chunk_size))
+    for index, source in enumerate(sources):
+        missing = session.missing_digests(index)
+        if not missing:
+            continue
+        with open(source, "rb", buffering=0) as f:
+            for item in missing:
+                view = buffer[: item.length]
+                if os.preadv(f.fileno(), [view], item.offset) != item.length:
+                    raise SourceChanged(f"{escape_name(str(source))} shrank since it was offered")
+                session.chunk_sent(item, chunk_digest(view))
 
 
 def _listen(port: int) -> socket.socket:

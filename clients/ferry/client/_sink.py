@@ -25,6 +25,7 @@ from ferry.files import (
     resolve_destination,
 )
 from ferry.files.paths import DestinationExistsError
+from ferry.protocol import ReceiveSession
 
 __all__ = ["FileSink", "SinkFile"]
 
@@ -84,6 +85,15 @@ class FileSink:
         except (OSError, ValueError):
             return False
         return stat.S_ISREG(st.st_mode)
+
+    def read_final(self, index: int, chunk: int, session: ReceiveSession) -> bytes:
+        """One chunk of a file already in place (to re-verify it after a crash)."""
+        path = resolve_destination(self.dest, self.files[index].rel)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, session.chunk_length(index, chunk), chunk * session.chunk_size)
+        finally:
+            os.close(fd)
 
     def read_at(self, index: int, offset: int, length: int) -> bytes:
         """Bytes already written to file ``index``'s temporary file (to re-verify them)."""

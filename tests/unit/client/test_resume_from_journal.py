@@ -383,3 +383,33 @@ def test_another_transfers_journal_is_ignored(dest: Path, runs: list[Run], first
         assert other_session.bytes_resumed == 0
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_killed_between_moving_a_file_in_place_and_journaling_it(
+    dest: Path, runs: list[Run], first: Run, synced: bool
+) -> None:
+    first.write(all_chunks(0))
+    if synced:
+        first.sync()
+    first.sink.finish(0)  # in place, temporary file gone, but no FINISHED record
+    first.stop()
+    run = next_run(dest, runs)
+    run.resume()
+    assert 0 not in run.session.complete_unconfirmed()
+    assert run.session.file_confirmed(0)
+    assert run.session.digest(0) == file_digest(digest(0, c) for c in range(FILE_CHUNKS[0]))
+    assert (0, 0) not in run.wanted()
+
+
+def test_killed_before_journaling_a_file_that_was_then_changed(
+    dest: Path, runs: list[Run], first: Run
+) -> None:
+    first.write(all_chunks(0))
+    first.sink.finish(0)
+    first.stop()
+    final = dest / NAMES[0]
+    final.write_bytes(bytes(SIZES[0]))  # same size, other bytes: not ours any more
+    run = next_run(dest, runs)
+    with pytest.raises(DestinationExistsError):
+        run.resume()

@@ -1,0 +1,150 @@
+"""kill -9 at random points, then rerun: every transfer still ends verified, nothing stray.
+
+Each round starts a real `ferry send` and `ferry receive` against a real broker, kills one
+of the three processes (sender, receiver or broker) with SIGKILL at a random moment, starts
+the same command again (same arguments, same local state), and waits for both sides to
+report a verified completion. The destination must then hold exactly the source bytes and
+no temporary file or journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BrokerFactory
+from tests.support.processes import BrokerProcess, FerryProcess
+
+pytestmark = [pytest.mark.timeout(240)]
+
+SIZE = 96 << 20
+CHUNK = "256K"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Round:
+    """One sender and one receiver, each with its own local state folder."""
+
+    def __init__(self, root: Path, broker: BrokerProcess, source: Path) -> None:
+        self.root = root
+        self.broker = broker
+        self.source = source
+        self.dest = root / "dest"
+        self.code = ""
+
+    def _env(self, who: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "FERRY_BROKER": self.broker.address,
+            "XDG_STATE_HOME": str(self.root / f"state-{who}"),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def send(self) -> FerryProcess:
+        return FerryProcess(
+            ["send", str(self.source), "--json", "--chunk-size", CHUNK],
+            self._env("sender"),
+            self.root,
+        ).start()
+
+    def receive(self) -> FerryProcess:
+        return FerryProcess(
+            ["receive", self.code, "--dest", str(self.dest), "--yes", "--json"],
+            self._env("receiver"),
+            self.root,
+        ).start()
+
+
+def _kill(proc: FerryProcess | BrokerProcess) -> None:
+    assert proc.proc is not None
+    if proc.proc.poll() is None:
+        proc.proc.send_signal(signal.SIGKILL)
+    proc.proc.wait(timeout=10)
+
+
+Outcome = tuple[int, list[dict[str, Any]], str]
+
+
+def _kill_unfinished(proc: FerryProcess) -> Outcome | None:
+    """SIGKILL a CLI run; its outcome if it had printed its completion line already."""
+    _kill(proc)
+    _, lines, err = proc.finish(10)
+    if lines and lines[-1].get("event") == "completed":
+        return 0, lines, err  # it was only tidying up: the transfer is done
+    return None
+
+
+def _last(lines: list[dict[str, Any]], err: str) -> dict[str, Any]:
+    assert lines, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("victim", ["receiver", "sender", "broker"])
+def test_kill_at_random_points_and_rerun(
+    victim: str, tmp_path: Path, broker_factory: BrokerFactory
+) -> None:
+    rng = random.Random(f"{victim}-{os.getpid()}-{time.time_ns()}")
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(SIZE))
+    want = _sha256(source)
+    for round_no in range(3):
+        broker = broker_factory(name=f"broker-{round_no}")
+        r = Round(tmp_path / f"round-{round_no}", broker, source)
+        r.root.mkdir()
+        started: list[FerryProcess] = []
+        try:
+            sender = r.send()
+            started.append(sender)
+            first = sender.line()
+            assert first["event"] == "offered"
+            r.code = first["code"]
+            receiver = r.receive()
+            started.append(receiver)
+            delay = rng.uniform(0.0, 1.5)
+            time.sleep(delay)
+            received: Outcome | None = None
+            sent: Outcome | None = None
+            if victim == "receiver":
+                received = _kill_unfinished(receiver)
+                if received is None:
+                    receiver = r.receive()
+                    started.append(receiver)
+            elif victim == "sender":
+                sent = _kill_unfinished(sender)
+                if sent is None:
+                    sender = r.send()
+                    started.append(sender)
+                    assert sender.line()["event"] == "resumed"
+            else:
+                _kill(broker)
+                broker.start()  # same port, same data directory
+            rc, lines, err = received or receiver.finish(180)
+            note = f"victim {victim}, round {round_no}, killed after {delay:.2f} s: {err}"
+            assert rc == 0, note
+            done = _last(lines, note)
+            assert done["event"] == "completed", note
+            assert done["bytes"] == SIZE
+            assert done["bytes_transferred"] + done["bytes_resumed"] == SIZE, note
+            src_rc, src_lines, src_err = sent or sender.finish(60)
+            assert src_rc == 0, f"{note}\nsender: {src_err}"
+            assert _last(src_lines, src_err)["event"] == "completed"
+            assert _sha256(r.dest / "source.bin") == want, note
+            assert sorted(p.name for p in r.dest.iterdir()) == ["source.bin"], note
+        finally:
+            for proc in started:
+                proc.kill()
+            broker.kill()
