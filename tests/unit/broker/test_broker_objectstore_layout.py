@@ -143,3 +143,45 @@ def test_live_session_uploads_are_not_cleaned(tmp_path: Path) -> None:
     store.update_session(record)
     assert [u.upload_id for u in store.uploads_to_clean(500.0, 10)] == ["up"]
     store.close()
+
+
+class _FakeObjects:
+    """Just what Fallback.abort_stale calls, recording the aborts."""
+
+    def __init__(self, uploads: list[tuple[str, str, float]]) -> None:
+        from ferry.broker.objectstore import StaleUpload
+
+        self.uploads = [StaleUpload(k, u, t) for k, u, t in uploads]
+        self.aborted: list[str] = []
+
+    async def list_uploads(self, prefix: str) -> list[object]:
+        return [u for u in self.uploads if u.key.startswith(prefix)]
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        self.aborted.append(upload_id)
+
+
+@pytest.mark.asyncio
+async def test_abort_stale_only_old_unknown_uploads(tmp_path: Path) -> None:
+    from typing import Any, cast
+
+    from ferry.broker.core import Broker
+    from ferry.broker.fallback import Fallback
+
+    config = BrokerConfig(offer_ttl_default_s=100.0, offer_ttl_max_s=100.0, session_ttl_s=100.0)
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    store.add_upload(UploadRecord("known", 0, "known-up", 0.0))
+    broker = Broker(config, store, clock=lambda: 1000.0)
+    fake = _FakeObjects(
+        [
+            ("ferry/known/0", "known-up", 0.0),  # recorded: its session's cleanup owns it
+            ("ferry/known/0", "lost-race", 0.0),  # same file, unrecorded id: stale
+            ("ferry/young/0", "young", 900.0),  # 100 s old: may still be recorded
+            ("ferry/orphan/1", "orphan", 700.0),  # 300 s old, unknown: stale
+            ("ferry/not-a-file-key", "odd", 0.0),  # unparsable under the prefix: stale
+        ]
+    )
+    fallback = Fallback(broker, cast(Any, fake))
+    assert await fallback.abort_stale() == 3
+    assert sorted(fake.aborted) == ["lost-race", "odd", "orphan"]
+    store.close()
