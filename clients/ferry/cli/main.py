@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from ferry.cli import _progress, _state
+from ferry.cli import _state
 from ferry.client import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PORTS,
@@ -107,7 +107,11 @@ class _Events:
     """Turns library events into a progress bar (terminal) or nothing (JSON mode)."""
 
     def __init__(self, as_json: bool, label: str) -> None:
-        self.bar = None if as_json else _progress.open_bar(label)
+        self.bar = None
+        if not as_json and sys.stderr.isatty():
+            from ferry.cli import _progress  # rich costs ~25 ms to import: only for a terminal
+
+            self.bar = _progress.open_bar(label)
 
     def __call__(self, event: Event) -> None:
         if self.bar is None:
@@ -378,12 +382,27 @@ def _digest(ns: argparse.Namespace) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     from ferry.broker import BrokerConfig, serve
 
-    config = BrokerConfig(listen=ns.listen, data_dir=Path(ns.data_dir))
+    config = BrokerConfig(
+        listen=ns.listen,
+        data_dir=Path(ns.data_dir),
+        s3_bucket=ns.s3_bucket or None,
+        s3_endpoint=ns.s3_endpoint or None,
+        s3_region=ns.s3_region or None,
+        s3_prefix=ns.s3_prefix,
+        **({"s3_url_ttl_s": float(ns.s3_url_ttl)} if ns.s3_url_ttl else {}),
+    )
     asyncio.run(serve(config))
     return 0
 
 
 # -- arguments ------------------------------------------------------------------------
+
+
+def _s3_environment() -> dict[str, str | float]:
+    """The FERRY_S3_* settings (the broker's own parser, without importing the broker)."""
+    from ferry.broker.config import s3_from_environment
+
+    return s3_from_environment()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -407,6 +426,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a broker")
     s.add_argument("--listen", default=os.environ.get("FERRY_LISTEN", DEFAULT_BROKER))
     s.add_argument("--data-dir", default=os.environ.get("FERRY_DATA_DIR", "ferry-data"))
+    s3 = _s3_environment()
+    s.add_argument("--s3-bucket", default=s3.get("s3_bucket"), help="object-store fallback bucket")
+    s.add_argument("--s3-endpoint", default=s3.get("s3_endpoint"), help="S3 URL; unset: AWS")
+    s.add_argument("--s3-region", default=s3.get("s3_region"))
+    s.add_argument("--s3-prefix", default=s3.get("s3_prefix", "ferry/"), help="key prefix")
+    s.add_argument("--s3-url-ttl", type=float, default=s3.get("s3_url_ttl_s"), metavar="S")
 
     s = sub.add_parser("send", help="offer files and folders; prints a one-time code")
     s.add_argument("paths", nargs="+", type=Path)
