@@ -381,28 +381,26 @@ def _digest(ns: argparse.Namespace) -> int:
 
 def _serve(ns: argparse.Namespace) -> int:
     from ferry.broker import BrokerConfig, serve
+    from ferry.broker.config import s3_from_environment
 
-    config = BrokerConfig(
-        listen=ns.listen,
-        data_dir=Path(ns.data_dir),
-        s3_bucket=ns.s3_bucket or None,
-        s3_endpoint=ns.s3_endpoint or None,
-        s3_region=ns.s3_region or None,
-        s3_prefix=ns.s3_prefix,
-        **({"s3_url_ttl_s": float(ns.s3_url_ttl)} if ns.s3_url_ttl else {}),
-    )
+    # FERRY_S3_* from the environment, then the --s3-* flags given.
+    flags = {
+        "s3_bucket": ns.s3_bucket,
+        "s3_endpoint": ns.s3_endpoint,
+        "s3_region": ns.s3_region,
+        "s3_prefix": ns.s3_prefix,
+        "s3_url_ttl_s": ns.s3_url_ttl,
+    }
+    s3: dict[str, Any] = {
+        **s3_from_environment(),
+        **{k: v for k, v in flags.items() if v is not None and v != ""},
+    }
+    config = BrokerConfig(listen=ns.listen, data_dir=Path(ns.data_dir), **s3)
     asyncio.run(serve(config))
     return 0
 
 
 # -- arguments ------------------------------------------------------------------------
-
-
-def _s3_environment() -> dict[str, str | float]:
-    """The FERRY_S3_* settings (the broker's own parser, without importing the broker)."""
-    from ferry.broker.config import s3_from_environment
-
-    return s3_from_environment()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -426,12 +424,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a broker")
     s.add_argument("--listen", default=os.environ.get("FERRY_LISTEN", DEFAULT_BROKER))
     s.add_argument("--data-dir", default=os.environ.get("FERRY_DATA_DIR", "ferry-data"))
-    s3 = _s3_environment()
-    s.add_argument("--s3-bucket", default=s3.get("s3_bucket"), help="object-store fallback bucket")
-    s.add_argument("--s3-endpoint", default=s3.get("s3_endpoint"), help="S3 URL; unset: AWS")
-    s.add_argument("--s3-region", default=s3.get("s3_region"))
-    s.add_argument("--s3-prefix", default=s3.get("s3_prefix", "ferry/"), help="key prefix")
-    s.add_argument("--s3-url-ttl", type=float, default=s3.get("s3_url_ttl_s"), metavar="S")
+    # Defaults come from FERRY_S3_* (read in _serve, so that send/receive never import it).
+    s.add_argument("--s3-bucket", help="object-store fallback bucket (env FERRY_S3_BUCKET)")
+    s.add_argument("--s3-endpoint", help="S3 URL; unset: AWS (env FERRY_S3_ENDPOINT)")
+    s.add_argument("--s3-region", help="S3 region (env FERRY_S3_REGION)")
+    s.add_argument("--s3-prefix", help="prefix of every object key (env FERRY_S3_PREFIX)")
+    s.add_argument("--s3-url-ttl", type=float, metavar="S", help="presigned URL lifetime")
 
     s = sub.add_parser("send", help="offer files and folders; prints a one-time code")
     s.add_argument("paths", nargs="+", type=Path)
