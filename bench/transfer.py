@@ -174,9 +174,18 @@ def main() -> None:
     print(f"\n{ns.size} MiB, {ns.runs} runs, medians (MB/s = 10^6 bytes/s):")
     for k, v in med.items():
         print(f"  {k:13s} {v:8,.0f} MB/s")
-    print(f"  ferry / tls copy     {med['ferry'] / med['tls']:.2f}")
-    print(f"  ferry / tcp copy     {med['ferry'] / med['tcp']:.2f}")
-    print(f"  ferry wall / tls     {med['ferry (wall)'] / med['tls']:.2f}")
+    # Each run's ratio pairs measurements taken seconds apart: steadier on a noisy machine.
+    for name, num, den in (
+        ("ferry / tls copy", "ferry", "tls"),
+        ("ferry / tcp copy", "ferry", "tcp"),
+        ("ferry wall / tls", "ferry (wall)", "tls"),
+    ):
+        per_run = [a / b for a, b in zip(rates[num], rates[den], strict=True)]
+        print(
+            f"  {name:18s} {med[num] / med[den]:.2f} (ratio of medians); "
+            f"per run {statistics.median(per_run):.2f} median, "
+            f"{min(per_run):.2f}-{max(per_run):.2f}"
+        )
 
 
 if __name__ == "__main__":
