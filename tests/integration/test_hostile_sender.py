@@ -207,6 +207,20 @@ def test_bad_digest_once_is_retried_and_the_transfer_completes(
     assert hostile.error is None, hostile.error
 
 
+@pytest.mark.parametrize("hostile", [(Mode.DROP_STREAM, LARGE)], indirect=True)
+def test_a_dropped_stream_gives_its_chunks_to_the_others(
+    ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
+) -> None:
+    outcome = receive(ferry, hostile, box.dest)
+    assert outcome.code == 0, outcome
+    assert hostile.dropped
+    assert (box.dest / "payload.bin").read_bytes() == hostile.files[0].data
+    assert sorted(p.name for p in box.dest.iterdir()) == ["payload.bin"]
+    # The dropped stream's chunks in flight were asked for again on another stream.
+    assert any(n >= 2 for n in hostile.attempts.values()), hostile.attempts
+    assert hostile.session().state == State.STATE_COMPLETED
+
+
 @pytest.mark.parametrize("hostile", [(Mode.BAD_FILE_END, SMALL)], indirect=True)
 def test_wrong_whole_file_digest_fails_and_discards_the_received_bytes(
     ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path

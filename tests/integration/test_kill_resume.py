@@ -148,3 +148,38 @@ def test_kill_at_random_points_and_rerun(
             for proc in started:
                 proc.kill()
             broker.kill()
+
+
+def test_source_changed_while_interrupted_fails_instead_of_mixing(
+    tmp_path: Path, broker_factory: BrokerFactory
+) -> None:
+    broker = broker_factory()
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(SIZE))
+    r = Round(tmp_path / "round", broker, source)
+    r.root.mkdir()
+    sender = r.send()
+    r.code = sender.line()["code"]
+    receiver = r.receive()
+    part = r.dest / "none-yet"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until some chunks are on the receiver's disk
+        parts = list(r.dest.glob(".source.bin.*.ferry-part")) if r.dest.exists() else []
+        if parts and parts[0].stat().st_blocks * 512 >= SIZE // 8:
+            part = parts[0]
+            break
+        time.sleep(0.01)
+    receiver.kill()
+    sender.kill()
+    assert part.exists(), "the receiver never wrote a chunk"
+    with source.open("r+b") as f:  # the same size, other bytes, a new mtime
+        f.write(b"changed!")
+    os.utime(source, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    rc, lines, err = r.send().finish(60)
+    assert rc == 1
+    assert "changed since they were offered" in lines[-1]["error"], err
+    # The receiver learns the session failed and drops its partial data: no mixed file.
+    rc, lines, err = r.receive().finish(60)
+    assert rc == 1
+    assert "changed since they were offered" in lines[-1]["error"], err
+    assert sorted(p.name for p in r.dest.iterdir()) == []

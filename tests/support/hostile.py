@@ -80,6 +80,8 @@ class Mode(enum.Enum):
     GARBAGE = "garbage"
     #: After `hangup_after` good chunks every connection and the listener close for good.
     HANGUP = "hangup"
+    #: After `hangup_after` good chunks the connection of stream 1 closes; the others go on.
+    DROP_STREAM = "drop-stream"
     #: After `hangup_after` good chunks it goes silent, keeping every connection open.
     STALL = "stall"
     #: TLS completes, the receiver's Hello is read, and no answer ever comes.
@@ -154,6 +156,7 @@ class HostileSender:
         self.chunk_size = chunk_size
         self.ports = ports or random_ports()
         self.hangup_after = hangup_after
+        self.dropped = False
         self.identity = Identity.generate()
         # Filled in as it runs.
         self.code = ""
@@ -383,7 +386,7 @@ class HostileSender:
             kind = message.WhichOneof("kind")
             if kind == "request":
                 for work in plan.on_request(message.request):
-                    self._send_chunk(conn, work)
+                    self._send_chunk(conn, work, stream)
             elif kind == "digest_request":
                 conn.send(self._file_end(message.digest_request.file_index))
             elif kind == "done":
@@ -396,7 +399,7 @@ class HostileSender:
             else:
                 return
 
-    def _send_chunk(self, conn: PeerConnection, work: ChunkWork) -> None:
+    def _send_chunk(self, conn: PeerConnection, work: ChunkWork, stream: int) -> None:
         key = (work.file_index, work.chunk_index)
         with self._lock:
             attempt = self.attempts[key]
@@ -421,6 +424,14 @@ class HostileSender:
             with self._lock:
                 self.chunks_sent += 1
             return
+        elif mode is Mode.DROP_STREAM and stream == 1:
+            with self._lock:
+                drop = self._served >= self.hangup_after and not self.dropped
+                self._served += 1
+                self.dropped = self.dropped or drop
+            if drop:
+                conn.close()  # only this stream: the listener and the others stay
+                raise _HungUp
         elif mode in (Mode.HANGUP, Mode.STALL):
             with self._lock:
                 quit_now = self._served >= self.hangup_after

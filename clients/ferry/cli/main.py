@@ -263,9 +263,6 @@ async def _claim_or_resume(ns: argparse.Namespace, client: Client) -> Incoming:
         if entry.get("token"):
             try:
                 return await client.resume_claim(name, entry["token"])
-            except TransferError as exc:
-                # This machine used the code for a transfer that is over; it can't be reused.
-                raise CliError(f"this code was used here already: {exc}") from None
             except BrokerError as exc:
                 if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                     raise

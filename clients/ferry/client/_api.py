@@ -305,8 +305,6 @@ class Client:
         link.token = token
         try:
             session = await link.get(name)
-            if session.state in _FINAL and session.state != State.STATE_COMPLETED:
-                raise TransferError(f"that transfer is over ({_ended(session)})")
         except BaseException:
             await link.close()
             raise
@@ -535,6 +533,11 @@ class Incoming:
             chunk_size,
             manifest_fingerprint(self.name, manifest.SerializeToString(deterministic=True)),
         )
+        if self.session.state in _FINAL:
+            # Over on the broker (failed, cancelled, expired...): drop what an earlier run kept.
+            sink.discard_leftovers()
+            journal.remove()
+            raise TransferError(f"that transfer is over ({_ended(self.session)})")
         receive = ReceiveSession(sizes, chunk_size)
         # Refuses unsafe or clobbering names before consenting; restores an earlier run.
         resume_from_journal(sink, journal, receive, file_chunks)

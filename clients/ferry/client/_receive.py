@@ -129,6 +129,7 @@ class ReceivePeer:
         if not targets:
             raise PeerGone("the sender has no candidate address")
         last: BaseException | None = None
+        impostor = False  # something answered, but without the pinned certificate
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
             while (remaining := deadline - time.monotonic()) > 0 and not cancel.is_set():
                 step = min(_CONNECT_TIMEOUT, max(remaining, 0.1))
@@ -142,6 +143,9 @@ class ReceivePeer:
                         raise
                     except (OSError, ssl.SSLError, PeerAuthError, ProtocolError) as exc:
                         last = exc
+                        impostor = impostor or isinstance(
+                            exc, PeerAuthError | ssl.SSLCertVerificationError
+                        )
                         continue
                     if winner is None:
                         winner = futures[future]
@@ -151,7 +155,7 @@ class ReceivePeer:
                 if winner is not None:
                     return winner
                 time.sleep(_RETRY_PAUSE)
-        if isinstance(last, PeerAuthError | ssl.SSLError):
+        if impostor:
             raise PeerGone(
                 "could not reach the sender before the deadline: the peer that answered did "
                 "not present the certificate the broker introduced"

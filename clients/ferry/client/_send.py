@@ -218,12 +218,11 @@ class SendPeer:
             fd = self._fds.get(index)
             if fd is None:
                 fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                if st.st_size != self.sizes[index] or st.st_mtime_ns != self.mtimes_ns[index]:
+                try:
+                    self._check_unchanged(index, fd)
+                except SourceChanged:
                     os.close(fd)
-                    raise SourceChanged(
-                        f"{escape_name(str(self.sources[index]))} changed since it was offered"
-                    )
+                    raise
                 self._fds[index] = fd
             return fd
 
@@ -247,12 +246,22 @@ class SendPeer:
                 self._read(item, view)
                 with self._lock:
                     self.session.chunk_sent(item, chunk_digest(view))
+        # A file written to while it was read would give the receiver a mix of old and new
+        # chunks whose digests all check out: vouch for it only if it is still as offered.
+        self._check_unchanged(index, self._fd(index))
         with self._lock:
             message = self.session.file_end(index)
             fd = self._fds.pop(index, None)
         if fd is not None:
             os.close(fd)
         return message
+
+    def _check_unchanged(self, index: int, fd: int) -> None:
+        st = os.fstat(fd)
+        if st.st_size != self.sizes[index] or st.st_mtime_ns != self.mtimes_ns[index]:
+            raise SourceChanged(
+                f"{escape_name(str(self.sources[index]))} changed since it was offered"
+            )
 
 
 def digest_file(path: Path, chunk_size: int) -> bytes:

@@ -164,6 +164,19 @@ class FileSink:
             os.close(dir_fd)
         return final
 
+    def discard_leftovers(self) -> None:
+        """Delete the temporary files an earlier run of this transfer left behind."""
+        for index, f in enumerate(self.files):
+            try:
+                final = resolve_destination(self.dest, f.rel)
+            except (OSError, ValueError):
+                continue
+            temp = final.with_name(f".{final.name}.{self._tag}.ferry-part")
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(temp).st_mode):
+                    os.unlink(temp)
+            self._temps.pop(index, None)
+
     def discard(self) -> None:
         """Close and delete every temporary file (after a failed transfer)."""
         with self._lock:
