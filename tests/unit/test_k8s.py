@@ -112,21 +112,19 @@ def test_writable_paths_are_volumes(objs: list[Obj]) -> None:
 def test_broker_container(objs: list[Obj]) -> None:
     deployment = one(objs, "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == [
-        "ferry",
-        "serve",
-        "--listen",
-        f"0.0.0.0:{GRPC_PORT}",
-        "--data-dir",
-        "/var/lib/ferry",
-    ]
+    assert container["command"] == ["ferry", "serve"]
     assert {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"} in container["ports"]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= container["resources"][kind].keys(), kind
     config = one(objs, "ConfigMap")
-    assert all(key.startswith("FERRY_") for key in config["data"])
+    assert config["data"]["FERRY_LISTEN"] == f"0.0.0.0:{GRPC_PORT}"
+    assert config["data"]["FERRY_DATA_DIR"] == "/var/lib/ferry"
+    # Every setting in it is one that `ferry serve` really reads.
+    cli = (REPO / "clients" / "ferry" / "cli" / "main.py").read_text()
+    for key in config["data"]:
+        assert f'"{key}"' in cli, key
     refs = [e["configMapRef"]["name"] for e in container["envFrom"]]
     assert config["metadata"]["name"] in refs
 
