@@ -119,6 +119,8 @@ class _Events:
         if isinstance(event, Progress):
             self.bar.update(event.bytes_done, event.total)
         elif isinstance(event, Completed):
+            total = event.result.bytes
+            self.bar.update(total, total)  # the last poll may predate the last chunk
             self.bar.close()
 
     def close(self) -> None:
