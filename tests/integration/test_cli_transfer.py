@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -13,34 +12,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import BrokerFactory, FerryFactory
+from tests.support.files import random_file, sha256
 from tests.support.processes import BrokerProcess, FerryProcess
 
 pytestmark = [pytest.mark.timeout(180)]
 
 
-def _random_file(path: Path, size: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 << 20)
-            f.write(os.urandom(n))
-            left -= n
-    return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tree(root: Path) -> dict[str, tuple[str, int]]:
     """Every regular file under root: relative path -> (sha256, permission bits)."""
     return {
-        p.relative_to(root).as_posix(): (_sha256(p), p.stat().st_mode & 0o777)
+        p.relative_to(root).as_posix(): (sha256(p), p.stat().st_mode & 0o777)
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -64,7 +45,7 @@ def _leftovers(dest: Path) -> list[Path]:
 
 
 def test_large_file_arrives_verified(ferry: FerryFactory, tmp_path: Path) -> None:
-    source = _random_file(tmp_path / "src" / "big.bin", 200 << 20)
+    source = random_file(tmp_path / "src" / "big.bin", 200 << 20)
     dest = tmp_path / "dest"
     sender, offered = _offer(ferry, str(source))
     receiver = ferry("receive", offered["code"], "--dest", str(dest), "--yes", "--json")
@@ -94,19 +75,19 @@ def test_large_file_arrives_verified(ferry: FerryFactory, tmp_path: Path) -> Non
         timeout=60,
     ).stdout
     assert printed.split()[0] == digest
-    assert _sha256(dest / "big.bin") == _sha256(source)
+    assert sha256(dest / "big.bin") == sha256(source)
     assert _leftovers(dest) == []
 
 
 def test_folder_keeps_relative_paths_and_modes(ferry: FerryFactory, tmp_path: Path) -> None:
     src = tmp_path / "src" / "album"
-    _random_file(src / "a.bin", 3 << 20)
-    _random_file(src / "deep" / "er" / "b.bin", 1234)
-    _random_file(src / "deep" / "c d é.txt", 10)
+    random_file(src / "a.bin", 3 << 20)
+    random_file(src / "deep" / "er" / "b.bin", 1234)
+    random_file(src / "deep" / "c d é.txt", 10)
     (src / "empty.txt").write_bytes(b"")
     (src / "run.sh").write_bytes(b"#!/bin/sh\n")
     (src / "run.sh").chmod(0o755)
-    single = _random_file(tmp_path / "src" / "single.bin", 5)
+    single = random_file(tmp_path / "src" / "single.bin", 5)
     dest = tmp_path / "dest"
     sender, offered = _offer(ferry, str(src), str(single), "--chunk-size", "256K")
     assert offered["files"] == 6
@@ -115,7 +96,7 @@ def test_folder_keeps_relative_paths_and_modes(ferry: FerryFactory, tmp_path: Pa
     assert rc == 0, err
     assert sender.finish()[0] == 0
     assert _tree(dest / "album") == _tree(src)
-    assert _sha256(dest / "single.bin") == _sha256(single)
+    assert sha256(dest / "single.bin") == sha256(single)
     assert (dest / "album" / "run.sh").stat().st_mode & 0o777 == 0o755
     paths = sorted(f["path"] for f in _last(lines)["files"])
     assert "album/deep/er/b.bin" in paths
@@ -123,7 +104,7 @@ def test_folder_keeps_relative_paths_and_modes(ferry: FerryFactory, tmp_path: Pa
 
 
 def test_decline_tells_the_sender(ferry: FerryFactory, tmp_path: Path) -> None:
-    source = _random_file(tmp_path / "f.bin", 1000)
+    source = random_file(tmp_path / "f.bin", 1000)
     sender, offered = _offer(ferry, str(source))
     receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"), "--json")
     assert receiver.line()["event"] == "offer"
@@ -140,7 +121,7 @@ def test_decline_tells_the_sender(ferry: FerryFactory, tmp_path: Path) -> None:
 
 
 def test_consent_on_stdin_yes(ferry: FerryFactory, tmp_path: Path) -> None:
-    source = _random_file(tmp_path / "f.bin", 70_000)
+    source = random_file(tmp_path / "f.bin", 70_000)
     sender, offered = _offer(ferry, str(source))
     receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"), "--json")
     assert receiver.line()["event"] == "offer"
@@ -162,7 +143,7 @@ def test_wrong_code_is_refused(ferry: FerryFactory, tmp_path: Path) -> None:
 
 
 def test_code_works_once(ferry: FerryFactory, tmp_path: Path) -> None:
-    source = _random_file(tmp_path / "f.bin", 10)
+    source = random_file(tmp_path / "f.bin", 10)
     sender, offered = _offer(ferry, str(source))
     first = ferry("receive", offered["code"], "--dest", str(tmp_path / "a"), "--yes", "--json")
     assert first.finish(60)[0] == 0
@@ -175,7 +156,7 @@ def test_code_works_once(ferry: FerryFactory, tmp_path: Path) -> None:
 
 
 def test_expired_code(ferry: FerryFactory, tmp_path: Path) -> None:
-    source = _random_file(tmp_path / "f.bin", 10)
+    source = random_file(tmp_path / "f.bin", 10)
     sender, offered = _offer(ferry, str(source), "--ttl", "1")
     src_rc, src_lines, _ = sender.finish(30)
     assert src_rc == 1
@@ -189,7 +170,7 @@ def test_expired_code(ferry: FerryFactory, tmp_path: Path) -> None:
 def test_broker_restart_between_offer_and_accept(
     broker: BrokerProcess, ferry: FerryFactory, tmp_path: Path
 ) -> None:
-    source = _random_file(tmp_path / "f.bin", 5 << 20)
+    source = random_file(tmp_path / "f.bin", 5 << 20)
     sender, offered = _offer(ferry, str(source))
     broker.restart()
     receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"), "--yes", "--json")
@@ -197,11 +178,11 @@ def test_broker_restart_between_offer_and_accept(
     src_rc, _, src_err = sender.finish(60)
     assert rc == 0, err + src_err
     assert src_rc == 0, src_err
-    assert _sha256(tmp_path / "d" / "f.bin") == _sha256(source)
+    assert sha256(tmp_path / "d" / "f.bin") == sha256(source)
 
 
 def test_existing_file_is_not_overwritten(ferry: FerryFactory, tmp_path: Path) -> None:
-    source = _random_file(tmp_path / "src" / "f.bin", 1000)
+    source = random_file(tmp_path / "src" / "f.bin", 1000)
     dest = tmp_path / "d"
     dest.mkdir()
     (dest / "f.bin").write_bytes(b"mine")
@@ -252,7 +233,7 @@ def test_not_enough_space_declines(ferry: FerryFactory, tmp_path: Path) -> None:
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(small)], check=True)
     try:
-        source = _random_file(tmp_path / "f.bin", 4 << 20)
+        source = random_file(tmp_path / "f.bin", 4 << 20)
         sender, offered = _offer(ferry, str(source))
         receiver = ferry("receive", offered["code"], "--dest", str(small), "--yes", "--json")
         rc, lines, _ = receiver.finish(30)
@@ -267,7 +248,7 @@ def test_not_enough_space_declines(ferry: FerryFactory, tmp_path: Path) -> None:
 
 
 def test_status_reports_the_outcome(ferry: FerryFactory, tmp_path: Path) -> None:
-    source = _random_file(tmp_path / "f.bin", 100)
+    source = random_file(tmp_path / "f.bin", 100)
     sender, offered = _offer(ferry, str(source))
     receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"), "--yes", "--json")
     assert receiver.finish(60)[0] == 0

@@ -9,7 +9,6 @@ no temporary file or journal.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -20,20 +19,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import BrokerFactory
+from tests.support.files import sha256
 from tests.support.processes import BrokerProcess, FerryProcess
 
 pytestmark = [pytest.mark.timeout(240)]
 
 SIZE = 96 << 20
 CHUNK = "256K"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Round:
@@ -100,7 +92,7 @@ def test_kill_at_random_points_and_rerun(
     rng = random.Random(f"{victim}-{os.getpid()}-{time.time_ns()}")
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(SIZE))
-    want = _sha256(source)
+    want = sha256(source)
     for round_no in range(3):
         broker = broker_factory(name=f"broker-{round_no}")
         r = Round(tmp_path / f"round-{round_no}", broker, source)
@@ -142,7 +134,7 @@ def test_kill_at_random_points_and_rerun(
             src_rc, src_lines, src_err = sent or sender.finish(60)
             assert src_rc == 0, f"{note}\nsender: {src_err}"
             assert _last(src_lines, src_err)["event"] == "completed"
-            assert _sha256(r.dest / "source.bin") == want, note
+            assert sha256(r.dest / "source.bin") == want, note
             assert sorted(p.name for p in r.dest.iterdir()) == ["source.bin"], note
         finally:
             for proc in started:
