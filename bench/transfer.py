@@ -71,8 +71,8 @@ FERRY = [sys.executable, "-m", "ferry.cli"]
 
 
 def ferry_env(broker: str, **extra: str) -> dict[str, str]:
-    """The environment for a `ferry` process talking to ``broker``."""
-    return {**os.environ, "FERRY_BROKER": broker, **extra}
+    """The environment for a `ferry` process talking to ``broker``, on loopback only."""
+    return {**os.environ, "FERRY_BROKER": broker, "FERRY_ADDRESSES": "127.0.0.1", **extra}
 
 
 def start_sender(

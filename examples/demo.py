@@ -46,7 +46,13 @@ def main() -> int:
                 return 1
             address = match.group(1)
             print(f"$ ferry serve --listen 127.0.0.1:0   # listening on {address}")
-            env = {**os.environ, "FERRY_BROKER": address, "XDG_STATE_HOME": str(root)}
+            env = {
+                **os.environ,
+                "FERRY_BROKER": address,
+                "XDG_STATE_HOME": str(root),
+                # Both ends are on this machine: offer the peer only the loopback address.
+                "FERRY_ADDRESSES": "127.0.0.1",
+            }
             (root / "outbox").mkdir()
             src = root / "outbox" / "holiday.bin"
             with src.open("wb") as f:

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests talk only over loopback: every client (in-process or a child process) offers its peer
+# 127.0.0.1 and nothing else, never this machine's other interface addresses.
+os.environ["FERRY_ADDRESSES"] = "127.0.0.1"
+
 from tests.support.processes import FAST_BROKER, BrokerProcess, FerryProcess
 
 BrokerFactory = Callable[..., BrokerProcess]

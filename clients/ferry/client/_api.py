@@ -165,17 +165,25 @@ def _files_of(manifest: broker_pb2.Manifest) -> list[OfferedFile]:
 
 
 def local_candidates() -> list[broker_pb2.Candidate]:
-    """Every address of every interface of this host (IPv4 and IPv6, no link-local)."""
+    """The addresses this host offers its peer: every interface's (IPv4 and IPv6, no
+    link-local), or exactly those listed in FERRY_ADDRESSES (comma-separated), which keeps a
+    multi-homed host (or a test) to the networks it means."""
+    chosen = os.environ.get("FERRY_ADDRESSES", "").strip()
+    if chosen:
+        texts = [t.strip() for t in chosen.split(",") if t.strip()]
+    else:
+        texts = [a.address for v in psutil.net_if_addrs().values() for a in v]
     seen: list[broker_pb2.Candidate] = []
-    for addresses in psutil.net_if_addrs().values():
-        for a in addresses:
-            try:
-                ip = ipaddress.ip_address(a.address.split("%", 1)[0])
-            except ValueError:
-                continue  # MAC addresses and the like
-            if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
-                continue
-            seen.append(broker_pb2.Candidate(ip=str(ip), kind=broker_pb2.Candidate.KIND_HOST))
+    for text in texts:
+        try:
+            ip = ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            if chosen:
+                raise ValueError(f"FERRY_ADDRESSES: {text!r} is not an IP address") from None
+            continue  # MAC addresses and the like
+        if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+            continue
+        seen.append(broker_pb2.Candidate(ip=str(ip), kind=broker_pb2.Candidate.KIND_HOST))
     seen.sort(key=lambda c: (not ipaddress.ip_address(c.ip).is_loopback, c.ip))
     return seen
 
