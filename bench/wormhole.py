@@ -74,12 +74,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+@contextlib.contextmanager
+def loopback_netns() -> Iterator[list[str]]:
+    """A network namespace with only `lo` up; yields the command prefix that runs in it.
+
+    magic-wormhole offers its peer every interface address it finds and has no option to
+    offer fewer, so it runs where loopback is the only network there is.
+    """
+    name = f"ferry-bench-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        prefix = ["ip", "netns", "exec", name]
+        subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], check=True, timeout=30)
+        yield prefix
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=30)
+
+
+def _wait_listening(prefix: list[str], port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    probe = f"import socket; socket.create_connection(('{HOST}', {port}), timeout=1).close()"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+        check = [*prefix, sys.executable, "-c", probe]
+        if subprocess.run(check, capture_output=True, timeout=10, check=False).returncode == 0:
             return
         time.sleep(0.05)
     raise TimeoutError(f"{what} did not listen on {HOST}:{port} within 30 s")
@@ -102,9 +121,11 @@ class Servers:
     bindir: Path
     relay_url: str
     transit_helper: str
+    prefix: list[str]  # runs a command in the loopback-only network namespace
 
     def wormhole(self, *args: str) -> list[str]:
         return [
+            *self.prefix,
             str(self.bindir / "wormhole"),
             "--relay-url",
             self.relay_url,
@@ -116,9 +137,18 @@ class Servers:
 
 @contextlib.contextmanager
 def wormhole_servers(bindir: Path, workdir: Path) -> Iterator[Servers]:
-    """A mailbox server and a transit relay on 127.0.0.1, stopped on exit."""
+    """A mailbox server and a transit relay on 127.0.0.1 of a loopback-only network
+    namespace, stopped on exit; wormhole clients run there too (Servers.wormhole)."""
     workdir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        prefix = stack.enter_context(loopback_netns())
+        yield from _serve(bindir, workdir, prefix, procs)
+
+
+def _serve(
+    bindir: Path, workdir: Path, prefix: list[str], procs: list[subprocess.Popen[bytes]]
+) -> Iterator[Servers]:
     try:
         ports = []
         for plugin in ("wormhole-mailbox", "transitrelay"):
@@ -128,6 +158,7 @@ def wormhole_servers(bindir: Path, workdir: Path) -> Iterator[Servers]:
                 procs.append(
                     subprocess.Popen(
                         [
+                            *prefix,
                             str(bindir / "twist"),
                             plugin,
                             f"--port=tcp:{port}:interface={HOST}",
@@ -137,9 +168,9 @@ def wormhole_servers(bindir: Path, workdir: Path) -> Iterator[Servers]:
                         stderr=subprocess.STDOUT,
                     )
                 )
-            _wait_listening(port, procs[-1], plugin)
+            _wait_listening(prefix, port, procs[-1], plugin)
             ports.append(port)
-        yield Servers(bindir, f"ws://{HOST}:{ports[0]}/v1", f"tcp:{HOST}:{ports[1]}")
+        yield Servers(bindir, f"ws://{HOST}:{ports[0]}/v1", f"tcp:{HOST}:{ports[1]}", prefix)
     finally:
         for proc in procs:
             _stop(proc)
