@@ -138,7 +138,9 @@ async def _offer_or_resume(ns: argparse.Namespace, client: Client) -> tuple[Outg
     if found is not None:
         name, entry = found
         try:
-            outgoing = await client.resume_offer(name, entry["token"], ns.paths, entry["code"])
+            outgoing = await client.resume_offer(
+                name, entry["token"], ns.paths, entry["code"], via=ns.via
+            )
         except TransferError as exc:
             _state.forget(name)
             if "changed" in str(exc):
@@ -149,7 +151,7 @@ async def _offer_or_resume(ns: argparse.Namespace, client: Client) -> tuple[Outg
             _state.forget(name)
         else:
             return outgoing, True
-    outgoing = await client.offer(ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl)
+    outgoing = await client.offer(ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl, via=ns.via)
     _state.remember(
         outgoing.name, outgoing.token, "sender", ns.broker, sources=sources, code=outgoing.code
     )
@@ -188,7 +190,10 @@ async def _send(ns: argparse.Namespace) -> int:
             raise
         finally:
             events.close()
-        _finish(ns, result, "Sent")
+        if result.stored:
+            _stored(ns, outgoing, result)
+        else:
+            _finish(ns, result, "Sent")
         # Only after the result is out: from now on `ferry send` of these files is a new offer.
         _state.update(outgoing.name, done=True)
         return 0
@@ -199,6 +204,34 @@ async def _send(ns: argparse.Namespace) -> int:
 async def _cancel_quietly(cancel: Any) -> None:
     with contextlib.suppress(BrokerError, TimeoutError):
         await asyncio.wait_for(cancel(), 3)
+
+
+def _stored(ns: argparse.Namespace, outgoing: Outgoing, result: TransferResult) -> None:
+    """Store-and-forward: the files are in the object store; this sender may go."""
+    expires = outgoing.session.expire_time.ToDatetime().replace(microsecond=0)
+    if ns.json:
+        _emit(
+            {
+                "event": "stored",
+                "session": result.session,
+                "code": outgoing.code,
+                "bytes": result.bytes,
+                "bytes_uploaded": result.bytes_transferred,
+                "bytes_resumed": result.bytes_resumed,
+                "seconds": round(result.seconds, 6),
+                "expire_time": expires.isoformat() + "Z",
+                "path": result.path,
+                "files": [
+                    {"path": f.path, "size": f.size, "digests": {f.algorithm: f.digest}}
+                    for f in result.files
+                ],
+            }
+        )
+        return
+    _say(
+        f"Stored {len(result.files)} file(s), {format_size(result.bytes)} in the object store; "
+        f"the receiver can fetch them with the code until {expires} UTC."
+    )
 
 
 def _finish(ns: argparse.Namespace, result: TransferResult, verb: str) -> None:
@@ -312,7 +345,9 @@ async def _receive(ns: argparse.Namespace) -> int:
             return 1
         events = _Events(ns.json, "receiving")
         try:
-            result = await incoming.accept(dest, overwrite=ns.overwrite, on_event=events)
+            result = await incoming.accept(
+                dest, overwrite=ns.overwrite, on_event=events, via=ns.via
+            )
         except (DestinationExistsError, UnsafePathError) as exc:
             reason = str(exc)
             if not incoming.accepted:
@@ -420,6 +455,15 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    def via_opt(sp: argparse.ArgumentParser, store: str) -> None:
+        sp.add_argument(
+            "--via",
+            choices=("auto", "direct", "store"),
+            default=os.environ.get("FERRY_VIA", "auto"),
+            help=f"direct: peer to peer only; store: {store}; auto (default): direct, "
+            "through the object store if no direct connection is up by the deadline",
+        )
+
     s = sub.add_parser("serve", help="run a broker")
     s.add_argument("--listen", default=os.environ.get("FERRY_LISTEN", DEFAULT_BROKER))
     s.add_argument("--data-dir", default=os.environ.get("FERRY_DATA_DIR", "ferry-data"))
@@ -434,6 +478,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", type=Path)
     s.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE)
     s.add_argument("--ttl", type=float, default=600.0, help="seconds the code stays valid")
+    via_opt(s, "upload now and exit; the receiver fetches it until the code expires")
     client_opts(s)
 
     s = sub.add_parser("receive", help="receive what a code offers")
@@ -447,6 +492,7 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="give up when the sender sends nothing for this many seconds",
     )
+    via_opt(s, "only fetch from the object store")
     client_opts(s)
 
     s = sub.add_parser("status", help="show the state of recent sessions")

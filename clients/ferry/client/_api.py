@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import grpc
 import psutil
@@ -41,6 +42,13 @@ from ferry.client._send import (
     fill_digests,
 )
 from ferry.client._sink import FileSink, SinkFile
+from ferry.client._store import (
+    StoreDownloader,
+    StoreError,
+    StoreNotReady,
+    StoreUnavailable,
+    StoreUploader,
+)
 from ferry.client._tls import Identity, client_context, server_context
 from ferry.client._wire import PeerGone
 from ferry.files import (
@@ -74,11 +82,17 @@ __all__ = [
     "Progress",
     "TransferError",
     "TransferResult",
+    "Via",
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_PORTS = (47100, 47999)
 DEFAULT_STALL_TIMEOUT = 30.0
+#: How bytes may travel: "direct" (peer to peer only), "store" (only through the object
+#: store; the sender uploads at once and may then exit), "auto" (direct, falling back to the
+#: store when no direct connection is up by the plan's deadline).
+Via = Literal["auto", "direct", "store"]
+VIAS: tuple[str, ...] = ("auto", "direct", "store")
 _PROGRESS_INTERVAL = 0.1
 _REPORT_INTERVAL = 1.0
 State = broker_pb2.Session.State
@@ -123,6 +137,25 @@ class TransferResult:
     path: str = "direct"
     bytes_resumed: int = 0
     chunks_retried: int = 0
+    #: The sender's side of a store-and-forward: every file is in the object store, and the
+    #: receiver may fetch it until the offer expires (nobody has received it yet).
+    stored: bool = False
+
+
+def _path_of(direct: int, store: int, default: str = "direct") -> str:
+    """Which path moved this run's bytes: "direct", "store" or "mixed"."""
+    if direct > 0 and store > 0:
+        return "mixed"
+    if store > 0:
+        return "store"
+    if direct > 0:
+        return "direct"
+    return default
+
+
+def _check_via(via: str) -> None:
+    if via not in VIAS:
+        raise ValueError(f"via must be one of {', '.join(VIAS)}, not {via!r}")
 
 
 @dataclass(frozen=True)
@@ -243,8 +276,14 @@ class Client:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         ttl: float = 600.0,
+        via: Via = "auto",
     ) -> Outgoing:
-        """Offer files and folders; the returned Outgoing carries the one-time code."""
+        """Offer files and folders; the returned Outgoing carries the one-time code.
+
+        ``via``: see `Via`. With "store", `Outgoing.transfer` uploads right away (before the
+        receiver even claims the code) and returns once every file is stored.
+        """
+        _check_via(via)
         manifest, sources = build_manifest([Path(p) for p in paths], chunk_size)
         identity = Identity.generate()
         link = BrokerLink(self.broker, timeout=self.timeout)
@@ -259,10 +298,15 @@ class Client:
         except BaseException:
             await link.close()
             raise
-        return Outgoing(link, response.session, response.code, sources, identity)
+        return Outgoing(link, response.session, response.code, sources, identity, via)
 
     async def resume_offer(
-        self, name: str, token: str, paths: Sequence[Path | str], code: str = ""
+        self,
+        name: str,
+        token: str,
+        paths: Sequence[Path | str],
+        code: str = "",
+        via: Via = "auto",
     ) -> Outgoing:
         """Come back to an offer this side made earlier (after a crash or a kill).
 
@@ -292,7 +336,7 @@ class Client:
         except BaseException:
             await link.close()
             raise
-        return Outgoing(link, session, code, sources, identity)
+        return Outgoing(link, session, code, sources, identity, via)
 
     async def claim(self, code: str, request_id: str = "") -> Incoming:
         """Redeem a one-time code: see what is offered, then accept or decline.
@@ -330,7 +374,10 @@ class Outgoing:
         code: str,
         sources: list[Path],
         identity: Identity,
+        via: Via = "auto",
     ) -> None:
+        _check_via(via)
+        self.via = via
         self._link = link
         self.session = session
         self.code = code
@@ -339,6 +386,9 @@ class Outgoing:
         self.total_size = sum(f.size for f in self.files)
         self._sources = sources
         self._identity = identity
+        self._uploader: StoreUploader | None = None
+        self._upload: asyncio.Task[None] | None = None
+        self._upload_cancel = threading.Event()
 
     @property
     def token(self) -> str:
@@ -375,7 +425,107 @@ class Outgoing:
         return await self._next_attempt(0)
 
     async def transfer(self, on_event: EventHandler | None = None) -> TransferResult:
-        """Serve the receiver, over as many connection attempts as it takes, until done."""
+        """Serve the receiver, over as many connection attempts as it takes, until done.
+
+        With via="store" this uploads every file to the object store and returns once they
+        are stored (``result.stored``): the receiver fetches them later, without us.
+        """
+        if self.via == "store":
+            return await self._store_and_forward(on_event)
+        try:
+            return await self._transfer(on_event)
+        finally:
+            await self._stop_upload()
+
+    def _start_upload(self, why: str) -> None:
+        """Start uploading to the object store in the background (once), still serving."""
+        if self._upload is not None or self.via != "auto":
+            return
+        self._uploader = StoreUploader(
+            self._link,
+            self.name,
+            self._sources,
+            self.session.manifest,
+            asyncio.get_running_loop(),
+        )
+        self._upload = asyncio.create_task(
+            asyncio.to_thread(self._uploader.run, self._upload_cancel), name=f"upload: {why}"
+        )
+
+    async def _stop_upload(self) -> None:
+        self._upload_cancel.set()
+        if self._upload is not None:
+            await asyncio.gather(self._upload, return_exceptions=True)
+
+    def _upload_failed(self) -> BaseException | None:
+        task = self._upload
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    async def _store_and_forward(self, on_event: EventHandler | None) -> TransferResult:
+        """Upload every file now; return once the object store holds them all."""
+        started = time.monotonic()
+        if self.session.state in _FINAL and self.session.state != State.STATE_COMPLETED:
+            raise TransferError(_ended(self.session))
+        uploader = StoreUploader(
+            self._link,
+            self.name,
+            self._sources,
+            self.session.manifest,
+            asyncio.get_running_loop(),
+        )
+        cancel = threading.Event()
+        pump = _Pump(self.total_size, on_event, lambda: uploader.bytes_stored)
+        pump_task = asyncio.create_task(pump.run())
+        try:
+            if self.session.state == State.STATE_COMPLETED:
+                await asyncio.to_thread(self._hash_all, uploader)
+            else:
+                await asyncio.to_thread(uploader.run, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        except StoreUnavailable as exc:
+            raise TransferError(str(exc)) from exc
+        except (StoreError, BrokerError) as exc:
+            raise TransferError(
+                f"uploading to the object store failed: {exc}; run the same command again "
+                "to resume the upload"
+            ) from exc
+        except (SourceChanged, ProtocolError, OSError) as exc:
+            reason = f"uploading failed: {exc}"
+            with contextlib.suppress(BrokerError):
+                await self._link.report(self.name, State.STATE_FAILED, 0, reason)
+            raise TransferError(reason) from exc
+        finally:
+            cancel.set()
+            pump_task.cancel()
+            await asyncio.gather(pump_task, return_exceptions=True)
+        result = TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, d.hex())
+                for f, d in zip(self.files, uploader.digests, strict=True)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=uploader.bytes_uploaded,
+            bytes_resumed=self.total_size - uploader.bytes_uploaded,
+            seconds=time.monotonic() - started,
+            path="store",
+            stored=True,
+        )
+        if on_event is not None:
+            on_event(Completed(result))
+        return result
+
+    def _hash_all(self, uploader: StoreUploader) -> None:
+        """Only the digests are left to show (the receiver completed already)."""
+        session = SendSession([f.size for f in self.files], self.session.manifest.chunk_size_bytes)
+        fill_digests(session, self._sources)
+        uploader.digests = [session.digest(i) or b"" for i in range(len(self.files))]
+
+    async def _transfer(self, on_event: EventHandler | None) -> TransferResult:
         sizes = [f.size for f in self.files]
         mtimes = [
             e.modify_time.seconds * 1_000_000_000 + e.modify_time.nanos
@@ -384,7 +534,12 @@ class Outgoing:
         send_session = SendSession(sizes, self.session.manifest.chunk_size_bytes)
         counter = SendCounter()
         started = time.monotonic()
-        pump = _Pump(self.total_size, on_event, lambda: counter.bytes_sent)
+
+        def moved() -> int:
+            uploaded = self._uploader.bytes_uploaded if self._uploader is not None else 0
+            return counter.bytes_sent + uploaded
+
+        pump = _Pump(self.total_size, on_event, moved)
         pump_task = asyncio.create_task(pump.run())
         served = 0
         try:
@@ -405,8 +560,16 @@ class Outgoing:
                     der,
                 )
                 ports = session.plan.listener_ports
-                peer.bind(ports.first_port, ports.last_port)
-                if await self._serve(peer, served):
+                try:
+                    peer.bind(ports.first_port, ports.last_port)
+                except OSError:
+                    failed = self._upload_failed()
+                    if self.via != "auto" or failed is not None:
+                        raise
+                    # No port to listen on: the object store is the only way left.
+                    self._start_upload("cannot listen")
+                    continue
+                if await self._serve(peer, served, session):
                     break
         except (ProtocolError, PeerAborted, SourceChanged, OSError) as exc:
             reason = f"sending failed: {exc}"
@@ -423,6 +586,7 @@ class Outgoing:
         # Chunks the receiver had from an earlier run were not read here: hash them now.
         await asyncio.to_thread(fill_digests, send_session, self._sources)
         digests = [send_session.digest(i) for i in range(len(self.files))]
+        uploaded = self._uploader.bytes_uploaded if self._uploader is not None else 0
         result = TransferResult(
             session=self.name,
             files=[
@@ -430,18 +594,25 @@ class Outgoing:
                 for f, d in zip(self.files, digests, strict=True)
             ],
             bytes=self.total_size,
-            bytes_transferred=counter.bytes_sent,
-            bytes_resumed=max(0, self.total_size - counter.bytes_sent),
+            bytes_transferred=counter.bytes_sent + uploaded,
+            bytes_resumed=max(0, self.total_size - counter.bytes_sent - uploaded),
             seconds=seconds,
+            path=_path_of(counter.bytes_sent, uploaded),
         )
         if on_event is not None:
             on_event(Completed(result))
         return result
 
-    async def _serve(self, peer: SendPeer, attempt: int) -> bool:
-        """Serve one attempt; True once the receiver said Done, False if the session moved."""
+    async def _serve(self, peer: SendPeer, attempt: int, session: broker_pb2.Session) -> bool:
+        """Serve one attempt; True once the receiver said Done, False if the session moved.
+
+        With via="auto", if no receiver has connected by the plan's connect deadline, the
+        upload to the object store starts in the background (the receiver switches to the
+        store at that same deadline); this attempt keeps listening meanwhile.
+        """
         cancel = threading.Event()
         watcher = asyncio.create_task(_follow(self._link, self.name, attempt, cancel, []))
+        fallback = asyncio.create_task(self._fallback_at_deadline(peer, session))
         try:
             await asyncio.to_thread(peer.run, cancel)
         except PeerGone:
@@ -452,8 +623,17 @@ class Outgoing:
         finally:
             cancel.set()
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            fallback.cancel()
+            await asyncio.gather(watcher, fallback, return_exceptions=True)
         return True
+
+    async def _fallback_at_deadline(self, peer: SendPeer, session: broker_pb2.Session) -> None:
+        if self.via != "auto" or self._upload is not None:
+            return
+        deadline = session.plan.connect_deadline.ToDatetime().timestamp()
+        await asyncio.sleep(max(deadline - time.time(), 0.0))
+        if not peer.connected.is_set():
+            self._start_upload("no direct connection by the deadline")
 
     async def _confirmed(self) -> broker_pb2.Session:
         """The session once the receiver has reported its outcome (or after a grace time)."""
@@ -477,6 +657,8 @@ class Incoming:
         self.files = _files_of(session.manifest)
         self.total_size = sum(f.size for f in self.files)
         check_manifest_paths([f.path for f in self.files])
+        self._store_bytes = 0  # verified bytes the object store gave this run
+        self._stream_id = 0  # the next ReceiveSession stream id (direct and store alike)
 
     @property
     def token(self) -> str:
@@ -506,14 +688,22 @@ class Incoming:
         *,
         overwrite: bool = False,
         on_event: EventHandler | None = None,
+        via: Via = "auto",
     ) -> TransferResult:
         """Accept (or resume), receive every file into ``dest``, verify it, move it in place.
+
+        ``via``: "direct" never touches the object store; "store" only downloads from it
+        (waiting, until the session expires, for the sender to have uploaded); "auto" tries
+        the direct connection first and, if it is not up by the plan's deadline, fetches
+        from the store instead (unless the broker has none). Either way, chunks verified
+        earlier, by either path, are not fetched again.
 
         What an earlier run of this transfer verified into ``dest`` is kept (its journal).
         If the sender is unreachable for longer than the client's stall timeout this raises
         TransferError and keeps the partial data hidden, so a rerun continues; any other
         failure removes the partial data.
         """
+        _check_via(via)
         dest = Path(dest)
         if self.session.state == State.STATE_COMPLETED:
             return await self._completed_earlier(dest, on_event)
@@ -563,8 +753,17 @@ class Incoming:
 
         pump = _Pump(self.total_size, on_event, lambda: receive.bytes_verified, report)
         pump_task = asyncio.create_task(pump.run())
+        self._store_bytes = 0
         try:
-            await self._attempts(session, identity, me, receive, sink, journal)
+            if via == "store":
+                await self._from_store_only(session, receive, sink, journal)
+            else:
+                await self._attempts(session, identity, me, receive, sink, journal, via)
+        except StoreError as exc:  # a transient failure: keep what was verified
+            journal.close()
+            raise TransferError(
+                f"{exc}; the partial transfer is kept: run the same command again to resume"
+            ) from exc
         except (TransferError, asyncio.CancelledError):
             journal.close()
             raise
@@ -591,6 +790,11 @@ class Incoming:
             bytes_resumed=receive.bytes_resumed,
             seconds=seconds,
             chunks_retried=receive.retries,
+            path=_path_of(
+                receive.bytes_verified - receive.bytes_resumed - self._store_bytes,
+                self._store_bytes,
+                "store" if via == "store" else "direct",
+            ),
         )
         await self._report_completed(receive.bytes_verified)
         if on_event is not None:
@@ -634,12 +838,21 @@ class Incoming:
         receive: ReceiveSession,
         sink: FileSink,
         journal: Journal,
+        via: Via = "auto",
     ) -> None:
-        """Connect and receive, negotiating new attempts while the sender may come back."""
-        stream_id = 0
+        """Connect and receive, negotiating new attempts while the sender may come back.
+
+        With via="auto", an attempt whose direct connection is not up by the deadline
+        switches to the object store (if the broker has one): it waits up to the stall
+        timeout for the sender's upload and fetches what is still missing from it; if
+        nothing is stored by then, the next direct attempt is negotiated, and so on.
+        """
+        self._stream_id = 0
         held, since = receive.bytes_verified, time.monotonic()
         patience = self._client.stall_timeout
+        store_ok = via == "auto"
         while not receive.done:
+            stream_id = self._stream_id
             latest = [session]
             cancel = threading.Event()
             der = session.sender.certificate_der
@@ -678,13 +891,27 @@ class Incoming:
                 cancel.set()
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
-                stream_id = peer.next_stream_id
-            now = time.monotonic()
-            if receive.bytes_verified != held:
-                held, since = receive.bytes_verified, now
+                self._stream_id = peer.next_stream_id
             current = latest[0]
             if current.state in _FINAL:
                 raise TransferFailed(_ended(current))
+            never_connected = peer.next_stream_id == stream_id
+            if store_ok and never_connected:
+                try:
+                    await self._from_store(
+                        receive, sink, journal, time.monotonic() + patience, session.attempt
+                    )
+                    return
+                except StoreUnavailable:
+                    store_ok = False  # this broker has no object store: direct only
+                except StoreError as exc:
+                    lost = exc
+                current = await self._link.get(self.name)
+                if current.state in _FINAL:
+                    raise TransferFailed(_ended(current))
+            now = time.monotonic()
+            if receive.bytes_verified != held:
+                held, since = receive.bytes_verified, now
             if current.attempt != session.attempt and current.state in _LIVE:
                 session = current  # the sender came back (or moved): follow it
                 continue
@@ -694,6 +921,71 @@ class Incoming:
                 )
             await asyncio.sleep(0.2)
             session = await self._link.resume(self.name, me)
+
+    async def _from_store_only(
+        self,
+        session: broker_pb2.Session,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+    ) -> None:
+        """via="store": fetch everything from the object store, waiting for the upload."""
+        self._stream_id = 0
+        left = session.expire_time.ToDatetime().timestamp() - time.time()
+        with contextlib.suppress(BrokerError):
+            await self._link.report(self.name, State.STATE_TRANSFERRING, receive.bytes_verified)
+        try:
+            await self._from_store(receive, sink, journal, time.monotonic() + max(left, 1.0))
+        except StoreUnavailable as exc:
+            raise TransferError(str(exc)) from exc
+        except StoreNotReady as exc:
+            raise TransferError(f"{exc} before the transfer expired") from exc
+        except StoreError:
+            current = await self._link.get(self.name)
+            if current.state in _FINAL:
+                raise TransferFailed(_ended(current)) from None
+            raise
+
+    async def _from_store(
+        self,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+        wait_until: float,
+        attempt: int = 0,
+    ) -> None:
+        """One run of the store download; stops if the session ends.
+
+        A needed file not stored by ``wait_until`` raises StoreNotReady, and so does one not
+        stored yet when the session moves past ``attempt`` (the sender came back: try direct).
+        """
+        cancel, moved = threading.Event(), threading.Event()
+        downloader = StoreDownloader(
+            self._link,
+            self.name,
+            asyncio.get_running_loop(),
+            receive,
+            sink,
+            journal,
+            [f.size for f in self.files],
+            first_stream_id=self._stream_id,
+            wait_until=wait_until,
+            stop_waiting=moved,
+        )
+        watcher = asyncio.create_task(
+            _until_final(self._link, self.name, cancel, moved, attempt or None)
+        )
+        try:
+            await asyncio.to_thread(downloader.run, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            cancel.set()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            self._stream_id = downloader.next_stream_id
+            self._store_bytes += downloader.bytes_downloaded
 
     async def _report_completed(self, done: int) -> None:
         """Tell the broker, retrying while it restarts (bounded): the sender waits for it."""
@@ -750,6 +1042,23 @@ async def _follow(
         if latest:
             latest[0] = session
         if session.attempt != attempt or session.state in _FINAL:
+            cancel.set()
+            return
+
+
+async def _until_final(
+    link: BrokerLink,
+    name: str,
+    cancel: threading.Event,
+    moved: threading.Event,
+    attempt: int | None,
+) -> None:
+    """Set ``cancel`` once the session reaches a final state, ``moved`` once it leaves
+    ``attempt`` (if given)."""
+    async for session in _watch(link, name, 86400.0):
+        if attempt is not None and session.attempt != attempt:
+            moved.set()
+        if session.state in _FINAL:
             cancel.set()
             return
 

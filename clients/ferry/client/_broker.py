@@ -194,3 +194,87 @@ class BrokerLink:
             raise BrokerError.from_rpc(err, "watch") from None
         finally:
             call.cancel()
+
+    # -- object-store fallback (the URLs returned are bearer secrets: never log them) -----
+
+    async def start_store_upload(
+        self, name: str, file_index: int
+    ) -> broker_pb2.StartStoreUploadResponse:
+        """StartStoreUpload (sender)."""
+        try:
+            response: broker_pb2.StartStoreUploadResponse = await self._stub.StartStoreUpload(
+                broker_pb2.StartStoreUploadRequest(name=name, file_index=file_index),
+                timeout=self.timeout,
+                metadata=self._meta(),
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, "store upload") from None
+        return response
+
+    async def presign_store_parts(
+        self, name: str, file_index: int, part_numbers: list[int], include_digests: bool
+    ) -> broker_pb2.PresignStorePartsResponse:
+        """PresignStoreParts (sender)."""
+        try:
+            response: broker_pb2.PresignStorePartsResponse = await self._stub.PresignStoreParts(
+                broker_pb2.PresignStorePartsRequest(
+                    name=name,
+                    file_index=file_index,
+                    part_numbers=part_numbers,
+                    include_digests=include_digests,
+                ),
+                timeout=self.timeout,
+                metadata=self._meta(),
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, "store upload") from None
+        return response
+
+    async def list_store_parts(
+        self, name: str, file_index: int
+    ) -> broker_pb2.ListStorePartsResponse:
+        """ListStoreParts (sender)."""
+        try:
+            response: broker_pb2.ListStorePartsResponse = await self._stub.ListStoreParts(
+                broker_pb2.ListStorePartsRequest(name=name, file_index=file_index),
+                timeout=self.timeout,
+                metadata=self._meta(),
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, "store upload") from None
+        return response
+
+    async def complete_store_upload(
+        self, name: str, file_index: int
+    ) -> broker_pb2.CompleteStoreUploadResponse:
+        """CompleteStoreUpload (sender)."""
+        try:
+            response: broker_pb2.CompleteStoreUploadResponse = await self._stub.CompleteStoreUpload(
+                broker_pb2.CompleteStoreUploadRequest(name=name, file_index=file_index),
+                timeout=self.timeout,
+                metadata=self._meta(),
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, "store upload") from None
+        return response
+
+    async def presign_store_download(
+        self, name: str, file_index: int
+    ) -> broker_pb2.PresignStoreDownloadResponse:
+        """PresignStoreDownload (receiver)."""
+        try:
+            response: broker_pb2.PresignStoreDownloadResponse = (
+                await self._stub.PresignStoreDownload(
+                    broker_pb2.PresignStoreDownloadRequest(name=name, file_index=file_index),
+                    timeout=self.timeout,
+                    metadata=self._meta(),
+                    wait_for_ready=True,
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, "store download") from None
+        return response

@@ -82,6 +82,7 @@ class SendPeer:
         self.session = session
         self.counter = counter
         self.finished = threading.Event()
+        self.connected = threading.Event()  # a receiver proved its certificate
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
@@ -157,6 +158,7 @@ class SendPeer:
             # Not our receiver (or a scanner): drop it without a word.
             raw.close()
             return
+        self.connected.set()
         conn = PeerConnection(sock, max_payload=self.chunk_size)
         with self._lock:
             self._conns.add(conn)

@@ -1,0 +1,575 @@
+"""The object-store data path: upload to and download from S3 through presigned URLs.
+
+When bytes cannot go peer to peer they go through an S3 bucket; the broker presigns every
+request (the client holds no S3 credentials) and these classes only move bytes over plain
+HTTP (urllib3, pooled, with timeouts and bounded retries). Both run in threads and call the
+broker on the event loop that started them (``asyncio.run_coroutine_threadsafe``).
+
+Upload (sender), per file::
+
+    StartStoreUpload -> ListStoreParts -> PresignStoreParts (batches) -> PUT parts
+    (a bounded window, each read from the source, its chunks hashed) -> PUT digests -> Complete
+
+Parts S3 already holds with their exact size are not sent again, but are read and hashed:
+the digests object needs every chunk's digest. A source whose size or mtime differs from
+the manifest is refused (`SourceChanged`), so old and new bytes are never mixed.
+
+Download (receiver): the same `ReceiveSession` that schedules the direct path decides which
+chunks are still wanted (so nothing verified -- from the journal or the direct path -- is
+fetched again). Each worker is one "stream" of that session: it asks for a window of
+chunks, fetches each run of them with one ranged GET, checks every chunk against the
+digests object, writes it through the FileSink and journals it; a complete file is checked
+against the whole-file digest of the digests object and moved into place.
+
+Presigned URLs are bearer secrets: they are never logged, and never put in error messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import urllib3
+
+from ferry.client._broker import BrokerError, BrokerLink
+from ferry.client._journal import Journal
+from ferry.client._send import SourceChanged
+from ferry.client._sink import FileSink
+from ferry.files import escape_name
+from ferry.protocol import (
+    FILE_DIGEST_ALGORITHM,
+    ChunkStart,
+    ReceiveSession,
+    RemoteProtocolError,
+    chunk_digest,
+    file_digest,
+)
+from ferry.v1 import broker_pb2, peer_pb2
+
+__all__ = [
+    "StoreDownloader",
+    "StoreError",
+    "StoreNotReady",
+    "StoreUnavailable",
+    "StoreUploader",
+]
+
+WINDOW = 4
+DIGEST_BYTES = 32
+_PRESIGN_BATCH = 1000
+_RETRIES = 4
+_RENEW_MARGIN = 60.0
+_SYNC_INTERVAL = 0.5
+_CONNECT_TIMEOUT = 10.0
+_READ_TIMEOUT = 60.0
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The object store could not be used right now (HTTP failures after retries)."""
+
+
+class StoreUnavailable(StoreError):
+    """The broker has no object store configured (STORE_UNAVAILABLE): use the direct path."""
+
+
+class StoreNotReady(StoreError):
+    """The sender has not completed the upload of a needed file in the time allowed."""
+
+
+def _pool(window: int) -> urllib3.PoolManager:
+    return urllib3.PoolManager(
+        maxsize=window + 2,
+        timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT, read=_READ_TIMEOUT),
+        retries=False,
+    )
+
+
+def _request(
+    http: urllib3.PoolManager,
+    method: str,
+    url: str,
+    what: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    stream: bool = False,
+) -> urllib3.BaseHTTPResponse:
+    """One request with bounded retries on connection errors and 5xx (never logs the URL)."""
+    pause = 0.2
+    for attempt in range(_RETRIES + 1):
+        try:
+            response = http.request(
+                method,
+                url,
+                body=body,
+                headers=headers,
+                preload_content=not stream,
+                redirect=False,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            problem = f"{type(exc).__name__}"
+        else:
+            if response.status < 300:
+                return response
+            response.drain_conn()
+            response.release_conn()
+            if response.status < 500:
+                raise StoreError(f"{what}: the object store answered {response.status}")
+            problem = f"HTTP {response.status}"
+        if attempt == _RETRIES:
+            raise StoreError(f"{what} failed after {_RETRIES + 1} tries ({problem})")
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+class _Bridge:
+    """Runs broker calls on the event loop from the data-path threads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+
+    def call(self, make: Callable[[], Awaitable[T]]) -> T:
+        async def run() -> T:
+            return await make()
+
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            return future.result(self.timeout)
+        except BrokerError as exc:
+            if exc.reason == "STORE_UNAVAILABLE":
+                raise StoreUnavailable(str(exc)) from None
+            if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise StoreError(str(exc)) from None
+            raise
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise StoreError("the broker did not answer in time") from None
+
+
+def _expire_s(ts: Any) -> float:
+    return float(ts.seconds) + float(ts.nanos) / 1e9
+
+
+# -- upload ---------------------------------------------------------------------------
+
+
+class StoreUploader:
+    """Uploads every file of an offer to the object store; resumable, bounded window."""
+
+    def __init__(
+        self,
+        link: BrokerLink,
+        name: str,
+        sources: Sequence[Path],
+        manifest: broker_pb2.Manifest,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        window: int = WINDOW,
+    ) -> None:
+        self.link = link
+        self.name = name
+        self.sources = list(sources)
+        self.entries = list(manifest.files)
+        self.chunk_size = manifest.chunk_size_bytes
+        self.window = max(1, window)
+        self.bridge = _Bridge(loop, link.timeout + 5)
+        self.bytes_uploaded = 0  # part bytes PUT by this run
+        self.bytes_stored = 0  # part bytes known to be in the store (PUT now or before)
+        self.digests: list[bytes] = [b""] * len(self.entries)  # whole-file digests
+        self._lock = threading.Lock()
+        self._http = _pool(self.window)
+
+    def run(self, cancel: threading.Event) -> None:
+        """Upload every file not stored yet; return once all are completed."""
+        try:
+            for index in range(len(self.entries)):
+                if cancel.is_set():
+                    raise StoreError("cancelled")
+                self._file(index, cancel)
+        finally:
+            self._http.clear()
+
+    def _check_source(self, index: int, fd: int) -> None:
+        entry = self.entries[index]
+        st = os.fstat(fd)
+        mtime = entry.modify_time.seconds * 1_000_000_000 + entry.modify_time.nanos
+        if st.st_size != entry.size_bytes or st.st_mtime_ns != mtime:
+            shown = escape_name(str(self.sources[index]))
+            raise SourceChanged(f"{shown} changed since it was offered")
+
+    def _file(self, index: int, cancel: threading.Event) -> None:
+        name, size = self.name, self.entries[index].size_bytes
+        start = self.bridge.call(lambda: self.link.start_store_upload(name, index))
+        chunks = -(-size // self.chunk_size)
+        if start.completed:
+            with self._lock:
+                self.bytes_stored += size
+            # Its digests are in the store; the whole-file digest is recomputed from the source.
+            self.digests[index] = self._hash_only(index)
+            return
+        listing = self.bridge.call(lambda: self.link.list_store_parts(name, index))
+        part_size, count = start.part_size_bytes, start.part_count
+        lengths = {n: min(part_size, size - (n - 1) * part_size) for n in range(1, count + 1)}
+        held = {p.part_number for p in listing.parts if p.size_bytes == lengths[p.part_number]}
+        todo = [n for n in range(1, count + 1) if n not in held]
+        with self._lock:
+            self.bytes_stored += sum(lengths[n] for n in held)
+        chunk_digests: list[bytes] = [b""] * chunks
+        urls: dict[int, broker_pb2.PresignedUrl] = {}
+        for i in range(0, len(todo), _PRESIGN_BATCH):
+            batch = todo[i : i + _PRESIGN_BATCH]
+            reply = self.bridge.call(
+                lambda b=batch: self.link.presign_store_parts(name, index, b, False)  # type: ignore[misc]
+            )
+            urls.update({u.part_number: u for u in reply.parts})
+        fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._check_source(index, fd)
+            with concurrent.futures.ThreadPoolExecutor(self.window) as pool:
+                pending: set[concurrent.futures.Future[None]] = set()
+                for number in range(1, count + 1):
+                    if cancel.is_set():
+                        break
+                    if len(pending) >= self.window:
+                        done, pending = concurrent.futures.wait(
+                            pending, return_when=concurrent.futures.FIRST_COMPLETED
+                        )
+                        for f in done:
+                            f.result()
+                    pending.add(
+                        pool.submit(
+                            self._part,
+                            index,
+                            fd,
+                            number,
+                            part_size,
+                            lengths[number],
+                            chunk_digests,
+                            urls if number not in held else None,
+                        )
+                    )
+                for f in concurrent.futures.as_completed(pending):
+                    f.result()
+            if cancel.is_set():
+                raise StoreError("cancelled")
+            self._check_source(index, fd)  # changed while we read it?
+        finally:
+            os.close(fd)
+        body = b"".join(chunk_digests)
+        reply = self.bridge.call(lambda: self.link.presign_store_parts(name, index, [], True))
+        if len(body) != reply.digests.size_bytes:
+            raise RemoteProtocolError("the broker expects a digests object of another size")
+        self._put(reply.digests.url, body, "digests upload")
+        self.bridge.call(lambda: self.link.complete_store_upload(name, index))
+        self.digests[index] = file_digest(chunk_digests)
+
+    def _part(
+        self,
+        index: int,
+        fd: int,
+        number: int,
+        part_size: int,
+        length: int,
+        chunk_digests: list[bytes],
+        urls: dict[int, broker_pb2.PresignedUrl] | None,
+    ) -> None:
+        """Read one part, hash its chunks, and PUT it unless the store has it already."""
+        offset = (number - 1) * part_size
+        data = _pread(fd, length, offset, self.sources[index])
+        first = offset // self.chunk_size
+        view = memoryview(data)
+        for i, at in enumerate(range(0, length, self.chunk_size)):
+            chunk_digests[first + i] = chunk_digest(view[at : at + self.chunk_size])
+        if urls is None:
+            return
+        url = urls[number]
+        if _expire_s(url.expire_time) - time.time() < _RENEW_MARGIN:
+            name = self.name
+            reply = self.bridge.call(
+                lambda: self.link.presign_store_parts(name, index, [number], False)
+            )
+            url = reply.parts[0]
+            urls[number] = url
+        self._put(url.url, data, f"upload of part {number}")
+        with self._lock:
+            self.bytes_uploaded += length
+            self.bytes_stored += length
+
+    def _put(self, url: str, body: bytes, what: str) -> None:
+        response = _request(
+            self._http,
+            "PUT",
+            url,
+            what,
+            body=body,
+            headers={"Content-Length": str(len(body))},
+        )
+        response.release_conn()
+
+    def _hash_only(self, index: int) -> bytes:
+        fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._check_source(index, fd)
+            size = self.entries[index].size_bytes
+            return file_digest(
+                chunk_digest(_pread(fd, min(self.chunk_size, size - at), at, self.sources[index]))
+                for at in range(0, size, self.chunk_size)
+            )
+        finally:
+            os.close(fd)
+
+
+def _pread(fd: int, length: int, offset: int, source: Path) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise SourceChanged(f"{escape_name(str(source))} shrank since it was offered")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+# -- download -------------------------------------------------------------------------
+
+
+@dataclass
+class _Stored:
+    """What the receiver knows of one stored file: its URL and its chunk digests."""
+
+    url: str
+    expire_s: float
+    digests: list[bytes]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StoreDownloader:
+    """Fetches, from the object store, every chunk the ReceiveSession still wants."""
+
+    def __init__(
+        self,
+        link: BrokerLink,
+        name: str,
+        loop: asyncio.AbstractEventLoop,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal | None,
+        sizes: Sequence[int],
+        *,
+        first_stream_id: int,
+        wait_until: float,
+        stop_waiting: threading.Event | None = None,
+        window: int = WINDOW,
+    ) -> None:
+        self.link = link
+        self.name = name
+        self.receive = receive
+        self.sink = sink
+        self.journal = journal
+        self.sizes = list(sizes)
+        self.chunk_size = receive.chunk_size
+        self.window = max(1, window)
+        self.wait_until = wait_until  # time.monotonic() by which a needed file must be stored
+        self.stop_waiting = stop_waiting or threading.Event()  # set: stop waiting for uploads
+        self.bridge = _Bridge(loop, link.timeout + 5)
+        self.bytes_downloaded = 0  # verified bytes this run took from the store
+        self.error: BaseException | None = None
+        self._next_id = first_stream_id
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stored: dict[int, _Stored] = {}
+        self._stored_lock = threading.Lock()
+        self._http = _pool(self.window)
+
+    @property
+    def next_stream_id(self) -> int:
+        """The first stream id a later attempt may use."""
+        return self._next_id
+
+    def run(self, cancel: threading.Event) -> None:
+        """Download until every file is confirmed; raise on failure."""
+        try:
+            for index in self.receive.complete_unconfirmed():
+                if cancel.is_set():
+                    raise StoreError("cancelled")
+                self._confirm(index, cancel)
+            streams = []
+            with self._lock:
+                for _ in range(self.window):
+                    stream = self._next_id
+                    self._next_id += 1
+                    self.receive.open_stream(stream)
+                    streams.append(stream)
+            threads = [
+                threading.Thread(target=self._worker, args=(s, cancel), daemon=True)
+                for s in streams
+            ]
+            for t in threads:
+                t.start()
+            synced = time.monotonic()
+            while alive := [t for t in threads if t.is_alive()]:
+                alive[0].join(timeout=0.2)
+                if cancel.is_set():
+                    self._fail(StoreError("cancelled"))
+                if self.journal is not None and time.monotonic() - synced >= _SYNC_INTERVAL:
+                    self.journal.sync(self.sink.open_fds())
+                    synced = time.monotonic()
+            if self.error is not None:
+                raise self.error
+            if not self.receive.done:
+                raise StoreError("the store download stopped before every file was confirmed")
+        finally:
+            self._http.clear()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+            self._wake.notify_all()
+
+    def _worker(self, stream: int, cancel: threading.Event) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self.error is not None or cancel.is_set() or self.receive.done:
+                        return
+                    request = self.receive.request(stream)
+                    if request is None:
+                        # Nothing to fetch now: wait for chunks given back, or the end.
+                        self._wake.wait(timeout=0.2)
+                        continue
+                for r in request.request.ranges:
+                    self._fetch(stream, r.file_index, r.first_chunk, r.chunk_count, cancel)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            with self._lock:
+                self.receive.stream_lost(stream)
+                self._wake.notify_all()
+
+    def _file(self, index: int, cancel: threading.Event, renew: bool = False) -> _Stored:
+        """The file's URL (renewed when it nears expiry) and digests; waits until stored."""
+        with self._stored_lock:
+            known = self._stored.get(index)
+        if known is not None and not renew and known.expire_s - time.time() > _RENEW_MARGIN:
+            return known
+        lock = known.lock if known is not None else threading.Lock()
+        with lock:
+            name = self.name
+            pause = 0.2
+            while True:
+                reply = self.bridge.call(lambda: self.link.presign_store_download(name, index))
+                if reply.stored:
+                    break
+                if time.monotonic() + pause > self.wait_until or self.stop_waiting.is_set():
+                    raise StoreNotReady("the sender has not put the files in the object store")
+                if cancel.wait(pause):
+                    raise StoreError("cancelled")
+                pause = min(pause * 1.5, 2.0)
+            if known is not None:
+                digests = known.digests
+            else:
+                chunks = -(-self.sizes[index] // self.chunk_size)
+                response = _request(self._http, "GET", reply.digests_url, "digests download")
+                body = response.data
+                if len(body) != DIGEST_BYTES * chunks:
+                    raise RemoteProtocolError(
+                        f"the stored digests of file {index} have {len(body)} bytes, "
+                        f"not {DIGEST_BYTES * chunks}"
+                    )
+                digests = [body[i : i + DIGEST_BYTES] for i in range(0, len(body), DIGEST_BYTES)]
+            stored = _Stored(reply.url, _expire_s(reply.expire_time), digests, lock)
+            with self._stored_lock:
+                self._stored[index] = stored
+            return stored
+
+    def _fetch(
+        self, stream: int, index: int, first: int, count: int, cancel: threading.Event
+    ) -> None:
+        """One ranged GET for a run of chunks; verify, write and journal each chunk."""
+        stored = self._file(index, cancel)
+        start = first * self.chunk_size
+        end = min(self.sizes[index], (first + count) * self.chunk_size)
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        try:
+            response = _request(
+                self._http, "GET", stored.url, "chunk download", headers=headers, stream=True
+            )
+        except StoreError:
+            stored = self._file(index, cancel, renew=True)  # an expired URL? once more
+            response = _request(
+                self._http, "GET", stored.url, "chunk download", headers=headers, stream=True
+            )
+        try:
+            if response.status != 206 and not (response.status == 200 and start == 0):
+                raise StoreError(f"chunk download: the object store answered {response.status}")
+            if response.status == 200 and end != self.sizes[index]:
+                raise StoreError("chunk download: the object store ignored the Range header")
+            for chunk in range(first, first + count):
+                length = self.receive.chunk_length(index, chunk)
+                data = _read_exactly(response, length)
+                ev = ChunkStart(index, chunk, stored.digests[chunk], length)
+                with self._lock:
+                    if self.error is not None or cancel.is_set():
+                        return
+                    target = self.receive.chunk_start(stream, ev)
+                ok = chunk_digest(data) == ev.digest
+                if ok:
+                    self.sink.write(index, target.offset, memoryview(data))
+                    if self.journal is not None:
+                        self.journal.chunk(index, chunk, ev.digest)
+                with self._lock:
+                    finished = self.receive.chunk_done(stream, ev, ok)
+                    if ok:
+                        self.bytes_downloaded += length
+                    self._wake.notify_all()
+                for done_index in finished:
+                    self._confirm(done_index, cancel)
+        finally:
+            response.release_conn()
+
+    def _confirm(self, index: int, cancel: threading.Event) -> None:
+        """Check a complete file against the store's whole-file digest; move it in place."""
+        if self.sizes[index] == 0:
+            expected = file_digest([])
+        else:
+            expected = file_digest(self._file(index, cancel).digests)
+        end = peer_pb2.FileEnd(file_index=index, algorithm=FILE_DIGEST_ALGORITHM, digest=expected)
+        with self._lock:
+            self.receive.file_end(end)  # raises if the chunks held do not make that file
+        self.sink.finish(index)
+        if self.journal is not None:
+            self.journal.finished(index)
+        with self._lock:
+            self._wake.notify_all()
+
+
+def _read_exactly(response: urllib3.BaseHTTPResponse, length: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        try:
+            data = response.read(length - got)
+        except urllib3.exceptions.HTTPError as exc:
+            raise StoreError(f"chunk download broke off ({type(exc).__name__})") from None
+        if not data:
+            raise StoreError("chunk download: the object store sent fewer bytes than asked")
+        parts.append(data)
+        got += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

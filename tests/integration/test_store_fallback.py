@@ -1,0 +1,247 @@
+"""The object-store fallback end to end: real moto S3 server, real broker, real CLI processes.
+
+Bytes go through presigned URLs only (the CLI has no S3 credentials: its environment has
+none); boto3 is used by the test alone, to watch and to damage the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BrokerFactory
+from tests.support.processes import BrokerProcess, FerryProcess
+from tests.support.s3 import S3Server
+
+pytestmark = [pytest.mark.timeout(90)]
+
+MiB = 1 << 20
+_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_broker(
+    s3_server: S3Server, broker_factory: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> BrokerProcess:
+    """A broker with the moto bucket (credentials only in the broker's environment)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    broker = broker_factory(*s3_server.broker_args(), "--connect-timeout", "1.5")
+    for key in s3_server.env:
+        monkeypatch.delenv(key)
+    return broker
+
+
+class Cli:
+    """`ferry` runs against one broker; each role keeps its own local state."""
+
+    def __init__(self, root: Path, broker: BrokerProcess) -> None:
+        self.root = root
+        self.broker = broker
+        self.started: list[FerryProcess] = []
+
+    def run(self, who: str, *args: str, **env: str) -> FerryProcess:
+        environ = {
+            **{k: v for k, v in os.environ.items() if k not in _AWS},
+            "FERRY_BROKER": self.broker.address,
+            "XDG_STATE_HOME": str(self.root / f"state-{who}"),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        proc = FerryProcess(list(args), environ, self.root).start()
+        self.started.append(proc)
+        return proc
+
+
+@pytest.fixture
+def cli(tmp_path: Path, s3_broker: BrokerProcess) -> Iterator[Cli]:
+    c = Cli(tmp_path, s3_broker)
+    yield c
+    for proc in c.started:
+        proc.kill()
+
+
+def _source(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _last(lines: list[dict[str, Any]], err: str) -> dict[str, Any]:
+    assert lines, err
+    return lines[-1]
+
+
+def _store_send(cli: Cli, source: Path, *extra: str) -> tuple[FerryProcess, dict[str, Any]]:
+    sender = cli.run("sender", "send", str(source), "--json", "--via", "store", *extra)
+    first = sender.line()
+    assert first["event"] in ("offered", "resumed")
+    return sender, first
+
+
+def _receive(cli: Cli, code: str, dest: Path, *extra: str) -> FerryProcess:
+    return cli.run("receiver", "receive", code, "--dest", str(dest), "--yes", "--json", *extra)
+
+
+def test_store_and_forward_sender_gone_before_the_receiver_comes(cli: Cli, tmp_path: Path) -> None:
+    source = _source(tmp_path / "big.bin", 20 * MiB + 12_345)
+    sender, offered = _store_send(cli, source)
+    rc, lines, err = sender.finish(60)
+    assert rc == 0, err
+    stored = _last(lines, err)
+    assert stored["event"] == "stored"
+    assert stored["bytes_uploaded"] == stored["bytes"] == source.stat().st_size
+    assert sender.proc is not None
+    assert sender.proc.poll() is not None  # the sender is gone
+    dest = tmp_path / "dest"
+    rc, lines, err = _receive(cli, offered["code"], dest).finish(60)
+    assert rc == 0, err
+    done = _last(lines, err)
+    assert done["event"] == "completed"
+    assert done["path"] == "store"
+    assert done["files"] == stored["files"]  # the same blake3-chunks digest on both sides
+    assert _sha(dest / "big.bin") == _sha(source)
+    assert sorted(p.name for p in dest.iterdir()) == ["big.bin"]
+
+
+def test_direct_refused_falls_back_to_the_store(cli: Cli, tmp_path: Path) -> None:
+    # The sender may listen only on ports this test holds: direct cannot happen.
+    held: list[socket.socket] = []
+    while not held:
+        base = 20000 + int.from_bytes(os.urandom(2), "big") % 20000
+        try:
+            for port in range(base, base + 6):
+                s = socket.socket(socket.AF_INET6)
+                held.append(s)
+                s.bind(("::", port))
+        except OSError:
+            for s in held:
+                s.close()
+            held.clear()
+    try:
+        source = _source(tmp_path / "f.bin", 9 * MiB + 7)
+        sender = cli.run("sender", "send", str(source), "--json", FERRY_PORTS=f"{base}-{base + 5}")
+        offered = sender.line()
+        dest = tmp_path / "dest"
+        rc, lines, err = _receive(cli, offered["code"], dest).finish(60)
+        assert rc == 0, err
+        done = _last(lines, err)
+        assert done["path"] in ("store", "mixed")
+        assert _sha(dest / "f.bin") == _sha(source)
+        src_rc, src_lines, src_err = sender.finish(60)
+        assert src_rc == 0, src_err
+        assert _last(src_lines, src_err)["path"] == "store"
+    finally:
+        for s in held:
+            s.close()
+
+
+def _parts_stored(s3: S3Server) -> int:
+    client = s3.client()
+    total = 0
+    for upload in client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []):
+        reply = client.list_parts(Bucket=s3.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        total += len(reply.get("Parts", []))
+    return total
+
+
+def test_kill_during_upload_resumes_from_the_stored_parts(
+    cli: Cli, tmp_path: Path, s3_server: S3Server
+) -> None:
+    size = 96 * MiB
+    source = _source(tmp_path / "big.bin", size)
+    sender, offered = _store_send(cli, source)
+    deadline = time.monotonic() + 30
+    while _parts_stored(s3_server) < 1:
+        assert time.monotonic() < deadline, "no part uploaded in time"
+        time.sleep(0.01)
+    assert sender.proc is not None
+    sender.proc.send_signal(signal.SIGKILL)
+    sender.proc.wait(10)
+    again, resumed = _store_send(cli, source)
+    assert resumed["event"] == "resumed"
+    assert resumed["session"] == offered["session"]
+    rc, lines, err = again.finish(60)
+    assert rc == 0, err
+    stored = _last(lines, err)
+    assert stored["event"] == "stored"
+    # At least the part seen before the kill was kept (the rest may have made it too).
+    assert stored["bytes_uploaded"] <= size - 8 * MiB
+    assert stored["bytes_resumed"] == size - stored["bytes_uploaded"]
+    dest = tmp_path / "dest"
+    rc, lines, err = _receive(cli, offered["code"], dest, "--via", "store").finish(60)
+    assert rc == 0, err
+    assert _last(lines, err)["path"] == "store"
+    assert _sha(dest / "big.bin") == _sha(source)
+
+
+def test_kill_during_download_resumes(cli: Cli, tmp_path: Path) -> None:
+    size = 64 * MiB
+    source = _source(tmp_path / "big.bin", size)
+    sender, offered = _store_send(cli, source, "--chunk-size", "256K")
+    rc, _, err = sender.finish(60)
+    assert rc == 0, err
+    dest = tmp_path / "dest"
+    receiver = _receive(cli, offered["code"], dest, "--via", "store")
+    deadline = time.monotonic() + 30
+    # Kill once some verified chunks are journaled (40-byte header, ~45 bytes a chunk).
+    while not any(p.stat().st_size > 2000 for p in dest.glob(".ferry-*.journal")):
+        assert time.monotonic() < deadline, "nothing journaled in time"
+        time.sleep(0.002)
+    assert receiver.proc is not None
+    receiver.proc.send_signal(signal.SIGKILL)
+    receiver.proc.wait(10)
+    assert not (dest / "big.bin").exists()
+    rc, lines, err = _receive(cli, offered["code"], dest, "--via", "store").finish(60)
+    assert rc == 0, err
+    done = _last(lines, err)
+    assert done["bytes_resumed"] > 0
+    assert done["bytes_resumed"] + done["bytes_transferred"] == size
+    assert _sha(dest / "big.bin") == _sha(source)
+    assert sorted(p.name for p in dest.iterdir()) == ["big.bin"]
+
+
+def test_a_corrupted_stored_object_fails_clearly(
+    cli: Cli, tmp_path: Path, s3_server: S3Server
+) -> None:
+    source = _source(tmp_path / "f.bin", 3 * MiB)
+    sender, offered = _store_send(cli, source)
+    rc, _, err = sender.finish(60)
+    assert rc == 0, err
+    client = s3_server.client()
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=s3_server.bucket).get("Contents", [])
+        if o["Key"].startswith("ferry/" + offered["session"].split("/")[-1])
+        and not o["Key"].endswith(".digests")
+    ]
+    assert len(keys) == 1
+    body = bytearray(client.get_object(Bucket=s3_server.bucket, Key=keys[0])["Body"].read())
+    body[MiB + 5] ^= 0xFF  # one byte of chunk 1
+    client.put_object(Bucket=s3_server.bucket, Key=keys[0], Body=bytes(body))
+    dest = tmp_path / "dest"
+    rc, lines, err = _receive(cli, offered["code"], dest).finish(60)
+    assert rc == 1
+    failed = _last(lines, err)
+    assert failed["event"] == "failed"
+    assert "digest" in failed["error"]
+    assert not (dest / "f.bin").exists()
+    assert not list(dest.glob(".*ferry-part"))
