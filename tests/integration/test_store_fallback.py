@@ -1,4 +1,4 @@
-"""The object-store fallback end to end: real moto S3 server, real broker, real CLI processes.
+"""The object-store fallback end to end: real S3 servers, real broker, real CLI processes.
 
 Bytes go through presigned URLs only (the CLI has no S3 credentials: its environment has
 none); boto3 is used by the test alone, to watch and to damage the bucket.
@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import BrokerFactory
 from tests.support.processes import BrokerProcess, FerryProcess
-from tests.support.s3 import S3Server
+from tests.support.s3 import S3_KINDS, S3Server
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -27,9 +27,23 @@ MiB = 1 << 20
 _AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log").start()
+@pytest.fixture(scope="module", params=S3_KINDS)
+def s3_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[S3Server]:
+    """Each test runs against moto and against s3rver (a missing s3rver fails, never skips).
+
+    A server that refuses an S3 operation the broker needs makes the test xfail, naming the
+    operations: s3rver 3.7.1 has no ListParts, AbortMultipartUpload nor ListMultipartUploads
+    (see tests/support/s3.py), so there the sender stops at once with "S3 list_parts failed:
+    MethodNotAllowed". Once the server has them, the same tests run for real.
+    """
+    kind: str = request.param
+    server = S3Server(tmp_path_factory.mktemp(kind) / f"{kind}.log", kind=kind).start()
+    missing = server.missing_operations()
+    if missing:
+        server.stop()
+        pytest.xfail(f"{kind} lacks S3 operations the broker needs: {', '.join(missing)}")
     yield server
     server.stop()
 

@@ -1,8 +1,24 @@
-"""A real S3-protocol server for tests: moto's standalone server on 127.0.0.1, and helpers.
+"""A real S3-protocol server for tests on 127.0.0.1 (moto or s3rver), and helpers.
 
-`S3Server.start()` runs `python -m moto.server -H 127.0.0.1 -p PORT` (moto[server]), waits until
-it answers, and creates the bucket; `stop()` kills it. The dummy credentials are in `env`, to
-be given to the broker process (boto3 reads them from the environment as usual).
+`S3Server(log, kind="moto").start()` runs `python -m moto.server -H 127.0.0.1 -p PORT`
+(moto[server]); `kind="s3rver"` runs s3rver (npm) with a temporary data directory. Either way it
+waits until the server answers and creates the bucket with boto3; `stop()` kills it. The dummy
+credentials are in `env`, to be given to the broker process (boto3 reads them from the
+environment as usual).
+
+s3rver is found at $FERRY_TEST_S3RVER, else .ci/node/node_modules/.bin/s3rver (where .ci/run
+installs it), else on PATH; if it is missing, starting it fails (never skips) and says how to
+install it.
+
+What s3rver (3.7.1) does and does not do, as read in its source and checked by hand:
+- SigV4 signatures are NOT verified ("Signature version 4 calculation is unimplemented" in its
+  authentication middleware): only the access key id must be S3RVER, and a presigned URL is
+  refused once X-Amz-Date + X-Amz-Expires has passed (403 AccessDenied). A URL whose key, part
+  number or size was altered is accepted, like on moto.
+- ListParts and AbortMultipartUpload (GET/DELETE ?uploadId) answer 405 MethodNotAllowed and
+  ListMultipartUploads answers 501 NotImplemented. The broker needs all three (resume from the
+  stored parts, CompleteStoreUpload, cleanup), so Ferry's store path cannot run on s3rver:
+  `missing_operations()` probes for them, and the store-path tests xfail with that reason.
 
 What moto does NOT check (moto 5): the signature of presigned URLs (nor their expiry, nor the
 signed headers). So that a presigned URL is bound to its key, method and Content-Length is
@@ -18,23 +34,50 @@ import hashlib
 import hmac
 import http.client
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
-__all__ = ["S3Server", "http_request", "verify_presigned"]
+__all__ = ["S3_KINDS", "S3Server", "http_request", "s3rver_command", "verify_presigned"]
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
+S3_KINDS = ("moto", "s3rver")
+# s3rver knows one account only, and checks the access key id of every signed request.
+_S3RVER_KEY = "S3RVER"
+_REPO = Path(__file__).resolve().parents[2]
+_S3RVER_CI = _REPO / ".ci" / "node" / "node_modules" / ".bin" / "s3rver"
+
+
+def s3rver_command() -> str:
+    """The s3rver launcher: $FERRY_TEST_S3RVER, .ci/node's, or PATH's; fails if none."""
+    configured = os.environ.get("FERRY_TEST_S3RVER", "")
+    if configured:
+        if not Path(configured).is_file():
+            raise FileNotFoundError(f"FERRY_TEST_S3RVER={configured}: no such file")
+        return configured
+    if _S3RVER_CI.is_file():
+        return str(_S3RVER_CI)
+    found = shutil.which("s3rver")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "s3rver (npm) is needed by the S3 tests and was not found. Install it as CI does:\n"
+        "    npm install --prefix .ci/node --no-save s3rver@3.7.1\n"
+        "(Node >= 18), or set FERRY_TEST_S3RVER to its launcher."
+    )
 
 
 def _free_port() -> int:
@@ -46,9 +89,10 @@ def _free_port() -> int:
 
 @dataclass
 class S3Server:
-    """One moto server process and its bucket."""
+    """One S3-protocol server process ("moto" or "s3rver") and its bucket."""
 
     log_path: Path
+    kind: str = "moto"
     bucket: str = "ferry-test"
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -59,38 +103,76 @@ class S3Server:
         """http://127.0.0.1:PORT"""
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def access_key(self) -> str:
+        return _S3RVER_KEY if self.kind == "s3rver" else ACCESS_KEY
+
+    @property
+    def secret_key(self) -> str:
+        return _S3RVER_KEY if self.kind == "s3rver" else SECRET_KEY
+
     def start(self) -> S3Server:
-        """Start moto, wait until it answers (<= 20 s), create the bucket."""
+        """Start the server, wait until it answers (<= 20 s), create the bucket."""
+        if self.kind not in S3_KINDS:
+            raise ValueError(f"unknown S3 server kind {self.kind!r}")
         self.port = _free_port()
         self.env = {
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": REGION,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+        if self.kind == "moto":
+            command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+            ready = "/moto-api/"
+        else:
+            data = self.log_path.parent / "s3rver-data"
+            data.mkdir(parents=True, exist_ok=True)
+            command = [s3rver_command(), "-d", str(data), "-a", "127.0.0.1", "-p", str(self.port)]
+            ready = "/"  # unsigned: lists the buckets
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
             )
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {self.log_path.read_text()}")
+                raise RuntimeError(f"{self.kind} exited: {self.log_path.read_text()}")
             try:
-                status, _, _ = http_request("GET", f"{self.endpoint}/moto-api/", timeout=1)
+                status, _, _ = http_request("GET", f"{self.endpoint}{ready}", timeout=1)
                 if status == 200:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError("moto_server did not answer within 20 s")
+                raise TimeoutError(f"{self.kind} did not answer within 20 s")
             time.sleep(0.1)
         self.client().create_bucket(Bucket=self.bucket)
         return self
+
+    def missing_operations(self) -> list[str]:
+        """The S3 operations the broker needs that this server refuses (s3rver: three)."""
+        client, key = self.client(), "ferry-probe/0"
+        upload_id = client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        probes: dict[str, Callable[[], object]] = {
+            "ListParts": lambda: client.list_parts(Bucket=self.bucket, Key=key, UploadId=upload_id),
+            "ListMultipartUploads": lambda: client.list_multipart_uploads(Bucket=self.bucket),
+            "AbortMultipartUpload": lambda: client.abort_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id
+            ),
+        }
+        missing = []
+        for name, probe in probes.items():
+            try:
+                probe()
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("MethodNotAllowed", "NotImplemented"):
+                    missing.append(f"{name} ({code})")
+                else:
+                    raise
+        return missing
 
     def client(self) -> Any:
         """A boto3 S3 client for checks from the test (never used by the broker)."""
@@ -98,8 +180,8 @@ class S3Server:
             "s3",
             endpoint_url=self.endpoint,
             region_name=REGION,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
         )
 
