@@ -7,7 +7,8 @@ code and the broker's machine-readable reason (google.rpc.ErrorInfo).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -19,6 +20,7 @@ from ferry.v1 import broker_pb2, broker_pb2_grpc
 __all__ = ["BrokerError", "BrokerLink"]
 
 DEFAULT_TIMEOUT = 10.0
+_Response = TypeVar("_Response")
 
 
 class BrokerError(Exception):
@@ -76,111 +78,77 @@ class BrokerLink:
     def _meta(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
+    async def _call(
+        self,
+        rpc: Callable[..., Awaitable[_Response]],
+        request: object,
+        what: str,
+        *,
+        ready: bool = False,
+    ) -> _Response:
+        """One unary call: deadline, auth metadata, and failures as BrokerError.
+
+        ``ready`` waits (within the deadline) for a broker that is restarting, for calls that
+        are safe to send late: idempotent ones, or ones nobody else can have made meanwhile.
+        """
+        try:
+            return await rpc(
+                request, timeout=self.timeout, metadata=self._meta(), wait_for_ready=ready
+            )
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, what) from None
+
     async def create_offer(
         self, request: broker_pb2.CreateOfferRequest
     ) -> broker_pb2.CreateOfferResponse:
         """CreateOffer; keeps the sender's token."""
-        try:
-            response: broker_pb2.CreateOfferResponse = await self._stub.CreateOffer(
-                request, timeout=self.timeout, wait_for_ready=True
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "offer") from None
+        response = await self._call(self._stub.CreateOffer, request, "offer", ready=True)
         self.token = response.party_token
         return response
 
     async def claim_offer(self, code: str, request_id: str = "") -> broker_pb2.ClaimOfferResponse:
         """ClaimOffer; keeps the receiver's token."""
-        try:
-            response: broker_pb2.ClaimOfferResponse = await self._stub.ClaimOffer(
-                broker_pb2.ClaimOfferRequest(code=code, request_id=request_id),
-                timeout=self.timeout,
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "code") from None
+        request = broker_pb2.ClaimOfferRequest(code=code, request_id=request_id)
+        response = await self._call(self._stub.ClaimOffer, request, "code", ready=True)
         self.token = response.party_token
         return response
 
     async def accept(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
         """AcceptOffer."""
-        try:
-            response: broker_pb2.AcceptOfferResponse = await self._stub.AcceptOffer(
-                broker_pb2.AcceptOfferRequest(name=name, receiver=me),
-                timeout=self.timeout,
-                metadata=self._meta(),
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "accept") from None
-        return response.session
+        request = broker_pb2.AcceptOfferRequest(name=name, receiver=me)
+        return (await self._call(self._stub.AcceptOffer, request, "accept")).session
 
     async def decline(self, name: str, reason: str) -> broker_pb2.Session:
         """DeclineOffer."""
-        try:
-            response: broker_pb2.DeclineOfferResponse = await self._stub.DeclineOffer(
-                broker_pb2.DeclineOfferRequest(name=name, reason=reason),
-                timeout=self.timeout,
-                metadata=self._meta(),
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "decline") from None
-        return response.session
+        request = broker_pb2.DeclineOfferRequest(name=name, reason=reason)
+        return (await self._call(self._stub.DeclineOffer, request, "decline")).session
 
     async def cancel(self, name: str, reason: str) -> broker_pb2.Session:
         """CancelSession."""
-        try:
-            response: broker_pb2.CancelSessionResponse = await self._stub.CancelSession(
-                broker_pb2.CancelSessionRequest(name=name, reason=reason),
-                timeout=self.timeout,
-                metadata=self._meta(),
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "cancel") from None
-        return response.session
+        request = broker_pb2.CancelSessionRequest(name=name, reason=reason)
+        return (await self._call(self._stub.CancelSession, request, "cancel")).session
 
     async def get(self, name: str) -> broker_pb2.Session:
         """GetSession."""
-        try:
-            response: broker_pb2.GetSessionResponse = await self._stub.GetSession(
-                broker_pb2.GetSessionRequest(name=name),
-                timeout=self.timeout,
-                metadata=self._meta(),
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "status") from None
-        return response.session
+        request = broker_pb2.GetSessionRequest(name=name)
+        return (await self._call(self._stub.GetSession, request, "status")).session
 
     async def report(
         self, name: str, state: int, bytes_done: int, failure_reason: str = ""
     ) -> broker_pb2.Session:
         """ReportProgress."""
-        try:
-            response: broker_pb2.ReportProgressResponse = await self._stub.ReportProgress(
-                broker_pb2.ReportProgressRequest(
-                    name=name,
-                    state=state,  # type: ignore[arg-type]
-                    bytes_done=bytes_done,
-                    failure_reason=failure_reason[:1000],
-                ),
-                timeout=self.timeout,
-                metadata=self._meta(),
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "report") from None
-        return response.session
+        request = broker_pb2.ReportProgressRequest(
+            name=name,
+            state=state,  # type: ignore[arg-type]
+            bytes_done=bytes_done,
+            failure_reason=failure_reason[:1000],
+        )
+        return (await self._call(self._stub.ReportProgress, request, "report")).session
 
     async def resume(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
         """ResumeSession: come back with new connection details; a new attempt."""
-        try:
-            response: broker_pb2.ResumeSessionResponse = await self._stub.ResumeSession(
-                broker_pb2.ResumeSessionRequest(name=name, peer=me),
-                timeout=self.timeout,
-                metadata=self._meta(),
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "resume") from None
-        return response.session
+        request = broker_pb2.ResumeSessionRequest(name=name, peer=me)
+        return (await self._call(self._stub.ResumeSession, request, "resume", ready=True)).session
 
     async def watch(self, name: str, seconds: float) -> AsyncIterator[broker_pb2.Session]:
         """WatchSession: the session now, then after every change, for at most ``seconds``."""
@@ -201,80 +169,40 @@ class BrokerLink:
         self, name: str, file_index: int
     ) -> broker_pb2.StartStoreUploadResponse:
         """StartStoreUpload (sender)."""
-        try:
-            response: broker_pb2.StartStoreUploadResponse = await self._stub.StartStoreUpload(
-                broker_pb2.StartStoreUploadRequest(name=name, file_index=file_index),
-                timeout=self.timeout,
-                metadata=self._meta(),
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "store upload") from None
-        return response
+        request = broker_pb2.StartStoreUploadRequest(name=name, file_index=file_index)
+        return await self._call(self._stub.StartStoreUpload, request, "store upload", ready=True)
 
     async def presign_store_parts(
         self, name: str, file_index: int, part_numbers: list[int], include_digests: bool
     ) -> broker_pb2.PresignStorePartsResponse:
         """PresignStoreParts (sender)."""
-        try:
-            response: broker_pb2.PresignStorePartsResponse = await self._stub.PresignStoreParts(
-                broker_pb2.PresignStorePartsRequest(
-                    name=name,
-                    file_index=file_index,
-                    part_numbers=part_numbers,
-                    include_digests=include_digests,
-                ),
-                timeout=self.timeout,
-                metadata=self._meta(),
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "store upload") from None
-        return response
+        request = broker_pb2.PresignStorePartsRequest(
+            name=name,
+            file_index=file_index,
+            part_numbers=part_numbers,
+            include_digests=include_digests,
+        )
+        return await self._call(self._stub.PresignStoreParts, request, "store upload", ready=True)
 
     async def list_store_parts(
         self, name: str, file_index: int
     ) -> broker_pb2.ListStorePartsResponse:
         """ListStoreParts (sender)."""
-        try:
-            response: broker_pb2.ListStorePartsResponse = await self._stub.ListStoreParts(
-                broker_pb2.ListStorePartsRequest(name=name, file_index=file_index),
-                timeout=self.timeout,
-                metadata=self._meta(),
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "store upload") from None
-        return response
+        request = broker_pb2.ListStorePartsRequest(name=name, file_index=file_index)
+        return await self._call(self._stub.ListStoreParts, request, "store upload", ready=True)
 
     async def complete_store_upload(
         self, name: str, file_index: int
     ) -> broker_pb2.CompleteStoreUploadResponse:
         """CompleteStoreUpload (sender)."""
-        try:
-            response: broker_pb2.CompleteStoreUploadResponse = await self._stub.CompleteStoreUpload(
-                broker_pb2.CompleteStoreUploadRequest(name=name, file_index=file_index),
-                timeout=self.timeout,
-                metadata=self._meta(),
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "store upload") from None
-        return response
+        request = broker_pb2.CompleteStoreUploadRequest(name=name, file_index=file_index)
+        return await self._call(self._stub.CompleteStoreUpload, request, "store upload", ready=True)
 
     async def presign_store_download(
         self, name: str, file_index: int
     ) -> broker_pb2.PresignStoreDownloadResponse:
         """PresignStoreDownload (receiver)."""
-        try:
-            response: broker_pb2.PresignStoreDownloadResponse = (
-                await self._stub.PresignStoreDownload(
-                    broker_pb2.PresignStoreDownloadRequest(name=name, file_index=file_index),
-                    timeout=self.timeout,
-                    metadata=self._meta(),
-                    wait_for_ready=True,
-                )
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, "store download") from None
-        return response
+        request = broker_pb2.PresignStoreDownloadRequest(name=name, file_index=file_index)
+        return await self._call(
+            self._stub.PresignStoreDownload, request, "store download", ready=True
+        )
