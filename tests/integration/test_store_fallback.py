@@ -11,12 +11,14 @@ import os
 import signal
 import socket
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ferry.protocol.journal import RECORD_SIZE, RecordKind
 from tests.conftest import BrokerFactory
 from tests.support.processes import BrokerProcess, FerryProcess
 from tests.support.s3 import S3_KINDS, S3Server
@@ -259,3 +261,75 @@ def test_a_corrupted_stored_object_fails_clearly(
     assert "digest" in failed["error"]
     assert not (dest / "f.bin").exists()
     assert not list(dest.glob(".*ferry-part"))
+
+
+def _journaled_chunks(journal: Path) -> set[int]:
+    """The chunk indexes (file 0) the receiver's journal records as verified and written."""
+    data = journal.read_bytes()
+    out = set()
+    for at in range(RECORD_SIZE, len(data) - RECORD_SIZE + 1, RECORD_SIZE):
+        record = data[at : at + RECORD_SIZE]
+        if zlib.crc32(record[:-4]) != int.from_bytes(record[-4:], "big"):
+            break
+        if record[0] == RecordKind.CHUNK:
+            out.add(int.from_bytes(record[5:13], "big"))
+    return out
+
+
+def test_a_transfer_started_direct_finishes_through_the_store(
+    cli: Cli, tmp_path: Path, s3_server: S3Server
+) -> None:
+    """Direct first, then the sender dies and comes back with --via store: path "mixed".
+
+    The receiver (--via auto) stays up throughout: the direct connection drops, its next
+    attempt cannot connect (the sender now only uploads), so at the deadline it switches to
+    the store. That it fetches only what its journal lacks is shown by damaging, in the stored
+    object, every chunk it had verified directly: fetching one of them again would fail its
+    digest, so a verified file means no verified chunk moved twice.
+    """
+    size, chunk = 96 * MiB, 256 * 1024
+    source = _source(tmp_path / "big.bin", size)
+    sender = cli.run("sender", "send", str(source), "--json", "--chunk-size", "256K")
+    offered = sender.line()
+    dest = tmp_path / "dest"
+    receiver = _receive(cli, offered["code"], dest)  # --via auto
+    deadline = time.monotonic() + 30
+    while not any(p.stat().st_size > 2000 for p in dest.glob(".ferry-*.journal")):
+        assert time.monotonic() < deadline, "nothing journaled in time"
+        time.sleep(0.002)
+    assert sender.proc is not None
+    assert receiver.proc is not None
+    sender.proc.send_signal(signal.SIGKILL)
+    sender.proc.wait(10)
+    receiver.proc.send_signal(signal.SIGSTOP)  # until the store holds the damaged copy
+    try:
+        direct = _journaled_chunks(next(dest.glob(".ferry-*.journal")))
+        assert 0 < len(direct) < size // chunk, "the direct path moved none or all of it"
+
+        again, resumed = _store_send(cli, source)  # the same offer, now uploaded
+        assert resumed["event"] == "resumed"
+        assert resumed["session"] == offered["session"]
+        rc, lines, err = again.finish(60)
+        assert rc == 0, err
+        assert _last(lines, err)["event"] == "stored"
+
+        client, bucket = s3_server.client(), s3_server.bucket
+        key = f"ferry/{offered['session'].removeprefix('sessions/')}/0"
+        body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        assert len(body) == size
+        for index in direct:
+            body[index * chunk] ^= 0xFF
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    finally:
+        receiver.proc.send_signal(signal.SIGCONT)
+
+    rc, lines, err = receiver.finish(60)
+    assert rc == 0, err
+    done = _last(lines, err)
+    assert done["event"] == "completed"
+    assert done["path"] == "mixed"
+    assert done["bytes_resumed"] == 0  # one receiver run, from the start
+    assert done["bytes_transferred"] + done["bytes_resumed"] == size
+    assert done["chunks_retried"] == 0
+    assert _sha(dest / "big.bin") == _sha(source)
+    assert sorted(p.name for p in dest.iterdir()) == ["big.bin"]
