@@ -170,10 +170,10 @@ def test_direct_refused_falls_back_to_the_store(cli: Cli, tmp_path: Path) -> Non
             s.close()
 
 
-def _parts_stored(s3: S3Server) -> int:
+def _parts_stored(s3: S3Server, prefix: str = "") -> int:
     client = s3.client()
     total = 0
-    for upload in client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []):
+    for upload in client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix).get("Uploads", []):
         reply = client.list_parts(Bucket=s3.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
         total += len(reply.get("Parts", []))
     return total
@@ -333,3 +333,42 @@ def test_a_transfer_started_direct_finishes_through_the_store(
     assert done["chunks_retried"] == 0
     assert _sha(dest / "big.bin") == _sha(source)
     assert sorted(p.name for p in dest.iterdir()) == ["big.bin"]
+
+
+def _under(s3: S3Server, prefix: str) -> list[str]:
+    """Every object and unfinished multipart upload whose key starts with ``prefix``."""
+    client = s3.client()
+    objects = client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])
+    uploads = client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix).get("Uploads", [])
+    return [o["Key"] for o in objects] + [f"upload {u['Key']}" for u in uploads]
+
+
+def test_an_offer_nobody_takes_expires_and_the_store_is_emptied(
+    cli: Cli, tmp_path: Path, s3_server: S3Server
+) -> None:
+    """`send --via store --ttl 2`, and no receiver: at expiry the broker deletes the stored
+    objects (a completed upload) and aborts the multipart upload (one killed halfway)."""
+    small = _source(tmp_path / "small.bin", 3 * MiB + 1)
+    big = _source(tmp_path / "big.bin", 96 * MiB)
+    stored = cli.run("sender-a", "send", str(small), "--json", "--via", "store", "--ttl", "2")
+    halfway = cli.run("sender-b", "send", str(big), "--json", "--via", "store", "--ttl", "2")
+    prefixes = [
+        f"ferry/{proc.line()['session'].removeprefix('sessions/')}/" for proc in (stored, halfway)
+    ]
+    started = time.monotonic()
+    while _parts_stored(s3_server, prefixes[1]) < 1:
+        assert time.monotonic() < started + 2, "no part of the big file stored before expiry"
+        time.sleep(0.01)
+    assert halfway.proc is not None
+    halfway.proc.send_signal(signal.SIGKILL)
+    halfway.proc.wait(10)
+    rc, lines, err = stored.finish(10)
+    assert rc == 0, err
+    assert _last(lines, err)["event"] == "stored"
+    assert sorted(_under(s3_server, prefixes[0])) == [f"{prefixes[0]}0", f"{prefixes[0]}0.digests"]
+
+    # Expiry at 2 s, sweeps every 0.2 s: both prefixes are empty well within 10 s.
+    deadline = time.monotonic() + 10
+    while left := _under(s3_server, prefixes[0]) + _under(s3_server, prefixes[1]):
+        assert time.monotonic() < deadline, f"still in the bucket after expiry: {left}"
+        time.sleep(0.1)
