@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import psutil
@@ -611,20 +612,15 @@ class Outgoing:
         store at that same deadline); this attempt keeps listening meanwhile.
         """
         cancel = threading.Event()
-        watcher = asyncio.create_task(_follow(self._link, self.name, attempt, cancel, []))
-        fallback = asyncio.create_task(self._fallback_at_deadline(peer, session))
         try:
-            await asyncio.to_thread(peer.run, cancel)
+            await _in_thread_while(
+                functools.partial(peer.run, cancel),
+                cancel,
+                _follow(self._link, self.name, attempt, cancel, []),
+                self._fallback_at_deadline(peer, session),
+            )
         except PeerGone:
             return False
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
-        finally:
-            cancel.set()
-            watcher.cancel()
-            fallback.cancel()
-            await asyncio.gather(watcher, fallback, return_exceptions=True)
         return True
 
     async def _fallback_at_deadline(self, peer: SendPeer, session: broker_pb2.Session) -> None:
@@ -874,23 +870,17 @@ class Incoming:
             )
             with contextlib.suppress(BrokerError):
                 await self._link.report(self.name, State.STATE_CONNECTING, receive.bytes_verified)
-            watcher = asyncio.create_task(
-                _follow(self._link, self.name, session.attempt, cancel, latest)
-            )
+            candidates = _dial_order(session.sender.candidates)
             try:
-                await asyncio.to_thread(
-                    peer.run, _dial_order(session.sender.candidates), ports, deadline, cancel
+                await _in_thread_while(
+                    functools.partial(peer.run, candidates, ports, deadline, cancel),
+                    cancel,
+                    _follow(self._link, self.name, session.attempt, cancel, latest),
                 )
                 return
             except PeerGone as exc:
                 lost: Exception = exc
-            except asyncio.CancelledError:
-                cancel.set()
-                raise
             finally:
-                cancel.set()
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
                 self._stream_id = peer.next_stream_id
             current = latest[0]
             if current.state in _FINAL:
@@ -972,18 +962,13 @@ class Incoming:
             wait_until=wait_until,
             stop_waiting=moved,
         )
-        watcher = asyncio.create_task(
-            _until_final(self._link, self.name, cancel, moved, attempt or None)
-        )
         try:
-            await asyncio.to_thread(downloader.run, cancel)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+            await _in_thread_while(
+                functools.partial(downloader.run, cancel),
+                cancel,
+                _until_final(self._link, self.name, cancel, moved, attempt or None),
+            )
         finally:
-            cancel.set()
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
             self._stream_id = downloader.next_stream_id
             self._store_bytes += downloader.bytes_downloaded
 
@@ -1028,6 +1013,24 @@ async def _watch(link: BrokerLink, name: str, seconds: float) -> AsyncIterator[b
         # The stream ended before a final state: the broker restarted or went away.
         await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0)))
         pause = min(pause * 2, 2.0)
+
+
+async def _in_thread_while(
+    work: Callable[[], object], cancel: threading.Event, *watchers: Coroutine[Any, Any, None]
+) -> None:
+    """Run blocking ``work`` in a thread beside ``watchers`` (which set ``cancel`` to stop it).
+
+    However it ends (done, failed, or this task cancelled), ``cancel`` is set and the
+    watchers are stopped, so no thread or task outlives the call.
+    """
+    tasks = [asyncio.create_task(w) for w in watchers]
+    try:
+        await asyncio.to_thread(work)
+    finally:
+        cancel.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _follow(
