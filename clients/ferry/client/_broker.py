@@ -20,6 +20,7 @@ from ferry.v1 import broker_pb2, broker_pb2_grpc
 __all__ = ["BrokerError", "BrokerLink"]
 
 DEFAULT_TIMEOUT = 10.0
+COMPLETE_TIMEOUT = 120.0
 _Response = TypeVar("_Response")
 
 
@@ -85,6 +86,7 @@ class BrokerLink:
         what: str,
         *,
         ready: bool = False,
+        deadline: float | None = None,
     ) -> _Response:
         """One unary call: deadline, auth metadata, and failures as BrokerError.
 
@@ -93,7 +95,10 @@ class BrokerLink:
         """
         try:
             return await rpc(
-                request, timeout=self.timeout, metadata=self._meta(), wait_for_ready=ready
+                request,
+                timeout=deadline or self.timeout,
+                metadata=self._meta(),
+                wait_for_ready=ready,
             )
         except grpc.aio.AioRpcError as err:
             raise BrokerError.from_rpc(err, what) from None
@@ -196,7 +201,14 @@ class BrokerLink:
     ) -> broker_pb2.CompleteStoreUploadResponse:
         """CompleteStoreUpload (sender)."""
         request = broker_pb2.CompleteStoreUploadRequest(name=name, file_index=file_index)
-        return await self._call(self._stub.CompleteStoreUpload, request, "store upload", ready=True)
+        # The broker lists and joins every part in this one call: S3 may take a while.
+        return await self._call(
+            self._stub.CompleteStoreUpload,
+            request,
+            "store upload",
+            ready=True,
+            deadline=max(self.timeout, COMPLETE_TIMEOUT),
+        )
 
     async def presign_store_download(
         self, name: str, file_index: int
