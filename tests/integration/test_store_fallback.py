@@ -35,17 +35,12 @@ def s3_server(
 ) -> Iterator[S3Server]:
     """Each test runs against moto and against s3rver (a missing s3rver fails, never skips).
 
-    A server that refuses an S3 operation the broker needs makes the test xfail, naming the
-    operations: s3rver 3.7.1 has no ListParts, AbortMultipartUpload nor ListMultipartUploads
-    (see tests/support/s3.py), so there the sender stops at once with "S3 list_parts failed:
-    MethodNotAllowed". Once the server has them, the same tests run for real.
+    s3rver 3.7.1 has no ListParts, AbortMultipartUpload nor ListMultipartUploads (see
+    tests/support/s3.py): there the broker completes uploads with the parts the sender
+    reports, and an interrupted upload starts over instead of resuming.
     """
     kind: str = request.param
     server = S3Server(tmp_path_factory.mktemp(kind) / f"{kind}.log", kind=kind).start()
-    missing = server.missing_operations()
-    if missing:
-        server.stop()
-        pytest.xfail(f"{kind} lacks S3 operations the broker needs: {', '.join(missing)}")
     yield server
     server.stop()
 
@@ -170,6 +165,11 @@ def test_direct_refused_falls_back_to_the_store(cli: Cli, tmp_path: Path) -> Non
             s.close()
 
 
+def _lists_uploads(s3: S3Server) -> bool:
+    """Whether the server can list multipart uploads and their parts (s3rver 3.7.1 can't)."""
+    return not s3.missing_operations()
+
+
 def _parts_stored(s3: S3Server, prefix: str = "") -> int:
     client = s3.client()
     total = 0
@@ -185,10 +185,13 @@ def test_kill_during_upload_resumes_from_the_stored_parts(
     size = 96 * MiB
     source = _source(tmp_path / "big.bin", size)
     sender, offered = _store_send(cli, source)
+    listable = _lists_uploads(s3_server)
     deadline = time.monotonic() + 30
-    while _parts_stored(s3_server) < 1:
+    while listable and _parts_stored(s3_server) < 1:
         assert time.monotonic() < deadline, "no part uploaded in time"
         time.sleep(0.01)
+    if not listable:
+        time.sleep(0.3)  # no way to see parts arrive: kill a moment into the upload
     assert sender.proc is not None
     sender.proc.send_signal(signal.SIGKILL)
     sender.proc.wait(10)
@@ -199,8 +202,12 @@ def test_kill_during_upload_resumes_from_the_stored_parts(
     assert rc == 0, err
     stored = _last(lines, err)
     assert stored["event"] == "stored"
-    # At least the part seen before the kill was kept (the rest may have made it too).
-    assert stored["bytes_uploaded"] <= size - 8 * MiB
+    if listable:
+        # At least the part seen before the kill was kept (the rest may have made it too).
+        assert stored["bytes_uploaded"] <= size - 8 * MiB
+    else:
+        # The store can't say which parts it has: the upload starts over (or was complete).
+        assert stored["bytes_uploaded"] in (size, 0)
     assert stored["bytes_resumed"] == size - stored["bytes_uploaded"]
     dest = tmp_path / "dest"
     rc, lines, err = _receive(cli, offered["code"], dest, "--via", "store").finish(60)
@@ -339,7 +346,11 @@ def _under(s3: S3Server, prefix: str) -> list[str]:
     """Every object and unfinished multipart upload whose key starts with ``prefix``."""
     client = s3.client()
     objects = client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])
-    uploads = client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix).get("Uploads", [])
+    uploads = (
+        client.list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix).get("Uploads", [])
+        if _lists_uploads(s3)
+        else []  # s3rver: an unfinished upload can be neither listed nor aborted
+    )
     return [o["Key"] for o in objects] + [f"upload {u['Key']}" for u in uploads]
 
 
@@ -356,7 +367,7 @@ def test_an_offer_nobody_takes_expires_and_the_store_is_emptied(
         f"ferry/{proc.line()['session'].removeprefix('sessions/')}/" for proc in (stored, halfway)
     ]
     started = time.monotonic()
-    while _parts_stored(s3_server, prefixes[1]) < 1:
+    while _lists_uploads(s3_server) and _parts_stored(s3_server, prefixes[1]) < 1:
         assert time.monotonic() < started + 2, "no part of the big file stored before expiry"
         time.sleep(0.01)
     assert halfway.proc is not None

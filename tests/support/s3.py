@@ -16,9 +16,10 @@ What s3rver (3.7.1) does and does not do, as read in its source and checked by h
   refused once X-Amz-Date + X-Amz-Expires has passed (403 AccessDenied). A URL whose key, part
   number or size was altered is accepted, like on moto.
 - ListParts and AbortMultipartUpload (GET/DELETE ?uploadId) answer 405 MethodNotAllowed and
-  ListMultipartUploads answers 501 NotImplemented. The broker needs all three (resume from the
-  stored parts, CompleteStoreUpload, cleanup), so Ferry's store path cannot run on s3rver:
-  `missing_operations()` probes for them, and the store-path tests xfail with that reason.
+  ListMultipartUploads answers 501 NotImplemented; `missing_operations()` probes for them.
+  The broker copes: it completes uploads with the
+  parts the sender reports and leaves unfinished uploads to the bucket's lifecycle rule, so an
+  interrupted upload there starts over instead of resuming.
 
 What moto does NOT check (moto 5): the signature of presigned URLs (nor their expiry, nor the
 signed headers). So that a presigned URL is bound to its key, method and Content-Length is
@@ -97,6 +98,7 @@ class S3Server:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    _missing: list[str] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -152,7 +154,9 @@ class S3Server:
         return self
 
     def missing_operations(self) -> list[str]:
-        """The S3 operations the broker needs that this server refuses (s3rver: three)."""
+        """The S3 operations the broker uses that this server refuses (s3rver: three)."""
+        if self._missing is not None:
+            return self._missing
         client, key = self.client(), "ferry-probe/0"
         upload_id = client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
         probes: dict[str, Callable[[], object]] = {
@@ -172,6 +176,7 @@ class S3Server:
                     missing.append(f"{name} ({code})")
                 else:
                     raise
+        self._missing = missing
         return missing
 
     def client(self) -> Any:

@@ -7,7 +7,7 @@ code and the broker's machine-readable reason (google.rpc.ErrorInfo).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -197,10 +197,12 @@ class BrokerLink:
         return await self._call(self._stub.ListStoreParts, request, "store upload", ready=True)
 
     async def complete_store_upload(
-        self, name: str, file_index: int
+        self, name: str, file_index: int, parts: Sequence[broker_pb2.StoredPart] = ()
     ) -> broker_pb2.CompleteStoreUploadResponse:
-        """CompleteStoreUpload (sender)."""
-        request = broker_pb2.CompleteStoreUploadRequest(name=name, file_index=file_index)
+        """CompleteStoreUpload (sender), with the parts as this sender uploaded them."""
+        request = broker_pb2.CompleteStoreUploadRequest(
+            name=name, file_index=file_index, parts=parts
+        )
         # The broker lists and joins every part in this one call: S3 may take a while.
         return await self._call(
             self._stub.CompleteStoreUpload,

@@ -229,6 +229,8 @@ class StoreUploader:
         part_size, count = start.part_size_bytes, start.part_count
         lengths = {n: min(part_size, size - (n - 1) * part_size) for n in range(1, count + 1)}
         held = {p.part_number for p in listing.parts if p.size_bytes == lengths[p.part_number]}
+        # What each part's PUT answered: the broker needs it where the store can't list parts.
+        etags = {p.part_number: p.etag for p in listing.parts if p.part_number in held}
         todo = [n for n in range(1, count + 1) if n not in held]
         with self._lock:
             self.bytes_stored += sum(lengths[n] for n in held)
@@ -264,6 +266,7 @@ class StoreUploader:
                             lengths[number],
                             chunk_digests,
                             urls if number not in held else None,
+                            etags,
                         )
                     )
                 for f in concurrent.futures.as_completed(pending):
@@ -278,7 +281,11 @@ class StoreUploader:
         if len(body) != reply.digests.size_bytes:
             raise RemoteProtocolError("the broker expects a digests object of another size")
         self._put(reply.digests.url, body, "digests upload")
-        self.bridge.call(lambda: self.link.complete_store_upload(name, index))
+        parts = [
+            broker_pb2.StoredPart(part_number=n, size_bytes=lengths[n], etag=etags.get(n, ""))
+            for n in range(1, count + 1)
+        ]
+        self.bridge.call(lambda: self.link.complete_store_upload(name, index, parts))
         self.digests[index] = file_digest(chunk_digests)
 
     def _part(
@@ -290,6 +297,7 @@ class StoreUploader:
         length: int,
         chunk_digests: list[bytes],
         urls: dict[int, broker_pb2.PresignedUrl] | None,
+        etags: dict[int, str],
     ) -> None:
         """Read one part, hash its chunks, and PUT it unless the store has it already."""
         offset = (number - 1) * part_size
@@ -308,12 +316,14 @@ class StoreUploader:
             )
             url = reply.parts[0]
             urls[number] = url
-        self._put(url.url, data, f"upload of part {number}")
+        etag = self._put(url.url, data, f"upload of part {number}")
         with self._lock:
+            etags[number] = etag
             self.bytes_uploaded += length
             self.bytes_stored += length
 
-    def _put(self, url: str, body: bytes, what: str) -> None:
+    def _put(self, url: str, body: bytes, what: str) -> str:
+        """PUT ``body`` to a presigned URL; return the entity tag the store answered."""
         response = _request(
             self._http,
             "PUT",
@@ -323,6 +333,7 @@ class StoreUploader:
             headers={"Content-Length": str(len(body))},
         )
         response.release_conn()
+        return str(response.headers.get("ETag", ""))
 
     def _hash_only(self, index: int) -> bytes:
         fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)

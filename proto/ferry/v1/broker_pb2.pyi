@@ -1163,19 +1163,29 @@ class CompleteStoreUploadRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     FILE_INDEX_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The session's name."""
     file_index: _builtins.int
     """The file's position in the manifest, from 0."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredPart]:
+        """The parts the sender uploaded, with the entity tag each PUT answered.
+        The broker relies on them only where the object store cannot list an
+        upload's parts itself (some S3-compatible servers cannot); otherwise the
+        store's own list is the truth.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         file_index: _builtins.int = ...,
+        parts: _abc.Iterable[Global___StoredPart] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_index", b"file_index", "name", b"name", "parts", b"parts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

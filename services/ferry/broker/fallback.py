@@ -36,7 +36,7 @@ from ferry.broker import objectlayout as layout
 from ferry.broker import states
 from ferry.broker.core import Broker, timestamp
 from ferry.broker.errors import BrokerError, Reason, invalid
-from ferry.broker.objectstore import ObjectStore, ObjectStoreError
+from ferry.broker.objectstore import ObjectStore, ObjectStoreError, Part, Unsupported
 from ferry.broker.states import Party
 from ferry.broker.store import SessionRecord, UploadRecord
 from ferry.v1 import broker_pb2
@@ -69,6 +69,7 @@ class Fallback:
         self.objects = objects
         self.prefix = broker.config.s3_prefix
         self._last_stale_sweep = float("-inf")
+        self._no_stale_sweep = False  # the server can't list uploads (said once in the log)
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -205,7 +206,10 @@ class Fallback:
         key, digests_key = self._keys(record, file_index)
         expected = layout.digests_size(entry.size_bytes, record.session.manifest.chunk_size_bytes)
         with _s3():
-            parts = [] if upload.completed else await objects.list_parts(key, upload.upload_id)
+            try:
+                parts = [] if upload.completed else await objects.list_parts(key, upload.upload_id)
+            except Unsupported:
+                parts = []  # the server can't list parts: the sender uploads them all again
             digests_stored = await objects.size(digests_key) == expected
         return broker_pb2.ListStorePartsResponse(
             parts=[
@@ -217,9 +221,17 @@ class Fallback:
         )
 
     async def complete_upload(
-        self, name: str, token: str | None, file_index: int
+        self,
+        name: str,
+        token: str | None,
+        file_index: int,
+        reported: Sequence[broker_pb2.StoredPart] = (),
     ) -> broker_pb2.CompleteStoreUploadResponse:
-        """Check that every part and the digests are stored, then assemble the object."""
+        """Check that every part and the digests are stored, then assemble the object.
+
+        The parts come from the object store's own list; only a server that cannot list
+        them makes the broker take the sender's ``reported`` parts (number, size, ETag).
+        """
         objects, record, entry = self._authorize(
             name, token, file_index, Party.SENDER, UPLOAD_STATES
         )
@@ -230,7 +242,10 @@ class Fallback:
             return reply
         key, digests_key = self._keys(record, file_index)
         with _s3():
-            parts = await objects.list_parts(key, upload.upload_id)
+            try:
+                parts = await objects.list_parts(key, upload.upload_id)
+            except Unsupported:
+                parts = [Part(p.part_number, p.size_bytes, p.etag) for p in reported if p.etag]
             if parts is None:  # completed by a call that died before recording it?
                 if await objects.size(key) == size:
                     self.broker.store.complete_upload(record.session_id, file_index)
@@ -297,7 +312,8 @@ class Fallback:
             for upload in due:
                 key = layout.object_key(self.prefix, upload.session_id, upload.file_index)
                 try:
-                    await self.objects.abort_upload(key, upload.upload_id)
+                    with contextlib.suppress(Unsupported):  # then deleting is all we can do
+                        await self.objects.abort_upload(key, upload.upload_id)
                     await self.objects.delete([key, key + layout.DIGESTS_SUFFIX])
                 except ObjectStoreError as exc:
                     log.warning("object cleanup failed, will retry: %s", exc)
@@ -321,14 +337,27 @@ class Fallback:
         config = self.broker.config
         cutoff = self.broker.clock() - (config.offer_ttl_max_s + config.session_ttl_s)
         aborted = 0
-        for upload in await self.objects.list_uploads(self.prefix):
+        try:
+            uploads = await self.objects.list_uploads(self.prefix)
+        except Unsupported:
+            if not self._no_stale_sweep:
+                self._no_stale_sweep = True
+                log.warning(
+                    "the object store cannot list multipart uploads: stale uploads are left "
+                    "to the bucket's lifecycle rule"
+                )
+            return 0
+        for upload in uploads:
             if upload.initiated_s > cutoff:
                 continue
             parsed = layout.parse_key(self.prefix, upload.key)
             known = parsed and self.broker.store.get_upload(*parsed)
             if known and known.upload_id == upload.upload_id:
                 continue  # its session's cleanup owns it
-            await self.objects.abort_upload(upload.key, upload.upload_id)
+            try:
+                await self.objects.abort_upload(upload.key, upload.upload_id)
+            except Unsupported:
+                return aborted
             aborted += 1
         if aborted:
             log.info("aborted %d stale multipart uploads", aborted)

@@ -29,11 +29,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ObjectStore", "ObjectStoreError", "Part", "StaleUpload"]
+__all__ = ["ObjectStore", "ObjectStoreError", "Part", "StaleUpload", "Unsupported"]
 
 
 class ObjectStoreError(Exception):
     """S3 failed or could not be reached; str() says which operation (never a URL)."""
+
+
+class Unsupported(ObjectStoreError):
+    """The S3-compatible server does not implement this operation (e.g. s3rver: ListParts,
+    AbortMultipartUpload, ListMultipartUploads); callers fall back to what they can do."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,6 +60,7 @@ class StaleUpload:
 
 
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
+_UNSUPPORTED = frozenset({"405", "501", "MethodNotAllowed", "NotImplemented"})
 
 
 def _code(exc: ClientError) -> str:
@@ -99,6 +105,8 @@ class ObjectStore:
         try:
             return await asyncio.to_thread(fn, **kwargs)
         except ClientError as exc:
+            if _code(exc) in _UNSUPPORTED:
+                raise Unsupported(f"S3 {what} is not supported by this server") from None
             raise ObjectStoreError(f"S3 {what} failed: {_code(exc) or 'error'}") from None
         except BotoCoreError as exc:
             raise ObjectStoreError(f"S3 {what} failed: {type(exc).__name__}") from None

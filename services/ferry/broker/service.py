@@ -191,7 +191,9 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         token = bearer_token(context)
         return await _acall(
             context,
-            lambda: self._fallback.complete_upload(request.name, token, request.file_index),
+            lambda: self._fallback.complete_upload(
+                request.name, token, request.file_index, request.parts
+            ),
         )
 
     async def PresignStoreDownload(
