@@ -20,8 +20,8 @@ checked byte for byte. The clients have no S3 credentials (only the broker and b
 moto answers every ranged GET of a large object in ~0.5 s whatever the range, so any client
 that downloads with many ranged GETs (Ferry, and boto3's download_file alike) is slow there:
 moto's download figures measure moto. s3rver 3.7.1 has no ListParts, AbortMultipartUpload
-nor ListMultipartUploads, which the broker needs: there Ferry fails (reported) and only
-boto3 is measured. s3rver checks only the access key id (S3RVER), not signatures.
+nor ListMultipartUploads: there the broker completes uploads with the parts the sender
+reports. s3rver checks only the access key id (S3RVER), not signatures.
 """
 
 from __future__ import annotations
