@@ -4,9 +4,12 @@
 
 Makes two random files on disk (default 100 MiB and 4 GiB, after checking the free space
 for both plus the received copy), starts a real broker, and moves each with real
-`ferry send` / `ferry receive --json` processes. Each process's peak RSS is its
-``ru_maxrss`` from ``os.wait4`` (the kernel's high-water mark for exactly that process,
-nothing sampled). Prints both sides' peaks for both sizes and the large/small ratio
+`ferry send` / `ferry receive --json` processes. Each process's peak RSS is the kernel's
+high-water mark `VmHWM` in /proc/PID/status, read every 10 ms while it runs (it only grows,
+so the last reading is the peak but for the last 10 ms). Not ``ru_maxrss``: on Linux that
+keeps the high-water mark of the forked copy of this (much larger) bench process from before
+the exec, which is what an earlier version measured. Prints both sides' peaks for both
+sizes and the large/small ratio
 (aim: ~1.0). Each copy is checked against its source's size and completion line, and
 the larger is removed before the next is made.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,16 +33,30 @@ from bench.transfer import ferry_env, receive_args, start_broker, start_sender
 MIB = 1 << 20
 
 
-def wait_peak(proc: subprocess.Popen[str], timeout: float) -> tuple[int, int]:
-    """Reap ``proc`` with wait4: (exit code, peak RSS in bytes)."""
+def _hwm(pid: int) -> int:
+    """The process's RSS high-water mark in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def wait_peaks(procs: list[subprocess.Popen[str]], timeout: float) -> list[int]:
+    """Wait for every process to exit, reading each one's VmHWM until it does."""
+    peaks = [0] * len(procs)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss * 1024  # KiB on Linux
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still running after {timeout} s")
+        for i, proc in enumerate(procs):
+            if proc.returncode is None:
+                peaks[i] = max(peaks[i], _hwm(proc.pid))
         time.sleep(0.01)
-    raise TimeoutError(f"pid {proc.pid} still running after {timeout} s")
+    return peaks
 
 
 def measure(src: Path, dest: Path, broker: str) -> tuple[int, int]:
@@ -52,9 +68,9 @@ def measure(src: Path, dest: Path, broker: str) -> tuple[int, int]:
     try:
         with out.open("w") as f:  # a file, not a pipe: nothing to drain, waits stay bounded
             receiver = subprocess.Popen(receive_args(code, dest), stdout=f, text=True, env=env)
-        rc, receiver_peak = wait_peak(receiver, 900)
-        assert sender.stdout is not None  # a line or two more; it has exited or will soon
-        sender_rc, sender_peak = wait_peak(sender, 120)
+        assert sender.stdout is not None
+        sender_peak, receiver_peak = wait_peaks([sender, receiver], 900)
+        rc, sender_rc = receiver.returncode, sender.returncode
         sent = sender.stdout.read()
         if rc != 0 or sender_rc != 0:
             raise RuntimeError(f"ferry receive exited with {rc}, ferry send with {sender_rc}")
