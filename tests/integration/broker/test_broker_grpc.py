@@ -134,8 +134,10 @@ async def test_full_flow(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
     assert accepted.state == S.STATE_ACCEPTED
     plan = accepted.plan
     assert plan.listener == broker_pb2.ConnectionPlan.ROLE_SENDER
-    assert plan.stream_count == 4
-    assert plan.listener_ports.last_port - plan.listener_ports.first_port + 1 == 6
+    assert plan.stream_count == 2
+    assert (
+        plan.listener_ports.last_port - plan.listener_ports.first_port + 1 == plan.stream_count + 2
+    )
     assert 40000 <= plan.listener_ports.first_port <= plan.listener_ports.last_port <= 40100
     assert plan.connect_deadline.seconds > accepted.update_time.seconds
     assert plan.lease_expire_time == accepted.expire_time
@@ -284,7 +286,7 @@ async def test_invalid_manifest(stub: broker_pb2_grpc.BrokerServiceAsyncStub) ->
 async def test_concurrent_leases_do_not_overlap(
     stub: broker_pb2_grpc.BrokerServiceAsyncStub,
 ) -> None:
-    sender = _peer(42000, 42017, host_id="laptop-1")
+    sender = _peer(42000, 42013, host_id="laptop-1")
     pairs = [await _offer_and_claim(stub, sender=sender) for _ in range(4)]
     accepts = await asyncio.gather(
         *(
@@ -306,7 +308,7 @@ async def test_concurrent_leases_do_not_overlap(
         assert isinstance(result, broker_pb2.AcceptOfferResponse)
         ports = result.session.plan.listener_ports
         spans.append((ports.first_port, ports.last_port))
-    assert len(spans) == 3  # 18 ports, 6 per session
+    assert len(spans) == 3  # 14 ports, 4 per session (stream_count 2 + 2)
     taken = [p for a, b in spans for p in range(a, b + 1)]
     assert len(taken) == len(set(taken))
     # ending a session frees its lease for the refused one

@@ -84,7 +84,9 @@ def env(tmp_path: Path) -> Iterator[Env]:
     db = tmp_path / "b.sqlite3"
     store = SqliteStore(db)
     try:
-        yield Env(Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock), clock, db)
+        yield Env(
+            Broker(BrokerConfig(data_dir=tmp_path, stream_count=4), store, clock=clock), clock, db
+        )
     finally:
         store.close()
 
