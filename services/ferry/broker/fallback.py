@@ -209,7 +209,16 @@ class Fallback:
             try:
                 parts = [] if upload.completed else await objects.list_parts(key, upload.upload_id)
             except Unsupported:
-                parts = []  # the server can't list parts: the sender uploads them all again
+                # The server can't say which parts it has: the sender uploads them all again,
+                # into a fresh upload, so that PUTs of an earlier (killed) sender still in
+                # flight land in the old one, not among the new parts.
+                parts = []
+                fresh = await objects.create_upload(key)
+                if not self.broker.store.replace_upload(
+                    record.session_id, file_index, upload.upload_id, fresh
+                ):
+                    with contextlib.suppress(Unsupported):
+                        await objects.abort_upload(key, fresh)
             digests_stored = await objects.size(digests_key) == expected
         return broker_pb2.ListStorePartsResponse(
             parts=[

@@ -121,6 +121,11 @@ class Store(Protocol):
     def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
         """The upload of this file of this session, or None."""
 
+    def replace_upload(
+        self, session_id: str, file_index: int, old_upload_id: str, new_upload_id: str
+    ) -> bool:
+        """Point the file at a new upload, if it is still at `old_upload_id`; True if so."""
+
     def complete_upload(self, session_id: str, file_index: int) -> None:
         """Mark the file's upload completed."""
 
@@ -360,6 +365,16 @@ class SqliteStore:
             (session_id, file_index),
         ).fetchone()
         return None if row is None else _upload(row)
+
+    def replace_upload(
+        self, session_id: str, file_index: int, old_upload_id: str, new_upload_id: str
+    ) -> bool:
+        cursor = self._db.execute(
+            "UPDATE uploads SET upload_id = ? WHERE session_id = ? AND file_index = ?"
+            " AND upload_id = ? AND completed = 0",
+            (new_upload_id, session_id, file_index, old_upload_id),
+        )
+        return cursor.rowcount == 1
 
     def complete_upload(self, session_id: str, file_index: int) -> None:
         self._db.execute(

@@ -112,9 +112,15 @@ def test_uploads_table(tmp_path: Path) -> None:
     first = store.add_upload(UploadRecord("s1", 0, "up-1", 10.0))
     assert first.upload_id == "up-1"
     assert store.add_upload(UploadRecord("s1", 0, "up-2", 11.0)).upload_id == "up-1"
+    # A fresh upload replaces the old one only while the old one is the file's upload.
+    assert not store.replace_upload("s1", 0, "up-other", "up-3")
+    assert store.replace_upload("s1", 0, "up-1", "up-3")
+    assert store.get_upload("s1", 0) == UploadRecord("s1", 0, "up-3", 10.0)
+    assert store.replace_upload("s1", 0, "up-3", "up-1")
     store.extend_upload_urls("s1", 0, 100.0)
     store.extend_upload_urls("s1", 0, 50.0)
     store.complete_upload("s1", 0)
+    assert not store.replace_upload("s1", 0, "up-1", "up-4")  # never once completed
     got = store.get_upload("s1", 0)
     assert got is not None
     assert (got.completed, got.urls_expire_s) == (True, 100.0)
