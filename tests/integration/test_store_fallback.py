@@ -186,8 +186,11 @@ def test_kill_during_upload_resumes_from_the_stored_parts(
     source = _source(tmp_path / "big.bin", size)
     sender, offered = _store_send(cli, source)
     listable = _lists_uploads(s3_server)
+    # Only this session's parts: the server is shared by the module's tests, and an earlier
+    # test's broker may have been stopped before it cleaned up its uploads.
+    prefix = f"ferry/{offered['session'].removeprefix('sessions/')}/"
     deadline = time.monotonic() + 30
-    while listable and _parts_stored(s3_server) < 1:
+    while listable and _parts_stored(s3_server, prefix) < 1:
         assert time.monotonic() < deadline, "no part uploaded in time"
         time.sleep(0.01)
     if not listable:
