@@ -90,8 +90,9 @@ class BrokerLink:
     ) -> _Response:
         """One unary call: deadline, auth metadata, and failures as BrokerError.
 
-        ``ready`` waits (within the deadline) for a broker that is restarting, for calls that
-        are safe to send late: idempotent ones, or ones nobody else can have made meanwhile.
+        ``ready`` waits (within the deadline) for a broker that is restarting before sending;
+        nothing is ever sent twice. Only progress reports, which are best effort and frequent,
+        fail fast instead.
         """
         try:
             return await rpc(
@@ -121,22 +122,22 @@ class BrokerLink:
     async def accept(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
         """AcceptOffer."""
         request = broker_pb2.AcceptOfferRequest(name=name, receiver=me)
-        return (await self._call(self._stub.AcceptOffer, request, "accept")).session
+        return (await self._call(self._stub.AcceptOffer, request, "accept", ready=True)).session
 
     async def decline(self, name: str, reason: str) -> broker_pb2.Session:
         """DeclineOffer."""
         request = broker_pb2.DeclineOfferRequest(name=name, reason=reason)
-        return (await self._call(self._stub.DeclineOffer, request, "decline")).session
+        return (await self._call(self._stub.DeclineOffer, request, "decline", ready=True)).session
 
     async def cancel(self, name: str, reason: str) -> broker_pb2.Session:
         """CancelSession."""
         request = broker_pb2.CancelSessionRequest(name=name, reason=reason)
-        return (await self._call(self._stub.CancelSession, request, "cancel")).session
+        return (await self._call(self._stub.CancelSession, request, "cancel", ready=True)).session
 
     async def get(self, name: str) -> broker_pb2.Session:
         """GetSession."""
         request = broker_pb2.GetSessionRequest(name=name)
-        return (await self._call(self._stub.GetSession, request, "status")).session
+        return (await self._call(self._stub.GetSession, request, "status", ready=True)).session
 
     async def report(
         self, name: str, state: int, bytes_done: int, failure_reason: str = ""
