@@ -219,13 +219,17 @@ class StoreUploader:
         name, size = self.name, self.entries[index].size_bytes
         start = self.bridge.call(lambda: self.link.start_store_upload(name, index))
         chunks = -(-size // self.chunk_size)
-        if start.completed:
+        listing = (
+            None
+            if start.completed
+            else self.bridge.call(lambda: self.link.list_store_parts(name, index))
+        )
+        if listing is None or listing.completed:
             with self._lock:
                 self.bytes_stored += size
             # Its digests are in the store; the whole-file digest is recomputed from the source.
             self.digests[index] = self._hash_only(index)
             return
-        listing = self.bridge.call(lambda: self.link.list_store_parts(name, index))
         part_size, count = start.part_size_bytes, start.part_count
         lengths = {n: min(part_size, size - (n - 1) * part_size) for n in range(1, count + 1)}
         held = {p.part_number for p in listing.parts if p.size_bytes == lengths[p.part_number]}

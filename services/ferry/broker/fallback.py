@@ -209,10 +209,15 @@ class Fallback:
             try:
                 parts = [] if upload.completed else await objects.list_parts(key, upload.upload_id)
             except Unsupported:
-                # The server can't say which parts it has: the sender uploads them all again,
-                # into a fresh upload, so that PUTs of an earlier (killed) sender still in
-                # flight land in the old one, not among the new parts.
-                parts = []
+                parts = None  # the server can't say which parts it has
+            if parts is None and await objects.size(key) == entry.size_bytes:
+                # Joined by a CompleteStoreUpload whose caller hung up before it was recorded.
+                self.broker.store.complete_upload(record.session_id, file_index)
+                upload = self._upload(record, file_index)
+            elif parts is None:
+                # Gone (aborted) or unlistable: the sender uploads every part again, into a
+                # fresh upload, so that PUTs of an earlier (killed) sender still in flight
+                # land in the old one, not among the new parts.
                 fresh = await objects.create_upload(key)
                 if not self.broker.store.replace_upload(
                     record.session_id, file_index, upload.upload_id, fresh
@@ -276,10 +281,23 @@ class Fallback:
             if problems:
                 more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
                 raise _failed(Reason.PARTS_MISSING, "; ".join(problems[:5]) + more)
-            await objects.complete_upload(key, upload.upload_id, parts)
-        self.broker.store.complete_upload(record.session_id, file_index)
+            # Shielded: once S3 has joined the parts the upload id is gone, so the store must
+            # learn it even if the sender hangs up (and its call is cancelled) meanwhile.
+            await asyncio.shield(self._complete(objects, record, file_index, key, parts))
         log.info("stored file completed", extra={"session": record.session.name})
         return reply
+
+    async def _complete(
+        self,
+        objects: ObjectStore,
+        record: SessionRecord,
+        file_index: int,
+        key: str,
+        parts: Sequence[Part],
+    ) -> None:
+        upload = self._upload(record, file_index)
+        await objects.complete_upload(key, upload.upload_id, parts)
+        self.broker.store.complete_upload(record.session_id, file_index)
 
     # -- receiver ---------------------------------------------------------------------------
 
