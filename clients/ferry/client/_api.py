@@ -328,8 +328,7 @@ class Client:
             ):
                 reason = "the files changed since they were offered"
                 if session.state != State.STATE_COMPLETED:
-                    with contextlib.suppress(BrokerError):
-                        await link.report(name, State.STATE_FAILED, 0, reason)
+                    await link.report_failed(name, reason)
                 raise TransferError(f"{reason}; send them again for a new code")
             identity = Identity.generate()
             if session.state != State.STATE_COMPLETED:  # else: only the result is left to show
@@ -496,8 +495,7 @@ class Outgoing:
             ) from exc
         except (SourceChanged, ProtocolError, OSError) as exc:
             reason = f"uploading failed: {exc}"
-            with contextlib.suppress(BrokerError):
-                await self._link.report(self.name, State.STATE_FAILED, 0, reason)
+            await self._link.report_failed(self.name, reason)
             raise TransferError(reason) from exc
         finally:
             cancel.set()
@@ -574,8 +572,7 @@ class Outgoing:
                     break
         except (ProtocolError, PeerAborted, SourceChanged, OSError) as exc:
             reason = f"sending failed: {exc}"
-            with contextlib.suppress(BrokerError):
-                await self._link.report(self.name, State.STATE_FAILED, 0, reason)
+            await self._link.report_failed(self.name, reason)
             raise TransferError(reason) from exc
         finally:
             pump_task.cancel()
@@ -767,8 +764,7 @@ class Incoming:
             journal.remove()
             sink.discard()
             reason = f"receiving failed: {exc}"
-            with contextlib.suppress(BrokerError):
-                await self._link.report(self.name, State.STATE_FAILED, 0, reason)
+            await self._link.report_failed(self.name, reason)
             raise TransferError(reason) from exc
         finally:
             pump_task.cancel()

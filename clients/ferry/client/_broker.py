@@ -7,6 +7,7 @@ code and the broker's machine-readable reason (google.rpc.ErrorInfo).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -150,6 +151,12 @@ class BrokerLink:
             failure_reason=failure_reason[:1000],
         )
         return (await self._call(self._stub.ReportProgress, request, "report")).session
+
+    async def report_failed(self, name: str, reason: str) -> None:
+        """Tell the broker this side failed, best effort: the failure being reported already
+        says what went wrong, and the broker may be the part that is gone."""
+        with contextlib.suppress(BrokerError):
+            await self.report(name, broker_pb2.Session.STATE_FAILED, 0, reason)
 
     async def resume(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
         """ResumeSession: come back with new connection details; a new attempt."""
