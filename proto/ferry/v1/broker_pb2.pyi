@@ -414,6 +414,48 @@ class ConnectionPlan(_message.Message):
 Global___ConnectionPlan: _TypeAlias = ConnectionPlan  # noqa: Y015
 
 @_typing.final
+class GetBrokerInfoRequest(_message.Message):
+    """GetBrokerInfoRequest asks which broker this is; it has no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBrokerInfoRequest: _TypeAlias = GetBrokerInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetBrokerInfoResponse(_message.Message):
+    """GetBrokerInfoResponse describes the broker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROKER_ID_FIELD_NUMBER: _builtins.int
+    broker_id: _builtins.str
+    """The broker's id: random, made when the broker's store is first created,
+    and the same for every replica sharing that store. It changes only if the
+    store is lost, and with it every session the broker knew.
+    """
+    def __init__(
+        self,
+        *,
+        broker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_id", b"broker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBrokerInfoResponse: _TypeAlias = GetBrokerInfoResponse  # noqa: Y015
+
+@_typing.final
 class CreateOfferRequest(_message.Message):
     """CreateOfferRequest offers files."""
 
@@ -800,8 +842,10 @@ class ReportProgressRequest(_message.Message):
     """The session's name."""
     state: Global___Session.State.ValueType
     """The state the reporter moves the session to: STATE_CONNECTING,
-    STATE_TRANSFERRING, STATE_COMPLETED (receiver only) or STATE_FAILED.
-    Reporting the current state again only updates bytes_done.
+    STATE_TRANSFERRING, STATE_COMPLETED (receiver only; from accepted,
+    connecting or transferring) or STATE_FAILED. Reporting the current state
+    again only updates bytes_done, and the receiver's STATE_COMPLETED on a
+    completed session succeeds and changes nothing.
     """
     bytes_done: _builtins.int
     """Bytes the receiver holds verified (or the sender has sent)."""

@@ -31,10 +31,11 @@ class BrokerServiceStub:
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
-    Authentication: CreateOffer and ClaimOffer need no credential (the one-time
-    code is the credential). They return a party token; every other call must
-    carry it as request metadata `authorization: Bearer <party_token>`. A token
-    grants access to exactly one session, as exactly one party.
+    Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
+    credential (for the offer calls, the one-time code is the credential). The
+    offer calls return a party token; every other call must carry it as request
+    metadata `authorization: Bearer <party_token>`. A token grants access to
+    exactly one session, as exactly one party.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -52,6 +53,11 @@ class BrokerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetBrokerInfo = channel.unary_unary(
+                '/ferry.v1.BrokerService/GetBrokerInfo',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.GetBrokerInfoRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.GetBrokerInfoResponse.FromString,
+                _registered_method=True)
         self.CreateOffer = channel.unary_unary(
                 '/ferry.v1.BrokerService/CreateOffer',
                 request_serializer=ferry_dot_v1_dot_broker__pb2.CreateOfferRequest.SerializeToString,
@@ -130,10 +136,11 @@ class BrokerServiceServicer:
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
-    Authentication: CreateOffer and ClaimOffer need no credential (the one-time
-    code is the credential). They return a party token; every other call must
-    carry it as request metadata `authorization: Bearer <party_token>`. A token
-    grants access to exactly one session, as exactly one party.
+    Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
+    credential (for the offer calls, the one-time code is the credential). The
+    offer calls return a party token; every other call must carry it as request
+    metadata `authorization: Bearer <party_token>`. A token grants access to
+    exactly one session, as exactly one party.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -144,6 +151,16 @@ class BrokerServiceServicer:
     broker deletes the objects once the session is completed, cancelled,
     failed or expired. Presigned URLs are bearer secrets: never log them.
     """
+
+    def GetBrokerInfo(self, request, context):
+        """GetBrokerInfo says which broker this is. Clients match the sessions they
+        saved to a broker by its broker_id, not by its address: a broker moved to
+        a new address is still the same broker, and one that lost its state is a
+        new one. It needs no credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateOffer(self, request, context):
         """CreateOffer records an offer of files and returns its one-time code.
@@ -270,6 +287,11 @@ class BrokerServiceServicer:
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetBrokerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBrokerInfo,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.GetBrokerInfoRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.GetBrokerInfoResponse.SerializeToString,
+            ),
             'CreateOffer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateOffer,
                     request_deserializer=ferry_dot_v1_dot_broker__pb2.CreateOfferRequest.FromString,
@@ -354,10 +376,11 @@ class BrokerService:
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
-    Authentication: CreateOffer and ClaimOffer need no credential (the one-time
-    code is the credential). They return a party token; every other call must
-    carry it as request metadata `authorization: Bearer <party_token>`. A token
-    grants access to exactly one session, as exactly one party.
+    Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
+    credential (for the offer calls, the one-time code is the credential). The
+    offer calls return a party token; every other call must carry it as request
+    metadata `authorization: Bearer <party_token>`. A token grants access to
+    exactly one session, as exactly one party.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -368,6 +391,33 @@ class BrokerService:
     broker deletes the objects once the session is completed, cancelled,
     failed or expired. Presigned URLs are bearer secrets: never log them.
     """
+
+    @staticmethod
+    def GetBrokerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/GetBrokerInfo',
+            ferry_dot_v1_dot_broker__pb2.GetBrokerInfoRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.GetBrokerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateOffer(request,

@@ -32,10 +32,11 @@ class BrokerServiceStub:
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
-    Authentication: CreateOffer and ClaimOffer need no credential (the one-time
-    code is the credential). They return a party token; every other call must
-    carry it as request metadata `authorization: Bearer <party_token>`. A token
-    grants access to exactly one session, as exactly one party.
+    Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
+    credential (for the offer calls, the one-time code is the credential). The
+    offer calls return a party token; every other call must carry it as request
+    metadata `authorization: Bearer <party_token>`. A token grants access to
+    exactly one session, as exactly one party.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -51,6 +52,12 @@ class BrokerServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BrokerServiceAsyncStub: ...
+    GetBrokerInfo: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetBrokerInfoRequest, _broker_pb2.GetBrokerInfoResponse]
+    """GetBrokerInfo says which broker this is. Clients match the sessions they
+    saved to a broker by its broker_id, not by its address: a broker moved to
+    a new address is still the same broker, and one that lost its state is a
+    new one. It needs no credential.
+    """
     CreateOffer: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CreateOfferRequest, _broker_pb2.CreateOfferResponse]
     """CreateOffer records an offer of files and returns its one-time code."""
     ClaimOffer: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ClaimOfferRequest, _broker_pb2.ClaimOfferResponse]
@@ -120,10 +127,11 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
-    Authentication: CreateOffer and ClaimOffer need no credential (the one-time
-    code is the credential). They return a party token; every other call must
-    carry it as request metadata `authorization: Bearer <party_token>`. A token
-    grants access to exactly one session, as exactly one party.
+    Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
+    credential (for the offer calls, the one-time code is the credential). The
+    offer calls return a party token; every other call must carry it as request
+    metadata `authorization: Bearer <party_token>`. A token grants access to
+    exactly one session, as exactly one party.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -136,6 +144,12 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    GetBrokerInfo: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetBrokerInfoRequest, _broker_pb2.GetBrokerInfoResponse]  # type: ignore[assignment]
+    """GetBrokerInfo says which broker this is. Clients match the sessions they
+    saved to a broker by its broker_id, not by its address: a broker moved to
+    a new address is still the same broker, and one that lost its state is a
+    new one. It needs no credential.
+    """
     CreateOffer: _aio.UnaryUnaryMultiCallable[_broker_pb2.CreateOfferRequest, _broker_pb2.CreateOfferResponse]  # type: ignore[assignment]
     """CreateOffer records an offer of files and returns its one-time code."""
     ClaimOffer: _aio.UnaryUnaryMultiCallable[_broker_pb2.ClaimOfferRequest, _broker_pb2.ClaimOfferResponse]  # type: ignore[assignment]
@@ -204,10 +218,11 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
-    Authentication: CreateOffer and ClaimOffer need no credential (the one-time
-    code is the credential). They return a party token; every other call must
-    carry it as request metadata `authorization: Bearer <party_token>`. A token
-    grants access to exactly one session, as exactly one party.
+    Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
+    credential (for the offer calls, the one-time code is the credential). The
+    offer calls return a party token; every other call must carry it as request
+    metadata `authorization: Bearer <party_token>`. A token grants access to
+    exactly one session, as exactly one party.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -218,6 +233,18 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     broker deletes the objects once the session is completed, cancelled,
     failed or expired. Presigned URLs are bearer secrets: never log them.
     """
+
+    @_abc_1.abstractmethod
+    def GetBrokerInfo(
+        self,
+        request: _broker_pb2.GetBrokerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetBrokerInfoResponse, _abc.Awaitable[_broker_pb2.GetBrokerInfoResponse]]:
+        """GetBrokerInfo says which broker this is. Clients match the sessions they
+        saved to a broker by its broker_id, not by its address: a broker moved to
+        a new address is still the same broker, and one that lost its state is a
+        new one. It needs no credential.
+        """
 
     @_abc_1.abstractmethod
     def CreateOffer(

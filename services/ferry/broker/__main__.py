@@ -1,4 +1,9 @@
-"""`python -m ferry.broker --listen 127.0.0.1:0 --data-dir DIR`: run a broker in the foreground."""
+"""`python -m ferry.broker --listen 127.0.0.1:0 --data-dir DIR`: run a broker in the foreground.
+
+A broker that cannot start (its port is taken, its data directory unwritable) prints one line,
+`ferry-broker: error: cannot listen on 127.0.0.1:50051: address already in use`, on stderr and
+exits with status 1.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,7 +81,13 @@ def parse_args(argv: Sequence[str] | None = None) -> BrokerConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point."""
-    asyncio.run(serve(parse_args(argv)))
+    config = parse_args(argv)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        sys.stderr.write(f"ferry-broker: error: {' '.join(str(exc).split())}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

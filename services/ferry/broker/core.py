@@ -81,6 +81,10 @@ class Broker:
             OrderedDict()
         )
 
+    def broker_id(self) -> str:
+        """This broker's stable id, kept in (and shared through) its store."""
+        return self.store.broker_id()
+
     # -- offers -----------------------------------------------------------------------------
 
     def create_offer(
@@ -321,13 +325,19 @@ class Broker:
         bytes_done: int,
         failure_reason: str,
     ) -> broker_pb2.Session:
-        """Move a session through connecting/transferring/outcome and record bytes_done."""
+        """Move a session through connecting/transferring/outcome and record bytes_done.
+
+        The receiver's COMPLETED on a session already completed succeeds and changes nothing
+        (no write, no new version, nothing published; bytes_done stays the completed one).
+        """
         validation.check_reason(failure_reason)
         if bytes_done < 0:
             raise invalid(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
         record, party = self.authorize(name, token)
         session = record.session
         outcome = states.report(session.state, session.claimed, state, party)
+        if session.state in states.FINAL_STATES:  # a final state accepts only the no-op
+            return session
         session.bytes_done = bytes_done
         if outcome.state == states.FAILED:
             session.failure_reason = failure_reason

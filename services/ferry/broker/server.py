@@ -1,4 +1,9 @@
-"""Run the broker: a grpc.aio server with BrokerService, health, reflection and the sweeper."""
+"""Run the broker: a grpc.aio server with BrokerService, health, reflection and the sweeper.
+
+The listening socket is bound without SO_REUSEPORT (grpc.aio sets it by default): a second
+broker started on the port a running one holds fails to start (OSError, "cannot listen on
+HOST:PORT: address already in use") instead of silently sharing the port with it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
 _HEALTH_NAME = "grpc.health.v1.Health"
+# No SO_REUSEPORT: with it, two brokers could bind one port and split the clients between them.
+_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
 @dataclasses.dataclass
@@ -81,6 +89,32 @@ def load_token_key(path: Path) -> bytes:
     return key
 
 
+def bind_failure(listen: str) -> str:
+    """Why `host:port` cannot be bound, for people: gRPC only says that it failed.
+
+    Found by binding a plain socket the way gRPC does (SO_REUSEADDR, so a port in TIME_WAIT
+    is free and only a live listener counts as in use), e.g. "address already in use".
+    """
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot resolve the host ({exc})"
+    reasons = []
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+                probe.listen()
+        except OSError as exc:
+            reasons.append((exc.strerror or str(exc)).lower())
+    return reasons[0] if reasons else "gRPC could not bind it"
+
+
 async def start_server(
     config: BrokerConfig, *, store: Store | None = None, clock: Clock | None = None
 ) -> RunningBroker:
@@ -92,7 +126,7 @@ async def start_server(
         if clock is None
         else Broker(config, store, clock=clock, token_key=key)
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
     objects = (
         ObjectStore(config.s3_bucket, endpoint=config.s3_endpoint, region=config.s3_region)
         if config.s3_bucket
@@ -109,11 +143,12 @@ async def start_server(
         port = server.add_insecure_port(config.listen)
     except RuntimeError as exc:
         store.close()
-        raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
+        raise OSError(f"cannot listen on {config.listen}: {bind_failure(config.listen)}") from exc
     host = config.listen.rpartition(":")[0]
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("broker id %s", broker.broker_id())  # made here on a new store
     broker.sweep()  # expire what ran out while the broker was down
     sweeper = asyncio.create_task(broker.run_sweeper(), name="ferry-broker-sweeper")
     cleaner = asyncio.create_task(fallback.run_cleaner(), name="ferry-broker-object-cleaner")

@@ -83,6 +83,12 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self._broker = broker
         self._fallback = fallback or Fallback(broker, None)
 
+    async def GetBrokerInfo(
+        self, request: broker_pb2.GetBrokerInfoRequest, context: Context
+    ) -> broker_pb2.GetBrokerInfoResponse:
+        broker_id = await _call(context, self._broker.broker_id)  # no token: public facts
+        return broker_pb2.GetBrokerInfoResponse(broker_id=broker_id)
+
     async def CreateOffer(
         self, request: broker_pb2.CreateOfferRequest, context: Context
     ) -> broker_pb2.CreateOfferResponse:

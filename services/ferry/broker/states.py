@@ -12,15 +12,19 @@ Transition table (``claim`` keeps the state and sets ``claimed``; it is legal on
     ACCEPTED     --connecting--> CONNECTING        (either party)
     ACCEPTED     --transferring> TRANSFERRING      (either party)
     CONNECTING   --transferring> TRANSFERRING      (either party)
-    CONNECTING   --complete----> COMPLETED         (receiver)
-    TRANSFERRING --complete----> COMPLETED         (receiver)
+    ACCEPTED | CONNECTING | TRANSFERRING --complete--> COMPLETED (receiver)
     ACCEPTED | CONNECTING | TRANSFERRING --fail--> FAILED (either party)
     ACCEPTED | CONNECTING | TRANSFERRING --resume--> ACCEPTED (either party; next attempt)
     any non-final --cancel-----> CANCELLED         (either party)
     any non-final --expire-----> EXPIRED           (the broker)
 
 COMPLETED, DECLINED, CANCELLED, FAILED and EXPIRED are final: they accept no event. Reporting
-the current state again (CONNECTING or TRANSFERRING) is not a transition; see :func:`report`.
+the current state again (CONNECTING or TRANSFERRING) is not a transition, and neither is the
+receiver reporting COMPLETED on a completed session: see :func:`report`.
+
+The receiver may complete from ACCEPTED: after a resume the session is ACCEPTED again while
+the receiver may already hold every byte (the sender restarted just as it finished), and a
+receiver that had everything from an earlier run completes right after accepting.
 
 Attempts: ``accept`` starts connection attempt 1, and every ``resume`` after it starts the next
 one (the caller bumps ``Session.attempt`` and negotiates a new plan; this module only knows the
@@ -96,6 +100,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (ACCEPTED, Event.CONNECTING): CONNECTING,
     (ACCEPTED, Event.TRANSFERRING): TRANSFERRING,
     (CONNECTING, Event.TRANSFERRING): TRANSFERRING,
+    (ACCEPTED, Event.COMPLETE): COMPLETED,
     (CONNECTING, Event.COMPLETE): COMPLETED,
     (TRANSFERRING, Event.COMPLETE): COMPLETED,
     (ACCEPTED, Event.FAIL): FAILED,
@@ -178,9 +183,14 @@ def apply(state: State, claimed: bool, event: Event, party: Party) -> Outcome:
 
 
 def report(state: State, claimed: bool, reported: State, party: Party) -> Outcome:
-    """Apply a ReportProgress naming `reported`: the same live state again is a no-op.
+    """Apply a ReportProgress naming `reported`: the same state again may be a no-op.
 
-    A report is refused (IllegalTransition) only when it would move the session backwards
+    The same live state again returns the same Outcome (the caller still records bytes_done).
+    So does COMPLETED reported again by the receiver on a completed session: completion is
+    idempotent, since a receiver that lost the first answer reports it again; the caller
+    changes nothing then. COMPLETED by the sender is NotPermitted, completed or not.
+
+    Otherwise a report is refused (IllegalTransition) when it would move the session backwards
     within the current attempt, e.g. CONNECTING while TRANSFERRING, or when the state is final.
     After a resume the session is ACCEPTED again, so the new attempt's CONNECTING and
     TRANSFERRING are accepted. Reports carry no attempt number: a late report of the previous
@@ -189,7 +199,7 @@ def report(state: State, claimed: bool, reported: State, party: Party) -> Outcom
     event = REPORTABLE.get(reported)
     if event is None:
         raise IllegalTransition(f"a progress report cannot name the state {state_name(reported)}")
-    if reported == state and state in LIVE_STATES:
+    if reported == state and (state in LIVE_STATES or state == COMPLETED):
         if party not in PERMITTED[event]:
             raise NotPermitted(f"the {party.value} may not {event.value} a session")
         return Outcome(state, claimed)

@@ -1,9 +1,10 @@
 """The broker's store: the `Store` interface and `SqliteStore`, its embedded implementation.
 
 Everything that must survive a restart lives here: sessions (the Session proto as a blob, plus
-the columns we look things up by), port leases, and the object-store uploads of the fallback
-path (so that a restarted broker still deletes every object it made). Secrets are stored only
-as sha256 hashes.
+the columns we look things up by), port leases, the object-store uploads of the fallback path
+(so that a restarted broker still deletes every object it made), and the broker's id (in
+`meta`: random, made once per store, so replicas sharing a store share it and a lost store
+means a new broker). Secrets are stored only as sha256 hashes.
 
 The interface is synchronous and every method is one short atomic step, so that a store over
 Redis can implement each with one transaction (MULTI/EXEC or a script). Updates are
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -141,6 +143,13 @@ class Store(Protocol):
     def delete_upload(self, session_id: str, file_index: int) -> None:
         """Forget the upload (its objects are gone)."""
 
+    def broker_id(self) -> str:
+        """The id of the broker this store belongs to: random, made on the first call ever.
+
+        Every later call, from any process sharing the store, returns the same id; creating
+        it is atomic, so replicas starting together agree on one.
+        """
+
     def close(self) -> None:
         """Release the store's resources."""
 
@@ -181,6 +190,10 @@ CREATE TABLE IF NOT EXISTS uploads (
     urls_expire_time REAL NOT NULL DEFAULT 0,
     clean_after REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, file_index)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT
 );
 """
 
@@ -411,6 +424,17 @@ class SqliteStore:
             "DELETE FROM uploads WHERE session_id = ? AND file_index = ?",
             (session_id, file_index),
         )
+
+    def broker_id(self) -> str:
+        select = "SELECT value FROM meta WHERE key = 'broker_id'"
+        row = self._db.execute(select).fetchone()
+        if row is None:  # first call on this store: whoever inserts first wins
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('broker_id', ?)",
+                (uuid.uuid4().hex,),
+            )
+            row = self._db.execute(select).fetchone()
+        return str(row[0])
 
     def close(self) -> None:
         self._db.close()

@@ -512,3 +512,28 @@ async def test_resume_survives_restart(broker_factory: BrokerFactory) -> None:
         assert second.receiver.certificate_der == b"rcv-2"
         assert second.sender.certificate_der == b"snd-3"
         assert second.plan.listener_ports == first.plan.listener_ports  # freed, then reused
+
+
+async def test_completion_from_accepted_is_idempotent(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    name, sender, receiver = await _accepted(stub, _peer(44000, 44100, host_id="complete-1"))
+    await _report(stub, name, sender, S.STATE_TRANSFERRING, 700)
+    resumed = await _resume(
+        stub, name, sender, _with_cert(_peer(44000, 44100, host_id="complete-1"), b"snd-2")
+    )
+    assert (resumed.state, resumed.attempt) == (S.STATE_ACCEPTED, 2)
+    # the receiver already holds everything: it completes from ACCEPTED
+    done = await _report(stub, name, receiver, S.STATE_COMPLETED, 1234)
+    assert (done.state, done.bytes_done, done.attempt) == (S.STATE_COMPLETED, 1234, 2)
+    # and again (it lost the first answer, say): a success that changes nothing
+    again = await _report(stub, name, receiver, S.STATE_COMPLETED, 0)
+    assert again == done
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _report(stub, name, sender, S.STATE_COMPLETED, 1234)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(info.value) == "WRONG_PARTY"
+    got = await stub.GetSession(
+        broker_pb2.GetSessionRequest(name=name), metadata=_auth(sender), timeout=T
+    )
+    assert got.session == done

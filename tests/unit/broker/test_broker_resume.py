@@ -289,3 +289,42 @@ def test_conflict_puts_the_lease_back(env: Env, monkeypatch: pytest.MonkeyPatch)
         env.broker.resume(s.name, s.sender, _peer(b"sender-2", 9500, 9600, "laptop"), None)
     assert (info.value.code, info.value.reason) == (grpc.StatusCode.ABORTED, "CONFLICT")
     assert env.leases() == [(s.name, 9000, 9005)]  # the stored plan's ports, not 9500-9505
+
+
+def test_receiver_completes_from_accepted_after_a_resume(env: Env) -> None:
+    s = env.accepted()
+    env.broker.report(s.name, s.sender, states.TRANSFERRING, 10, "")
+    resumed = env.broker.resume(s.name, s.sender, _peer(b"sender-2"), None)
+    assert (resumed.state, resumed.attempt) == (states.ACCEPTED, 2)
+    done = env.broker.report(s.name, s.receiver, states.COMPLETED, 1, "")
+    assert (done.state, done.attempt, done.bytes_done) == (states.COMPLETED, 2, 1)
+    assert env.leases() == []
+
+
+def test_receiver_completes_right_after_accepting(env: Env) -> None:
+    s = env.accepted()
+    done = env.broker.report(s.name, s.receiver, states.COMPLETED, 1, "")
+    assert done.state == states.COMPLETED
+    assert env.broker.get(s.name, s.sender) == done
+
+
+@pytest.mark.asyncio
+async def test_completed_again_changes_nothing(env: Env) -> None:
+    s = env.accepted()
+    session_id = s.name.removeprefix("sessions/")
+    done = env.broker.report(s.name, s.receiver, states.COMPLETED, 1, "")
+    stored = env.broker.store.get_session(session_id)
+    assert stored is not None
+    env.clock.now += 30
+    async with env.broker.hub.subscribe(session_id) as watcher:
+        again = env.broker.report(s.name, s.receiver, states.COMPLETED, 0, "")
+        assert again == done  # same bytes_done, same update_time
+        with pytest.raises(TimeoutError):  # nothing was published
+            await asyncio.wait_for(watcher.next(), 0.05)
+    after = env.broker.store.get_session(session_id)
+    assert after is not None
+    assert (after.version, after.session) == (stored.version, stored.session)
+    with pytest.raises(states.NotPermitted):
+        env.broker.report(s.name, s.sender, states.COMPLETED, 1, "")
+    with pytest.raises(states.IllegalTransition):  # other reports stay refused
+        env.broker.report(s.name, s.receiver, states.TRANSFERRING, 1, "")

@@ -1,4 +1,4 @@
-"""Every (state, event, party) against the transition table."""
+"""Every (state, event, party) against the transition table, written out here on its own."""
 
 from __future__ import annotations
 
@@ -8,24 +8,85 @@ from pathlib import Path
 import pytest
 
 from ferry.broker import states
-from ferry.broker.states import Event, Party
+from ferry.broker.states import (
+    ACCEPTED,
+    CANCELLED,
+    COMPLETED,
+    CONNECTING,
+    DECLINED,
+    EXPIRED,
+    FAILED,
+    OFFERED,
+    TRANSFERRING,
+    Event,
+    Party,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
+# The lifecycle as the module docstring draws it, spelled out pair by pair (not derived from
+# states.TRANSITIONS): every (state, event) not listed must be refused.
+EXPECTED: dict[tuple[states.State, Event], states.State] = {
+    (OFFERED, Event.CLAIM): OFFERED,
+    (OFFERED, Event.ACCEPT): ACCEPTED,
+    (OFFERED, Event.DECLINE): DECLINED,
+    (OFFERED, Event.CANCEL): CANCELLED,
+    (OFFERED, Event.EXPIRE): EXPIRED,
+    (OFFERED, Event.RESUME): OFFERED,
+    (ACCEPTED, Event.CONNECTING): CONNECTING,
+    (ACCEPTED, Event.TRANSFERRING): TRANSFERRING,
+    (ACCEPTED, Event.COMPLETE): COMPLETED,
+    (ACCEPTED, Event.FAIL): FAILED,
+    (ACCEPTED, Event.CANCEL): CANCELLED,
+    (ACCEPTED, Event.EXPIRE): EXPIRED,
+    (ACCEPTED, Event.RESUME): ACCEPTED,
+    (CONNECTING, Event.TRANSFERRING): TRANSFERRING,
+    (CONNECTING, Event.COMPLETE): COMPLETED,
+    (CONNECTING, Event.FAIL): FAILED,
+    (CONNECTING, Event.CANCEL): CANCELLED,
+    (CONNECTING, Event.EXPIRE): EXPIRED,
+    (CONNECTING, Event.RESUME): ACCEPTED,
+    (TRANSFERRING, Event.COMPLETE): COMPLETED,
+    (TRANSFERRING, Event.FAIL): FAILED,
+    (TRANSFERRING, Event.CANCEL): CANCELLED,
+    (TRANSFERRING, Event.EXPIRE): EXPIRED,
+    (TRANSFERRING, Event.RESUME): ACCEPTED,
+}
+
+# Who may fire each event, likewise written out.
+ALLOWED: dict[Event, set[Party]] = {
+    Event.CLAIM: {Party.RECEIVER},
+    Event.ACCEPT: {Party.RECEIVER},
+    Event.DECLINE: {Party.RECEIVER},
+    Event.COMPLETE: {Party.RECEIVER},
+    Event.CANCEL: {Party.SENDER, Party.RECEIVER},
+    Event.FAIL: {Party.SENDER, Party.RECEIVER},
+    Event.CONNECTING: {Party.SENDER, Party.RECEIVER},
+    Event.TRANSFERRING: {Party.SENDER, Party.RECEIVER},
+    Event.RESUME: {Party.SENDER, Party.RECEIVER},
+    Event.EXPIRE: {Party.BROKER},
+}
+
+
+def test_the_table_is_the_one_written_here() -> None:
+    assert dict(states.TRANSITIONS) == EXPECTED
+    assert {e: set(p) for e, p in states.PERMITTED.items()} == ALLOWED
+
 
 @pytest.mark.parametrize(
-    ("state", "event"), list(itertools.product(states.ALL_STATES, list(Event)))
+    ("state", "event", "party"), list(itertools.product(states.ALL_STATES, Event, Party))
 )
-def test_every_pair_moves_or_raises(state: states.State, event: Event) -> None:
-    party = next(iter(sorted(states.PERMITTED[event], key=lambda p: p.value)))
-    expected = states.TRANSITIONS.get((state, event))
+def test_every_triple_moves_or_raises(state: states.State, event: Event, party: Party) -> None:
     claimed = event is not Event.CLAIM  # accept needs a claim; claim needs none yet
-    if expected is None:
+    expected = EXPECTED.get((state, event))
+    if party not in ALLOWED[event]:
+        with pytest.raises(states.NotPermitted):
+            states.apply(state, claimed, event, party)
+    elif expected is None:
         with pytest.raises(states.IllegalTransition):
             states.apply(state, claimed, event, party)
     else:
-        outcome = states.apply(state, claimed, event, party)
-        assert outcome.state == expected
+        assert states.apply(state, claimed, event, party) == states.Outcome(expected, True)
 
 
 def test_final_states_accept_nothing() -> None:
@@ -70,7 +131,7 @@ def test_report_same_state_is_noop() -> None:
     out = states.report(states.TRANSFERRING, True, states.TRANSFERRING, Party.SENDER)
     assert out.state == states.TRANSFERRING
     with pytest.raises(states.IllegalTransition):
-        states.report(states.COMPLETED, True, states.COMPLETED, Party.RECEIVER)
+        states.report(states.FAILED, True, states.FAILED, Party.RECEIVER)
     with pytest.raises(states.IllegalTransition):
         states.report(states.ACCEPTED, True, states.OFFERED, Party.RECEIVER)
     with pytest.raises(states.NotPermitted):
@@ -122,3 +183,44 @@ def test_reports_after_resume_move_forward_again() -> None:
     state = states.report(state, True, states.TRANSFERRING, Party.RECEIVER).state
     assert state == states.TRANSFERRING
     assert states.report(state, True, states.COMPLETED, Party.RECEIVER).state == states.COMPLETED
+
+
+# ReportProgress naming COMPLETED, from every state: the receiver's outcome, written out.
+_RECEIVER_COMPLETES: list[tuple[states.State, states.State | None]] = [
+    (OFFERED, None),
+    (ACCEPTED, COMPLETED),  # after a resume, or at once with everything from an earlier run
+    (CONNECTING, COMPLETED),
+    (TRANSFERRING, COMPLETED),
+    (COMPLETED, COMPLETED),  # again: a no-op success
+    (DECLINED, None),
+    (CANCELLED, None),
+    (FAILED, None),
+    (EXPIRED, None),
+]
+
+
+@pytest.mark.parametrize(("state", "expected"), _RECEIVER_COMPLETES)
+def test_receiver_reports_completed(state: states.State, expected: states.State | None) -> None:
+    if expected is None:
+        with pytest.raises(states.IllegalTransition):
+            states.report(state, True, COMPLETED, Party.RECEIVER)
+    else:
+        assert states.report(state, True, COMPLETED, Party.RECEIVER) == states.Outcome(
+            expected, True
+        )
+
+
+@pytest.mark.parametrize("state", states.ALL_STATES)
+def test_sender_never_reports_completed(state: states.State) -> None:
+    with pytest.raises(states.NotPermitted) as info:
+        states.report(state, True, COMPLETED, Party.SENDER)
+    assert str(info.value) == "the sender may not complete a session"
+
+
+def test_completed_again_is_the_same_outcome() -> None:
+    state = states.apply(ACCEPTED, True, Event.RESUME, Party.SENDER).state
+    first = states.report(state, True, COMPLETED, Party.RECEIVER)
+    assert first == states.Outcome(COMPLETED, True)
+    assert states.report(first.state, True, COMPLETED, Party.RECEIVER) == first
+    with pytest.raises(states.IllegalTransition):  # apply itself still refuses a final state
+        states.apply(COMPLETED, True, Event.COMPLETE, Party.RECEIVER)

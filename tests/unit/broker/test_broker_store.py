@@ -1,7 +1,10 @@
-"""SqliteStore: round trip, lookups, compare-and-set, leases, and persistence across reopen."""
+"""SqliteStore: round trip, lookups, compare-and-set, leases, broker id, and reopening."""
 
 from __future__ import annotations
 
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,44 @@ def test_leases_and_expiry(tmp_path: Path) -> None:
         assert store.lease_ports("h", (7000, 7003), 2, "third", 100.0, now=0.0) == (7002, 7003)
     finally:
         store.close()
+
+
+def test_broker_id_is_made_once_per_store(tmp_path: Path) -> None:
+    path = tmp_path / "broker.sqlite3"
+    replica = SqliteStore(path)  # opened before the id exists, like a second replica
+    store = SqliteStore(path)
+    try:
+        made = store.broker_id()
+        assert re.fullmatch(r"[0-9a-f]{32}", made)
+        assert store.broker_id() == made
+        assert replica.broker_id() == made
+    finally:
+        store.close()
+        replica.close()
+    reopened = SqliteStore(path)
+    other = SqliteStore(tmp_path / "other" / "broker.sqlite3")
+    try:
+        assert reopened.broker_id() == made
+        assert other.broker_id() != made
+    finally:
+        reopened.close()
+        other.close()
+
+
+def test_replicas_starting_together_agree_on_one_id(tmp_path: Path) -> None:
+    path = tmp_path / "broker.sqlite3"
+    SqliteStore(path).close()  # the schema, but no id yet
+    count = 8
+    barrier = threading.Barrier(count, timeout=10)
+
+    def first_call(_: int) -> str:
+        store = SqliteStore(path)  # one per thread: a store is used from one thread
+        try:
+            barrier.wait()
+            return store.broker_id()
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(count) as pool:
+        ids = list(pool.map(first_call, range(count), timeout=20))
+    assert len(set(ids)) == 1
