@@ -247,7 +247,9 @@ def test_not_enough_space_declines(ferry: FerryFactory, tmp_path: Path) -> None:
         subprocess.run(["umount", str(small)], check=True)
 
 
-def test_status_reports_the_outcome(ferry: FerryFactory, tmp_path: Path) -> None:
+def test_status_reports_the_outcome(
+    ferry: FerryFactory, broker: BrokerProcess, tmp_path: Path
+) -> None:
     source = random_file(tmp_path / "f.bin", 100)
     sender, offered = _offer(ferry, str(source))
     receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"), "--yes", "--json")
@@ -260,20 +262,32 @@ def test_status_reports_the_outcome(ferry: FerryFactory, tmp_path: Path) -> None
         {
             "session": offered["session"],
             "role": "receiver",
+            "broker": broker.address,
             "state": "completed",
             "bytes_done": 100,
             "bytes": 100,
             "failure_reason": "",
+            "dest": str(tmp_path / "d"),
         }
     ]
 
 
-def test_unreachable_broker_is_one_line(tmp_path: Path, broker_factory: BrokerFactory) -> None:
-    env = {**os.environ, "FERRY_BROKER": "127.0.0.1:9", "XDG_STATE_HOME": str(tmp_path)}
+def test_unreachable_broker_is_waited_for_then_one_line(
+    tmp_path: Path, broker_factory: BrokerFactory
+) -> None:
+    env = {
+        **os.environ,
+        "FERRY_BROKER": "127.0.0.1:9",
+        "FERRY_BROKER_WAIT": "3",
+        "XDG_STATE_HOME": str(tmp_path),
+    }
     started = time.monotonic()
     proc = FerryProcess(["receive", "1-a-b-c", "--json"], env, tmp_path).start()
     rc, lines, err = proc.finish(60)
     assert rc == 1
     assert "cannot be reached" in _last(lines)["error"]
-    assert err.startswith("ferry: error:")
-    assert time.monotonic() - started < 30
+    said = err.splitlines()
+    assert said[0].startswith("ferry: waiting for the broker at 127.0.0.1:9"), err
+    assert said[-1].startswith("ferry: error:"), err
+    assert len(said) == 2, err
+    assert 3 <= time.monotonic() - started < 30

@@ -142,8 +142,21 @@ def test_kill_at_random_points_and_rerun(
             broker.kill()
 
 
+def _wait_for_journal(dest: Path, fraction: int) -> Path:
+    """The receiver's journal once it records 1/``fraction`` of the file's chunks (it holds
+    one 49-byte record per verified chunk; the .ferry-part file is allocated whole up front)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = list(dest.glob(".ferry-*.journal")) if dest.exists() else []
+        if found and found[0].stat().st_size >= 49 * (SIZE // fraction // (256 << 10)):
+            return found[0]
+        time.sleep(0.01)
+    raise AssertionError("the receiver never wrote a chunk")
+
+
+@pytest.mark.parametrize("mtime", ["new", "put back"])
 def test_source_changed_while_interrupted_fails_instead_of_mixing(
-    tmp_path: Path, broker_factory: BrokerFactory
+    mtime: str, tmp_path: Path, broker_factory: BrokerFactory
 ) -> None:
     broker = broker_factory()
     source = tmp_path / "source.bin"
@@ -153,20 +166,17 @@ def test_source_changed_while_interrupted_fails_instead_of_mixing(
     sender = r.send()
     r.code = sender.line()["code"]
     receiver = r.receive()
-    part = r.dest / "none-yet"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # wait until some chunks are on the receiver's disk
-        parts = list(r.dest.glob(".source.bin.*.ferry-part")) if r.dest.exists() else []
-        if parts and parts[0].stat().st_blocks * 512 >= SIZE // 8:
-            part = parts[0]
-            break
-        time.sleep(0.01)
+    _wait_for_journal(r.dest, 8)
     receiver.kill()
     sender.kill()
-    assert part.exists(), "the receiver never wrote a chunk"
-    with source.open("r+b") as f:  # the same size, other bytes, a new mtime
+    before = source.stat()
+    with source.open("r+b") as f:  # the same size, other bytes
         f.write(b"changed!")
-    os.utime(source, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    if mtime == "new":
+        os.utime(source, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    else:  # `touch -r`: the mtime as it was; only the ctime tells
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert source.stat().st_mtime_ns == before.st_mtime_ns
     rc, lines, err = r.send().finish(60)
     assert rc == 1
     assert "changed since they were offered" in lines[-1]["error"], err
@@ -175,3 +185,47 @@ def test_source_changed_while_interrupted_fails_instead_of_mixing(
     assert rc == 1
     assert "changed since they were offered" in lines[-1]["error"], err
     assert sorted(p.name for p in r.dest.iterdir()) == []
+
+
+def test_broker_outage_while_the_sender_restarts_keeps_the_receivers_data(
+    tmp_path: Path, broker_factory: BrokerFactory
+) -> None:
+    """Unreachable is not final: a receiver that cannot reach the broker keeps what it has."""
+    broker = broker_factory()
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(SIZE))
+    r = Round(tmp_path / "round", broker, source)
+    r.root.mkdir()
+    sender = r.send()
+    r.code = sender.line()["code"]
+    receiver = FerryProcess(
+        [
+            *["receive", r.code, "--dest", str(r.dest), "--yes", "--json"],
+            *["--stall-timeout", "3", "--broker-wait", "2"],
+        ],
+        r._env("receiver"),
+        r.root,
+    ).start()
+    journal = _wait_for_journal(r.dest, 8)
+    sender.kill()
+    broker.kill()
+    rc, lines, err = receiver.finish(60)
+    assert rc == 1, err
+    assert "kept" in _last(lines, err)["error"], err
+    held = journal.stat().st_size
+    assert held >= 49 * (SIZE // 8 // (256 << 10)), "the verified chunks were thrown away"
+    assert list(r.dest.glob(".source.bin.*.ferry-part")), "the partial file was deleted"
+    broker.start()  # it comes back (same port, same data)
+    sender = r.send()
+    assert sender.line()["event"] == "resumed"
+    rc, lines, err = r.receive().finish(120)
+    assert rc == 0, err
+    done = _last(lines, err)
+    assert done["event"] == "completed"
+    assert done["bytes_resumed"] >= (held // 49 - 1) * (256 << 10) // 2, done
+    assert done["bytes_resumed"] + done["bytes_transferred"] == SIZE
+    src_rc, src_lines, src_err = sender.finish(60)
+    assert src_rc == 0, src_err
+    assert _last(src_lines, src_err)["event"] == "completed"
+    assert sha256(r.dest / "source.bin") == sha256(source)
+    assert sorted(p.name for p in r.dest.iterdir()) == ["source.bin"]

@@ -1,9 +1,14 @@
 """Where the CLI keeps the session tokens it was given, so `ferry status` can ask later.
 
 One JSON file, `$XDG_STATE_HOME/ferry/sessions.json` (default `~/.local/state/...`),
-mode 0600, holding the last 50 sessions: name -> token, role, broker address, and what a
-rerun of the same command needs to find the session again: the sender's source paths and
-code, the receiver's code (as a SHA-256) and destination.
+mode 0600, holding the last 50 sessions: name -> token, role, broker (its id and its last
+known address), and what a rerun of the same command needs to find the session again: the
+sender's source paths, their stamps (`ferry.files.SourceStamp`) and code, the receiver's code
+(as a SHA-256) and destination.
+
+A session belongs to the broker that reported its id (GetBrokerInfo), wherever that broker
+listens now: a broker moved to a new address keeps its sessions, and a broker that lost its
+state reports a new id, so nothing saved is sent to it (not even the token).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load", "remember"]
+__all__ = ["code_key", "find", "forget", "load", "remember", "update"]
 
 _KEEP = 50
 
@@ -40,12 +45,13 @@ def code_key(code: str) -> str:
     return hashlib.sha256(normal.encode()).hexdigest()
 
 
-def find(role: str, broker: str, **match: Any) -> tuple[str, dict[str, Any]] | None:
-    """The newest remembered session of ``role`` on ``broker`` whose fields equal ``match``."""
+def find(role: str, broker_id: str, **match: Any) -> tuple[str, dict[str, Any]] | None:
+    """The newest remembered session of ``role`` on the broker ``broker_id`` whose fields
+    equal ``match``."""
     for name, entry in reversed(list(load().items())):
         if (
             entry.get("role") == role
-            and entry.get("broker") == broker
+            and entry.get("broker_id") == broker_id
             and all(entry.get(k) == v for k, v in match.items())
         ):
             return name, entry
@@ -67,11 +73,17 @@ def forget(name: str) -> None:
         _save(sessions)
 
 
-def remember(name: str, token: str, role: str, broker: str, **extra: Any) -> None:
+def remember(name: str, token: str, role: str, broker: str, broker_id: str, **extra: Any) -> None:
     """Remember a session's token (best effort: a read-only home just loses `status`)."""
     sessions = load()
     sessions.pop(name, None)
-    sessions[name] = {"token": token, "role": role, "broker": broker, **extra}
+    sessions[name] = {
+        "token": token,
+        "role": role,
+        "broker": broker,
+        "broker_id": broker_id,
+        **extra,
+    }
     _save(sessions)
 
 

@@ -14,12 +14,11 @@ import contextlib
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-
-import grpc
 
 from ferry.cli import _state
 from ferry.client import (
@@ -31,13 +30,18 @@ from ferry.client import (
     Event,
     Incoming,
     Outgoing,
+    Paused,
     Progress,
+    SourceChangedError,
     TransferError,
+    TransferOver,
     TransferResult,
+    remove_partial,
 )
 from ferry.files import (
     DestinationExistsError,
     ManifestError,
+    SourceStamp,
     UnsafePathError,
     escape_name,
     format_size,
@@ -47,7 +51,10 @@ from ferry.protocol import FILE_DIGEST_ALGORITHM
 __all__ = ["main"]
 
 DEFAULT_BROKER = "127.0.0.1:50051"
+DEFAULT_BROKER_WAIT = 300.0
 _DEFAULT_PORTS = f"{DEFAULT_PORTS[0]}-{DEFAULT_PORTS[1]}"
+#: Broker refusals that say, whatever the wording, "this broker does not know that session".
+_UNKNOWN_SESSION = frozenset({"TOKEN_INVALID", "SESSION_NOT_FOUND", "WRONG_SESSION"})
 
 
 class CliError(Exception):
@@ -108,12 +115,19 @@ class _Events:
 
     def __init__(self, as_json: bool, label: str) -> None:
         self.bar = None
+        self.as_json = as_json
         if not as_json and sys.stderr.isatty():
             from ferry.cli import _progress  # rich costs ~25 ms to import: only for a terminal
 
             self.bar = _progress.open_bar(label)
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, Paused):
+            if self.as_json:
+                _emit({"event": "paused", "reason": event.reason})
+            else:
+                _say(f"ferry: the receiver paused ({escape_name(event.reason)}); waiting for it")
+            return
         if self.bar is None:
             return
         if isinstance(event, Progress):
@@ -131,36 +145,75 @@ class _Events:
 # -- send -----------------------------------------------------------------------------
 
 
-async def _offer_or_resume(ns: argparse.Namespace, client: Client) -> tuple[Outgoing, bool]:
-    """Resume this machine's unfinished offer of the very same paths, else offer anew."""
+def _client(ns: argparse.Namespace, **options: Any) -> Client:
+    """A Client for this command, which says on stderr when it waits for the broker."""
+    said = [0.0]
+
+    def waiting(exc: BrokerError) -> None:
+        now = time.monotonic()
+        if now - said[0] >= 30:
+            said[0] = now
+            _say(
+                f"ferry: waiting for the broker at {escape_name(ns.broker)} ({exc}); "
+                f"up to {ns.broker_wait:g} s (--broker-wait)"
+            )
+
+    return Client(
+        ns.broker, ports=ns.ports, broker_wait=ns.broker_wait, on_broker_wait=waiting, **options
+    )
+
+
+async def _offer_or_resume(
+    ns: argparse.Namespace, client: Client, broker_id: str
+) -> tuple[Outgoing, bool]:
+    """Resume this machine's unfinished offer of the very same paths, else offer anew.
+
+    A saved offer is one of this broker's (by id, wherever it listens now). It is given up,
+    and the files offered anew, when the broker says it does not know it (by the reason of
+    its refusal, never its wording) or that it is over; a changed file fails instead.
+    """
     sources = [str(p.absolute()) for p in ns.paths]
-    found = _state.find("sender", ns.broker, sources=sources, done=None)
+    found = _state.find("sender", broker_id, sources=sources, done=None)
     if found is not None:
         name, entry = found
         try:
+            stamps = [SourceStamp.from_text(t) for t in entry.get("stamps") or []] or None
+        except ValueError:
+            stamps = None
+        try:
             outgoing = await client.resume_offer(
-                name, entry["token"], ns.paths, entry["code"], via=ns.via
+                name, entry["token"], ns.paths, entry["code"], via=ns.via, stamps=stamps
             )
-        except TransferError as exc:
+        except SourceChangedError:
             _state.forget(name)
-            if "changed" in str(exc):
-                raise
+            raise
+        except TransferOver:
+            _state.forget(name)
         except BrokerError as exc:
-            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+            if exc.reason not in _UNKNOWN_SESSION:
                 raise
             _state.forget(name)
         else:
+            _state.update(name, broker=ns.broker)
             return outgoing, True
     outgoing = await client.offer(ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl, via=ns.via)
     _state.remember(
-        outgoing.name, outgoing.token, "sender", ns.broker, sources=sources, code=outgoing.code
+        outgoing.name,
+        outgoing.token,
+        "sender",
+        ns.broker,
+        broker_id,
+        sources=sources,
+        stamps=[stamp.to_text() for stamp in outgoing.stamps],
+        code=outgoing.code,
     )
     return outgoing, False
 
 
 async def _send(ns: argparse.Namespace) -> int:
-    client = Client(ns.broker, ports=ns.ports)
-    outgoing, resumed = await _offer_or_resume(ns, client)
+    client = _client(ns)
+    broker_id = await client.broker_id()
+    outgoing, resumed = await _offer_or_resume(ns, client, broker_id)
     try:
         if ns.json:
             _emit(
@@ -284,46 +337,63 @@ def _consent(ns: argparse.Namespace) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-async def _claim_or_resume(ns: argparse.Namespace, client: Client) -> Incoming:
+async def _claim_or_resume(ns: argparse.Namespace, client: Client, broker_id: str) -> Incoming:
     """Resume this machine's unfinished transfer of the same code, else claim the code.
 
     The claim's request id is saved before the claim, so a receiver killed mid-claim can
     repeat it: the code itself is used up by then.
     """
     key = _state.code_key(ns.code)
-    found = _state.find("receiver", ns.broker, code=key)
+    found = _state.find("receiver", broker_id, code=key)
     request_id = uuid.uuid4().hex
     if found is not None:
         name, entry = found
         if entry.get("token"):
             try:
-                return await client.resume_claim(name, entry["token"])
+                incoming = await client.resume_claim(name, entry["token"])
             except BrokerError as exc:
-                if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                if exc.reason not in _UNKNOWN_SESSION:
                     raise
                 _state.forget(name)
+            else:
+                _state.update(name, broker=ns.broker)
+                return incoming
         else:
             request_id = entry.get("claim_request") or request_id
     pending = f"pending/{key}"
     _state.remember(
-        pending, "", "receiver", ns.broker, code=key, claim_request=request_id, dest=str(ns.dest)
+        pending,
+        "",
+        "receiver",
+        ns.broker,
+        broker_id,
+        code=key,
+        claim_request=request_id,
+        dest=str(ns.dest),
     )
     try:
         incoming = await client.claim(ns.code, request_id)
     except BrokerError as exc:
-        if exc.code != grpc.StatusCode.UNAVAILABLE:
+        if not exc.unreachable:
             _state.forget(pending)  # a wrong or used-up code: nothing to repeat
         raise
     _state.remember(
-        incoming.name, incoming.token, "receiver", ns.broker, code=key, dest=str(ns.dest)
+        incoming.name,
+        incoming.token,
+        "receiver",
+        ns.broker,
+        broker_id,
+        code=key,
+        dest=str(ns.dest),
     )
     _state.forget(pending)  # only now: a kill in between leaves one of the two
     return incoming
 
 
 async def _receive(ns: argparse.Namespace) -> int:
-    client = Client(ns.broker, ports=ns.ports, stall_timeout=ns.stall_timeout)
-    incoming = await _claim_or_resume(ns, client)
+    client = _client(ns, stall_timeout=ns.stall_timeout)
+    broker_id = await client.broker_id()
+    incoming = await _claim_or_resume(ns, client, broker_id)
     try:
         dest = Path(ns.dest)
         try:
@@ -356,15 +426,36 @@ async def _receive(ns: argparse.Namespace) -> int:
         finally:
             events.close()
         _finish(ns, result, "Received")
+        _drop_superseded(dest, broker_id, incoming.name, [f.path for f in result.files])
         return 0
     finally:
         await incoming.close()
+
+
+def _drop_superseded(dest: Path, broker_id: str, done: str, paths: list[str]) -> None:
+    """Forget this machine's unfinished receives into ``dest`` from a broker that is not this
+    one (it lost its state, say), and delete their hidden partial copies of the files that
+    just arrived whole: those transfers could never finish (the names are taken) and nothing
+    else would remove them. Only names of this transfer are touched, in ``dest`` only."""
+    for name, entry in list(_state.load().items()):
+        if (
+            name == done
+            or entry.get("role") != "receiver"
+            or entry.get("dest") != str(dest)
+            or entry.get("broker_id") == broker_id
+            or not name.startswith("sessions/")
+        ):
+            continue
+        remove_partial(dest, name, paths)
+        _state.forget(name)
 
 
 # -- status, digest, serve ------------------------------------------------------------
 
 
 async def _status(ns: argparse.Namespace) -> int:
+    """Each session's state as its broker has it, or what is known here when the broker
+    does not answer (or is another broker now: no token is sent to a broker of another id)."""
     from ferry.client._broker import BrokerLink
     from ferry.v1 import broker_pb2
 
@@ -372,36 +463,57 @@ async def _status(ns: argparse.Namespace) -> int:
     names = [ns.session] if ns.session else [n for n, e in known.items() if e.get("token")][-10:]
     if not names:
         raise CliError("no sessions known on this machine yet")
+    ids: dict[str, str | BrokerError] = {}
     for name in names:
         if not name.startswith("sessions/"):
             name = f"sessions/{name}"
         entry = known.get(name)
         if entry is None:
             raise CliError(f"no token for {escape_name(name)} on this machine")
-        link = BrokerLink(ns.broker if ns.broker_given else entry["broker"])
-        link.token = entry["token"]
+        address = ns.broker if ns.broker_given else entry["broker"]
+        link = BrokerLink(address, patience=min(ns.broker_wait, 5.0))
+        line: dict[str, Any] = {"session": name, "role": entry["role"], "broker": address}
         try:
-            session = await link.get(name)
+            if address not in ids:
+                try:
+                    ids[address] = await link.broker_id()
+                except BrokerError as exc:
+                    ids[address] = exc
+            found = ids[address]
+            if isinstance(found, BrokerError):
+                line.update(state="unknown", error=f"the broker did not answer: {found}")
+            elif found != entry.get("broker_id"):
+                line.update(
+                    state="unknown",
+                    error="the broker there is not the one that had this session "
+                    "(it lost its state, or another broker took its address)",
+                )
+            else:
+                link.token = entry["token"]
+                session = await link.get(name)
+                line.update(
+                    state=broker_pb2.Session.State.Name(session.state)
+                    .removeprefix("STATE_")
+                    .lower(),
+                    bytes_done=session.bytes_done,
+                    bytes=sum(f.size_bytes for f in session.manifest.files),
+                    failure_reason=session.failure_reason,
+                )
         finally:
             await link.close()
-        state = broker_pb2.Session.State.Name(session.state).removeprefix("STATE_").lower()
-        total = sum(f.size_bytes for f in session.manifest.files)
-        line = {
-            "session": name,
-            "role": entry["role"],
-            "state": state,
-            "bytes_done": session.bytes_done,
-            "bytes": total,
-            "failure_reason": session.failure_reason,
-        }
+        if entry.get("dest"):
+            line["dest"] = entry["dest"]
         if ns.json:
             _emit(line)
-        else:
-            reason = f" ({escape_name(session.failure_reason)})" if session.failure_reason else ""
-            _say(
-                f"{name}  {entry['role']}  {state}{reason}  "
-                f"{format_size(session.bytes_done)} / {format_size(total)}"
-            )
+            continue
+        text = f"{name}  {entry['role']}  {line['state']}"
+        if line.get("failure_reason"):
+            text += f" ({escape_name(line['failure_reason'])})"
+        if "bytes" in line:
+            text += f"  {format_size(line['bytes_done'])} / {format_size(line['bytes'])}"
+        if "error" in line:
+            text += f"  broker {escape_name(address)}: {escape_name(line['error'])}"
+        _say(text)
     return 0
 
 
@@ -452,6 +564,14 @@ def _parser() -> argparse.ArgumentParser:
             type=_ports,
             default=_ports(os.environ.get("FERRY_PORTS", _DEFAULT_PORTS)),
             help="ports this side may listen on (env FERRY_PORTS)",
+        )
+        sp.add_argument(
+            "--broker-wait",
+            type=float,
+            metavar="S",
+            default=float(os.environ.get("FERRY_BROKER_WAIT", DEFAULT_BROKER_WAIT)),
+            help="how long to keep trying a broker that is down or restarting, in seconds "
+            f"(env FERRY_BROKER_WAIT, default {DEFAULT_BROKER_WAIT:g})",
         )
         sp.add_argument("--json", action="store_true", help="one JSON object per line")
 

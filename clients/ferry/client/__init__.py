@@ -14,7 +14,10 @@ Receive::
     result = await incoming.accept("Downloads/")  # or: await incoming.decline()
 
 Both return a TransferResult (files with their whole-file digests, bytes, seconds) or
-raise TransferError; broker refusals raise BrokerError with the gRPC status and reason.
+raise TransferError (TransferOver: the session ended on the broker; SourceChangedError: a
+file changed since it was offered; StorageFull: the destination is full, the data is kept);
+broker refusals raise BrokerError with the gRPC status and reason. A broker that is down or
+restarting is waited for (``Client(broker_wait=...)``, default 300 s) before that.
 """
 
 from ferry.client._api import (
@@ -28,9 +31,14 @@ from ferry.client._api import (
     Incoming,
     OfferedFile,
     Outgoing,
+    Paused,
     Progress,
+    SourceChangedError,
+    StorageFull,
     TransferError,
+    TransferOver,
     TransferResult,
+    remove_partial,
 )
 from ferry.client._broker import BrokerError
 
@@ -46,7 +54,12 @@ __all__ = [
     "Incoming",
     "OfferedFile",
     "Outgoing",
+    "Paused",
     "Progress",
+    "SourceChangedError",
+    "StorageFull",
     "TransferError",
+    "TransferOver",
     "TransferResult",
+    "remove_partial",
 ]

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import ipaddress
 import os
+import stat
 import threading
 import time
 import uuid
@@ -31,8 +32,8 @@ import grpc
 import psutil
 from google.protobuf.duration_pb2 import Duration
 
-from ferry.client._broker import BrokerError, BrokerLink
-from ferry.client._journal import Journal
+from ferry.client._broker import DEFAULT_PATIENCE, BrokerError, BrokerLink
+from ferry.client._journal import Journal, journal_path
 from ferry.client._receive import ReceivePeer
 from ferry.client._resume import resume_from_journal
 from ferry.client._send import (
@@ -42,7 +43,7 @@ from ferry.client._send import (
     digest_file,
     fill_digests,
 )
-from ferry.client._sink import FileSink, SinkFile
+from ferry.client._sink import FileSink, SinkFile, StorageError, part_name
 from ferry.client._store import (
     StoreDownloader,
     StoreError,
@@ -53,11 +54,12 @@ from ferry.client._store import (
 from ferry.client._tls import Identity, client_context, server_context
 from ferry.client._wire import PeerGone
 from ferry.files import (
-    build_manifest,
+    SourceStamp,
     check_manifest_paths,
     escape_name,
     free_space_ok,
     resolve_destination,
+    scan_sources,
 )
 from ferry.protocol import (
     FILE_DIGEST_ALGORITHM,
@@ -66,6 +68,7 @@ from ferry.protocol import (
     ReceiveSession,
     SendSession,
     chunk_count,
+    file_digest,
 )
 from ferry.protocol.journal import manifest_fingerprint
 from ferry.v1 import broker_pb2
@@ -80,10 +83,15 @@ __all__ = [
     "FileResult",
     "Incoming",
     "Outgoing",
+    "Paused",
     "Progress",
+    "SourceChangedError",
+    "StorageFull",
     "TransferError",
+    "TransferOver",
     "TransferResult",
     "Via",
+    "remove_partial",
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -114,6 +122,21 @@ _FINAL = frozenset(
 
 class TransferError(Exception):
     """The transfer did not complete; the message says why, for people."""
+
+
+class TransferOver(TransferError):
+    """The session ended on the broker (failed, cancelled, declined, expired): a rerun of
+    the same command cannot continue it."""
+
+
+class SourceChangedError(TransferError):
+    """A file changed since it was offered; the session is failed rather than mixing old and
+    new bytes. Offer the files again for a new code."""
+
+
+class StorageFull(TransferError):
+    """The receiver's destination ran out of space (or quota). What was verified is kept:
+    free some space and run the same command again."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +205,15 @@ class Completed:
     result: TransferResult
 
 
-Event = Connected | Progress | Completed
+@dataclass(frozen=True)
+class Paused:
+    """The peer stopped but keeps what it has and means to come back (its disk is full, say);
+    this side waits for it."""
+
+    reason: str
+
+
+Event = Connected | Progress | Completed | Paused
 EventHandler = Callable[[Event], None]
 
 
@@ -258,11 +289,34 @@ class Client:
         ports: tuple[int, int] = DEFAULT_PORTS,
         timeout: float = 10.0,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        broker_wait: float = DEFAULT_PATIENCE,
+        on_broker_wait: Callable[[BrokerError], None] | None = None,
     ) -> None:
+        """``timeout`` bounds each broker call; ``broker_wait`` is how long, in all, a call
+        keeps trying a broker that is down, restarting or too slow (``on_broker_wait`` hears
+        when one starts waiting)."""
         self.broker = broker
         self.ports = ports
         self.timeout = timeout
         self.stall_timeout = stall_timeout
+        self.broker_wait = broker_wait
+        self.on_broker_wait = on_broker_wait
+
+    def _link(self) -> BrokerLink:
+        return BrokerLink(
+            self.broker,
+            timeout=self.timeout,
+            patience=self.broker_wait,
+            on_wait=self.on_broker_wait,
+        )
+
+    async def broker_id(self) -> str:
+        """The broker's id: the same wherever it listens, new if it lost its state."""
+        link = self._link()
+        try:
+            return await link.broker_id()
+        finally:
+            await link.close()
 
     def _peer_info(self, identity: Identity) -> broker_pb2.PeerInfo:
         return broker_pb2.PeerInfo(
@@ -285,21 +339,31 @@ class Client:
         receiver even claims the code) and returns once every file is stored.
         """
         _check_via(via)
-        manifest, sources = build_manifest([Path(p) for p in paths], chunk_size)
+        scan = scan_sources([Path(p) for p in paths], chunk_size)
         identity = Identity.generate()
-        link = BrokerLink(self.broker, timeout=self.timeout)
+        link = self._link()
         try:
             request = broker_pb2.CreateOfferRequest(
-                manifest=manifest,
+                manifest=scan.manifest,
                 sender=self._peer_info(identity),
                 ttl=Duration(seconds=int(ttl)),
                 request_id=uuid.uuid4().hex,
             )
-            response = await link.create_offer(request)
+            try:
+                response = await link.create_offer(request)
+            except BrokerError as exc:
+                # A broker that restarted after recording our first try cannot show that
+                # offer's code again: nobody knows it, so it simply expires. Offer anew.
+                if not (exc.retried and exc.reason == "REQUEST_ID_REUSED"):
+                    raise
+                request.request_id = uuid.uuid4().hex
+                response = await link.create_offer(request)
         except BaseException:
             await link.close()
             raise
-        return Outgoing(link, response.session, response.code, sources, identity, via)
+        return Outgoing(
+            link, response.session, response.code, scan.sources, identity, via, scan.stamps
+        )
 
     async def resume_offer(
         self,
@@ -308,43 +372,55 @@ class Client:
         paths: Sequence[Path | str],
         code: str = "",
         via: Via = "auto",
+        stamps: Sequence[SourceStamp] | None = None,
     ) -> Outgoing:
         """Come back to an offer this side made earlier (after a crash or a kill).
 
-        Raises TransferError if the files changed since they were offered (the session is
-        then failed, so the receiver never mixes old and new bytes).
+        ``stamps`` are `Outgoing.stamps` of the first run: with them, a file edited in place
+        with its mtime put back (``touch -r``), or replaced by another, is caught too.
+        Raises SourceChangedError if the files changed since they were offered (the session
+        is then failed, so the receiver never mixes old and new bytes), TransferOver if the
+        session ended meanwhile.
         """
-        link = BrokerLink(self.broker, timeout=self.timeout)
+        link = self._link()
         link.token = token
         try:
             session = await link.get(name)
             if session.state in _FINAL and session.state != State.STATE_COMPLETED:
-                raise TransferError(f"that transfer is over ({_ended(session)})")
-            manifest, sources = build_manifest(
-                [Path(p) for p in paths], session.manifest.chunk_size_bytes
-            )
-            if manifest.SerializeToString(deterministic=True) != session.manifest.SerializeToString(
+                raise TransferOver(f"that transfer is over ({_ended(session)})")
+            scan = scan_sources([Path(p) for p in paths], session.manifest.chunk_size_bytes)
+            same = scan.manifest.SerializeToString(
                 deterministic=True
-            ):
+            ) == session.manifest.SerializeToString(deterministic=True)
+            if stamps is not None and list(stamps) != scan.stamps:
+                same = False
+            if not same:
                 reason = "the files changed since they were offered"
-                if session.state != State.STATE_COMPLETED:
+                if session.state == State.STATE_OFFERED:  # not accepted yet: withdraw it
+                    with contextlib.suppress(BrokerError):
+                        await link.cancel(name, reason)
+                elif session.state != State.STATE_COMPLETED:
                     await link.report_failed(name, reason)
-                raise TransferError(f"{reason}; send them again for a new code")
+                raise SourceChangedError(f"{reason}; send them again for a new code")
             identity = Identity.generate()
             if session.state != State.STATE_COMPLETED:  # else: only the result is left to show
                 session = await link.resume(name, self._peer_info(identity))
         except BaseException:
             await link.close()
             raise
-        return Outgoing(link, session, code, sources, identity, via)
+        return Outgoing(
+            link, session, code, scan.sources, identity, via, list(stamps or scan.stamps)
+        )
 
     async def claim(self, code: str, request_id: str = "") -> Incoming:
         """Redeem a one-time code: see what is offered, then accept or decline.
 
         Keep ``request_id`` (a random secret) before calling: if this process dies before it
         sees the answer, claiming again with the same id gets the same session and token.
+        Without one, a random one still covers this call's own retries.
         """
-        link = BrokerLink(self.broker, timeout=self.timeout)
+        request_id = request_id or uuid.uuid4().hex
+        link = self._link()
         try:
             response = await link.claim_offer(code, request_id)
         except BaseException:
@@ -354,7 +430,7 @@ class Client:
 
     async def resume_claim(self, name: str, token: str) -> Incoming:
         """Come back to an offer this side claimed earlier, to finish receiving it."""
-        link = BrokerLink(self.broker, timeout=self.timeout)
+        link = self._link()
         link.token = token
         try:
             session = await link.get(name)
@@ -375,7 +451,10 @@ class Outgoing:
         sources: list[Path],
         identity: Identity,
         via: Via = "auto",
+        stamps: Sequence[SourceStamp] = (),
     ) -> None:
+        """``stamps``: each source as it was offered (see `SourceStamp`); keep them (as
+        ``stamp.to_text()``) to pass to `Client.resume_offer` after a crash."""
         _check_via(via)
         self.via = via
         self._link = link
@@ -385,6 +464,9 @@ class Outgoing:
         self.files = _files_of(session.manifest)
         self.total_size = sum(f.size for f in self.files)
         self._sources = sources
+        self.stamps = list(stamps)
+        if len(self.stamps) != len(sources):
+            raise ValueError("one stamp per source file is needed")
         self._identity = identity
         self._uploader: StoreUploader | None = None
         self._upload: asyncio.Task[None] | None = None
@@ -445,6 +527,7 @@ class Outgoing:
             self._link,
             self.name,
             self._sources,
+            self.stamps,
             self.session.manifest,
             asyncio.get_running_loop(),
         )
@@ -472,6 +555,7 @@ class Outgoing:
             self._link,
             self.name,
             self._sources,
+            self.stamps,
             self.session.manifest,
             asyncio.get_running_loop(),
         )
@@ -493,7 +577,11 @@ class Outgoing:
                 f"uploading to the object store failed: {exc}; run the same command again "
                 "to resume the upload"
             ) from exc
-        except (SourceChanged, ProtocolError, OSError) as exc:
+        except SourceChanged as exc:
+            reason = f"uploading failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise SourceChangedError(reason) from exc
+        except (ProtocolError, OSError) as exc:
             reason = f"uploading failed: {exc}"
             await self._link.report_failed(self.name, reason)
             raise TransferError(reason) from exc
@@ -526,10 +614,12 @@ class Outgoing:
 
     async def _transfer(self, on_event: EventHandler | None) -> TransferResult:
         sizes = [f.size for f in self.files]
-        mtimes = [
-            e.modify_time.seconds * 1_000_000_000 + e.modify_time.nanos
-            for e in self.session.manifest.files
-        ]
+        loop = asyncio.get_running_loop()
+
+        def paused(reason: str) -> None:  # called from a connection thread
+            if on_event is not None:
+                loop.call_soon_threadsafe(on_event, Paused(reason))
+
         send_session = SendSession(sizes, self.session.manifest.chunk_size_bytes)
         counter = SendCounter()
         started = time.monotonic()
@@ -542,6 +632,8 @@ class Outgoing:
         pump_task = asyncio.create_task(pump.run())
         served = 0
         try:
+            # Until the receiver's completion is on the broker: a receiver that said Done but
+            # died before reporting it reports it when it is run again (or asks for more).
             while True:
                 session = await self._next_attempt(served)
                 if session.state == State.STATE_COMPLETED:
@@ -552,11 +644,11 @@ class Outgoing:
                     self.name,
                     self._sources,
                     send_session,
-                    sizes,
-                    mtimes,
+                    self.stamps,
                     counter,
                     server_context(self._identity, der),
                     der,
+                    on_pause=paused,
                 )
                 ports = session.plan.listener_ports
                 try:
@@ -568,9 +660,12 @@ class Outgoing:
                     # No port to listen on: the object store is the only way left.
                     self._start_upload("cannot listen")
                     continue
-                if await self._serve(peer, served, session):
-                    break
-        except (ProtocolError, PeerAborted, SourceChanged, OSError) as exc:
+                await self._serve(peer, served, session)
+        except SourceChanged as exc:
+            reason = f"sending failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise SourceChangedError(reason) from exc
+        except (ProtocolError, PeerAborted, OSError) as exc:
             reason = f"sending failed: {exc}"
             await self._link.report_failed(self.name, reason)
             raise TransferError(reason) from exc
@@ -578,9 +673,6 @@ class Outgoing:
             pump_task.cancel()
             await asyncio.gather(pump_task, return_exceptions=True)
         seconds = time.monotonic() - started
-        final = await self._confirmed()
-        if final.state != State.STATE_COMPLETED:
-            raise TransferError(f"the receiver did not confirm completion ({_ended(final)})")
         # Chunks the receiver had from an earlier run were not read here: hash them now.
         await asyncio.to_thread(fill_digests, send_session, self._sources)
         digests = [send_session.digest(i) for i in range(len(self.files))]
@@ -601,24 +693,21 @@ class Outgoing:
             on_event(Completed(result))
         return result
 
-    async def _serve(self, peer: SendPeer, attempt: int, session: broker_pb2.Session) -> bool:
-        """Serve one attempt; True once the receiver said Done, False if the session moved.
+    async def _serve(self, peer: SendPeer, attempt: int, session: broker_pb2.Session) -> None:
+        """Serve one attempt, until the receiver says Done or the session moves on.
 
         With via="auto", if no receiver has connected by the plan's connect deadline, the
         upload to the object store starts in the background (the receiver switches to the
         store at that same deadline); this attempt keeps listening meanwhile.
         """
         cancel = threading.Event()
-        try:
+        with contextlib.suppress(PeerGone):
             await _in_thread_while(
                 functools.partial(peer.run, cancel),
                 cancel,
                 _follow(self._link, self.name, attempt, cancel, []),
                 self._fallback_at_deadline(peer, session),
             )
-        except PeerGone:
-            return False
-        return True
 
     async def _fallback_at_deadline(self, peer: SendPeer, session: broker_pb2.Session) -> None:
         if self.via != "auto" or self._upload is not None:
@@ -627,16 +716,6 @@ class Outgoing:
         await asyncio.sleep(max(deadline - time.time(), 0.0))
         if not peer.connected.is_set():
             self._start_upload("no direct connection by the deadline")
-
-    async def _confirmed(self) -> broker_pb2.Session:
-        """The session once the receiver has reported its outcome (or after a grace time)."""
-        last = self.session
-        with contextlib.suppress(BrokerError):
-            async for session in _watch(self._link, self.name, 60.0):
-                last = session
-                if session.state not in _LIVE:
-                    break
-        return last
 
 
 class Incoming:
@@ -667,13 +746,49 @@ class Incoming:
         """Release the broker connection."""
         await self._link.close()
 
+    def _sink(self, dest: Path, *, overwrite: bool = False) -> FileSink:
+        return FileSink(
+            dest,
+            [
+                SinkFile(
+                    PurePosixPath(f.path),
+                    f.size_bytes,
+                    f.mode,
+                    f.modify_time.seconds * 1_000_000_000 + f.modify_time.nanos,
+                )
+                for f in self.session.manifest.files
+            ],
+            self._tag,
+            overwrite=overwrite,
+        )
+
+    def _journal(self, dest: Path) -> Journal:
+        manifest = self.session.manifest
+        return Journal(
+            journal_path(dest, self.name),
+            manifest.chunk_size_bytes,
+            manifest_fingerprint(self.name, manifest.SerializeToString(deterministic=True)),
+        )
+
     def free_space(self, dest: Path) -> tuple[bool, int]:
-        """Whether ``dest`` has room for the whole offer, and how much is free."""
-        return free_space_ok(dest, self.total_size)
+        """Whether ``dest`` has room for what is still to come, and how much is free.
+
+        What an earlier run of this transfer already holds in ``dest`` counts as had.
+        """
+        return free_space_ok(dest, self._sink(dest).space_needed())
 
     async def decline(self, reason: str = "declined by the receiver") -> None:
         """Refuse the offer; the sender is told at once."""
-        await self._link.decline(self.name, reason)
+        try:
+            await self._link.decline(self.name, reason)
+        except BrokerError as exc:
+            if not (exc.retried and await self._now_in(State.STATE_DECLINED)):
+                raise
+
+    async def _now_in(self, state: int) -> bool:
+        """Whether the session is in ``state`` now (after a call whose answer was lost)."""
+        self.session = await self._link.get(self.name)
+        return self.session.state == state
 
     async def accept(
         self,
@@ -691,10 +806,18 @@ class Incoming:
         from the store instead (unless the broker has none). Either way, chunks verified
         earlier, by either path, are not fetched again.
 
-        What an earlier run of this transfer verified into ``dest`` is kept (its journal).
-        If the sender is unreachable for longer than the client's stall timeout this raises
-        TransferError and keeps the partial data hidden, so a rerun continues; any other
-        failure removes the partial data.
+        Before anything moves, every file's full size is reserved in ``dest`` (StorageFull if
+        it is not there; nothing is declined, so a rerun after freeing space continues).
+        What an earlier run of this transfer verified into ``dest`` is kept (its journal),
+        and so is everything verified here unless the session is over on the broker: a
+        sender silent for longer than the client's stall timeout, an unreachable broker, a
+        full disk all raise TransferError and keep the partial data hidden, so that running
+        the same command again continues. Only a session that ended on the broker (failed,
+        cancelled, expired) has its partial data deleted.
+
+        Completion is recorded in the journal (every file FINISHED) before it is reported,
+        and the journal is removed only once the broker has it: a receiver killed in
+        between reports it when run again, whatever attempt the session is in by then.
         """
         _check_via(via)
         dest = Path(dest)
@@ -704,73 +827,31 @@ class Incoming:
         chunk_size = manifest.chunk_size_bytes
         sizes = [f.size for f in self.files]
         file_chunks = [chunk_count(size, chunk_size) for size in sizes]
-        tag = self.name.rsplit("/", 1)[-1]
-        sink = FileSink(
-            dest,
-            [
-                SinkFile(
-                    PurePosixPath(f.path),
-                    f.size_bytes,
-                    f.mode,
-                    f.modify_time.seconds * 1_000_000_000 + f.modify_time.nanos,
-                )
-                for f in manifest.files
-            ],
-            tag,
-            overwrite=overwrite,
-        )
+        sink = self._sink(dest, overwrite=overwrite)
         dest.mkdir(parents=True, exist_ok=True)
-        journal = Journal(
-            dest / f".ferry-{tag[:12]}.journal",
-            chunk_size,
-            manifest_fingerprint(self.name, manifest.SerializeToString(deterministic=True)),
-        )
+        journal = self._journal(dest)
         if self.session.state in _FINAL:
+            found = await asyncio.to_thread(self._finished_earlier, sink, journal, file_chunks)
+            if found is not None:  # verified and in place before the session ended
+                journal.remove()
+                return self._emit_done(self._result_from(found, 0.0), on_event)
             # Over on the broker (failed, cancelled, expired...): drop what an earlier run kept.
             sink.discard_leftovers()
             journal.remove()
-            raise TransferError(f"that transfer is over ({_ended(self.session)})")
+            raise TransferOver(f"that transfer is over ({_ended(self.session)})")
         receive = ReceiveSession(sizes, chunk_size)
         # Refuses unsafe or clobbering names before consenting; restores an earlier run.
-        resume_from_journal(sink, journal, receive, file_chunks)
-        identity = Identity.generate()
-        me = self._client._peer_info(identity)
-        if self.accepted:
-            session = await self._link.resume(self.name, me)
-        else:
-            session = await self._link.accept(self.name, me)
-        started = time.monotonic()
-
-        async def report(done: int) -> None:
-            await self._link.report(self.name, State.STATE_TRANSFERRING, done)
-
-        pump = _Pump(self.total_size, on_event, lambda: receive.bytes_verified, report)
-        pump_task = asyncio.create_task(pump.run())
-        self._store_bytes = 0
         try:
-            if via == "store":
-                await self._from_store_only(session, receive, sink, journal)
-            else:
-                await self._attempts(session, identity, me, receive, sink, journal, via)
-        except StoreError as exc:  # a transient failure: keep what was verified
-            journal.close()
-            raise TransferError(
-                f"{exc}; the partial transfer is kept: run the same command again to resume"
-            ) from exc
-        except (TransferError, asyncio.CancelledError):
-            journal.close()
-            raise
-        except Exception as exc:
-            journal.remove()
-            sink.discard()
-            reason = f"receiving failed: {exc}"
-            await self._link.report_failed(self.name, reason)
-            raise TransferError(reason) from exc
-        finally:
-            pump_task.cancel()
-            await asyncio.gather(pump_task, return_exceptions=True)
-        journal.remove()
-        seconds = time.monotonic() - started
+            resume_from_journal(sink, journal, receive, file_chunks)
+        except StorageError as exc:
+            raise self._storage_failed(exc, dest) from exc
+        started = time.monotonic()
+        if not receive.done:
+            await self._reserve(sink, receive, journal, dest)
+            identity = Identity.generate()
+            me = self._client._peer_info(identity)
+            session = await self._accept_or_resume(me, identity)
+            await self._receive(session, identity, me, receive, sink, journal, via, on_event)
         result = TransferResult(
             session=self.name,
             files=[
@@ -780,7 +861,7 @@ class Incoming:
             bytes=self.total_size,
             bytes_transferred=receive.bytes_verified - receive.bytes_resumed,
             bytes_resumed=receive.bytes_resumed,
-            seconds=seconds,
+            seconds=time.monotonic() - started,
             chunks_retried=receive.retries,
             path=_path_of(
                 receive.bytes_verified - receive.bytes_resumed - self._store_bytes,
@@ -788,10 +869,158 @@ class Incoming:
                 "store" if via == "store" else "direct",
             ),
         )
-        await self._report_completed(receive.bytes_verified)
+        await self._confirm(receive.bytes_verified, journal, dest)
+        return self._emit_done(result, on_event)
+
+    async def _reserve(
+        self, sink: FileSink, receive: ReceiveSession, journal: Journal, dest: Path
+    ) -> None:
+        """Reserve the space still needed before consenting (or resuming)."""
+        confirmed = [i for i in range(len(self.files)) if receive.file_confirmed(i)]
+        try:
+            await asyncio.to_thread(sink.reserve, confirmed)
+        except StorageError as exc:
+            held = {i for i in range(len(self.files)) if receive.held(i)}
+            sink.release_reservations(held | set(confirmed))
+            if held or confirmed:
+                journal.close()
+            else:
+                journal.remove()  # nothing verified yet: leave nothing behind
+            raise self._storage_failed(exc, dest) from exc
+
+    async def _accept_or_resume(
+        self, me: broker_pb2.PeerInfo, identity: Identity
+    ) -> broker_pb2.Session:
+        if self.accepted:
+            return await self._link.resume(self.name, me)
+        try:
+            return await self._link.accept(self.name, me)
+        except BrokerError as exc:
+            # The broker may have taken our first try and died before answering it.
+            if not exc.retried or exc.reason != "ILLEGAL_TRANSITION":
+                raise
+            current = await self._link.get(self.name)
+            if current.receiver.certificate_der != identity.cert_der:
+                raise
+            return current
+
+    async def _receive(
+        self,
+        session: broker_pb2.Session,
+        identity: Identity,
+        me: broker_pb2.PeerInfo,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+        via: Via,
+        on_event: EventHandler | None,
+    ) -> None:
+        """Receive what is missing; on failure keep the data unless the session is over."""
+
+        async def report(done: int) -> None:
+            await self._link.report(self.name, State.STATE_TRANSFERRING, done)
+
+        pump = _Pump(self.total_size, on_event, lambda: receive.bytes_verified, report)
+        pump_task = asyncio.create_task(pump.run())
+        self._store_bytes = 0
+        kept = "the partial transfer is kept: run the same command again to resume"
+        try:
+            if via == "store":
+                await self._from_store_only(session, receive, sink, journal)
+            else:
+                await self._attempts(session, identity, me, receive, sink, journal, via)
+        except StorageError as exc:  # this side's disk: nothing is wrong with the session
+            journal.close()
+            raise self._storage_failed(exc, sink.dest) from exc
+        except (StoreError, BrokerError) as exc:  # transient: keep what was verified
+            journal.close()
+            raise TransferError(f"{exc}; {kept}") from exc
+        except (TransferError, asyncio.CancelledError):
+            journal.close()
+            raise
+        except TransferFailed as exc:  # the session is over on the broker
+            journal.remove()
+            sink.discard()
+            raise TransferOver(str(exc)) from exc
+        except Exception as exc:
+            reason = f"receiving failed: {exc}"
+            if await self._link.report_failed(self.name, reason):
+                journal.remove()
+                sink.discard()
+                raise TransferOver(reason) from exc
+            journal.close()  # the broker did not hear it: the session may yet continue
+            raise TransferError(f"{reason}; {kept}") from exc
+        finally:
+            pump_task.cancel()
+            await asyncio.gather(pump_task, return_exceptions=True)
+
+    def _storage_failed(self, exc: StorageError, dest: Path) -> TransferError:
+        where = escape_name(str(dest))
+        if exc.full:
+            return StorageFull(
+                f"not enough space in {where} ({exc}); what was received is kept: free some "
+                "space and run the same command again"
+            )
+        return TransferError(
+            f"writing to {where} failed ({exc}); what was received is kept: run the same "
+            "command again once it is fixed"
+        )
+
+    async def _confirm(self, done: int, journal: Journal, dest: Path) -> None:
+        """Tell the broker that every file is verified and in place; then drop the journal.
+
+        Waits for a restarting broker (the link's patience). A broker that never answers
+        leaves the journal, so the next run reports it; a session that ended meanwhile
+        (expired, cancelled) changes nothing here: the files are verified and in place.
+        """
+        try:
+            await self._link.report(self.name, State.STATE_COMPLETED, done)
+        except BrokerError as exc:
+            if exc.reason != "ILLEGAL_TRANSITION":
+                journal.close()
+                raise TransferError(
+                    f"every file is verified and in {escape_name(str(dest))}, but the broker "
+                    f"was not told ({exc}): run the same command again to tell the sender"
+                ) from exc
+        journal.remove()
+
+    def _emit_done(self, result: TransferResult, on_event: EventHandler | None) -> TransferResult:
         if on_event is not None:
             on_event(Completed(result))
         return result
+
+    @property
+    def _tag(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+    def _finished_earlier(
+        self, sink: FileSink, journal: Journal, file_chunks: list[int]
+    ) -> list[bytes] | None:
+        """Each file's digest, if an earlier run's journal says every file is in place."""
+        found = journal.read(file_chunks)
+        if len(found.finished) != len(self.files) or not all(
+            sink.final_ok(i) for i in range(len(self.files))
+        ):
+            return None
+        digests: list[list[bytes]] = [[b""] * n for n in file_chunks]
+        for (f, c), d in found.sure.items():
+            digests[f][c] = d
+        if any(b"" in chunks for chunks in digests):
+            return None
+        return [file_digest(chunks) for chunks in digests]
+
+    def _result_from(self, digests: Sequence[bytes], seconds: float) -> TransferResult:
+        return TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, d.hex())
+                for f, d in zip(self.files, digests, strict=True)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=0,
+            bytes_resumed=self.total_size,
+            seconds=seconds,
+        )
 
     async def _completed_earlier(self, dest: Path, on_event: EventHandler | None) -> TransferResult:
         """This transfer completed in an earlier run (killed before it could say so)."""
@@ -807,20 +1036,8 @@ class Incoming:
                 )
             paths.append(path)
         digests = await asyncio.to_thread(lambda: [digest_file(p, chunk_size) for p in paths])
-        result = TransferResult(
-            session=self.name,
-            files=[
-                FileResult(f.path, f.size, d.hex())
-                for f, d in zip(self.files, digests, strict=True)
-            ],
-            bytes=self.total_size,
-            bytes_transferred=0,
-            bytes_resumed=self.total_size,
-            seconds=time.monotonic() - started,
-        )
-        if on_event is not None:
-            on_event(Completed(result))
-        return result
+        self._journal(dest).remove()  # the broker has the completion: no longer needed
+        return self._emit_done(self._result_from(digests, time.monotonic() - started), on_event)
 
     async def _attempts(
         self,
@@ -861,8 +1078,12 @@ class Incoming:
             )
             plan = session.plan
             ports = range(plan.listener_ports.first_port, plan.listener_ports.last_port + 1)
-            deadline = time.monotonic() + max(
-                plan.connect_deadline.ToDatetime().timestamp() - time.time(), 1.0
+            # Dial until the plan's deadline, but never past the stall timeout: a sender that
+            # is gone is given up on after --stall-timeout, not that plus the connect time.
+            deadline = min(
+                time.monotonic()
+                + max(plan.connect_deadline.ToDatetime().timestamp() - time.time(), 1.0),
+                max(since + patience, time.monotonic() + 1.0),
             )
             with contextlib.suppress(BrokerError):
                 await self._link.report(self.name, State.STATE_CONNECTING, receive.bytes_verified)
@@ -968,17 +1189,23 @@ class Incoming:
             self._stream_id = downloader.next_stream_id
             self._store_bytes += downloader.bytes_downloaded
 
-    async def _report_completed(self, done: int) -> None:
-        """Tell the broker, retrying while it restarts (bounded): the sender waits for it."""
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                await self._link.report(self.name, State.STATE_COMPLETED, done)
-                return
-            except BrokerError as exc:
-                if exc.code not in _RESUBSCRIBE or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.5)
+
+def remove_partial(dest: Path | str, session: str, paths: Sequence[str]) -> None:
+    """Delete what an unfinished receive of ``session`` into ``dest`` left there: its journal
+    and its hidden partial copies of ``paths`` (relative paths as in the manifest). Paths
+    that are unsafe, or lead outside ``dest``, are skipped; nothing else is touched."""
+    dest = Path(dest)
+    for rel in paths:
+        try:
+            temp = part_name(
+                resolve_destination(dest, PurePosixPath(rel)), session.rsplit("/", 1)[-1]
+            )
+            if stat.S_ISREG(os.lstat(temp).st_mode):
+                os.unlink(temp)
+        except (OSError, ValueError):
+            continue
+    with contextlib.suppress(OSError):
+        Journal(journal_path(dest, session), 1, b"").remove()
 
 
 class TransferFailed(Exception):

@@ -3,11 +3,20 @@
 Every call has a deadline. Calls after CreateOffer/ClaimOffer carry the party token as
 `authorization: Bearer ...` metadata. Failures become `BrokerError` with the gRPC status
 code and the broker's machine-readable reason (google.rpc.ErrorInfo).
+
+A broker that is restarting, moving or overloaded is not an answer: a call that finds it
+unreachable (UNAVAILABLE) or too slow (DEADLINE_EXCEEDED) is tried again, backing off from
+0.2 s to 5 s between tries, for up to ``patience`` seconds in all (default 300, the CLI's
+``--broker-wait``); ``on_wait`` hears about it once per call that has to wait. Every call is
+safe to repeat: offers and claims carry a request id, completion and progress reports are
+idempotent, and the callers of accept, decline and cancel recognize their own earlier
+success (`BrokerError.retried`). Only progress reports fail fast: the next one follows soon.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -21,23 +30,43 @@ from ferry.v1 import broker_pb2, broker_pb2_grpc
 __all__ = ["BrokerError", "BrokerLink"]
 
 DEFAULT_TIMEOUT = 10.0
+#: How long a call keeps trying a broker that does not answer, in all.
+DEFAULT_PATIENCE = 300.0
 COMPLETE_TIMEOUT = 120.0
+_FIRST_PAUSE = 0.2
+_LONGEST_PAUSE = 5.0
+#: Codes that say nothing about the call itself: the broker was not there, or not in time.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _Response = TypeVar("_Response")
 
 
 class BrokerError(Exception):
-    """The broker refused a call, or could not be reached."""
+    """The broker refused a call, or could not be reached.
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
+    ``retried``: the call was sent more than once (an earlier try may have taken effect
+    without its answer arriving).
+    """
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, reason: str = "", *, retried: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.retried = retried
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the broker did not answer at all (down, moved, or too slow)."""
+        return self.code in TRANSIENT and not self.reason
 
     def __str__(self) -> str:
         return str(self.args[0])
 
     @classmethod
-    def from_rpc(cls, err: grpc.aio.AioRpcError, what: str) -> BrokerError:
+    def from_rpc(
+        cls, err: grpc.aio.AioRpcError, what: str, *, retried: bool = False
+    ) -> BrokerError:
         """Translate a failed call, keeping its ErrorInfo reason."""
         reason = ""
         status = rpc_status.from_call(err)
@@ -49,16 +78,30 @@ class BrokerError(Exception):
                     reason = info.reason
         code = err.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
-            return cls(code, f"{what}: the broker cannot be reached ({err.details()})", reason)
-        return cls(code, f"{what}: {err.details()}", reason)
+            return cls(
+                code,
+                f"{what}: the broker cannot be reached ({err.details()})",
+                reason,
+                retried=retried,
+            )
+        return cls(code, f"{what}: {err.details()}", reason, retried=retried)
 
 
 class BrokerLink:
     """One channel to the broker, and the party token once the client has one."""
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        patience: float = DEFAULT_PATIENCE,
+        on_wait: Callable[[BrokerError], None] | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self.patience = patience
+        self.on_wait = on_wait
         self._channel = grpc.aio.insecure_channel(
             address,
             options=[
@@ -86,59 +129,81 @@ class BrokerLink:
         request: object,
         what: str,
         *,
-        ready: bool = False,
+        patient: bool = True,
         deadline: float | None = None,
     ) -> _Response:
         """One unary call: deadline, auth metadata, and failures as BrokerError.
 
-        ``ready`` waits (within the deadline) for a broker that is restarting before sending;
-        nothing is ever sent twice. Only progress reports, which are best effort and frequent,
-        fail fast instead.
+        ``patient`` calls try again while the broker is unreachable or too slow, up to
+        ``patience`` seconds in all: the first try fails fast on a broker that is down (so
+        that ``on_wait`` can say so at once), later ones wait for it to come back within
+        their deadline. The others make one fail-fast try.
         """
-        try:
-            return await rpc(
-                request,
-                timeout=deadline or self.timeout,
-                metadata=self._meta(),
-                wait_for_ready=ready,
-            )
-        except grpc.aio.AioRpcError as err:
-            raise BrokerError.from_rpc(err, what) from None
+        give_up = time.monotonic() + (self.patience if patient else 0.0)
+        pause = _FIRST_PAUSE
+        tries = 0
+        while True:
+            tries += 1
+            timeout = deadline or self.timeout
+            if tries > 1:
+                timeout = min(timeout, max(give_up - time.monotonic(), 1.0))
+            try:
+                return await rpc(
+                    request,
+                    timeout=timeout,
+                    metadata=self._meta(),
+                    wait_for_ready=patient and tries > 1,
+                )
+            except grpc.aio.AioRpcError as err:
+                error = BrokerError.from_rpc(err, what, retried=tries > 1)
+                if error.code not in TRANSIENT or time.monotonic() + pause > give_up:
+                    raise error from None
+            if tries == 1 and self.on_wait is not None:
+                self.on_wait(error)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _LONGEST_PAUSE)
+
+    async def broker_id(self) -> str:
+        """GetBrokerInfo: the broker's stable id (the same at any address, new if its state
+        was lost)."""
+        request = broker_pb2.GetBrokerInfoRequest()
+        response = await self._call(self._stub.GetBrokerInfo, request, "broker info")
+        return response.broker_id
 
     async def create_offer(
         self, request: broker_pb2.CreateOfferRequest
     ) -> broker_pb2.CreateOfferResponse:
         """CreateOffer; keeps the sender's token."""
-        response = await self._call(self._stub.CreateOffer, request, "offer", ready=True)
+        response = await self._call(self._stub.CreateOffer, request, "offer")
         self.token = response.party_token
         return response
 
     async def claim_offer(self, code: str, request_id: str = "") -> broker_pb2.ClaimOfferResponse:
         """ClaimOffer; keeps the receiver's token."""
         request = broker_pb2.ClaimOfferRequest(code=code, request_id=request_id)
-        response = await self._call(self._stub.ClaimOffer, request, "code", ready=True)
+        response = await self._call(self._stub.ClaimOffer, request, "code")
         self.token = response.party_token
         return response
 
     async def accept(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
         """AcceptOffer."""
         request = broker_pb2.AcceptOfferRequest(name=name, receiver=me)
-        return (await self._call(self._stub.AcceptOffer, request, "accept", ready=True)).session
+        return (await self._call(self._stub.AcceptOffer, request, "accept")).session
 
     async def decline(self, name: str, reason: str) -> broker_pb2.Session:
         """DeclineOffer."""
         request = broker_pb2.DeclineOfferRequest(name=name, reason=reason)
-        return (await self._call(self._stub.DeclineOffer, request, "decline", ready=True)).session
+        return (await self._call(self._stub.DeclineOffer, request, "decline")).session
 
     async def cancel(self, name: str, reason: str) -> broker_pb2.Session:
         """CancelSession."""
         request = broker_pb2.CancelSessionRequest(name=name, reason=reason)
-        return (await self._call(self._stub.CancelSession, request, "cancel", ready=True)).session
+        return (await self._call(self._stub.CancelSession, request, "cancel")).session
 
     async def get(self, name: str) -> broker_pb2.Session:
         """GetSession."""
         request = broker_pb2.GetSessionRequest(name=name)
-        return (await self._call(self._stub.GetSession, request, "status", ready=True)).session
+        return (await self._call(self._stub.GetSession, request, "status")).session
 
     async def report(
         self, name: str, state: int, bytes_done: int, failure_reason: str = ""
@@ -150,18 +215,28 @@ class BrokerLink:
             bytes_done=bytes_done,
             failure_reason=failure_reason[:1000],
         )
-        return (await self._call(self._stub.ReportProgress, request, "report")).session
+        patient = state == broker_pb2.Session.STATE_COMPLETED
+        call = self._stub.ReportProgress
+        return (await self._call(call, request, "report", patient=patient)).session
 
-    async def report_failed(self, name: str, reason: str) -> None:
-        """Tell the broker this side failed, best effort: the failure being reported already
-        says what went wrong, and the broker may be the part that is gone."""
-        with contextlib.suppress(BrokerError):
-            await self.report(name, broker_pb2.Session.STATE_FAILED, 0, reason)
+    async def report_failed(self, name: str, reason: str) -> bool:
+        """Tell the broker this side failed, best effort (one try): the failure being reported
+        already says what went wrong, and the broker may be the part that is gone. True if
+        the session is now over on the broker (failed by this report, or final already)."""
+        request = broker_pb2.ReportProgressRequest(
+            name=name, state=broker_pb2.Session.STATE_FAILED, failure_reason=reason[:1000]
+        )
+        try:
+            await self._call(self._stub.ReportProgress, request, "report", patient=False)
+        except BrokerError as exc:
+            # Refused as illegal: the session is final already (nothing else refuses FAILED).
+            return exc.reason == "ILLEGAL_TRANSITION"
+        return True
 
     async def resume(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
         """ResumeSession: come back with new connection details; a new attempt."""
         request = broker_pb2.ResumeSessionRequest(name=name, peer=me)
-        return (await self._call(self._stub.ResumeSession, request, "resume", ready=True)).session
+        return (await self._call(self._stub.ResumeSession, request, "resume")).session
 
     async def watch(self, name: str, seconds: float) -> AsyncIterator[broker_pb2.Session]:
         """WatchSession: the session now, then after every change, for at most ``seconds``."""
@@ -183,7 +258,7 @@ class BrokerLink:
     ) -> broker_pb2.StartStoreUploadResponse:
         """StartStoreUpload (sender)."""
         request = broker_pb2.StartStoreUploadRequest(name=name, file_index=file_index)
-        return await self._call(self._stub.StartStoreUpload, request, "store upload", ready=True)
+        return await self._call(self._stub.StartStoreUpload, request, "store upload")
 
     async def presign_store_parts(
         self, name: str, file_index: int, part_numbers: list[int], include_digests: bool
@@ -195,14 +270,14 @@ class BrokerLink:
             part_numbers=part_numbers,
             include_digests=include_digests,
         )
-        return await self._call(self._stub.PresignStoreParts, request, "store upload", ready=True)
+        return await self._call(self._stub.PresignStoreParts, request, "store upload")
 
     async def list_store_parts(
         self, name: str, file_index: int
     ) -> broker_pb2.ListStorePartsResponse:
         """ListStoreParts (sender)."""
         request = broker_pb2.ListStorePartsRequest(name=name, file_index=file_index)
-        return await self._call(self._stub.ListStoreParts, request, "store upload", ready=True)
+        return await self._call(self._stub.ListStoreParts, request, "store upload")
 
     async def complete_store_upload(
         self, name: str, file_index: int, parts: Sequence[broker_pb2.StoredPart] = ()
@@ -216,7 +291,6 @@ class BrokerLink:
             self._stub.CompleteStoreUpload,
             request,
             "store upload",
-            ready=True,
             deadline=max(self.timeout, COMPLETE_TIMEOUT),
         )
 
@@ -225,6 +299,4 @@ class BrokerLink:
     ) -> broker_pb2.PresignStoreDownloadResponse:
         """PresignStoreDownload (receiver)."""
         request = broker_pb2.PresignStoreDownloadRequest(name=name, file_index=file_index)
-        return await self._call(
-            self._stub.PresignStoreDownload, request, "store download", ready=True
-        )
+        return await self._call(self._stub.PresignStoreDownload, request, "store download")

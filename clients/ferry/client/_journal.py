@@ -9,11 +9,13 @@ once every file of the transfer is in place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from ferry.client._sink import StorageError
 from ferry.protocol.journal import (
     JournalMismatch,
     Recovered,
@@ -24,7 +26,12 @@ from ferry.protocol.journal import (
     synced_record,
 )
 
-__all__ = ["Journal"]
+__all__ = ["Journal", "journal_path"]
+
+
+def journal_path(dest: Path, session_name: str) -> Path:
+    """Where the journal of the session ``sessions/{id}`` receiving into ``dest`` lives."""
+    return dest / f".ferry-{session_name.rsplit('/', 1)[-1][:12]}.journal"
 
 
 class Journal:
@@ -57,6 +64,12 @@ class Journal:
 
     def start(self, known: Recovered) -> None:
         """Write a compact journal of what is known to be good, durably, and open it."""
+        try:
+            self._start(known)
+        except OSError as exc:
+            raise StorageError("writing the resume journal failed", exc) from exc
+
+    def _start(self, known: Recovered) -> None:
         body = b"".join([header_record(self.chunk_size, self.fingerprint), *known.records()])
         body += synced_record(len(body))
         temp = self.path.with_name(self.path.name + ".new")
@@ -73,7 +86,10 @@ class Journal:
 
     def _append(self, record: bytes) -> None:
         with self._lock:
-            os.write(self._fd, record)
+            try:
+                os.write(self._fd, record)
+            except OSError as exc:
+                raise StorageError("writing the resume journal failed", exc) from exc
             self._size += len(record)
 
     def chunk(self, file_index: int, chunk_index: int, digest: bytes) -> None:
@@ -85,15 +101,24 @@ class Journal:
         with self._lock:
             upto = self._size
         for fd in data_fds:
-            with contextlib.suppress(OSError):  # a file finished meanwhile is synced already
+            try:
                 os.fdatasync(fd)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:  # a file finished meanwhile is synced already
+                    raise StorageError("syncing received data failed", exc) from exc
         self._append(synced_record(upto))
-        os.fsync(self._fd)
+        self._fsync()
 
     def finished(self, file_index: int) -> None:
         """Record, durably, that a file is in place."""
         self._append(finished_record(file_index))
-        os.fsync(self._fd)
+        self._fsync()
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise StorageError("syncing the resume journal failed", exc) from exc
 
     def close(self) -> None:
         """Close the file (kept for the next run)."""
@@ -102,10 +127,11 @@ class Journal:
             self._fd = -1
 
     def remove(self) -> None:
-        """Close and delete: the transfer is complete."""
+        """Close and delete (with a rewrite a kill left half done): the transfer is over."""
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        for path in (self.path, self.path.with_name(self.path.name + ".new")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         _fsync_dir(self.path.parent)
 
 

@@ -10,7 +10,8 @@ once it holds the whole file. A stream that breaks gives its chunks back to the 
 One `ReceivePeer` is one connection attempt; the `ReceiveSession`, the sink and the
 journal outlive it, so a new attempt (after a restart or a lost connection) asks only
 for what is still missing. `PeerGone` means "try again later"; a `ProtocolError` or
-`PeerAborted` is final.
+`PeerAborted` is final; a `StorageError` (this side's disk) keeps what was verified and
+tells the sender, with a retryable Abort, to wait for this side's rerun.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ferry.client._journal import Journal
-from ferry.client._sink import FileSink
+from ferry.client._sink import FileSink, StorageError
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
 from ferry.protocol import (
@@ -34,6 +35,7 @@ from ferry.protocol import (
     ReceiveSession,
     RemoteProtocolError,
     abort,
+    aborted,
     check_hello,
     chunk_digest,
     done,
@@ -200,8 +202,11 @@ class ReceivePeer:
         while alive := [t for t in threads if t.is_alive()]:
             alive[0].join(timeout=0.2)
             now = time.monotonic()
-            if self.journal is not None and now - synced >= _SYNC_INTERVAL:
-                self.journal.sync(self.sink.open_fds())
+            if self.journal is not None and now - synced >= _SYNC_INTERVAL and self.error is None:
+                try:
+                    self.journal.sync(self.sink.open_fds())
+                except StorageError as exc:
+                    self._fail(exc)
                 synced = now
             if cancel.is_set():
                 self._fail(PeerGone("cancelled"))
@@ -217,10 +222,13 @@ class ReceivePeer:
             conns = list(self._conns.values())
             self._wake.notify_all()
         final = not isinstance(exc, PeerGone)
+        # A full disk is this side's trouble: the sender should wait for our rerun, not fail.
+        retryable = isinstance(exc, StorageError)
+        reason = f"the receiver's destination: {exc}" if retryable else str(exc)
         for conn in conns:
             if final:
                 with contextlib.suppress(PeerGone, ProtocolError):
-                    conn.send(abort(str(exc)))
+                    conn.send(abort(reason, retryable=retryable))
             conn.close()
 
     def _stream(
@@ -236,7 +244,7 @@ class ReceivePeer:
                 self._wake.notify_all()
             if not alive and not self.session.done and self.error is None:
                 self._fail(exc)
-        except (ProtocolError, PeerAborted, OSError) as exc:
+        except (ProtocolError, PeerAborted, StorageError, OSError) as exc:
             self._fail(exc)
         finally:
             with self._lock:
@@ -300,7 +308,7 @@ class ReceivePeer:
                 with self._lock:
                     self._wake.notify_all()
             elif kind == "abort":
-                raise PeerAborted(message.abort.reason or "the sender gave up")
+                raise aborted(message.abort, "the sender gave up")
             else:
                 raise RemoteProtocolError(f"unexpected {kind} from the sender")
         with contextlib.suppress(PeerGone):

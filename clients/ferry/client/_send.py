@@ -14,12 +14,12 @@ import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
-from ferry.files import escape_name
+from ferry.files import SourceStamp, escape_name
 from ferry.protocol import (
     ChunkStart,
     ChunkWork,
@@ -28,6 +28,7 @@ from ferry.protocol import (
     RemoteProtocolError,
     SendSession,
     abort,
+    aborted,
     check_hello,
     chunk_digest,
     encode_chunk_head,
@@ -37,7 +38,14 @@ from ferry.protocol import (
 from ferry.protocol.frames import CHUNK_HEAD_SIZE, HEADER_SIZE
 from ferry.v1 import peer_pb2
 
-__all__ = ["SendCounter", "SendPeer", "SourceChanged", "digest_file", "fill_digests"]
+__all__ = [
+    "SendCounter",
+    "SendPeer",
+    "SourceChanged",
+    "check_unchanged",
+    "digest_file",
+    "fill_digests",
+]
 
 _HEAD = HEADER_SIZE + CHUNK_HEAD_SIZE
 _ACCEPT_POLL = 0.2
@@ -66,16 +74,17 @@ class SendPeer:
         name: str,
         sources: Sequence[Path],
         session: SendSession,
-        sizes: Sequence[int],
-        mtimes_ns: Sequence[int],
+        stamps: Sequence[SourceStamp],
         counter: SendCounter,
         context: ssl.SSLContext,
         peer_der: bytes,
+        on_pause: Callable[[str], None] | None = None,
     ) -> None:
         self.session_name = name
         self.sources = list(sources)
-        self.sizes = list(sizes)
-        self.mtimes_ns = list(mtimes_ns)
+        self.stamps = list(stamps)
+        self.sizes = [stamp.size for stamp in self.stamps]
+        self.on_pause = on_pause
         self.chunk_size = session.chunk_size
         self.context = context
         self.peer_der = peer_der
@@ -166,7 +175,12 @@ class SendPeer:
             self._converse(conn)
         except PeerGone:
             pass  # the receiver re-requests this stream's chunks on its other streams
-        except (ProtocolError, PeerAborted, SourceChanged, OSError) as exc:
+        except PeerAborted as exc:
+            if not exc.retryable:
+                self.error = exc
+            elif self.on_pause is not None:  # it keeps its data and comes back: wait for it
+                self.on_pause(str(exc))
+        except (ProtocolError, SourceChanged, OSError) as exc:
             if not self.finished.is_set():
                 self.error = exc
                 with contextlib.suppress(PeerGone, ProtocolError):
@@ -199,7 +213,7 @@ class SendPeer:
                     self.finished.set()
                     return
                 elif kind == "abort":
-                    raise PeerAborted(message.abort.reason or "the receiver gave up")
+                    raise aborted(message.abort, "the receiver gave up")
                 else:
                     raise RemoteProtocolError(f"unexpected {kind} from the receiver")
                 continue
@@ -259,11 +273,13 @@ class SendPeer:
         return message
 
     def _check_unchanged(self, index: int, fd: int) -> None:
-        st = os.fstat(fd)
-        if st.st_size != self.sizes[index] or st.st_mtime_ns != self.mtimes_ns[index]:
-            raise SourceChanged(
-                f"{escape_name(str(self.sources[index]))} changed since it was offered"
-            )
+        check_unchanged(self.sources[index], self.stamps[index], fd)
+
+
+def check_unchanged(source: Path, stamp: SourceStamp, fd: int) -> None:
+    """Raise SourceChanged unless the open file ``fd`` is still the version offered."""
+    if not stamp.matches(os.fstat(fd)):
+        raise SourceChanged(f"{escape_name(str(source))} changed since it was offered")
 
 
 def digest_file(path: Path, chunk_size: int) -> bytes:

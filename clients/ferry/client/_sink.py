@@ -6,11 +6,18 @@ whole-file digest matched the verified chunks is the file fsynced, given its mod
 mtime, and linked to its final name (never replacing an existing file unless overwrite
 was asked). Every path goes through `ferry.files` sanitizing first: nothing is written
 outside the destination or through a symlink.
+
+At consent, `reserve` allocates every file's full size (posix_fallocate), so that a disk
+that fills up meanwhile fails the transfer before it starts rather than half way; where
+the file system cannot allocate ahead, the files stay sparse. A write that fails anyway
+(a full disk, a quota, an I/O error) raises `StorageError`: the receiver's fault, not the
+sender's, and nothing verified so far is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -27,7 +34,27 @@ from ferry.files import (
 from ferry.files.paths import DestinationExistsError
 from ferry.protocol import ReceiveSession
 
-__all__ = ["FileSink", "SinkFile"]
+__all__ = ["FileSink", "SinkFile", "StorageError", "part_name"]
+
+#: posix_fallocate's answers on a file system that cannot allocate ahead (the file stays sparse).
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
+
+
+class StorageError(Exception):
+    """Writing to the destination failed: a full disk, a quota, an I/O error.
+
+    Local to the receiver: the verified data is kept, and a rerun continues once the cause is
+    gone. ``full`` says whether it was space (ENOSPC, EDQUOT).
+    """
+
+    def __init__(self, what: str, exc: OSError) -> None:
+        super().__init__(f"{what}: {exc.strerror or exc}")
+        self.errno = exc.errno
+
+    @property
+    def full(self) -> bool:
+        """Whether the destination ran out of space (or quota)."""
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,11 @@ class SinkFile:
     size: int
     mode: int
     mtime_ns: int
+
+
+def part_name(final: Path, session_id: str) -> Path:
+    """The hidden temporary file beside ``final`` for the session ``session_id``."""
+    return final.with_name(f".{final.name}.{session_id[:12]}.ferry-part")
 
 
 class FileSink:
@@ -81,7 +113,7 @@ class FileSink:
         """Whether file ``index`` has a temporary file from an earlier run."""
         try:
             final = resolve_destination(self.dest, self.files[index].rel)
-            st = os.lstat(final.with_name(f".{final.name}.{self._tag}.ferry-part"))
+            st = os.lstat(part_name(final, self._tag))
         except (OSError, ValueError):
             return False
         return stat.S_ISREG(st.st_mode)
@@ -108,13 +140,19 @@ class FileSink:
         """The hidden temporary file of file ``index``."""
         final = self._final[index]
         assert final is not None, "prepare() first"
-        return final.with_name(f".{final.name}.{self._tag}.ferry-part")
+        return part_name(final, self._tag)
 
     def fd(self, index: int) -> int:
         """The temporary file's descriptor, created on first use."""
         fd = self._fds.get(index)
         if fd is not None:
             return fd
+        try:
+            return self._open(index)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.files[index].rel}", exc) from exc
+
+    def _open(self, index: int) -> int:
         with self._lock:
             fd = self._fds.get(index)
             if fd is None:
@@ -130,15 +168,71 @@ class FileSink:
                 self._fds[index] = fd
             return fd
 
+    def reserve(self, skip: Iterable[int] = ()) -> None:
+        """Allocate every file's full size on disk now (those not in ``skip``).
+
+        Raises StorageError(full) when the space is not there; what an earlier run verified
+        into a temporary file is kept either way.
+        """
+        done = set(skip)
+        for index, f in enumerate(self.files):
+            if index in done or f.size == 0:
+                continue
+            fd = self.fd(index)
+            try:
+                os.posix_fallocate(fd, 0, f.size)
+            except OSError as exc:
+                if exc.errno in _NO_FALLOCATE:
+                    continue
+                raise StorageError(f"cannot reserve {f.size} bytes for {f.rel}", exc) from exc
+
+    def release_reservations(self, keep: Iterable[int]) -> None:
+        """Delete the temporary files of files outside ``keep`` (they hold no verified data
+        yet, only reserved space)."""
+        held = set(keep)
+        with self._lock:
+            for index in [i for i in self._fds if i not in held]:
+                with contextlib.suppress(OSError):
+                    os.close(self._fds.pop(index))
+                with contextlib.suppress(OSError):
+                    os.unlink(self._temps.pop(index))
+
+    def space_needed(self) -> int:
+        """Bytes the destination still has to find: each file's size less what its
+        temporary file (from an earlier run) already holds on disk."""
+        needed = 0
+        for f in self.files:
+            held = 0
+            try:
+                final = resolve_destination(self.dest, f.rel)
+                st = os.lstat(part_name(final, self._tag))
+                if stat.S_ISREG(st.st_mode):
+                    held = st.st_blocks * 512
+            except (OSError, ValueError):
+                pass
+            needed += max(0, f.size - held)
+        return needed
+
     def write(self, index: int, offset: int, data: memoryview) -> None:
         """Write verified bytes at their offset."""
         fd = self.fd(index)
-        while data:
-            n = os.pwrite(fd, data, offset)
-            data, offset = data[n:], offset + n
+        try:
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as exc:
+            raise StorageError(f"writing {self.files[index].rel} failed", exc) from exc
 
     def finish(self, index: int) -> Path:
         """Make a verified file durable and move it into place; return its final path."""
+        try:
+            return self._finish(index)
+        except DestinationExistsError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"putting {self.files[index].rel} in place failed", exc) from exc
+
+    def _finish(self, index: int) -> Path:
         fd = self.fd(index)
         f = self.files[index]
         os.fsync(fd)
@@ -171,7 +265,7 @@ class FileSink:
                 final = resolve_destination(self.dest, f.rel)
             except (OSError, ValueError):
                 continue
-            temp = final.with_name(f".{final.name}.{self._tag}.ferry-part")
+            temp = part_name(final, self._tag)
             with contextlib.suppress(OSError):
                 if stat.S_ISREG(os.lstat(temp).st_mode):
                     os.unlink(temp)

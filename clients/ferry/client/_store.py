@@ -41,11 +41,11 @@ import grpc
 if TYPE_CHECKING:  # imported where used: urllib3 costs ~25 ms, which direct transfers skip
     import urllib3
 
-from ferry.client._broker import BrokerError, BrokerLink
+from ferry.client._broker import COMPLETE_TIMEOUT, BrokerError, BrokerLink
 from ferry.client._journal import Journal
-from ferry.client._send import SourceChanged
+from ferry.client._send import SourceChanged, check_unchanged
 from ferry.client._sink import FileSink
-from ferry.files import escape_name
+from ferry.files import SourceStamp, escape_name
 from ferry.protocol import (
     FILE_DIGEST_ALGORITHM,
     ChunkStart,
@@ -70,6 +70,7 @@ _PRESIGN_BATCH = 1000
 _RETRIES = 6  # with the backoff below: about 7 s of patience per request
 _RENEW_MARGIN = 60.0
 _SYNC_INTERVAL = 0.5
+_BRIDGE_POLL = 0.5
 _CONNECT_TIMEOUT = 10.0
 _READ_TIMEOUT = 60.0
 
@@ -140,11 +141,29 @@ def _request(
 
 
 class _Bridge:
-    """Runs broker calls on the event loop from the data-path threads."""
+    """Runs broker calls on the event loop from the data-path threads.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    A call may wait as long as the link's patience (a restarting broker) plus its longest
+    deadline; ``stop``, once set, abandons the wait at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, link: BrokerLink) -> None:
         self.loop = loop
-        self.timeout = timeout
+        self.timeout = link.patience + max(link.timeout, COMPLETE_TIMEOUT) + 5
+        self.stop: threading.Event | None = None
+
+    def _result(self, future: concurrent.futures.Future[T]) -> T:
+        give_up = time.monotonic() + self.timeout
+        while True:
+            try:
+                return future.result(_BRIDGE_POLL)
+            except concurrent.futures.TimeoutError:
+                if self.stop is not None and self.stop.is_set():
+                    future.cancel()
+                    raise StoreError("cancelled") from None
+                if time.monotonic() > give_up:
+                    future.cancel()
+                    raise StoreError("the broker did not answer in time") from None
 
     def call(self, make: Callable[[], Awaitable[T]]) -> T:
         async def run() -> T:
@@ -152,16 +171,13 @@ class _Bridge:
 
         future = asyncio.run_coroutine_threadsafe(run(), self.loop)
         try:
-            return future.result(self.timeout)
+            return self._result(future)
         except BrokerError as exc:
             if exc.reason == "STORE_UNAVAILABLE":
                 raise StoreUnavailable(str(exc)) from None
             if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise StoreError(str(exc)) from None
             raise
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise StoreError("the broker did not answer in time") from None
 
 
 def _expire_s(ts: Any) -> float:
@@ -179,6 +195,7 @@ class StoreUploader:
         link: BrokerLink,
         name: str,
         sources: Sequence[Path],
+        stamps: Sequence[SourceStamp],
         manifest: broker_pb2.Manifest,
         loop: asyncio.AbstractEventLoop,
         *,
@@ -187,10 +204,11 @@ class StoreUploader:
         self.link = link
         self.name = name
         self.sources = list(sources)
+        self.stamps = list(stamps)
         self.entries = list(manifest.files)
         self.chunk_size = manifest.chunk_size_bytes
         self.window = max(1, window)
-        self.bridge = _Bridge(loop, link.timeout + 5)
+        self.bridge = _Bridge(loop, link)
         self.bytes_uploaded = 0  # part bytes PUT by this run
         self.bytes_stored = 0  # part bytes known to be in the store (PUT now or before)
         self.digests: list[bytes] = [b""] * len(self.entries)  # whole-file digests
@@ -199,6 +217,7 @@ class StoreUploader:
 
     def run(self, cancel: threading.Event) -> None:
         """Upload every file not stored yet; return once all are completed."""
+        self.bridge.stop = cancel
         try:
             for index in range(len(self.entries)):
                 if cancel.is_set():
@@ -208,12 +227,7 @@ class StoreUploader:
             self._http.clear()
 
     def _check_source(self, index: int, fd: int) -> None:
-        entry = self.entries[index]
-        st = os.fstat(fd)
-        mtime = entry.modify_time.seconds * 1_000_000_000 + entry.modify_time.nanos
-        if st.st_size != entry.size_bytes or st.st_mtime_ns != mtime:
-            shown = escape_name(str(self.sources[index]))
-            raise SourceChanged(f"{shown} changed since it was offered")
+        check_unchanged(self.sources[index], self.stamps[index], fd)
 
     def _file(self, index: int, cancel: threading.Event) -> None:
         name, size = self.name, self.entries[index].size_bytes
@@ -408,7 +422,7 @@ class StoreDownloader:
         self.window = max(1, window)
         self.wait_until = wait_until  # time.monotonic() by which a needed file must be stored
         self.stop_waiting = stop_waiting or threading.Event()  # set: stop waiting for uploads
-        self.bridge = _Bridge(loop, link.timeout + 5)
+        self.bridge = _Bridge(loop, link)
         self.bytes_downloaded = 0  # verified bytes this run took from the store
         self.error: BaseException | None = None
         self._next_id = first_stream_id
@@ -425,6 +439,7 @@ class StoreDownloader:
 
     def run(self, cancel: threading.Event) -> None:
         """Download until every file is confirmed; raise on failure."""
+        self.bridge.stop = cancel
         try:
             for index in self.receive.complete_unconfirmed():
                 if cancel.is_set():

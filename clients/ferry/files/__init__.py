@@ -9,9 +9,12 @@
 from ferry.files.display import escape_name, format_size
 from ferry.files.manifest import (
     ManifestError,
+    Scan,
+    SourceStamp,
     build_manifest,
     chunk_count,
     free_space_ok,
+    scan_sources,
     total_size,
 )
 from ferry.files.paths import (
@@ -31,6 +34,8 @@ __all__ = [
     "MAX_SEGMENT_BYTES",
     "DestinationExistsError",
     "ManifestError",
+    "Scan",
+    "SourceStamp",
     "UnsafePathError",
     "build_manifest",
     "check_manifest_paths",
@@ -42,5 +47,6 @@ __all__ = [
     "make_parents",
     "resolve_destination",
     "sanitize_relative_path",
+    "scan_sources",
     "total_size",
 ]

@@ -14,6 +14,14 @@ Rules (what the user sees):
 - Every path must pass :func:`ferry.files.paths.sanitize_relative_path` and the set must pass
   :func:`ferry.files.paths.check_manifest_paths`, so a sender never produces a manifest that an
   honest receiver refuses (two arguments with the same name, ``A.txt`` next to ``a.txt``, ...).
+
+A :class:`SourceStamp` is what the sender remembers of each file to notice that it changed
+after the offer: device, inode, size, mtime and ctime. What it catches: any write through the
+file system (it moves ctime, and a user cannot set ctime back: ``touch -r`` restores mtime
+only), a replacement by rename (a new inode), truncation. What it cannot: a change made while
+the clock is set back, by root editing the block device or a file system that fakes ctime, or
+a write within one timestamp tick of the offer on a file system with coarse timestamps. It
+also flags harmless changes: ``chmod``, ``chown`` or a new hard link move ctime too.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import shutil
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -30,11 +39,62 @@ from ferry.files.display import escape_name
 from ferry.files.paths import UnsafePathError, check_manifest_paths, sanitize_relative_path
 from ferry.v1 import broker_pb2
 
-__all__ = ["ManifestError", "build_manifest", "chunk_count", "free_space_ok", "total_size"]
+__all__ = [
+    "ManifestError",
+    "Scan",
+    "SourceStamp",
+    "build_manifest",
+    "chunk_count",
+    "free_space_ok",
+    "scan_sources",
+    "total_size",
+]
 
 
 class ManifestError(Exception):
     """The given files cannot be sent as they are; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class SourceStamp:
+    """What identifies one version of a source file: its inode, size and both timestamps."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> SourceStamp:
+        """The stamp of a file as ``os.stat``/``os.fstat`` describes it now."""
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Whether the file ``st`` describes is still this version."""
+        return self == SourceStamp.of(st)
+
+    def to_text(self) -> str:
+        """A compact form to keep in local state: ``dev:ino:size:mtime_ns:ctime_ns``."""
+        return f"{self.dev}:{self.ino}:{self.size}:{self.mtime_ns}:{self.ctime_ns}"
+
+    @classmethod
+    def from_text(cls, text: str) -> SourceStamp:
+        """Parse `to_text`'s form; ValueError if it is not that."""
+        parts = text.split(":")
+        if len(parts) != 5:
+            raise ValueError(f"not a source stamp: {text!r}")
+        dev, ino, size, mtime, ctime = (int(p) for p in parts)
+        return cls(dev, ino, size, mtime, ctime)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The manifest of some PATH arguments, their source files and each file's stamp."""
+
+    manifest: broker_pb2.Manifest
+    sources: list[Path]
+    stamps: list[SourceStamp]
 
 
 def _shown(path: Path | str) -> str:
@@ -86,6 +146,12 @@ def _walk(folder: Path, prefix: str, out: list[tuple[str, Path, os.stat_result]]
 def build_manifest(
     paths: Sequence[Path], chunk_size: int
 ) -> tuple[broker_pb2.Manifest, list[Path]]:
+    """The manifest of ``paths`` and their source files, in the same order (see `scan_sources`)."""
+    scan = scan_sources(paths, chunk_size)
+    return scan.manifest, scan.sources
+
+
+def scan_sources(paths: Sequence[Path], chunk_size: int) -> Scan:
     """Return the manifest for ``paths`` and the absolute source path of each of its files.
 
     The two are in the same order. Raises ManifestError if an argument is missing, unreadable,
@@ -124,7 +190,11 @@ def build_manifest(
     manifest = broker_pb2.Manifest(
         files=[_entry(rel, st) for rel, _, st in found], chunk_size_bytes=chunk_size
     )
-    return manifest, [source for _, source, _ in found]
+    return Scan(
+        manifest,
+        [source for _, source, _ in found],
+        [SourceStamp.of(st) for _, _, st in found],
+    )
 
 
 def total_size(manifest: broker_pb2.Manifest) -> int:

@@ -16,7 +16,15 @@ from ferry.protocol.frames import (
     encode_chunk_head,
     encode_control,
 )
-from ferry.protocol.handshake import PROTOCOL_VERSION, PeerAborted, abort, check_hello, done, hello
+from ferry.protocol.handshake import (
+    PROTOCOL_VERSION,
+    PeerAborted,
+    abort,
+    aborted,
+    check_hello,
+    done,
+    hello,
+)
 from ferry.protocol.ranges import chunk_count, runs
 from ferry.protocol.receiver import ChunkTarget, ReceiveSession, TooManyCorruptChunks
 from ferry.protocol.sender import ChunkWork, SendSession
@@ -38,6 +46,7 @@ __all__ = [
     "SendSession",
     "TooManyCorruptChunks",
     "abort",
+    "aborted",
     "check_hello",
     "chunk_count",
     "chunk_digest",

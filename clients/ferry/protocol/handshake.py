@@ -10,13 +10,29 @@ from __future__ import annotations
 from ferry.protocol.frames import RemoteProtocolError
 from ferry.v1 import peer_pb2
 
-__all__ = ["PROTOCOL_VERSION", "PeerAborted", "abort", "check_hello", "done", "hello"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "PeerAborted",
+    "abort",
+    "aborted",
+    "check_hello",
+    "done",
+    "hello",
+]
 
 PROTOCOL_VERSION = 1
 
 
 class PeerAborted(Exception):
-    """The other peer gave up; the message is its reason."""
+    """The other peer gave up; the message is its reason.
+
+    ``retryable``: the peer keeps its state and means to come back on a later connection
+    attempt (its disk is full, say), so the session is not over.
+    """
+
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
 
 
 def hello(session: str, stream_index: int) -> peer_pb2.PeerMessage:
@@ -32,7 +48,7 @@ def check_hello(message: peer_pb2.PeerMessage, session: str) -> int:
     """Check the peer's Hello for ``session``; return its stream index."""
     kind = message.WhichOneof("kind")
     if kind == "abort":
-        raise PeerAborted(message.abort.reason or "the peer gave up")
+        raise aborted(message.abort, "the peer gave up")
     if kind != "hello":
         raise RemoteProtocolError(f"peer opened with {kind}, not hello")
     if message.hello.protocol_version != PROTOCOL_VERSION:
@@ -45,11 +61,17 @@ def check_hello(message: peer_pb2.PeerMessage, session: str) -> int:
     return message.hello.stream_index
 
 
-def abort(reason: str) -> peer_pb2.PeerMessage:
+def abort(reason: str, *, retryable: bool = False) -> peer_pb2.PeerMessage:
     """An Abort carrying ``reason`` (cut to 1,000 characters)."""
     message = peer_pb2.PeerMessage()
     message.abort.reason = reason[:1000]
+    message.abort.retryable = retryable
     return message
+
+
+def aborted(message: peer_pb2.Abort, default: str) -> PeerAborted:
+    """The PeerAborted that a received Abort stands for."""
+    return PeerAborted(message.reason or default, retryable=message.retryable)
 
 
 def done() -> peer_pb2.PeerMessage:

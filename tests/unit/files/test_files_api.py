@@ -12,6 +12,8 @@ def test_exported_names() -> None:
             "MAX_SEGMENT_BYTES",
             "DestinationExistsError",
             "ManifestError",
+            "Scan",
+            "SourceStamp",
             "UnsafePathError",
             "build_manifest",
             "check_manifest_paths",
@@ -23,6 +25,7 @@ def test_exported_names() -> None:
             "make_parents",
             "resolve_destination",
             "sanitize_relative_path",
+            "scan_sources",
             "total_size",
         ]
     )
