@@ -80,6 +80,8 @@ def main() -> None:
         parser.error("--trials and --bound must be positive")
     seed = ns.seed or str(secrets.randbits(32))
     ns.out.parent.mkdir(parents=True, exist_ok=True)
+    if ns.dir:
+        Path(ns.dir).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="ferry-campaign-", dir=ns.dir))
     source = random_file(root / "source" / "source.bin", ns.size)
     required = [] if ns.scenario or ns.moment else required_plans()

@@ -85,6 +85,7 @@ def _last(lines: list[dict[str, Any]], err: str) -> dict[str, Any]:
     return lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["receiver", "sender", "broker"])
 def test_kill_at_random_points_and_rerun(
     victim: str, tmp_path: Path, broker_factory: BrokerFactory
@@ -142,6 +143,20 @@ def test_kill_at_random_points_and_rerun(
             broker.kill()
 
 
+def _offered(
+    tmp_path: Path, broker_factory: BrokerFactory, size: int
+) -> tuple[BrokerProcess, Path, Round, FerryProcess]:
+    """A broker, a random source file of ``size`` bytes, and a sender that offered it."""
+    broker = broker_factory()
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(size))
+    r = Round(tmp_path / "round", broker, source)
+    r.root.mkdir()
+    sender = r.send()
+    r.code = sender.line()["code"]
+    return broker, source, r, sender
+
+
 def _wait_for_journal(dest: Path, fraction: int) -> Path:
     """The receiver's journal once it records 1/``fraction`` of the file's chunks (it holds
     one 49-byte record per verified chunk; the .ferry-part file is allocated whole up front)."""
@@ -158,13 +173,7 @@ def _wait_for_journal(dest: Path, fraction: int) -> Path:
 def test_source_changed_while_interrupted_fails_instead_of_mixing(
     mtime: str, tmp_path: Path, broker_factory: BrokerFactory
 ) -> None:
-    broker = broker_factory()
-    source = tmp_path / "source.bin"
-    source.write_bytes(os.urandom(SIZE))
-    r = Round(tmp_path / "round", broker, source)
-    r.root.mkdir()
-    sender = r.send()
-    r.code = sender.line()["code"]
+    _, source, r, sender = _offered(tmp_path, broker_factory, SIZE)
     receiver = r.receive()
     _wait_for_journal(r.dest, 8)
     receiver.kill()
@@ -187,17 +196,12 @@ def test_source_changed_while_interrupted_fails_instead_of_mixing(
     assert sorted(p.name for p in r.dest.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_broker_outage_while_the_sender_restarts_keeps_the_receivers_data(
     tmp_path: Path, broker_factory: BrokerFactory
 ) -> None:
     """Unreachable is not final: a receiver that cannot reach the broker keeps what it has."""
-    broker = broker_factory()
-    source = tmp_path / "source.bin"
-    source.write_bytes(os.urandom(SIZE))
-    r = Round(tmp_path / "round", broker, source)
-    r.root.mkdir()
-    sender = r.send()
-    r.code = sender.line()["code"]
+    broker, source, r, sender = _offered(tmp_path, broker_factory, SIZE)
     receiver = FerryProcess(
         [
             *["receive", r.code, "--dest", str(r.dest), "--yes", "--json"],
@@ -229,3 +233,25 @@ def test_broker_outage_while_the_sender_restarts_keeps_the_receivers_data(
     assert _last(src_lines, src_err)["event"] == "completed"
     assert sha256(r.dest / "source.bin") == sha256(source)
     assert sorted(p.name for p in r.dest.iterdir()) == ["source.bin"]
+
+
+def test_stall_timeout_bounds_the_wait_for_a_vanished_sender(
+    tmp_path: Path, broker_factory: BrokerFactory
+) -> None:
+    """--stall-timeout is the whole wait, not that plus the broker's connect deadline (30 s)."""
+    _, _, r, sender = _offered(tmp_path, broker_factory, 1 << 20)
+    sender.kill()  # gone before the receiver even accepts
+    started = time.monotonic()
+    receiver = FerryProcess(
+        [
+            *["receive", r.code, "--dest", str(r.dest), "--yes", "--json"],
+            *["--stall-timeout", "2", "--via", "direct"],
+        ],
+        r._env("receiver"),
+        r.root,
+    ).start()
+    rc, lines, err = receiver.finish(60)
+    elapsed = time.monotonic() - started
+    assert rc == 1, err
+    assert "run the same command again" in _last(lines, err)["error"], err
+    assert elapsed < 15, f"gave up after {elapsed:.1f} s with --stall-timeout 2"

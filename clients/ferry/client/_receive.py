@@ -48,6 +48,7 @@ _CONNECT_TIMEOUT = 2.0
 _IO_TIMEOUT = 60.0
 _RETRY_PAUSE = 0.05
 _SYNC_INTERVAL = 0.5
+_LINGER = 2.0  # how long a paused receiver waits for the sender to read its Abort
 
 
 class ReceivePeer:
@@ -216,9 +217,18 @@ class ReceivePeer:
                 self._fail(PeerGone(f"the sender sent nothing for {self.stall_timeout:g} s"))
 
     def _fail(self, exc: BaseException) -> None:
+        """End the attempt with ``exc`` (the first error wins; later calls do nothing).
+
+        A final error sends the sender an Abort and closes every connection. A StorageError
+        (this side's disk) sends a retryable Abort instead and only half-closes: each stream
+        thread then reads and drops what the sender still sends until the sender, having
+        read the Abort, hangs up (`_LINGER` at most), so that closing does not reset the
+        connection before the sender has read why.
+        """
         with self._lock:
-            if self.error is None:
-                self.error = exc
+            if self.error is not None:
+                return
+            self.error = exc
             conns = list(self._conns.values())
             self._wake.notify_all()
         final = not isinstance(exc, PeerGone)
@@ -229,7 +239,14 @@ class ReceivePeer:
             if final:
                 with contextlib.suppress(PeerGone, ProtocolError):
                     conn.send(abort(reason, retryable=retryable))
-            conn.close()
+            if retryable:
+                conn.finish_sending()
+            else:
+                conn.close()
+        if retryable:  # a thread blocked on a silent sender is woken by the close at the end
+            timer = threading.Timer(_LINGER + 1.0, _close_all, args=(conns,))
+            timer.daemon = True
+            timer.start()
 
     def _stream(
         self, stream: int, conn: PeerConnection, cancel: threading.Event, digests: list[int]
@@ -250,6 +267,8 @@ class ReceivePeer:
             with self._lock:
                 self.session.stream_lost(stream)
                 self._conns.pop(stream, None)
+            if isinstance(self.error, StorageError):
+                conn.drain(_LINGER)
             conn.close()
 
     def _converse(
@@ -313,3 +332,8 @@ class ReceivePeer:
                 raise RemoteProtocolError(f"unexpected {kind} from the sender")
         with contextlib.suppress(PeerGone):
             conn.send(done())
+
+
+def _close_all(conns: Sequence[PeerConnection]) -> None:
+    for conn in conns:
+        conn.close()

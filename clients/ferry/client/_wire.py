@@ -12,6 +12,7 @@ import contextlib
 import select
 import socket
 import ssl
+import time
 
 from ferry.protocol import (
     ChunkPayload,
@@ -43,6 +44,26 @@ class PeerConnection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+    def finish_sending(self) -> None:
+        """Half-close: the peer reads what was sent, then end of stream; reading goes on.
+
+        (The TCP socket's own shutdown: SSLSocket.shutdown would drop the TLS state that
+        reading still needs.)
+        """
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
+
+    def drain(self, seconds: float) -> None:
+        """Read and drop whatever the peer still sends, until it hangs up or ``seconds`` pass,
+        so that a close does not reset the connection before the peer read our last words."""
+        deadline = time.monotonic() + seconds
+        buffer = bytearray(64 * 1024)
+        with contextlib.suppress(OSError, ValueError):
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if self.sock.recv_into(buffer) == 0:
+                    return
 
     def send(self, message: peer_pb2.PeerMessage) -> None:
         """Send one CONTROL frame."""

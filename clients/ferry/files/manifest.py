@@ -21,7 +21,8 @@ file system (it moves ctime, and a user cannot set ctime back: ``touch -r`` rest
 only), a replacement by rename (a new inode), truncation. What it cannot: a change made while
 the clock is set back, by root editing the block device or a file system that fakes ctime, or
 a write within one timestamp tick of the offer on a file system with coarse timestamps. It
-also flags harmless changes: ``chmod``, ``chown`` or a new hard link move ctime too.
+also flags harmless changes: ``chmod``, ``chown`` or a new hard link move ctime too, and a
+remount of a file system whose inode numbers are not stable (FAT, some network file systems).
 """
 
 from __future__ import annotations
