@@ -1,7 +1,9 @@
-"""Fixtures shared by every test directory: real brokers and CLI runs, cleaned up."""
+"""Fixtures shared by every test directory: real brokers and CLI runs, cleaned up; and the
+one-time install of s3rver (npm) before the tests that use it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,9 +15,29 @@ import pytest
 os.environ["FERRY_ADDRESSES"] = "127.0.0.1"
 
 from tests.support.processes import FAST_BROKER, BrokerProcess, FerryProcess
+from tests.support.s3 import S3rverUnavailable, s3rver_command
 
 BrokerFactory = Callable[..., BrokerProcess]
 FerryFactory = Callable[..., FerryProcess]
+
+
+def _uses_s3rver(item: pytest.Item) -> bool:
+    """Whether a test takes the `s3rver` fixture or runs with an "s3rver" parameter."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    return "s3rver" in getattr(item, "fixturenames", ()) or "s3rver" in params
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Install the pinned s3rver (tests/support/s3.py) before the first test that needs it,
+    so that the install counts against no test's timeout. If it fails, each of those tests
+    fails with the reason when it starts s3rver; the others run as usual."""
+    if session.config.option.collectonly or not any(map(_uses_s3rver, session.items)):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    # A failure is remembered, and reported by every test that starts s3rver.
+    with contextlib.suppress(S3rverUnavailable):
+        s3rver_command(announce=reporter.write_line if reporter is not None else None)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ def _leftovers(dest: Path) -> list[Path]:
     return [p for p in dest.rglob("*") if p.name.endswith(".ferry-part")]
 
 
+@pytest.mark.slow
 def test_large_file_arrives_verified(ferry: FerryFactory, tmp_path: Path) -> None:
     source = random_file(tmp_path / "src" / "big.bin", 200 << 20)
     dest = tmp_path / "dest"
@@ -272,6 +273,7 @@ def test_status_reports_the_outcome(
     ]
 
 
+@pytest.mark.slow
 def test_unreachable_broker_is_waited_for_then_one_line(
     tmp_path: Path, broker_factory: BrokerFactory
 ) -> None:

@@ -271,6 +271,7 @@ def test_garbage_after_hello_fails(
 # -- a sender that goes away ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker_args", [("--connect-timeout", "2")])
 @pytest.mark.parametrize("hostile", [(Mode.HANGUP, LARGE)], indirect=True)
 def test_sender_hanging_up_mid_transfer_is_kept_for_resume(
@@ -283,6 +284,7 @@ def test_sender_hanging_up_mid_transfer_is_kept_for_resume(
     assert outcome.seconds < 20, outcome
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hostile", [(Mode.STALL, 16 * CHUNK_SIZE)], indirect=True)
 def test_sender_going_silent_is_given_up_after_the_stall_timeout(
     ferry: FerryFactory, hostile: HostileSender, box: Box, tmp_path: Path
@@ -294,6 +296,7 @@ def test_sender_going_silent_is_given_up_after_the_stall_timeout(
     assert outcome.seconds < 15, outcome
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker_args", [("--connect-timeout", "3")])
 @pytest.mark.parametrize("hostile", [(Mode.NO_HELLO, SMALL)], indirect=True)
 def test_sender_that_never_answers_hello_is_given_up(
@@ -308,6 +311,7 @@ def test_sender_that_never_answers_hello_is_given_up(
 # -- a sender with another certificate -----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker_args", [("--connect-timeout", "3")])
 @pytest.mark.parametrize("hostile", [(Mode.WRONG_CERT, SMALL)], indirect=True)
 def test_sender_with_another_certificate_is_refused(

@@ -25,7 +25,7 @@ from tests.conftest import BrokerFactory
 from tests.support.campaign import TrialResult, required_plans, run_trial
 from tests.support.processes import BrokerProcess
 
-pytestmark = [pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 TRIALS = 10
 BOUND_S = 45.0  # one trial, reruns included (a receiver waits 30 s for a vanished sender)

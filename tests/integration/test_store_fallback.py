@@ -112,6 +112,7 @@ def _receive(cli: Cli, code: str, dest: Path, *extra: str) -> FerryProcess:
     return cli.run("receiver", "receive", code, "--dest", str(dest), "--yes", "--json", *extra)
 
 
+@pytest.mark.slow
 def test_store_and_forward_sender_gone_before_the_receiver_comes(cli: Cli, tmp_path: Path) -> None:
     source = _source(tmp_path / "big.bin", 20 * MiB + 12_345)
     sender, offered = _store_send(cli, source)
@@ -179,6 +180,7 @@ def _parts_stored(s3: S3Server, prefix: str = "") -> int:
     return total
 
 
+@pytest.mark.slow
 def test_kill_during_upload_resumes_from_the_stored_parts(
     cli: Cli, tmp_path: Path, s3_server: S3Server
 ) -> None:
@@ -222,6 +224,7 @@ def test_kill_during_upload_resumes_from_the_stored_parts(
     assert _sha(dest / "big.bin") == _sha(source)
 
 
+@pytest.mark.slow
 def test_kill_during_download_resumes(cli: Cli, tmp_path: Path) -> None:
     size = 64 * MiB
     source = _source(tmp_path / "big.bin", size)
@@ -248,6 +251,7 @@ def test_kill_during_download_resumes(cli: Cli, tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.iterdir()) == ["big.bin"]
 
 
+@pytest.mark.slow
 def test_a_corrupted_stored_object_fails_clearly(
     cli: Cli, tmp_path: Path, s3_server: S3Server
 ) -> None:
@@ -289,6 +293,7 @@ def _journaled_chunks(journal: Path) -> set[int]:
     return out
 
 
+@pytest.mark.slow
 def test_a_transfer_started_direct_finishes_through_the_store(
     cli: Cli, tmp_path: Path, s3_server: S3Server
 ) -> None:
@@ -360,6 +365,7 @@ def _under(s3: S3Server, prefix: str) -> list[str]:
     return [o["Key"] for o in objects] + [f"upload {u['Key']}" for u in uploads]
 
 
+@pytest.mark.slow
 def test_an_offer_nobody_takes_expires_and_the_store_is_emptied(
     cli: Cli, tmp_path: Path, s3_server: S3Server
 ) -> None:

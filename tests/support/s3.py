@@ -6,9 +6,12 @@ waits until the server answers and creates the bucket with boto3; `stop()` kills
 credentials are in `env`, to be given to the broker process (boto3 reads them from the
 environment as usual).
 
-s3rver is found at $FERRY_TEST_S3RVER, else .ci/node/node_modules/.bin/s3rver (where .ci/run
-installs it), else on PATH; if it is missing, starting it fails (never skips) and says how to
-install it.
+s3rver is $FERRY_TEST_S3RVER if set, else the pinned S3RVER_VERSION in .ci/node (git-ignored),
+which `s3rver_command()` installs there with npm on first use: under a file lock (overlapping
+runs wait for one install), within INSTALL_TIMEOUT seconds, and marked done only once the
+launcher answers with the pinned version. tests/conftest.py calls it before the first test, so
+the install counts against no test's timeout. Without npm, or if the install fails, every test
+that needs s3rver fails (never skips) with the reason; the install is not retried in that run.
 
 What s3rver (3.7.1) does and does not do, as read in its source and checked by hand:
 - SigV4 signatures are NOT verified ("Signature version 4 calculation is unimplemented" in its
@@ -31,6 +34,7 @@ request.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import hmac
 import http.client
@@ -50,7 +54,15 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-__all__ = ["S3_KINDS", "S3Server", "http_request", "s3rver_command", "verify_presigned"]
+__all__ = [
+    "S3RVER_VERSION",
+    "S3_KINDS",
+    "S3Server",
+    "S3rverUnavailable",
+    "http_request",
+    "s3rver_command",
+    "verify_presigned",
+]
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -58,27 +70,113 @@ REGION = "us-east-1"
 S3_KINDS = ("moto", "s3rver")
 # s3rver knows one account only, and checks the access key id of every signed request.
 _S3RVER_KEY = "S3RVER"
+S3RVER_VERSION = "3.7.1"
+# The most one `npm install` may take; waiting for another run's install may take as long again.
+INSTALL_TIMEOUT = 180.0
 _REPO = Path(__file__).resolve().parents[2]
-_S3RVER_CI = _REPO / ".ci" / "node" / "node_modules" / ".bin" / "s3rver"
+_NODE = _REPO / ".ci" / "node"
+_S3RVER_CI = _NODE / "node_modules" / ".bin" / "s3rver"
+_STAMP = _NODE / f".s3rver-{S3RVER_VERSION}.installed"
+_LOCK = _NODE / ".install.lock"
 
 
-def s3rver_command() -> str:
-    """The s3rver launcher: $FERRY_TEST_S3RVER, .ci/node's, or PATH's; fails if none."""
+class S3rverUnavailable(RuntimeError):
+    """s3rver could not be found or installed; the message says why and what to do."""
+
+
+# This run's outcome of the install: the launcher, or why there is none (not retried).
+_outcome: Path | S3rverUnavailable | None = None
+
+
+def s3rver_command(announce: Callable[[str], None] | None = None) -> str:
+    """The s3rver launcher: $FERRY_TEST_S3RVER, else .ci/node's, installed there if needed.
+
+    ``announce`` is told (one line) when an install starts. Raises S3rverUnavailable.
+    """
+    global _outcome
     configured = os.environ.get("FERRY_TEST_S3RVER", "")
     if configured:
         if not Path(configured).is_file():
-            raise FileNotFoundError(f"FERRY_TEST_S3RVER={configured}: no such file")
+            raise S3rverUnavailable(f"FERRY_TEST_S3RVER={configured}: no such file")
         return configured
-    if _S3RVER_CI.is_file():
-        return str(_S3RVER_CI)
-    found = shutil.which("s3rver")
-    if found:
-        return found
-    raise FileNotFoundError(
-        "s3rver (npm) is needed by the S3 tests and was not found. Install it as CI does:\n"
-        "    npm install --prefix .ci/node --no-save s3rver@3.7.1\n"
-        "(Node >= 18), or set FERRY_TEST_S3RVER to its launcher."
-    )
+    if _outcome is None:
+        try:
+            _outcome = _install(announce or (lambda _: None))
+        except S3rverUnavailable as exc:
+            _outcome = exc
+    if isinstance(_outcome, S3rverUnavailable):
+        raise S3rverUnavailable(str(_outcome))
+    return str(_outcome)
+
+
+def _install(announce: Callable[[str], None]) -> Path:
+    """Install the pinned s3rver into .ci/node unless a finished install is there."""
+    if _STAMP.is_file() and _S3RVER_CI.is_file():
+        return _S3RVER_CI
+    npm = shutil.which("npm")
+    if npm is None:
+        raise S3rverUnavailable(
+            f"the S3 tests need s3rver {S3RVER_VERSION}, which they install with npm into "
+            f"{_NODE}, but npm is not on PATH. Install Node.js (>= 18) with npm, or set "
+            f"FERRY_TEST_S3RVER to an s3rver {S3RVER_VERSION} launcher."
+        )
+    _NODE.mkdir(parents=True, exist_ok=True)
+    with _LOCK.open("a") as lock:
+        _lock(lock.fileno(), deadline=time.monotonic() + INSTALL_TIMEOUT + 30)
+        if _STAMP.is_file() and _S3RVER_CI.is_file():
+            return _S3RVER_CI  # another run installed it while this one waited
+        _STAMP.unlink(missing_ok=True)
+        announce(f"installing s3rver {S3RVER_VERSION} with npm into {_NODE} (once) ...")
+        command = [
+            *[npm, "install", "--prefix", str(_NODE), "--no-save", "--no-audit", "--no-fund"],
+            *["--no-update-notifier", f"s3rver@{S3RVER_VERSION}"],
+        ]
+        _run(command, INSTALL_TIMEOUT)
+        version = _run([str(_S3RVER_CI), "--version"], 30).strip()
+        if version != S3RVER_VERSION:
+            raise S3rverUnavailable(
+                f"{_S3RVER_CI} --version says {version!r}, not {S3RVER_VERSION}; "
+                f"remove {_NODE} and run the tests again"
+            )
+        _STAMP.write_text(f"s3rver@{S3RVER_VERSION}\n")
+        return _S3RVER_CI
+
+
+def _lock(fd: int, deadline: float) -> None:
+    """Take the install lock, waiting for another run's install until ``deadline``."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise S3rverUnavailable(
+                    f"another run has been installing s3rver into {_NODE} for over "
+                    f"{INSTALL_TIMEOUT + 30:.0f} s (it holds the lock on {_LOCK.name})"
+                ) from None
+            time.sleep(0.2)
+
+
+def _run(command: list[str], timeout: float) -> str:
+    """Run one install step; its stdout, or S3rverUnavailable with the tail of its output."""
+    shown = " ".join([Path(command[0]).name, *command[1:]])
+    try:
+        done = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise S3rverUnavailable(f"`{shown}` did not finish within {timeout:.0f} s") from None
+    except OSError as exc:
+        raise S3rverUnavailable(f"`{shown}` could not run: {exc}") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
+        raise S3rverUnavailable(f"`{shown}` failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
 
 
 def _free_port() -> int:

@@ -367,6 +367,7 @@ async def test_presigned_urls_are_bound_to_key_and_size(
     )
 
 
+@pytest.mark.slow
 async def test_expiry_aborts_upload_and_deletes_objects(
     s3_env: S3Server, broker_factory: BrokerFactory, channel_to: list[grpc.aio.Channel]
 ) -> None:
@@ -468,7 +469,7 @@ async def test_without_s3_the_fallback_is_unavailable(
 
 @pytest.fixture(scope="module")
 def s3rver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """s3rver on 127.0.0.1 with a bucket (fails if s3rver is not installed; see .ci/run)."""
+    """s3rver on 127.0.0.1 with a bucket (installed on first use; see tests/support/s3.py)."""
     server = S3Server(tmp_path_factory.mktemp("s3rver") / "s3rver.log", kind="s3rver").start()
     yield server
     server.stop()
