@@ -28,19 +28,18 @@ from ferry.client import (
     Client,
     Completed,
     Event,
+    FerryError,
     Incoming,
     Outgoing,
     Paused,
     Progress,
     SourceChangedError,
-    TransferError,
     TransferOver,
     TransferResult,
     remove_partial,
 )
 from ferry.files import (
     DestinationExistsError,
-    ManifestError,
     SourceStamp,
     UnsafePathError,
     escape_name,
@@ -57,7 +56,7 @@ _DEFAULT_PORTS = f"{DEFAULT_PORTS[0]}-{DEFAULT_PORTS[1]}"
 _UNKNOWN_SESSION = frozenset({"TOKEN_INVALID", "SESSION_NOT_FOUND", "WRONG_SESSION"})
 
 
-class CliError(Exception):
+class CliError(FerryError):
     """A failure to report as one line and exit 1."""
 
 
@@ -456,7 +455,6 @@ def _drop_superseded(dest: Path, broker_id: str, done: str, paths: list[str]) ->
 async def _status(ns: argparse.Namespace) -> int:
     """Each session's state as its broker has it, or what is known here when the broker
     does not answer (or is another broker now: no token is sent to a broker of another id)."""
-    from ferry.client._broker import BrokerLink
     from ferry.v1 import broker_pb2
 
     known = _state.load()
@@ -471,36 +469,30 @@ async def _status(ns: argparse.Namespace) -> int:
         if entry is None:
             raise CliError(f"no token for {escape_name(name)} on this machine")
         address = ns.broker if ns.broker_given else entry["broker"]
-        link = BrokerLink(address, patience=min(ns.broker_wait, 5.0))
+        client = Client(address, broker_wait=min(ns.broker_wait, 5.0))
         line: dict[str, Any] = {"session": name, "role": entry["role"], "broker": address}
-        try:
-            if address not in ids:
-                try:
-                    ids[address] = await link.broker_id()
-                except BrokerError as exc:
-                    ids[address] = exc
-            found = ids[address]
-            if isinstance(found, BrokerError):
-                line.update(state="unknown", error=f"the broker did not answer: {found}")
-            elif found != entry.get("broker_id"):
-                line.update(
-                    state="unknown",
-                    error="the broker there is not the one that had this session "
-                    "(it lost its state, or another broker took its address)",
-                )
-            else:
-                link.token = entry["token"]
-                session = await link.get(name)
-                line.update(
-                    state=broker_pb2.Session.State.Name(session.state)
-                    .removeprefix("STATE_")
-                    .lower(),
-                    bytes_done=session.bytes_done,
-                    bytes=sum(f.size_bytes for f in session.manifest.files),
-                    failure_reason=session.failure_reason,
-                )
-        finally:
-            await link.close()
+        if address not in ids:
+            try:
+                ids[address] = await client.broker_id()
+            except BrokerError as exc:
+                ids[address] = exc
+        found = ids[address]
+        if isinstance(found, BrokerError):
+            line.update(state="unknown", error=f"the broker did not answer: {found}")
+        elif found != entry.get("broker_id"):
+            line.update(
+                state="unknown",
+                error="the broker there is not the one that had this session "
+                "(it lost its state, or another broker took its address)",
+            )
+        else:
+            session = await client.session(name, entry["token"])
+            line.update(
+                state=broker_pb2.Session.State.Name(session.state).removeprefix("STATE_").lower(),
+                bytes_done=session.bytes_done,
+                bytes=sum(f.size_bytes for f in session.manifest.files),
+                failure_reason=session.failure_reason,
+            )
         if entry.get("dest"):
             line["dest"] = entry["dest"]
         if ns.json:
@@ -518,7 +510,7 @@ async def _status(ns: argparse.Namespace) -> int:
 
 
 def _digest(ns: argparse.Namespace) -> int:
-    from ferry.client._send import digest_file
+    from ferry.client import digest_file
 
     for path in ns.files:
         print(f"{digest_file(path, ns.chunk_size).hex()}  {escape_name(str(path))}")
@@ -648,15 +640,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = asyncio.run(runner(ns))
     except KeyboardInterrupt:
         _fail(ns, "interrupted", 130)
-    except (
-        CliError,
-        TransferError,
-        BrokerError,
-        ManifestError,
-        UnsafePathError,
-        DestinationExistsError,
-        OSError,
-    ) as exc:
+    except (FerryError, OSError) as exc:  # every error Ferry means, and the system's
         _fail(ns, str(exc))
     raise SystemExit(code)
 

@@ -14,9 +14,9 @@ Receive::
     result = await incoming.accept("Downloads/")  # or: await incoming.decline()
 
 Both return a TransferResult (files with their whole-file digests, bytes, seconds) or
-raise TransferError (TransferOver: the session ended on the broker; SourceChangedError: a
-file changed since it was offered; StorageFull: the destination is full, the data is kept);
-broker refusals raise BrokerError with the gRPC status and reason. A broker that is down or
+raise TransferError; broker refusals raise BrokerError with the gRPC status and reason.
+Everything derives from FerryError; the tree, and what each case means, is drawn in
+`ferry.client._errors`. A broker that is down or
 restarting is waited for (``Client(broker_wait=...)``, default 300 s) before that.
 """
 
@@ -26,14 +26,17 @@ from ferry.client._api import (
     Client,
     Completed,
     Connected,
+    Declined,
     Event,
     FileResult,
     Incoming,
     OfferedFile,
     Outgoing,
     Paused,
+    PeerProtocolError,
     Progress,
     SourceChangedError,
+    Stalled,
     StorageFull,
     TransferError,
     TransferOver,
@@ -41,6 +44,8 @@ from ferry.client._api import (
     remove_partial,
 )
 from ferry.client._broker import BrokerError
+from ferry.client._send import digest_file
+from ferry.errors import FerryError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -49,17 +54,22 @@ __all__ = [
     "Client",
     "Completed",
     "Connected",
+    "Declined",
     "Event",
+    "FerryError",
     "FileResult",
     "Incoming",
     "OfferedFile",
     "Outgoing",
     "Paused",
+    "PeerProtocolError",
     "Progress",
     "SourceChangedError",
+    "Stalled",
     "StorageFull",
     "TransferError",
     "TransferOver",
     "TransferResult",
+    "digest_file",
     "remove_partial",
 ]

@@ -33,6 +33,15 @@ import psutil
 from google.protobuf.duration_pb2 import Duration
 
 from ferry.client._broker import DEFAULT_PATIENCE, BrokerError, BrokerLink
+from ferry.client._errors import (
+    Declined,
+    PeerProtocolError,
+    SourceChangedError,
+    Stalled,
+    StorageFull,
+    TransferError,
+    TransferOver,
+)
 from ferry.client._journal import Journal, journal_path
 from ferry.client._receive import ReceivePeer
 from ferry.client._resume import resume_from_journal
@@ -79,13 +88,16 @@ __all__ = [
     "Client",
     "Completed",
     "Connected",
+    "Declined",
     "Event",
     "FileResult",
     "Incoming",
     "Outgoing",
     "Paused",
+    "PeerProtocolError",
     "Progress",
     "SourceChangedError",
+    "Stalled",
     "StorageFull",
     "TransferError",
     "TransferOver",
@@ -118,25 +130,6 @@ _FINAL = frozenset(
         State.STATE_EXPIRED,
     }
 )
-
-
-class TransferError(Exception):
-    """The transfer did not complete; the message says why, for people."""
-
-
-class TransferOver(TransferError):
-    """The session ended on the broker (failed, cancelled, declined, expired): a rerun of
-    the same command cannot continue it."""
-
-
-class SourceChangedError(TransferError):
-    """A file changed since it was offered; the session is failed rather than mixing old and
-    new bytes. Offer the files again for a new code."""
-
-
-class StorageFull(TransferError):
-    """The receiver's destination ran out of space (or quota). What was verified is kept:
-    free some space and run the same command again."""
 
 
 @dataclass(frozen=True)
@@ -318,6 +311,15 @@ class Client:
         finally:
             await link.close()
 
+    async def session(self, name: str, token: str) -> broker_pb2.Session:
+        """A session as the broker has it now, seen with a party's ``token``."""
+        link = self._link()
+        link.token = token
+        try:
+            return await link.get(name)
+        finally:
+            await link.close()
+
     def _peer_info(self, identity: Identity) -> broker_pb2.PeerInfo:
         return broker_pb2.PeerInfo(
             candidates=local_candidates(),
@@ -496,11 +498,13 @@ class Outgoing:
                 return session
             if session.state == State.STATE_EXPIRED:
                 if served == 0 and not session.receiver.certificate_der:
-                    raise TransferError("the offer expired before it was accepted")
-                raise TransferError("the transfer expired before it completed")
+                    raise TransferOver("the offer expired before it was accepted")
+                raise TransferOver("the transfer expired before it completed")
+            if session.state == State.STATE_DECLINED:
+                raise Declined(_ended(session))
             if session.state in _FINAL:
-                raise TransferError(_ended(session))
-        raise TransferError("the offer expired before it was accepted")
+                raise TransferOver(_ended(session))
+        raise TransferOver("the offer expired before it was accepted")
 
     async def wait_accepted(self) -> broker_pb2.Session:
         """Wait until the receiver accepts; raise TransferError on decline or expiry."""
@@ -550,7 +554,7 @@ class Outgoing:
         """Upload every file now; return once the object store holds them all."""
         started = time.monotonic()
         if self.session.state in _FINAL and self.session.state != State.STATE_COMPLETED:
-            raise TransferError(_ended(self.session))
+            raise TransferOver(_ended(self.session))
         uploader = StoreUploader(
             self._link,
             self.name,
@@ -665,7 +669,11 @@ class Outgoing:
             reason = f"sending failed: {exc}"
             await self._link.report_failed(self.name, reason)
             raise SourceChangedError(reason) from exc
-        except (ProtocolError, PeerAborted, OSError) as exc:
+        except (ProtocolError, PeerAborted) as exc:
+            reason = f"sending failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise PeerProtocolError(reason) from exc
+        except OSError as exc:
             reason = f"sending failed: {exc}"
             await self._link.report_failed(self.name, reason)
             raise TransferError(reason) from exc
@@ -935,21 +943,22 @@ class Incoming:
         except (StoreError, BrokerError) as exc:  # transient: keep what was verified
             journal.close()
             raise TransferError(f"{exc}; {kept}") from exc
+        except TransferOver:  # the session is over on the broker
+            journal.remove()
+            sink.discard()
+            raise
         except (TransferError, asyncio.CancelledError):
             journal.close()
             raise
-        except TransferFailed as exc:  # the session is over on the broker
-            journal.remove()
-            sink.discard()
-            raise TransferOver(str(exc)) from exc
         except Exception as exc:
             reason = f"receiving failed: {exc}"
+            peer = isinstance(exc, ProtocolError | PeerAborted)
             if await self._link.report_failed(self.name, reason):
                 journal.remove()
                 sink.discard()
-                raise TransferOver(reason) from exc
+                raise (PeerProtocolError if peer else TransferOver)(reason) from exc
             journal.close()  # the broker did not hear it: the session may yet continue
-            raise TransferError(f"{reason}; {kept}") from exc
+            raise (PeerProtocolError if peer else TransferError)(f"{reason}; {kept}") from exc
         finally:
             pump_task.cancel()
             await asyncio.gather(pump_task, return_exceptions=True)
@@ -1101,7 +1110,7 @@ class Incoming:
                 self._stream_id = peer.next_stream_id
             current = latest[0]
             if current.state in _FINAL:
-                raise TransferFailed(_ended(current))
+                raise TransferOver(_ended(current))
             never_connected = peer.next_stream_id == stream_id
             if store_ok and never_connected:
                 try:
@@ -1115,7 +1124,7 @@ class Incoming:
                     lost = exc
                 current = await self._link.get(self.name)
                 if current.state in _FINAL:
-                    raise TransferFailed(_ended(current))
+                    raise TransferOver(_ended(current))
             now = time.monotonic()
             if receive.bytes_verified != held:
                 held, since = receive.bytes_verified, now
@@ -1123,7 +1132,7 @@ class Incoming:
                 session = current  # the sender came back (or moved): follow it
                 continue
             if now - since > patience:
-                raise TransferError(
+                raise Stalled(
                     f"{lost}; the partial transfer is kept: run the same command again to resume"
                 )
             await asyncio.sleep(0.2)
@@ -1150,7 +1159,7 @@ class Incoming:
         except StoreError:
             current = await self._link.get(self.name)
             if current.state in _FINAL:
-                raise TransferFailed(_ended(current)) from None
+                raise TransferOver(_ended(current)) from None
             raise
 
     async def _from_store(
@@ -1206,10 +1215,6 @@ def remove_partial(dest: Path | str, session: str, paths: Sequence[str]) -> None
             continue
     with contextlib.suppress(OSError):
         Journal(journal_path(dest, session), 1, b"").remove()
-
-
-class TransferFailed(Exception):
-    """The session ended on the broker (cancelled, failed, expired) while receiving."""
 
 
 async def _watch(link: BrokerLink, name: str, seconds: float) -> AsyncIterator[broker_pb2.Session]:

@@ -25,6 +25,7 @@ import grpc.aio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ferry.errors import FerryError
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
 __all__ = ["BrokerError", "BrokerLink"]
@@ -40,7 +41,7 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 _Response = TypeVar("_Response")
 
 
-class BrokerError(Exception):
+class BrokerError(FerryError):
     """The broker refused a call, or could not be reached.
 
     ``retried``: the call was sent more than once (an earlier try may have taken effect

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ferry.errors import FerryError
 from ferry.files.display import escape_name
 from ferry.files.paths import UnsafePathError, check_manifest_paths, sanitize_relative_path
 from ferry.v1 import broker_pb2
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-class ManifestError(Exception):
+class ManifestError(FerryError):
     """The given files cannot be sent as they are; the message names the file and the reason."""
 
 

@@ -26,6 +26,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from ferry.errors import FerryError
 from ferry.files.display import escape_name
 
 __all__ = [
@@ -62,7 +63,7 @@ def _shorten(shown: str) -> str:
     return f"{shown[: _SHOWN_CHARS - 60]}\u2026{shown[-59:]}"
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(FerryError, ValueError):
     """A path from a manifest could not be used safely; the message says why, on one line.
 
     ``path`` is the offending path as received and ``reason`` the problem alone.
@@ -74,7 +75,7 @@ class UnsafePathError(ValueError):
         super().__init__(f'unsafe path "{_shorten(escape_name(path))}": {reason}')
 
 
-class DestinationExistsError(FileExistsError):
+class DestinationExistsError(FerryError, FileExistsError):
     """Files to be received already exist in the destination and overwriting was not allowed.
 
     ``paths`` lists all of them; the message names the first few.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ferry.files
+from ferry.errors import FerryError
 
 
 def test_exported_names() -> None:
@@ -34,7 +35,6 @@ def test_exported_names() -> None:
 
 
 def test_exception_hierarchy() -> None:
-    assert issubclass(ferry.files.UnsafePathError, ValueError)
-    assert issubclass(ferry.files.DestinationExistsError, FileExistsError)
-    assert issubclass(ferry.files.ManifestError, Exception)
-    assert not issubclass(ferry.files.ManifestError, OSError)
+    assert ferry.files.UnsafePathError.__bases__ == (FerryError, ValueError)
+    assert ferry.files.DestinationExistsError.__bases__ == (FerryError, FileExistsError)
+    assert ferry.files.ManifestError.__bases__ == (FerryError,)

@@ -1,0 +1,67 @@
+"""The client library's errors: one tree, each class a case a program may want to tell apart.
+
+::
+
+    FerryError                      (ferry.errors) anything Ferry raises on purpose
+    ├── BrokerError                 the broker refused a call, or could not be reached
+    │                               (.code: the gRPC status, .reason: ErrorInfo's reason)
+    └── TransferError               the transfer did not complete
+        ├── TransferOver            the session ended on the broker: a rerun cannot continue it
+        │   └── Declined            ... because the receiver declined
+        ├── SourceChangedError      a file changed since it was offered (the session is failed)
+        ├── PeerProtocolError       the peer broke the protocol (bad chunks, garbage, its abort)
+        ├── Stalled                 the peer sent nothing for the stall timeout (data kept)
+        └── StorageFull             the receiver's destination is full (data kept)
+
+A plain TransferError is everything else that a rerun of the same command may fix (the broker
+was unreachable for longer than the client waits, the object store failed): the message says
+so. Every message is a sentence for people; `ferry` prints it after ``ferry: error:``.
+"""
+
+from __future__ import annotations
+
+from ferry.errors import FerryError
+
+__all__ = [
+    "Declined",
+    "FerryError",
+    "PeerProtocolError",
+    "SourceChangedError",
+    "Stalled",
+    "StorageFull",
+    "TransferError",
+    "TransferOver",
+]
+
+
+class TransferError(FerryError):
+    """The transfer did not complete; the message says why, for people."""
+
+
+class TransferOver(TransferError):
+    """The session ended on the broker (failed, cancelled, declined, expired): a rerun of
+    the same command cannot continue it."""
+
+
+class Declined(TransferOver):
+    """The receiver declined the offer."""
+
+
+class SourceChangedError(TransferError):
+    """A file changed since it was offered; the session is failed rather than mixing old and
+    new bytes. Offer the files again for a new code."""
+
+
+class PeerProtocolError(TransferError):
+    """The peer broke the protocol (chunks that keep failing their digest, garbage, a wrong
+    certificate) or gave up; the message says what it did or said."""
+
+
+class Stalled(TransferError):
+    """The peer could not be reached, or sent nothing, for the stall timeout. What was
+    verified is kept: run the same command again to resume."""
+
+
+class StorageFull(TransferError):
+    """The receiver's destination ran out of space (or quota). What was verified is kept:
+    free some space and run the same command again."""
