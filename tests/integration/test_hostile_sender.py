@@ -20,8 +20,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ferry.client._api import Client, Incoming
 from ferry.client._broker import BrokerError, BrokerLink
+from ferry.client._incoming import Incoming
 from ferry.client._tls import Identity
 from ferry.files import UnsafePathError
 from ferry.v1 import broker_pb2
@@ -371,7 +371,7 @@ async def test_incoming_refuses_a_session_with_an_unsafe_path(
     link = BrokerLink(broker.address)
     try:
         with pytest.raises(UnsafePathError) as info:
-            Incoming(Client(broker.address), link, session)
+            Incoming(link, session)
     finally:
         await link.close()
     assert info.value.path == path

@@ -20,30 +20,31 @@ Everything derives from FerryError; the tree, and what each case means, is drawn
 restarting is waited for (``Client(broker_wait=...)``, default 300 s) before that.
 """
 
-from ferry.client._api import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_PORTS,
-    Client,
-    Completed,
-    Connected,
+from ferry.client._broker import BrokerError
+from ferry.client._client import Client
+from ferry.client._errors import (
     Declined,
-    Event,
-    FileResult,
-    Incoming,
-    OfferedFile,
-    Outgoing,
-    Paused,
     PeerProtocolError,
-    Progress,
     SourceChangedError,
     Stalled,
     StorageFull,
     TransferError,
     TransferOver,
-    TransferResult,
-    remove_partial,
 )
-from ferry.client._broker import BrokerError
+from ferry.client._events import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PORTS,
+    Completed,
+    Connected,
+    Event,
+    FileResult,
+    OfferedFile,
+    Paused,
+    Progress,
+    TransferResult,
+)
+from ferry.client._incoming import Incoming, remove_partial
+from ferry.client._outgoing import Outgoing
 from ferry.client._send import digest_file
 from ferry.errors import FerryError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ferry.client._api import local_candidates
+from ferry.client._candidates import local_candidates
 
 pytestmark = pytest.mark.timeout(30)
 

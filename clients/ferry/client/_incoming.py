@@ -1,0 +1,579 @@
+"""`Incoming`: an offer claimed by this side, received, verified and put in place."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import stat
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+from ferry.client._broker import BrokerError, BrokerLink
+from ferry.client._candidates import peer_info
+from ferry.client._errors import (
+    PeerProtocolError,
+    Stalled,
+    StorageFull,
+    TransferError,
+    TransferOver,
+)
+from ferry.client._events import (
+    DEFAULT_PORTS,
+    DEFAULT_STALL_TIMEOUT,
+    Completed,
+    EventHandler,
+    FileResult,
+    TransferResult,
+    Via,
+    check_via,
+    files_of,
+    path_of,
+)
+from ferry.client._journal import Journal, journal_path
+from ferry.client._receive import ReceivePeer
+from ferry.client._resume import resume_from_journal
+from ferry.client._send import (
+    digest_file,
+)
+from ferry.client._session import (
+    FINAL,
+    LIVE,
+    Pump,
+    State,
+    dial_order,
+    ended,
+    follow,
+    in_thread_while,
+    until_final,
+)
+from ferry.client._sink import FileSink, SinkFile, StorageError, part_name
+from ferry.client._store import (
+    StoreDownloader,
+    StoreError,
+    StoreNotReady,
+    StoreUnavailable,
+)
+from ferry.client._tls import Identity, client_context
+from ferry.client._wire import PeerGone
+from ferry.files import (
+    check_manifest_paths,
+    escape_name,
+    free_space_ok,
+    resolve_destination,
+)
+from ferry.protocol import (
+    PeerAborted,
+    ProtocolError,
+    ReceiveSession,
+    chunk_count,
+    file_digest,
+)
+from ferry.protocol.journal import manifest_fingerprint
+from ferry.v1 import broker_pb2
+
+__all__ = ["Incoming", "remove_partial"]
+
+
+class Incoming:
+    """An offer claimed by this side with a code."""
+
+    def __init__(
+        self,
+        link: BrokerLink,
+        session: broker_pb2.Session,
+        *,
+        ports: tuple[int, int] = DEFAULT_PORTS,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    ) -> None:
+        """``link`` carries this side's token for ``session``; ``ports`` are where this
+        side may listen; ``stall_timeout`` is how long a silent sender is waited for."""
+        self._link = link
+        self.ports = ports
+        self.stall_timeout = stall_timeout
+        self.session = session
+        self.name = session.name
+        self.files = files_of(session.manifest)
+        self.total_size = sum(f.size for f in self.files)
+        check_manifest_paths([f.path for f in self.files])
+        self._store_bytes = 0  # verified bytes the object store gave this run
+        self._stream_id = 0  # the next ReceiveSession stream id (direct and store alike)
+
+    @property
+    def token(self) -> str:
+        """The receiver's bearer token for this session (for `ferry status`)."""
+        return self._link.token
+
+    @property
+    def accepted(self) -> bool:
+        """Whether this offer was accepted already (a transfer to resume)."""
+        return self.session.state != State.STATE_OFFERED
+
+    async def close(self) -> None:
+        """Release the broker connection."""
+        await self._link.close()
+
+    def _sink(self, dest: Path, *, overwrite: bool = False) -> FileSink:
+        return FileSink(
+            dest,
+            [
+                SinkFile(
+                    PurePosixPath(f.path),
+                    f.size_bytes,
+                    f.mode,
+                    f.modify_time.seconds * 1_000_000_000 + f.modify_time.nanos,
+                )
+                for f in self.session.manifest.files
+            ],
+            self._tag,
+            overwrite=overwrite,
+        )
+
+    def _journal(self, dest: Path) -> Journal:
+        manifest = self.session.manifest
+        return Journal(
+            journal_path(dest, self.name),
+            manifest.chunk_size_bytes,
+            manifest_fingerprint(self.name, manifest.SerializeToString(deterministic=True)),
+        )
+
+    def free_space(self, dest: Path) -> tuple[bool, int]:
+        """Whether ``dest`` has room for what is still to come, and how much is free.
+
+        What an earlier run of this transfer already holds in ``dest`` counts as had.
+        """
+        return free_space_ok(dest, self._sink(dest).space_needed())
+
+    async def decline(self, reason: str = "declined by the receiver") -> None:
+        """Refuse the offer; the sender is told at once."""
+        try:
+            await self._link.decline(self.name, reason)
+        except BrokerError as exc:
+            if not (exc.retried and await self._now_in(State.STATE_DECLINED)):
+                raise
+
+    async def _now_in(self, state: int) -> bool:
+        """Whether the session is in ``state`` now (after a call whose answer was lost)."""
+        self.session = await self._link.get(self.name)
+        return self.session.state == state
+
+    async def accept(
+        self,
+        dest: Path | str,
+        *,
+        overwrite: bool = False,
+        on_event: EventHandler | None = None,
+        via: Via = "auto",
+    ) -> TransferResult:
+        """Accept (or resume), receive every file into ``dest``, verify it, move it in place.
+
+        ``via``: "direct" never touches the object store; "store" only downloads from it
+        (waiting, until the session expires, for the sender to have uploaded); "auto" tries
+        the direct connection first and, if it is not up by the plan's deadline, fetches
+        from the store instead (unless the broker has none). Either way, chunks verified
+        earlier, by either path, are not fetched again.
+
+        Before anything moves, every file's full size is reserved in ``dest`` (StorageFull if
+        it is not there; nothing is declined, so a rerun after freeing space continues).
+        What an earlier run of this transfer verified into ``dest`` is kept (its journal),
+        and so is everything verified here unless the session is over on the broker: a
+        sender silent for longer than the client's stall timeout, an unreachable broker, a
+        full disk all raise TransferError and keep the partial data hidden, so that running
+        the same command again continues. Only a session that ended on the broker (failed,
+        cancelled, expired) has its partial data deleted.
+
+        Completion is recorded in the journal (every file FINISHED) before it is reported,
+        and the journal is removed only once the broker has it: a receiver killed in
+        between reports it when run again, whatever attempt the session is in by then.
+        """
+        check_via(via)
+        dest = Path(dest)
+        if self.session.state == State.STATE_COMPLETED:
+            return await self._completed_earlier(dest, on_event)
+        manifest = self.session.manifest
+        chunk_size = manifest.chunk_size_bytes
+        sizes = [f.size for f in self.files]
+        file_chunks = [chunk_count(size, chunk_size) for size in sizes]
+        sink = self._sink(dest, overwrite=overwrite)
+        dest.mkdir(parents=True, exist_ok=True)
+        journal = self._journal(dest)
+        if self.session.state in FINAL:
+            found = await asyncio.to_thread(self._finished_earlier, sink, journal, file_chunks)
+            if found is not None:  # verified and in place before the session ended
+                journal.remove()
+                return self._emit_done(self._result_from(found, 0.0), on_event)
+            # Over on the broker (failed, cancelled, expired...): drop what an earlier run kept.
+            sink.discard_leftovers()
+            journal.remove()
+            raise TransferOver(f"that transfer is over ({ended(self.session)})")
+        receive = ReceiveSession(sizes, chunk_size)
+        # Refuses unsafe or clobbering names before consenting; restores an earlier run.
+        try:
+            resume_from_journal(sink, journal, receive, file_chunks)
+        except StorageError as exc:
+            raise self._storage_failed(exc, dest) from exc
+        started = time.monotonic()
+        if not receive.done:
+            await self._reserve(sink, receive, journal, dest)
+            identity = Identity.generate()
+            me = peer_info(identity, self.ports)
+            session = await self._accept_or_resume(me, identity)
+            await self._receive(session, identity, me, receive, sink, journal, via, on_event)
+        result = TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, receive.digest(i).hex())
+                for i, f in enumerate(self.files)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=receive.bytes_verified - receive.bytes_resumed,
+            bytes_resumed=receive.bytes_resumed,
+            seconds=time.monotonic() - started,
+            chunks_retried=receive.retries,
+            path=path_of(
+                receive.bytes_verified - receive.bytes_resumed - self._store_bytes,
+                self._store_bytes,
+                "store" if via == "store" else "direct",
+            ),
+        )
+        await self._confirm(receive.bytes_verified, journal, dest)
+        return self._emit_done(result, on_event)
+
+    async def _reserve(
+        self, sink: FileSink, receive: ReceiveSession, journal: Journal, dest: Path
+    ) -> None:
+        """Reserve the space still needed before consenting (or resuming)."""
+        confirmed = [i for i in range(len(self.files)) if receive.file_confirmed(i)]
+        try:
+            await asyncio.to_thread(sink.reserve, confirmed)
+        except StorageError as exc:
+            held = {i for i in range(len(self.files)) if receive.held(i)}
+            sink.release_reservations(held | set(confirmed))
+            if held or confirmed:
+                journal.close()
+            else:
+                journal.remove()  # nothing verified yet: leave nothing behind
+            raise self._storage_failed(exc, dest) from exc
+
+    async def _accept_or_resume(
+        self, me: broker_pb2.PeerInfo, identity: Identity
+    ) -> broker_pb2.Session:
+        if self.accepted:
+            return await self._link.resume(self.name, me)
+        try:
+            return await self._link.accept(self.name, me)
+        except BrokerError as exc:
+            # The broker may have taken our first try and died before answering it.
+            if not exc.retried or exc.reason != "ILLEGAL_TRANSITION":
+                raise
+            current = await self._link.get(self.name)
+            if current.receiver.certificate_der != identity.cert_der:
+                raise
+            return current
+
+    async def _receive(
+        self,
+        session: broker_pb2.Session,
+        identity: Identity,
+        me: broker_pb2.PeerInfo,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+        via: Via,
+        on_event: EventHandler | None,
+    ) -> None:
+        """Receive what is missing; on failure keep the data unless the session is over."""
+
+        async def report(done: int) -> None:
+            await self._link.report(self.name, State.STATE_TRANSFERRING, done)
+
+        pump = Pump(self.total_size, on_event, lambda: receive.bytes_verified, report)
+        pump_task = asyncio.create_task(pump.run())
+        self._store_bytes = 0
+        kept = "the partial transfer is kept: run the same command again to resume"
+        try:
+            if via == "store":
+                await self._from_store_only(session, receive, sink, journal)
+            else:
+                await self._attempts(session, identity, me, receive, sink, journal, via)
+        except StorageError as exc:  # this side's disk: nothing is wrong with the session
+            journal.close()
+            raise self._storage_failed(exc, sink.dest) from exc
+        except (StoreError, BrokerError) as exc:  # transient: keep what was verified
+            journal.close()
+            raise TransferError(f"{exc}; {kept}") from exc
+        except TransferOver:  # the session is over on the broker
+            journal.remove()
+            sink.discard()
+            raise
+        except (TransferError, asyncio.CancelledError):
+            journal.close()
+            raise
+        except Exception as exc:
+            reason = f"receiving failed: {exc}"
+            peer = isinstance(exc, ProtocolError | PeerAborted)
+            if await self._link.report_failed(self.name, reason):
+                journal.remove()
+                sink.discard()
+                raise (PeerProtocolError if peer else TransferOver)(reason) from exc
+            journal.close()  # the broker did not hear it: the session may yet continue
+            raise (PeerProtocolError if peer else TransferError)(f"{reason}; {kept}") from exc
+        finally:
+            pump_task.cancel()
+            await asyncio.gather(pump_task, return_exceptions=True)
+
+    def _storage_failed(self, exc: StorageError, dest: Path) -> TransferError:
+        where = escape_name(str(dest))
+        if exc.full:
+            return StorageFull(
+                f"not enough space in {where} ({exc}); what was received is kept: free some "
+                "space and run the same command again"
+            )
+        return TransferError(
+            f"writing to {where} failed ({exc}); what was received is kept: run the same "
+            "command again once it is fixed"
+        )
+
+    async def _confirm(self, done: int, journal: Journal, dest: Path) -> None:
+        """Tell the broker that every file is verified and in place; then drop the journal.
+
+        Waits for a restarting broker (the link's patience). A broker that never answers
+        leaves the journal, so the next run reports it; a session that ended meanwhile
+        (expired, cancelled) changes nothing here: the files are verified and in place.
+        """
+        try:
+            await self._link.report(self.name, State.STATE_COMPLETED, done)
+        except BrokerError as exc:
+            if exc.reason != "ILLEGAL_TRANSITION":
+                journal.close()
+                raise TransferError(
+                    f"every file is verified and in {escape_name(str(dest))}, but the broker "
+                    f"was not told ({exc}): run the same command again to tell the sender"
+                ) from exc
+        journal.remove()
+
+    def _emit_done(self, result: TransferResult, on_event: EventHandler | None) -> TransferResult:
+        if on_event is not None:
+            on_event(Completed(result))
+        return result
+
+    @property
+    def _tag(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+    def _finished_earlier(
+        self, sink: FileSink, journal: Journal, file_chunks: list[int]
+    ) -> list[bytes] | None:
+        """Each file's digest, if an earlier run's journal says every file is in place."""
+        found = journal.read(file_chunks)
+        if len(found.finished) != len(self.files) or not all(
+            sink.final_ok(i) for i in range(len(self.files))
+        ):
+            return None
+        digests: list[list[bytes]] = [[b""] * n for n in file_chunks]
+        for (f, c), d in found.sure.items():
+            digests[f][c] = d
+        if any(b"" in chunks for chunks in digests):
+            return None
+        return [file_digest(chunks) for chunks in digests]
+
+    def _result_from(self, digests: Sequence[bytes], seconds: float) -> TransferResult:
+        return TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, d.hex())
+                for f, d in zip(self.files, digests, strict=True)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=0,
+            bytes_resumed=self.total_size,
+            seconds=seconds,
+        )
+
+    async def _completed_earlier(self, dest: Path, on_event: EventHandler | None) -> TransferResult:
+        """This transfer completed in an earlier run (killed before it could say so)."""
+        started = time.monotonic()
+        chunk_size = self.session.manifest.chunk_size_bytes
+        paths: list[Path] = []
+        for f in self.files:
+            path = resolve_destination(dest, PurePosixPath(f.path))
+            if not path.is_file() or path.stat().st_size != f.size:
+                raise TransferError(
+                    f"this transfer completed earlier, but {escape_name(f.path)} is no longer "
+                    f"in {escape_name(str(dest))}"
+                )
+            paths.append(path)
+        digests = await asyncio.to_thread(lambda: [digest_file(p, chunk_size) for p in paths])
+        self._journal(dest).remove()  # the broker has the completion: no longer needed
+        return self._emit_done(self._result_from(digests, time.monotonic() - started), on_event)
+
+    async def _attempts(
+        self,
+        session: broker_pb2.Session,
+        identity: Identity,
+        me: broker_pb2.PeerInfo,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+        via: Via = "auto",
+    ) -> None:
+        """Connect and receive, negotiating new attempts while the sender may come back.
+
+        With via="auto", an attempt whose direct connection is not up by the deadline
+        switches to the object store (if the broker has one): it waits up to the stall
+        timeout for the sender's upload and fetches what is still missing from it; if
+        nothing is stored by then, the next direct attempt is negotiated, and so on.
+        """
+        self._stream_id = 0
+        held, since = receive.bytes_verified, time.monotonic()
+        patience = self.stall_timeout
+        store_ok = via == "auto"
+        while not receive.done:
+            stream_id = self._stream_id
+            latest = [session]
+            cancel = threading.Event()
+            der = session.sender.certificate_der
+            peer = ReceivePeer(
+                self.name,
+                receive,
+                sink,
+                journal,
+                client_context(identity, der),
+                der,
+                streams=session.plan.stream_count or 1,
+                first_stream_id=stream_id,
+                stall_timeout=patience,
+            )
+            plan = session.plan
+            ports = range(plan.listener_ports.first_port, plan.listener_ports.last_port + 1)
+            # Dial until the plan's deadline, but never past the stall timeout: a sender that
+            # is gone is given up on after --stall-timeout, not that plus the connect time.
+            deadline = min(
+                time.monotonic()
+                + max(plan.connect_deadline.ToDatetime().timestamp() - time.time(), 1.0),
+                max(since + patience, time.monotonic() + 1.0),
+            )
+            with contextlib.suppress(BrokerError):
+                await self._link.report(self.name, State.STATE_CONNECTING, receive.bytes_verified)
+            candidates = dial_order(session.sender.candidates)
+            try:
+                await in_thread_while(
+                    functools.partial(peer.run, candidates, ports, deadline, cancel),
+                    cancel,
+                    follow(self._link, self.name, session.attempt, cancel, latest),
+                )
+                return
+            except PeerGone as exc:
+                lost: Exception = exc
+            finally:
+                self._stream_id = peer.next_stream_id
+            current = latest[0]
+            if current.state in FINAL:
+                raise TransferOver(ended(current))
+            never_connected = peer.next_stream_id == stream_id
+            if store_ok and never_connected:
+                try:
+                    await self._from_store(
+                        receive, sink, journal, time.monotonic() + patience, session.attempt
+                    )
+                    return
+                except StoreUnavailable:
+                    store_ok = False  # this broker has no object store: direct only
+                except StoreError as exc:
+                    lost = exc
+                current = await self._link.get(self.name)
+                if current.state in FINAL:
+                    raise TransferOver(ended(current))
+            now = time.monotonic()
+            if receive.bytes_verified != held:
+                held, since = receive.bytes_verified, now
+            if current.attempt != session.attempt and current.state in LIVE:
+                session = current  # the sender came back (or moved): follow it
+                continue
+            if now - since > patience:
+                raise Stalled(
+                    f"{lost}; the partial transfer is kept: run the same command again to resume"
+                )
+            await asyncio.sleep(0.2)
+            session = await self._link.resume(self.name, me)
+
+    async def _from_store_only(
+        self,
+        session: broker_pb2.Session,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+    ) -> None:
+        """via="store": fetch everything from the object store, waiting for the upload."""
+        self._stream_id = 0
+        left = session.expire_time.ToDatetime().timestamp() - time.time()
+        with contextlib.suppress(BrokerError):
+            await self._link.report(self.name, State.STATE_TRANSFERRING, receive.bytes_verified)
+        try:
+            await self._from_store(receive, sink, journal, time.monotonic() + max(left, 1.0))
+        except StoreUnavailable as exc:
+            raise TransferError(str(exc)) from exc
+        except StoreNotReady as exc:
+            raise TransferError(f"{exc} before the transfer expired") from exc
+        except StoreError:
+            current = await self._link.get(self.name)
+            if current.state in FINAL:
+                raise TransferOver(ended(current)) from None
+            raise
+
+    async def _from_store(
+        self,
+        receive: ReceiveSession,
+        sink: FileSink,
+        journal: Journal,
+        wait_until: float,
+        attempt: int = 0,
+    ) -> None:
+        """One run of the store download; stops if the session ends.
+
+        A needed file not stored by ``wait_until`` raises StoreNotReady, and so does one not
+        stored yet when the session moves past ``attempt`` (the sender came back: try direct).
+        """
+        cancel, moved = threading.Event(), threading.Event()
+        downloader = StoreDownloader(
+            self._link,
+            self.name,
+            asyncio.get_running_loop(),
+            receive,
+            sink,
+            journal,
+            [f.size for f in self.files],
+            first_stream_id=self._stream_id,
+            wait_until=wait_until,
+            stop_waiting=moved,
+        )
+        try:
+            await in_thread_while(
+                functools.partial(downloader.run, cancel),
+                cancel,
+                until_final(self._link, self.name, cancel, moved, attempt or None),
+            )
+        finally:
+            self._stream_id = downloader.next_stream_id
+            self._store_bytes += downloader.bytes_downloaded
+
+
+def remove_partial(dest: Path | str, session: str, paths: Sequence[str]) -> None:
+    """Delete what an unfinished receive of ``session`` into ``dest`` left there: its journal
+    and its hidden partial copies of ``paths`` (relative paths as in the manifest). Paths
+    that are unsafe, or lead outside ``dest``, are skipped; nothing else is touched."""
+    dest = Path(dest)
+    for rel in paths:
+        try:
+            temp = part_name(
+                resolve_destination(dest, PurePosixPath(rel)), session.rsplit("/", 1)[-1]
+            )
+            if stat.S_ISREG(os.lstat(temp).st_mode):
+                os.unlink(temp)
+        except (OSError, ValueError):
+            continue
+    with contextlib.suppress(OSError):
+        Journal(journal_path(dest, session), 1, b"").remove()

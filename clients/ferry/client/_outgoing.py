@@ -1,0 +1,349 @@
+"""`Outgoing`: an offer made by this side, served until the receiver confirms."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ferry.client._broker import BrokerError, BrokerLink
+from ferry.client._errors import (
+    Declined,
+    PeerProtocolError,
+    SourceChangedError,
+    TransferError,
+    TransferOver,
+)
+from ferry.client._events import (
+    Completed,
+    EventHandler,
+    FileResult,
+    Paused,
+    TransferResult,
+    Via,
+    check_via,
+    files_of,
+    path_of,
+)
+from ferry.client._send import (
+    SendCounter,
+    SendPeer,
+    SourceChanged,
+    fill_digests,
+)
+from ferry.client._session import (
+    FINAL,
+    LIVE,
+    Pump,
+    State,
+    ended,
+    follow,
+    in_thread_while,
+    watch,
+)
+from ferry.client._store import (
+    StoreError,
+    StoreUnavailable,
+    StoreUploader,
+)
+from ferry.client._tls import Identity, server_context
+from ferry.client._wire import PeerGone
+from ferry.files import (
+    SourceStamp,
+)
+from ferry.protocol import (
+    PeerAborted,
+    ProtocolError,
+    SendSession,
+)
+from ferry.v1 import broker_pb2
+
+__all__ = ["Outgoing"]
+
+
+class Outgoing:
+    """An offer made by this side."""
+
+    def __init__(
+        self,
+        link: BrokerLink,
+        session: broker_pb2.Session,
+        code: str,
+        sources: list[Path],
+        identity: Identity,
+        via: Via = "auto",
+        stamps: Sequence[SourceStamp] = (),
+    ) -> None:
+        """``stamps``: each source as it was offered (see `SourceStamp`); keep them (as
+        ``stamp.to_text()``) to pass to `Client.resume_offer` after a crash."""
+        check_via(via)
+        self.via = via
+        self._link = link
+        self.session = session
+        self.code = code
+        self.name = session.name
+        self.files = files_of(session.manifest)
+        self.total_size = sum(f.size for f in self.files)
+        self._sources = sources
+        self.stamps = list(stamps)
+        if len(self.stamps) != len(sources):
+            raise ValueError("one stamp per source file is needed")
+        self._identity = identity
+        self._uploader: StoreUploader | None = None
+        self._upload: asyncio.Task[None] | None = None
+        self._upload_cancel = threading.Event()
+
+    @property
+    def token(self) -> str:
+        """The sender's bearer token for this session (for `ferry status`)."""
+        return self._link.token
+
+    async def close(self) -> None:
+        """Release the broker connection."""
+        await self._link.close()
+
+    async def cancel(self, reason: str = "cancelled by the sender") -> None:
+        """Cancel the offer or the transfer."""
+        await self._link.cancel(self.name, reason)
+
+    async def _next_attempt(self, served: int) -> broker_pb2.Session:
+        """The session once it has a connection attempt newer than ``served`` (or is over)."""
+        remaining = self.session.expire_time.ToDatetime().timestamp() - time.time() + 5
+        async for session in watch(self._link, self.name, max(remaining, 5.0)):
+            self.session = session
+            if session.state in LIVE and session.attempt > served:
+                return session
+            if session.state == State.STATE_COMPLETED:
+                return session
+            if session.state == State.STATE_EXPIRED:
+                if served == 0 and not session.receiver.certificate_der:
+                    raise TransferOver("the offer expired before it was accepted")
+                raise TransferOver("the transfer expired before it completed")
+            if session.state == State.STATE_DECLINED:
+                raise Declined(ended(session))
+            if session.state in FINAL:
+                raise TransferOver(ended(session))
+        raise TransferOver("the offer expired before it was accepted")
+
+    async def wait_accepted(self) -> broker_pb2.Session:
+        """Wait until the receiver accepts; raise TransferError on decline or expiry."""
+        return await self._next_attempt(0)
+
+    async def transfer(self, on_event: EventHandler | None = None) -> TransferResult:
+        """Serve the receiver, over as many connection attempts as it takes, until done.
+
+        With via="store" this uploads every file to the object store and returns once they
+        are stored (``result.stored``): the receiver fetches them later, without us.
+        """
+        if self.via == "store":
+            return await self._store_and_forward(on_event)
+        try:
+            return await self._transfer(on_event)
+        finally:
+            await self._stop_upload()
+
+    def _start_upload(self, why: str) -> None:
+        """Start uploading to the object store in the background (once), still serving."""
+        if self._upload is not None or self.via != "auto":
+            return
+        self._uploader = StoreUploader(
+            self._link,
+            self.name,
+            self._sources,
+            self.stamps,
+            self.session.manifest,
+            asyncio.get_running_loop(),
+        )
+        self._upload = asyncio.create_task(
+            asyncio.to_thread(self._uploader.run, self._upload_cancel), name=f"upload: {why}"
+        )
+
+    async def _stop_upload(self) -> None:
+        self._upload_cancel.set()
+        if self._upload is not None:
+            await asyncio.gather(self._upload, return_exceptions=True)
+
+    def _upload_failed(self) -> BaseException | None:
+        task = self._upload
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    async def _store_and_forward(self, on_event: EventHandler | None) -> TransferResult:
+        """Upload every file now; return once the object store holds them all."""
+        started = time.monotonic()
+        if self.session.state in FINAL and self.session.state != State.STATE_COMPLETED:
+            raise TransferOver(ended(self.session))
+        uploader = StoreUploader(
+            self._link,
+            self.name,
+            self._sources,
+            self.stamps,
+            self.session.manifest,
+            asyncio.get_running_loop(),
+        )
+        cancel = threading.Event()
+        pump = Pump(self.total_size, on_event, lambda: uploader.bytes_stored)
+        pump_task = asyncio.create_task(pump.run())
+        try:
+            if self.session.state == State.STATE_COMPLETED:
+                await asyncio.to_thread(self._hash_all, uploader)
+            else:
+                await asyncio.to_thread(uploader.run, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        except StoreUnavailable as exc:
+            raise TransferError(str(exc)) from exc
+        except (StoreError, BrokerError) as exc:
+            raise TransferError(
+                f"uploading to the object store failed: {exc}; run the same command again "
+                "to resume the upload"
+            ) from exc
+        except SourceChanged as exc:
+            reason = f"uploading failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise SourceChangedError(reason) from exc
+        except (ProtocolError, OSError) as exc:
+            reason = f"uploading failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise TransferError(reason) from exc
+        finally:
+            cancel.set()
+            pump_task.cancel()
+            await asyncio.gather(pump_task, return_exceptions=True)
+        result = TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, d.hex())
+                for f, d in zip(self.files, uploader.digests, strict=True)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=uploader.bytes_uploaded,
+            bytes_resumed=self.total_size - uploader.bytes_uploaded,
+            seconds=time.monotonic() - started,
+            path="store",
+            stored=True,
+        )
+        if on_event is not None:
+            on_event(Completed(result))
+        return result
+
+    def _hash_all(self, uploader: StoreUploader) -> None:
+        """Only the digests are left to show (the receiver completed already)."""
+        session = SendSession([f.size for f in self.files], self.session.manifest.chunk_size_bytes)
+        fill_digests(session, self._sources)
+        uploader.digests = [session.digest(i) or b"" for i in range(len(self.files))]
+
+    async def _transfer(self, on_event: EventHandler | None) -> TransferResult:
+        sizes = [f.size for f in self.files]
+        loop = asyncio.get_running_loop()
+
+        def paused(reason: str) -> None:  # called from a connection thread
+            if on_event is not None:
+                loop.call_soon_threadsafe(on_event, Paused(reason))
+
+        send_session = SendSession(sizes, self.session.manifest.chunk_size_bytes)
+        counter = SendCounter()
+        started = time.monotonic()
+
+        def moved() -> int:
+            uploaded = self._uploader.bytes_uploaded if self._uploader is not None else 0
+            return counter.bytes_sent + uploaded
+
+        pump = Pump(self.total_size, on_event, moved)
+        pump_task = asyncio.create_task(pump.run())
+        served = 0
+        try:
+            # Until the receiver's completion is on the broker: a receiver that said Done but
+            # died before reporting it reports it when it is run again (or asks for more).
+            while True:
+                session = await self._next_attempt(served)
+                if session.state == State.STATE_COMPLETED:
+                    break
+                served = session.attempt
+                der = session.receiver.certificate_der
+                peer = SendPeer(
+                    self.name,
+                    self._sources,
+                    send_session,
+                    self.stamps,
+                    counter,
+                    server_context(self._identity, der),
+                    der,
+                    on_pause=paused,
+                )
+                ports = session.plan.listener_ports
+                try:
+                    peer.bind(ports.first_port, ports.last_port)
+                except OSError:
+                    failed = self._upload_failed()
+                    if self.via != "auto" or failed is not None:
+                        raise
+                    # No port to listen on: the object store is the only way left.
+                    self._start_upload("cannot listen")
+                    continue
+                await self._serve(peer, served, session)
+        except SourceChanged as exc:
+            reason = f"sending failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise SourceChangedError(reason) from exc
+        except (ProtocolError, PeerAborted) as exc:
+            reason = f"sending failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise PeerProtocolError(reason) from exc
+        except OSError as exc:
+            reason = f"sending failed: {exc}"
+            await self._link.report_failed(self.name, reason)
+            raise TransferError(reason) from exc
+        finally:
+            pump_task.cancel()
+            await asyncio.gather(pump_task, return_exceptions=True)
+        seconds = time.monotonic() - started
+        # Chunks the receiver had from an earlier run were not read here: hash them now.
+        await asyncio.to_thread(fill_digests, send_session, self._sources)
+        digests = [send_session.digest(i) for i in range(len(self.files))]
+        uploaded = self._uploader.bytes_uploaded if self._uploader is not None else 0
+        result = TransferResult(
+            session=self.name,
+            files=[
+                FileResult(f.path, f.size, d.hex() if d is not None else "")
+                for f, d in zip(self.files, digests, strict=True)
+            ],
+            bytes=self.total_size,
+            bytes_transferred=counter.bytes_sent + uploaded,
+            bytes_resumed=max(0, self.total_size - counter.bytes_sent - uploaded),
+            seconds=seconds,
+            path=path_of(counter.bytes_sent, uploaded),
+        )
+        if on_event is not None:
+            on_event(Completed(result))
+        return result
+
+    async def _serve(self, peer: SendPeer, attempt: int, session: broker_pb2.Session) -> None:
+        """Serve one attempt, until the receiver says Done or the session moves on.
+
+        With via="auto", if no receiver has connected by the plan's connect deadline, the
+        upload to the object store starts in the background (the receiver switches to the
+        store at that same deadline); this attempt keeps listening meanwhile.
+        """
+        cancel = threading.Event()
+        with contextlib.suppress(PeerGone):
+            await in_thread_while(
+                functools.partial(peer.run, cancel),
+                cancel,
+                follow(self._link, self.name, attempt, cancel, []),
+                self._fallback_at_deadline(peer, session),
+            )
+
+    async def _fallback_at_deadline(self, peer: SendPeer, session: broker_pb2.Session) -> None:
+        if self.via != "auto" or self._upload is not None:
+            return
+        deadline = session.plan.connect_deadline.ToDatetime().timestamp()
+        await asyncio.sleep(max(deadline - time.time(), 0.0))
+        if not peer.connected.is_set():
+            self._start_upload("no direct connection by the deadline")
