@@ -33,6 +33,7 @@ def test_exported_names() -> None:
             "TransferError",
             "TransferOver",
             "TransferResult",
+            "digest_file",
             "remove_partial",
         ]
     )
