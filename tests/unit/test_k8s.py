@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
+from ferry.broker import BrokerConfig, config_from_arguments
+from ferry.cli.main import _parser
+
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ["dev", "prod"]
 GRPC_PORT = 50051
@@ -121,10 +124,18 @@ def test_broker_container(objs: list[Obj]) -> None:
     config = one(objs, "ConfigMap")
     assert config["data"]["FERRY_LISTEN"] == f"0.0.0.0:{GRPC_PORT}"
     assert config["data"]["FERRY_DATA_DIR"] == "/var/lib/ferry"
-    # Every setting in it is one that `ferry serve` really reads.
-    cli = (REPO / "clients" / "ferry" / "cli" / "main.py").read_text()
-    for key in config["data"]:
-        assert f'"{key}"' in cli, key
+    # Every setting in it is one that `ferry serve` really reads: as its environment it
+    # gives the config above, and without any one of its keys the config differs.
+    env = {k: str(v) for k, v in config["data"].items()}
+
+    def serve_config(environ: dict[str, str]) -> BrokerConfig:
+        return config_from_arguments(_parser().parse_args(["serve"]), environ)
+
+    full = serve_config(env)
+    assert full.listen == f"0.0.0.0:{GRPC_PORT}"
+    assert full.data_dir == Path("/var/lib/ferry")
+    for key in env:
+        assert serve_config({k: v for k, v in env.items() if k != key}) != full, key
     refs = [e["configMapRef"]["name"] for e in container["envFrom"]]
     assert config["metadata"]["name"] in refs
 

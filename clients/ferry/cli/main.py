@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ferry.broker.cli import add_arguments as add_broker_arguments
 from ferry.cli import _state
 from ferry.client import (
     DEFAULT_CHUNK_SIZE,
@@ -518,22 +519,13 @@ def _digest(ns: argparse.Namespace) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from ferry.broker import BrokerConfig, serve
-    from ferry.broker.config import s3_from_environment
+    from ferry.broker import config_from_arguments, configure_logging, serve
 
-    # FERRY_S3_* from the environment, then the --s3-* flags given.
-    flags = {
-        "s3_bucket": ns.s3_bucket,
-        "s3_endpoint": ns.s3_endpoint,
-        "s3_region": ns.s3_region,
-        "s3_prefix": ns.s3_prefix,
-        "s3_url_ttl_s": ns.s3_url_ttl,
-    }
-    s3: dict[str, Any] = {
-        **s3_from_environment(),
-        **{k: v for k, v in flags.items() if v is not None and v != ""},
-    }
-    config = BrokerConfig(listen=ns.listen, data_dir=Path(ns.data_dir), **s3)
+    try:
+        config = config_from_arguments(ns)
+    except ValueError as exc:
+        _fail(ns, str(exc), 2)
+    configure_logging(ns)
     asyncio.run(serve(config))
     return 0
 
@@ -577,14 +569,7 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     s = sub.add_parser("serve", help="run a broker")
-    s.add_argument("--listen", default=os.environ.get("FERRY_LISTEN", DEFAULT_BROKER))
-    s.add_argument("--data-dir", default=os.environ.get("FERRY_DATA_DIR", "ferry-data"))
-    # Defaults come from FERRY_S3_* (read in _serve, so that send/receive never import it).
-    s.add_argument("--s3-bucket", help="object-store fallback bucket (env FERRY_S3_BUCKET)")
-    s.add_argument("--s3-endpoint", help="S3 URL; unset: AWS (env FERRY_S3_ENDPOINT)")
-    s.add_argument("--s3-region", help="S3 region (env FERRY_S3_REGION)")
-    s.add_argument("--s3-prefix", help="prefix of every object key (env FERRY_S3_PREFIX)")
-    s.add_argument("--s3-url-ttl", type=float, metavar="S", help="presigned URL lifetime")
+    add_broker_arguments(s)  # the flags of `python -m ferry.broker`; env read in _serve
 
     s = sub.add_parser("send", help="offer files and folders; prints a one-time code")
     s.add_argument("paths", nargs="+", type=Path)

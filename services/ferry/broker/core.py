@@ -1,12 +1,17 @@
 """The broker's domain logic: offers, claims, consent, progress, expiry, over a Store.
 
-gRPC-free: methods take protos and plain values, return protos, and raise BrokerError. The
-servicer (service.py) only unpacks calls and maps errors. All times come from the injected
-clock (seconds since the epoch), so tests can move time.
+gRPC-free: methods take protos and plain values, return protos, and raise the refusals of
+errors.py (a reason and a message, no status code). The servicer (service.py) only unpacks
+calls and maps refusals to statuses. All times come from the injected clock (seconds since the
+epoch), so tests can move time.
 
 Store calls are synchronous and short; between reading a session and writing it back there is
 no await, so within one process no two calls interleave on one session. Across replicas the
-store's compare-and-set (StaleRecord) catches races; they surface as ABORTED/CONFLICT.
+store's compare-and-set (StaleRecord) catches races; they surface as Aborted/CONFLICT.
+
+Acceptance and every resume after it start a connection attempt the same way
+(:meth:`Broker._negotiate`): lease the listener's ports, set the plan, write; a failed write
+gives the lease back to what the stored plan says.
 """
 
 from __future__ import annotations
@@ -20,12 +25,20 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ferry.broker import codes, leases, states, validation
 from ferry.broker.config import BrokerConfig
-from ferry.broker.errors import BrokerError, Reason, invalid
+from ferry.broker.errors import (
+    Aborted,
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Reason,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from ferry.broker.hub import Hub
 from ferry.broker.ratelimit import ClaimLimiter
 from ferry.broker.states import Event, Party
@@ -47,8 +60,8 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def _not_found() -> BrokerError:
-    return BrokerError(grpc.StatusCode.NOT_FOUND, Reason.CODE_NOT_FOUND, "no offer has this code")
+def _not_found() -> NotFound:
+    return NotFound(Reason.CODE_NOT_FOUND, "no offer has this code")
 
 
 class Broker:
@@ -95,7 +108,9 @@ class Broker:
         validation.check_manifest(request.manifest)
         validation.check_peer(request.sender, "sender")
         if len(request.request_id) > 128:
-            raise invalid(Reason.INVALID_ARGUMENT, "request_id is longer than 128 characters")
+            raise InvalidArgument(
+                Reason.INVALID_ARGUMENT, "request_id is longer than 128 characters"
+            )
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
         if request.request_id:
             replay = self._replay(request.request_id, fingerprint, now)
@@ -137,8 +152,7 @@ class Broker:
         cached = self._replies.get(request_id)
         if cached is not None and cached[2] > now:
             if cached[0] != fingerprint:
-                raise BrokerError(
-                    grpc.StatusCode.ALREADY_EXISTS,
+                raise AlreadyExists(
                     Reason.REQUEST_ID_REUSED,
                     "this request_id was already used for a different offer",
                 )
@@ -150,8 +164,7 @@ class Broker:
             return reply
         existing = self.store.find_by_request_id(request_id)
         if existing is not None and existing.expire_s > now:
-            raise BrokerError(
-                grpc.StatusCode.ALREADY_EXISTS,
+            raise AlreadyExists(
                 Reason.REQUEST_ID_REUSED,
                 "an offer with this request_id exists but its code can no longer be shown;"
                 " create a new offer with a new request_id",
@@ -183,8 +196,7 @@ class Broker:
         now = self.clock()
         ip = peer_ip or "unknown"
         if not self.limiter.allowed(ip, now):
-            raise BrokerError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 Reason.RATE_LIMITED,
                 "too many failed code claims; wait a little and try again",
             )
@@ -205,9 +217,7 @@ class Broker:
         if record.session.state == states.EXPIRED or (
             record.session.state == states.OFFERED and record.expire_s <= now
         ):
-            raise BrokerError(
-                grpc.StatusCode.NOT_FOUND, Reason.CODE_EXPIRED, "this code has expired"
-            )
+            raise NotFound(Reason.CODE_EXPIRED, "this code has expired")
         if record.session.state != states.OFFERED:
             self.limiter.failed(ip, now)
             raise _not_found()
@@ -225,28 +235,22 @@ class Broker:
     def authorize(self, name: str, token: str | None) -> tuple[SessionRecord, Party]:
         """The session `name` and the caller's party, from the caller's bearer token."""
         if not token:
-            raise BrokerError(
-                grpc.StatusCode.UNAUTHENTICATED,
+            raise Unauthenticated(
                 Reason.TOKEN_MISSING,
                 "missing 'authorization: Bearer <party_token>' metadata",
             )
         found = self.store.find_by_token_hash(codes.hash_token(token))
         if found is None:
-            raise BrokerError(
-                grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_INVALID, "the party token is invalid"
-            )
+            raise Unauthenticated(Reason.TOKEN_INVALID, "the party token is invalid")
         session_id, party = found
         if name != f"sessions/{session_id}":
-            raise BrokerError(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise PermissionDenied(
                 Reason.WRONG_SESSION,
                 "the party token does not grant access to this session",
             )
         record = self.store.get_session(session_id)
         if record is None:
-            raise BrokerError(
-                grpc.StatusCode.NOT_FOUND, Reason.SESSION_NOT_FOUND, f"{name} does not exist"
-            )
+            raise NotFound(Reason.SESSION_NOT_FOUND, f"{name} does not exist")
         return self._expire_if_due(record), party
 
     def accept(
@@ -256,19 +260,13 @@ class Broker:
         record, party = self.authorize(name, token)
         validation.check_peer(receiver, "receiver")
         session = record.session
-        states.apply(session.state, session.claimed, Event.ACCEPT, party)  # fail before leasing
+        # Refused here, if at all, before any port is leased.
+        outcome = states.apply(session.state, session.claimed, Event.ACCEPT, party)
         now = self.clock()
         expire_s = now + self.config.session_ttl_s
-        span = self._lease_listener(record, expire_s, now)
-        try:
-            session.receiver.CopyFrom(_with_reflexive(receiver, peer_ip))
-            session.plan.CopyFrom(self._plan(span, expire_s, now))
-            session.expire_time.CopyFrom(timestamp(expire_s))
-            session.attempt = 1
-            return self._fire(record, Event.ACCEPT, party).session
-        except BaseException:
-            self._reconcile_lease(record.session_id, now)
-            raise
+        session.receiver.CopyFrom(_with_reflexive(receiver, peer_ip))
+        session.expire_time.CopyFrom(timestamp(expire_s))
+        return self._negotiate(record, outcome, expire_s, now)  # attempt 0 -> 1
 
     def resume(
         self, name: str, token: str | None, peer: broker_pb2.PeerInfo, peer_ip: str | None
@@ -288,16 +286,7 @@ class Broker:
         mine.CopyFrom(_with_reflexive(peer, peer_ip))
         if outcome.state == states.OFFERED:
             return self._commit(record, outcome)
-        now = self.clock()
-        expire_s = record.expire_s
-        span = self._lease_listener(record, expire_s, now)  # replaces the session's lease
-        try:
-            session.plan.CopyFrom(self._plan(span, expire_s, now))
-            session.attempt += 1
-            return self._commit(record, outcome)
-        except BaseException:
-            self._reconcile_lease(record.session_id, now)
-            raise
+        return self._negotiate(record, outcome, record.expire_s, self.clock())
 
     def decline(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
         """The receiver's refusal."""
@@ -332,7 +321,7 @@ class Broker:
         """
         validation.check_reason(failure_reason)
         if bytes_done < 0:
-            raise invalid(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
+            raise InvalidArgument(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
         record, party = self.authorize(name, token)
         session = record.session
         outcome = states.report(session.state, session.claimed, state, party)
@@ -376,7 +365,7 @@ class Broker:
                 try:
                     self._fire(record, Event.EXPIRE, Party.BROKER)
                     expired += 1
-                except (StaleRecord, states.LifecycleError):
+                except (Aborted, states.LifecycleError):  # a call changed it meanwhile
                     log.debug("session changed while expiring", extra={"id": record.session_id})
             if len(due) < _SWEEP_BATCH:
                 return expired
@@ -392,6 +381,26 @@ class Broker:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _negotiate(
+        self, record: SessionRecord, outcome: states.Outcome, expire_s: float, now: float
+    ) -> broker_pb2.Session:
+        """Start the next connection attempt and write `outcome`: the accept and resume step.
+
+        Leases the listener's ports until `expire_s` (replacing any lease the session held),
+        sets a new plan and bumps ``attempt`` (0 before acceptance, so acceptance starts
+        attempt 1), then commits. The outcome was checked before this is called, so an illegal
+        event never leases. If anything fails after the lease (a concurrent write: Aborted),
+        the session's lease is made to match its stored plan again before the error goes on.
+        """
+        span = self._lease_listener(record, expire_s, now)
+        try:
+            record.session.plan.CopyFrom(self._plan(span, expire_s, now))
+            record.session.attempt += 1
+            return self._commit(record, outcome)
+        except BaseException:
+            self._reconcile_lease(record.session_id, now)
+            raise
+
     def _lease_listener(self, record: SessionRecord, expire_s: float, now: float) -> leases.Span:
         """Lease the listener (the sender) stream_count + 2 ports, replacing any older lease."""
         sender = record.session.sender
@@ -402,9 +411,7 @@ class Broker:
                 _host_key(sender), allowed, count, record.session_id, expire_s, now
             )
         except leases.NoPortsAvailable as exc:
-            raise BrokerError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.NO_PORTS, str(exc)
-            ) from None
+            raise ResourceExhausted(Reason.NO_PORTS, str(exc)) from None
 
     def _plan(self, span: leases.Span, expire_s: float, now: float) -> broker_pb2.ConnectionPlan:
         """A plan for a new attempt: the sender listens on `span` until `expire_s`."""
@@ -473,9 +480,7 @@ class Broker:
         try:
             stored = self.store.update_session(record)
         except StaleRecord:
-            raise BrokerError(
-                grpc.StatusCode.ABORTED, Reason.CONFLICT, "the session changed meanwhile; retry"
-            ) from None
+            raise Aborted(Reason.CONFLICT, "the session changed meanwhile; retry") from None
         record.version = stored.version
         if final:
             self.store.release_lease(record.session_id)

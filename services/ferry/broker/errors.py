@@ -1,18 +1,44 @@
-"""BrokerError: a status code, a user-facing message and a machine-readable reason.
+"""The broker's refusals: one error tree, a kind per class and a machine-readable reason.
 
-The domain raises it; the servicer turns it into a gRPC status with a google.rpc.ErrorInfo
-detail (domain ``ferry.v1``), so any gRPC client reads ``reason`` without parsing text.
+The domain (core, fallback, validation, states) raises these and knows nothing of gRPC. Each
+error carries a :class:`Reason` and a message for people (``str(error)``); its class says what
+kind of refusal it is, in the vocabulary of the canonical error codes (google.rpc.Code). The
+servicer (service.py) is the only place that maps a class to a gRPC status code, and it
+attaches a google.rpc.ErrorInfo (domain ``ferry.v1``) carrying the reason, so any gRPC client
+reads ``reason`` without parsing text. A later transport maps the same classes its own way.
+
+The tree (class: status code the servicer sends; the reasons raised with it)::
+
+    BrokerRefusal
+    ├── InvalidArgument        INVALID_ARGUMENT     INVALID_MANIFEST, INVALID_PEER, INVALID_ARGUMENT
+    ├── NotFound               NOT_FOUND            CODE_NOT_FOUND, CODE_EXPIRED, SESSION_NOT_FOUND
+    ├── AlreadyExists          ALREADY_EXISTS       REQUEST_ID_REUSED
+    ├── Unauthenticated        UNAUTHENTICATED      TOKEN_MISSING, TOKEN_INVALID
+    ├── PermissionDenied       PERMISSION_DENIED    WRONG_SESSION, WRONG_PARTY
+    │   └── states.NotPermitted                     WRONG_PARTY
+    ├── FailedPrecondition     FAILED_PRECONDITION  STORE_UNAVAILABLE, WRONG_STATE,
+    │   │                                           UPLOAD_NOT_STARTED, UPLOAD_COMPLETED,
+    │   │                                           PARTS_MISSING
+    │   └── states.IllegalTransition                ILLEGAL_TRANSITION
+    ├── ResourceExhausted      RESOURCE_EXHAUSTED   RATE_LIMITED, NO_PORTS
+    ├── Aborted                ABORTED              CONFLICT
+    ├── Unavailable            UNAVAILABLE          STORE_ERROR
+    └── Internal               INTERNAL             INTERNAL
+
+``states.LifecycleError`` is the common base of the two lifecycle errors (it derives from
+BrokerRefusal), so ``except states.LifecycleError`` still catches exactly those. The reason
+SHUTTING_DOWN is part of the API but not raised by the broker today.
 """
 
 from __future__ import annotations
 
-import grpc
+import enum
 
 DOMAIN = "ferry.v1"
 
 
-class Reason:
-    """The ErrorInfo reasons the broker uses."""
+class Reason(enum.StrEnum):
+    """The ErrorInfo reasons of domain ``ferry.v1``: part of the API, never renamed."""
 
     INVALID_MANIFEST = "INVALID_MANIFEST"
     INVALID_PEER = "INVALID_PEER"
@@ -39,16 +65,50 @@ class Reason:
     INTERNAL = "INTERNAL"
 
 
-class BrokerError(Exception):
-    """An error the client should see as `code` with `reason`; str() is the message."""
+class BrokerRefusal(Exception):
+    """The root: the broker refuses a call; ``str(error)`` is the message the caller sees."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
-        self.code = code
         self.reason = reason
         self.message = message
 
 
-def invalid(reason: str, message: str) -> BrokerError:
-    """An INVALID_ARGUMENT error."""
-    return BrokerError(grpc.StatusCode.INVALID_ARGUMENT, reason, message)
+class InvalidArgument(BrokerRefusal):
+    """The request itself is malformed; the same request will never succeed."""
+
+
+class NotFound(BrokerRefusal):
+    """What the request names (a code, a session) does not exist, or no longer does."""
+
+
+class AlreadyExists(BrokerRefusal):
+    """Something the request would create exists already (a reused request_id)."""
+
+
+class Unauthenticated(BrokerRefusal):
+    """The caller sent no valid credential."""
+
+
+class PermissionDenied(BrokerRefusal):
+    """The caller is known but may not do this (another session, the other party)."""
+
+
+class FailedPrecondition(BrokerRefusal):
+    """Not in the current state of the session or of the broker; retrying as is won't help."""
+
+
+class ResourceExhausted(BrokerRefusal):
+    """A limit is reached (claim rate, free ports); later, or elsewhere, it may work."""
+
+
+class Aborted(BrokerRefusal):
+    """Another call changed the session meanwhile; read it again and retry."""
+
+
+class Unavailable(BrokerRefusal):
+    """Something the broker depends on failed for now (the object store); retry later."""
+
+
+class Internal(BrokerRefusal):
+    """A broker bug: what the caller sees of an unexpected exception."""

@@ -1,9 +1,9 @@
 """The object-store fallback, broker side: presigned multipart uploads and ranged downloads.
 
-gRPC-free like core.py: methods take plain values, return protos, raise BrokerError. The bytes
-never pass through the broker; it only talks to S3 to create, list, complete and abort
-uploads and to delete objects, and presigns URLs for the clients (see objectlayout for how a
-file lies in the bucket).
+gRPC-free like core.py: methods take plain values, return protos, raise errors.py's refusals.
+The bytes never pass through the broker; it only talks to S3 to create, list, complete and
+abort uploads and to delete objects, and presigns URLs for the clients (see objectlayout for
+how a file lies in the bucket).
 
 Who may do what (the session's state is checked after its expiry is applied)::
 
@@ -12,8 +12,8 @@ Who may do what (the session's state is checked after its expiry is applied)::
                                                       TRANSFERRING
     PresignStoreDownload                   receiver   ACCEPTED, CONNECTING, TRANSFERRING
 
-Errors: no bucket configured -> FAILED_PRECONDITION / STORE_UNAVAILABLE (a configuration
-fact: retrying does not help); S3 failing -> UNAVAILABLE / STORE_ERROR (retry later).
+Errors: no bucket configured -> FailedPrecondition / STORE_UNAVAILABLE (a configuration
+fact: retrying does not help); S3 failing -> Unavailable / STORE_ERROR (retry later).
 
 Cleanup is driven by the store, so a restart loses none of it: every upload is recorded
 (uploads table) before its URLs leave the broker, and the cleaner deletes the objects and
@@ -30,12 +30,16 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
-import grpc
-
 from ferry.broker import objectlayout as layout
 from ferry.broker import states
 from ferry.broker.core import Broker, timestamp
-from ferry.broker.errors import BrokerError, Reason, invalid
+from ferry.broker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Reason,
+    Unavailable,
+)
 from ferry.broker.objectstore import ObjectStore, ObjectStoreError, Part, Unsupported
 from ferry.broker.states import Party
 from ferry.broker.store import SessionRecord, UploadRecord
@@ -54,11 +58,7 @@ def _s3() -> Iterator[None]:
     try:
         yield
     except ObjectStoreError as exc:
-        raise BrokerError(grpc.StatusCode.UNAVAILABLE, Reason.STORE_ERROR, str(exc)) from None
-
-
-def _failed(reason: str, message: str) -> BrokerError:
-    return BrokerError(grpc.StatusCode.FAILED_PRECONDITION, reason, message)
+        raise Unavailable(Reason.STORE_ERROR, str(exc)) from None
 
 
 class Fallback:
@@ -83,27 +83,26 @@ class Fallback:
     ) -> tuple[ObjectStore, SessionRecord, broker_pb2.FileEntry]:
         record, caller = self.broker.authorize(name, token)
         if self.objects is None:
-            raise _failed(
+            raise FailedPrecondition(
                 Reason.STORE_UNAVAILABLE,
                 "the object-store fallback is not available: this broker has no S3 bucket"
                 " configured (--s3-bucket / FERRY_S3_BUCKET)",
             )
         if caller is not party:
             verb = "upload to" if party is Party.SENDER else "download from"
-            raise BrokerError(
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise PermissionDenied(
                 Reason.WRONG_PARTY,
                 f"only the {party.value} may {verb} the object store",
             )
         state = record.session.state
         if state not in allowed:
-            raise _failed(
+            raise FailedPrecondition(
                 Reason.WRONG_STATE,
                 f"the session is {states.state_name(state)}; the object store is not open to it",
             )
         files = record.session.manifest.files
         if not 0 <= file_index < len(files):
-            raise invalid(
+            raise InvalidArgument(
                 Reason.INVALID_ARGUMENT, f"file_index must be between 0 and {len(files) - 1}"
             )
         return self.objects, record, files[file_index]
@@ -111,7 +110,9 @@ class Fallback:
     def _upload(self, record: SessionRecord, file_index: int) -> UploadRecord:
         upload = self.broker.store.get_upload(record.session_id, file_index)
         if upload is None:
-            raise _failed(Reason.UPLOAD_NOT_STARTED, "call StartStoreUpload for this file first")
+            raise FailedPrecondition(
+                Reason.UPLOAD_NOT_STARTED, "call StartStoreUpload for this file first"
+            )
         return upload
 
     def _url_ttl(self, record: SessionRecord, now: float) -> int:
@@ -167,12 +168,18 @@ class Fallback:
         size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
         count = layout.part_count(size, chunk)
         if len(part_numbers) > MAX_PARTS_PER_CALL:
-            raise invalid(Reason.INVALID_ARGUMENT, f"at most {MAX_PARTS_PER_CALL} parts per call")
+            raise InvalidArgument(
+                Reason.INVALID_ARGUMENT, f"at most {MAX_PARTS_PER_CALL} parts per call"
+            )
         if any(not 1 <= n <= count for n in part_numbers):
-            raise invalid(Reason.INVALID_ARGUMENT, f"part numbers must be between 1 and {count}")
+            raise InvalidArgument(
+                Reason.INVALID_ARGUMENT, f"part numbers must be between 1 and {count}"
+            )
         upload = self._upload(record, file_index)
         if upload.completed:
-            raise _failed(Reason.UPLOAD_COMPLETED, "this file's upload is already completed")
+            raise FailedPrecondition(
+                Reason.UPLOAD_COMPLETED, "this file's upload is already completed"
+            )
         now = self.broker.clock()
         ttl = self._url_ttl(record, now)
         expire = timestamp(now + ttl)
@@ -264,7 +271,7 @@ class Fallback:
                 if await objects.size(key) == size:
                     self.broker.store.complete_upload(record.session_id, file_index)
                     return reply
-                raise _failed(
+                raise FailedPrecondition(
                     Reason.PARTS_MISSING, "the upload is gone from the object store; start again"
                 )
             by_number = {p.number: p for p in parts}
@@ -280,7 +287,7 @@ class Fallback:
                 problems.append("the digests object is missing or has the wrong size")
             if problems:
                 more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-                raise _failed(Reason.PARTS_MISSING, "; ".join(problems[:5]) + more)
+                raise FailedPrecondition(Reason.PARTS_MISSING, "; ".join(problems[:5]) + more)
             # Shielded: once S3 has joined the parts the upload id is gone, so the store must
             # learn it even if the sender hangs up (and its call is cancelled) meanwhile.
             await asyncio.shield(self._complete(objects, record, file_index, key, parts))

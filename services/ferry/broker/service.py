@@ -1,15 +1,16 @@
-"""BrokerService for grpc.aio: unpack the call, ask the Broker, map errors to rich statuses.
+"""BrokerService for grpc.aio: unpack the call, ask the Broker, map refusals to rich statuses.
 
-Every error leaves as a status code plus a google.rpc.ErrorInfo(domain="ferry.v1", reason=...)
-in the `grpc-status-details-bin` trailer. Unexpected exceptions are logged and become INTERNAL,
-never a bare UNKNOWN.
+The only module that knows both the domain's refusals (errors.py) and gRPC. Every refusal
+leaves as the status code of its class (:data:`STATUS_CODES`, looked up along the class's MRO)
+plus a google.rpc.ErrorInfo(domain="ferry.v1", reason=...) in the `grpc-status-details-bin`
+trailer. Unexpected exceptions are logged and become INTERNAL, never a bare UNKNOWN.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -17,9 +18,9 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
 
-from ferry.broker import states, validation
+from ferry.broker import errors, validation
 from ferry.broker.core import Broker
-from ferry.broker.errors import DOMAIN, BrokerError, Reason
+from ferry.broker.errors import DOMAIN, BrokerRefusal, Reason
 from ferry.broker.fallback import Fallback
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
@@ -29,41 +30,62 @@ T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-async def abort(context: Context, code: grpc.StatusCode, message: str, reason: str) -> NoReturn:
-    """End the call with `code`, `message` and an ErrorInfo carrying `reason`."""
+#: The status code of each kind of refusal: the one place where the domain meets gRPC.
+STATUS_CODES: Mapping[type[BrokerRefusal], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+
+def as_refusal(exc: Exception) -> BrokerRefusal:
+    """The refusal the client sees for any exception from the domain (a bug: INTERNAL)."""
+    if isinstance(exc, BrokerRefusal):
+        return exc
+    log.error("unexpected error in the broker", exc_info=exc)
+    return errors.Internal(Reason.INTERNAL, "internal broker error")
+
+
+def status_code(refusal: BrokerRefusal) -> grpc.StatusCode:
+    """The status code of the nearest class in the refusal's MRO that STATUS_CODES lists."""
+    for kind in type(refusal).__mro__:
+        if issubclass(kind, BrokerRefusal) and kind in STATUS_CODES:
+            return STATUS_CODES[kind]
+    log.error("a refusal of no known kind: %r", refusal)
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort(context: Context, refusal: BrokerRefusal) -> NoReturn:
+    """End the call with the refusal's status code and message, and its reason in ErrorInfo."""
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
-    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    detail.Pack(error_details_pb2.ErrorInfo(reason=str(refusal.reason), domain=DOMAIN))
+    code = status_code(refusal).value[0]
+    status = status_pb2.Status(code=code, message=refusal.message, details=[detail])
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-
-def as_broker_error(exc: Exception) -> BrokerError:
-    """Map any exception from the domain to the error the client sees."""
-    if isinstance(exc, BrokerError):
-        return exc
-    if isinstance(exc, states.NotPermitted):
-        return BrokerError(grpc.StatusCode.PERMISSION_DENIED, Reason.WRONG_PARTY, str(exc))
-    if isinstance(exc, states.IllegalTransition):
-        return BrokerError(grpc.StatusCode.FAILED_PRECONDITION, Reason.ILLEGAL_TRANSITION, str(exc))
-    log.error("unexpected error in the broker", exc_info=exc)
-    return BrokerError(grpc.StatusCode.INTERNAL, Reason.INTERNAL, "internal broker error")
 
 
 async def _call(context: Context, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except Exception as exc:
-        error = as_broker_error(exc)
-    await abort(context, error.code, error.message, error.reason)
+        refusal = as_refusal(exc)
+    await abort(context, refusal)
 
 
 async def _acall(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return await fn()
     except Exception as exc:
-        error = as_broker_error(exc)
-    await abort(context, error.code, error.message, error.reason)
+        refusal = as_refusal(exc)
+    await abort(context, refusal)
 
 
 def bearer_token(context: Context) -> str | None:
@@ -221,5 +243,5 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
                     yield broker_pb2.WatchSessionResponse(session=session)
             return
         except Exception as exc:
-            error = as_broker_error(exc)
-        await abort(context, error.code, error.message, error.reason)
+            refusal = as_refusal(exc)
+        await abort(context, refusal)

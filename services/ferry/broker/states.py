@@ -41,6 +41,7 @@ import enum
 from collections.abc import Mapping
 from typing import TypeAlias
 
+from ferry.broker.errors import BrokerRefusal, FailedPrecondition, PermissionDenied, Reason
 from ferry.v1 import broker_pb2
 
 State: TypeAlias = broker_pb2.Session.State.ValueType
@@ -140,16 +141,25 @@ def state_name(state: State) -> str:
     return broker_pb2.Session.State.Name(state).removeprefix("STATE_").lower()
 
 
-class LifecycleError(Exception):
-    """Base of the errors of this module; str(error) is meant for the user."""
+class LifecycleError(BrokerRefusal):
+    """Base of the errors of this module; str(error) is meant for the user.
+
+    Both are broker refusals (see errors.py for the whole tree), each with its fixed reason.
+    """
 
 
-class IllegalTransition(LifecycleError):
-    """The session cannot do that in its current state."""
+class IllegalTransition(LifecycleError, FailedPrecondition):
+    """The session cannot do that in its current state (reason ILLEGAL_TRANSITION)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.ILLEGAL_TRANSITION, message)
 
 
-class NotPermitted(LifecycleError):
-    """This party may not do that to a session."""
+class NotPermitted(LifecycleError, PermissionDenied):
+    """This party may not do that to a session (reason WRONG_PARTY)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.WRONG_PARTY, message)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,10 +1,10 @@
-"""Checks on what clients send, pure: each raises BrokerError(INVALID_ARGUMENT) with a reason."""
+"""Checks on what clients send, pure: each raises errors.InvalidArgument with a reason."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from ferry.broker.errors import BrokerError, Reason, invalid
+from ferry.broker.errors import InvalidArgument, Reason
 from ferry.v1 import broker_pb2
 
 MAX_FILES = 10_000
@@ -18,8 +18,8 @@ MAX_HOST_ID_CHARS = 256
 MAX_REASON_CHARS = 1024
 
 
-def _manifest_error(message: str) -> BrokerError:
-    return invalid(Reason.INVALID_MANIFEST, message)
+def _manifest_error(message: str) -> InvalidArgument:
+    return InvalidArgument(Reason.INVALID_MANIFEST, message)
 
 
 def check_path(path: str) -> None:
@@ -62,32 +62,38 @@ def check_manifest(manifest: broker_pb2.Manifest) -> None:
 def check_peer(peer: broker_pb2.PeerInfo, side: str) -> None:
     """Certificate present and small, port range valid, candidates are IP addresses."""
     if not peer.certificate_der:
-        raise invalid(Reason.INVALID_PEER, f"the {side}'s certificate is missing")
+        raise InvalidArgument(Reason.INVALID_PEER, f"the {side}'s certificate is missing")
     if len(peer.certificate_der) > MAX_CERTIFICATE_BYTES:
-        raise invalid(Reason.INVALID_PEER, f"the {side}'s certificate is larger than 16 KiB")
+        raise InvalidArgument(
+            Reason.INVALID_PEER, f"the {side}'s certificate is larger than 16 KiB"
+        )
     ports = peer.allowed_ports
     if not 1 <= ports.first_port <= ports.last_port <= 65535:
-        raise invalid(
+        raise InvalidArgument(
             Reason.INVALID_PEER,
             f"the {side}'s allowed_ports must satisfy 1 <= first_port <= last_port <= 65535",
         )
     if len(peer.candidates) > MAX_CANDIDATES:
-        raise invalid(Reason.INVALID_PEER, f"the {side} lists more than {MAX_CANDIDATES} addresses")
+        raise InvalidArgument(
+            Reason.INVALID_PEER, f"the {side} lists more than {MAX_CANDIDATES} addresses"
+        )
     for candidate in peer.candidates:
         try:
             ipaddress.ip_address(candidate.ip)
         except ValueError:
-            raise invalid(
+            raise InvalidArgument(
                 Reason.INVALID_PEER, f"the {side}'s candidate {candidate.ip!r} is not an IP address"
             ) from None
     if len(peer.host_id) > MAX_HOST_ID_CHARS:
-        raise invalid(Reason.INVALID_PEER, f"the {side}'s host_id is too long")
+        raise InvalidArgument(Reason.INVALID_PEER, f"the {side}'s host_id is too long")
 
 
 def check_reason(text: str) -> None:
     """A human reason string stays short."""
     if len(text) > MAX_REASON_CHARS:
-        raise invalid(Reason.INVALID_ARGUMENT, f"reason is longer than {MAX_REASON_CHARS} chars")
+        raise InvalidArgument(
+            Reason.INVALID_ARGUMENT, f"reason is longer than {MAX_REASON_CHARS} chars"
+        )
 
 
 def peer_ip(peer: str) -> str | None:

@@ -6,13 +6,12 @@ import os
 import stat
 from pathlib import Path
 
-import grpc
 import pytest
 
 from ferry.broker import states
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker
-from ferry.broker.errors import BrokerError
+from ferry.broker.errors import NotFound, Reason
 from ferry.broker.server import load_token_key
 from ferry.broker.store import SqliteStore
 from ferry.v1 import broker_pb2
@@ -55,9 +54,9 @@ def test_repeated_claim_with_the_same_request_id(tmp_path: Path) -> None:
         assert got.claimed
         # Another request id, or none, is a second claim: refused like a wrong code.
         for other in ("req-2", ""):
-            with pytest.raises(BrokerError) as info:
+            with pytest.raises(NotFound) as info:
                 broker.claim_offer(offer.code, "192.0.2.3", other)
-            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            assert info.value.reason == Reason.CODE_NOT_FOUND
     finally:
         store.close()
 
@@ -85,8 +84,8 @@ def test_no_repeat_once_the_session_is_over(tmp_path: Path) -> None:
         claim = broker.claim_offer(offer.code, "192.0.2.2", "req-1")
         broker.decline(offer.session.name, claim.party_token, "no")
         assert broker.get(offer.session.name, offer.party_token).state == states.DECLINED
-        with pytest.raises(BrokerError) as info:
+        with pytest.raises(NotFound) as info:
             broker.claim_offer(offer.code, "192.0.2.2", "req-1")
-        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert info.value.reason == Reason.CODE_NOT_FOUND
     finally:
         store.close()

@@ -12,7 +12,7 @@ import ferry.broker
 from ferry.broker import states
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker
-from ferry.broker.errors import BrokerError
+from ferry.broker.errors import AlreadyExists, Reason
 from ferry.broker.store import SqliteStore
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
@@ -50,9 +50,16 @@ def test_public_surface() -> None:
     assert sorted(ferry.broker.__all__) == [
         "BrokerConfig",
         "RunningBroker",
+        "add_arguments",
+        "config_from_arguments",
+        "configure_logging",
         "serve",
         "start_server",
     ]
+    for name in ferry.broker.__all__:  # the server's names are loaded on first use
+        assert getattr(ferry.broker, name) is not None
+    with pytest.raises(AttributeError):
+        _ = ferry.broker.nothing_of_that_name
 
 
 def test_ttl_clamped_and_sweep(tmp_path: Path) -> None:
@@ -101,9 +108,9 @@ def test_request_id_after_restart(tmp_path: Path) -> None:
         offer = first.create_offer(_request("r1"), None)
         assert first.create_offer(_request("r1"), None).code == offer.code
         restarted = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-        with pytest.raises(BrokerError) as info:
+        with pytest.raises(AlreadyExists) as info:
             restarted.create_offer(_request("r1"), None)
-        assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+        assert info.value.reason == Reason.REQUEST_ID_REUSED
     finally:
         store.close()
 

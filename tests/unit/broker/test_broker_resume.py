@@ -8,14 +8,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
 from ferry.broker import states
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker
-from ferry.broker.errors import BrokerError
-from ferry.broker.store import SqliteStore, StaleRecord
+from ferry.broker.errors import Aborted, InvalidArgument, Reason, ResourceExhausted, Unauthenticated
+from ferry.broker.store import SessionRecord, SqliteStore, StaleRecord
 from ferry.v1 import broker_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -201,9 +200,9 @@ def test_expiry_after_resumes_frees_the_lease(env: Env) -> None:
 def test_no_ports_keeps_the_old_attempt(env: Env) -> None:
     a = env.accepted()
     env.accepted()
-    with pytest.raises(BrokerError) as info:  # 9006-9011 is b's; 6 ports do not fit in 9006-9010
+    with pytest.raises(ResourceExhausted) as info:  # 9006-9011 is b's; 6 don't fit in 9006-9010
         env.broker.resume(a.name, a.sender, _peer(b"sender-2", 9006, 9010, "laptop"), None)
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.reason == Reason.NO_PORTS
     got = env.broker.get(a.name, a.sender)
     assert (got.attempt, got.sender.certificate_der) == (1, b"sender-1")
     assert (a.name, 9000, 9005) in env.leases()
@@ -239,14 +238,13 @@ def test_final_states_refuse(env: Env, final: states.State) -> None:
 
 def test_peer_is_validated(env: Env) -> None:
     s = env.accepted()
-    with pytest.raises(BrokerError) as info:
+    with pytest.raises(InvalidArgument) as info:
         env.broker.resume(s.name, s.receiver, _peer(b""), None)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.reason == "INVALID_PEER"
-    assert "receiver" in info.value.message
-    with pytest.raises(BrokerError) as info:
+    assert info.value.reason == Reason.INVALID_PEER
+    assert "receiver" in str(info.value)
+    with pytest.raises(Unauthenticated) as unauthenticated:
         env.broker.resume(s.name, None, _peer(b"x"), None)
-    assert info.value.reason == "TOKEN_MISSING"
+    assert unauthenticated.value.reason == Reason.TOKEN_MISSING
     assert env.broker.get(s.name, s.sender).attempt == 1
 
 
@@ -285,9 +283,9 @@ def test_conflict_puts_the_lease_back(env: Env, monkeypatch: pytest.MonkeyPatch)
         raise StaleRecord("raced")
 
     monkeypatch.setattr(env.broker.store, "update_session", stale)
-    with pytest.raises(BrokerError) as info:
+    with pytest.raises(Aborted) as info:
         env.broker.resume(s.name, s.sender, _peer(b"sender-2", 9500, 9600, "laptop"), None)
-    assert (info.value.code, info.value.reason) == (grpc.StatusCode.ABORTED, "CONFLICT")
+    assert info.value.reason == Reason.CONFLICT
     assert env.leases() == [(s.name, 9000, 9005)]  # the stored plan's ports, not 9500-9505
 
 
@@ -328,3 +326,68 @@ async def test_completed_again_changes_nothing(env: Env) -> None:
         env.broker.report(s.name, s.sender, states.COMPLETED, 1, "")
     with pytest.raises(states.IllegalTransition):  # other reports stay refused
         env.broker.report(s.name, s.receiver, states.TRANSFERRING, 1, "")
+
+
+def test_accept_negotiates_like_a_resume(env: Env) -> None:
+    s = env.offer()
+    env.clock.now += 7
+    got = env.broker.accept(s.name, s.receiver, _peer(b"receiver-1", 1, 2), "10.0.0.2")
+    assert (got.state, got.attempt) == (states.ACCEPTED, 1)
+    assert got.expire_time.seconds == int(env.clock.now) + 24 * 3600
+    assert _reflexive(got.receiver) == ["10.0.0.2"]
+    plan = got.plan
+    assert plan.listener == broker_pb2.ConnectionPlan.ROLE_SENDER
+    assert (plan.listener_ports.first_port, plan.listener_ports.last_port) == (9000, 9005)
+    assert plan.stream_count == 4
+    assert plan.connect_deadline.seconds == int(env.clock.now) + 30
+    assert plan.lease_expire_time == got.expire_time
+    assert env.leases() == [(s.name, 9000, 9005)]
+
+
+def test_accept_conflict_gives_the_lease_back(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = env.offer()
+    store = env.broker.store
+    real_update = store.update_session
+
+    def stale(record: object) -> object:
+        raise StaleRecord("raced")
+
+    monkeypatch.setattr(store, "update_session", stale)
+    with pytest.raises(Aborted) as info:
+        env.broker.accept(s.name, s.receiver, _peer(b"receiver-1", 1, 2), None)
+    assert info.value.reason == Reason.CONFLICT
+    assert env.leases() == []  # the stored session is OFFERED: it holds no ports
+    got = env.broker.get(s.name, s.sender)
+    assert (got.state, got.attempt, got.HasField("plan")) == (states.OFFERED, 0, False)
+    monkeypatch.setattr(store, "update_session", real_update)
+    accepted = env.broker.accept(s.name, s.receiver, _peer(b"receiver-1", 1, 2), None)
+    assert (accepted.state, accepted.attempt) == (states.ACCEPTED, 1)
+    assert env.leases() == [(s.name, 9000, 9005)]
+
+
+def test_an_illegal_accept_leases_nothing(env: Env) -> None:
+    s = env.offer()
+    with pytest.raises(states.NotPermitted):  # the sender may not accept
+        env.broker.accept(s.name, s.sender, _peer(b"receiver-1", 1, 2), None)
+    assert env.leases() == []
+
+
+def test_sweep_skips_a_session_changed_meanwhile(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = env.accepted()
+    b = env.accepted()
+    store = env.broker.store
+    real_update = store.update_session
+    raced = a.name.removeprefix("sessions/")
+
+    def update(record: SessionRecord) -> SessionRecord:
+        if record.session_id == raced:
+            raise StaleRecord("another replica wrote it")
+        return real_update(record)
+
+    monkeypatch.setattr(store, "update_session", update)
+    env.clock.now += 24 * 3600 + 1
+    assert env.broker.sweep() == 1  # b expires; a is left for the next sweep
+    assert env.broker.get(b.name, b.sender).state == states.EXPIRED
+    monkeypatch.setattr(store, "update_session", real_update)
+    assert env.broker.sweep() == 1
+    assert env.broker.get(a.name, a.sender).state == states.EXPIRED

@@ -1,0 +1,178 @@
+"""The broker's command line, defined once for `python -m ferry.broker` and `ferry serve`.
+
+:func:`add_arguments` adds every broker flag to a parser, :func:`config_from_arguments` turns
+the parsed flags into a :class:`BrokerConfig` and :func:`configure_logging` applies
+``--log-level``. Each setting is, first match wins:
+
+1. its flag, when given (an empty value turns off an optional one, e.g. ``--s3-bucket ""``);
+2. its environment variable, when set and not blank;
+3. BrokerConfig's default.
+
+The flags with an environment variable::
+
+    --listen HOST:PORT    FERRY_LISTEN          --s3-bucket NAME     FERRY_S3_BUCKET
+    --data-dir DIR        FERRY_DATA_DIR        --s3-endpoint URL    FERRY_S3_ENDPOINT
+                                                --s3-region NAME     FERRY_S3_REGION
+                                                --s3-prefix TEXT     FERRY_S3_PREFIX
+                                                --s3-url-ttl S       FERRY_S3_URL_TTL
+
+The environment is read by config_from_arguments, not when the parser is built, so a command
+that runs no broker (`ferry send`) neither reads nor checks these variables. This module
+imports neither gRPC nor boto3, since `ferry` builds its parser, these flags included, on
+every run. No secret comes from a flag: S3 credentials are found the usual boto3 way
+(AWS_ACCESS_KEY_ID, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ferry.broker.config import S3_ENVIRONMENT, BrokerConfig
+
+__all__ = ["add_arguments", "config_from_arguments", "configure_logging"]
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Flag:
+    """One flag: it sets the BrokerConfig field of the same name as its argparse dest."""
+
+    flag: str
+    field: str
+    kind: Callable[[str], object]
+    help: str
+    env: str | None = None
+    metavar: str | None = None
+
+
+_SECONDS = "S"
+_FLAGS: tuple[_Flag, ...] = (
+    _Flag("--listen", "listen", str, "host:port; port 0 picks a free one", "FERRY_LISTEN",
+          "HOST:PORT"),
+    _Flag("--data-dir", "data_dir", Path, "where broker.sqlite3 lives", "FERRY_DATA_DIR", "DIR"),
+    _Flag("--offer-ttl", "offer_ttl_default_s", float, "offer lifetime when the offer gives none",
+          metavar=_SECONDS),
+    _Flag("--offer-ttl-min", "offer_ttl_min_s", float, "shortest offer lifetime one may ask for",
+          metavar=_SECONDS),
+    _Flag("--offer-ttl-max", "offer_ttl_max_s", float, "longest offer lifetime one may ask for",
+          metavar=_SECONDS),
+    _Flag("--session-ttl", "session_ttl_s", float, "session (and port lease) lifetime",
+          metavar=_SECONDS),
+    _Flag("--stream-count", "stream_count", int, "parallel data streams per session",
+          metavar="N"),
+    _Flag("--connect-timeout", "connect_timeout_s", float,
+          "time from acceptance until the direct connection must be up", metavar=_SECONDS),
+    _Flag("--sweep-interval", "sweep_interval_s", float, "how often overdue sessions expire",
+          metavar=_SECONDS),
+    _Flag("--claim-burst-per-ip", "claim_burst_per_ip", float,
+          "failed code claims one IP may make in a burst", metavar="N"),
+    _Flag("--claim-rate-per-ip", "claim_refill_per_ip_s", float,
+          "failed code claims one IP gets back per second", metavar="N"),
+    _Flag("--claim-burst-global", "claim_burst_global", float,
+          "failed code claims the broker tolerates in a burst", metavar="N"),
+    _Flag("--claim-rate-global", "claim_refill_global_s", float,
+          "failed code claims the broker gets back per second", metavar="N"),
+    _Flag("--s3-bucket", "s3_bucket", str, "object-store fallback bucket; unset: no fallback",
+          S3_ENVIRONMENT["s3_bucket"], "NAME"),
+    _Flag("--s3-endpoint", "s3_endpoint", str, "S3 URL (MinIO, Ceph...); unset: AWS",
+          S3_ENVIRONMENT["s3_endpoint"], "URL"),
+    _Flag("--s3-region", "s3_region", str, "S3 region; unset: boto3's default",
+          S3_ENVIRONMENT["s3_region"], "NAME"),
+    _Flag("--s3-prefix", "s3_prefix", str, "prefix of every object key",
+          S3_ENVIRONMENT["s3_prefix"], "TEXT"),
+    _Flag("--s3-url-ttl", "s3_url_ttl_s", float, "lifetime of each presigned URL",
+          S3_ENVIRONMENT["s3_url_ttl_s"], _SECONDS),
+    _Flag("--s3-stale-sweep-interval", "s3_stale_sweep_interval_s", float,
+          "how often multipart uploads that no session knows are aborted", metavar=_SECONDS),
+)  # fmt: skip
+
+_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in dataclasses.fields(BrokerConfig)}
+_FLAG_OF: Mapping[str, str] = {f.field: f.flag for f in _FLAGS}
+_KIND_NAMES: Mapping[object, str] = {float: "a number", int: "a whole number"}
+
+
+def _help(f: _Flag) -> str:
+    """The flag's help, then where its value comes from when it is not given."""
+    default = _DEFAULTS[f.field]
+    sources = [f"env {f.env}"] if f.env else []
+    if default is not None:
+        sources.append(
+            f"default {default:g}" if isinstance(default, float) else f"default {default}"
+        )
+    return f"{f.help} ({', '.join(sources)})"
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"not a log level: {text!r} (one of {_LOG_LEVELS})")
+    return level
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every broker flag, and --log-level, to `parser` (e.g. a `serve` subparser).
+
+    Flags not given stay None in the namespace: :func:`config_from_arguments` then takes the
+    environment variable or the default, which the help shows.
+    """
+    for f in _FLAGS:
+        parser.add_argument(
+            f.flag, dest=f.field, type=f.kind, default=None, metavar=f.metavar, help=_help(f)
+        )
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"one of {', '.join(_LOG_LEVELS)} (default INFO); logs go to stderr",
+    )
+
+
+def _from_environment(f: _Flag, environ: Mapping[str, str]) -> object | None:
+    value = environ.get(f.env, "").strip() if f.env else ""
+    if not value:
+        return None
+    try:
+        return f.kind(value)
+    except ValueError:
+        what = _KIND_NAMES.get(f.kind, "valid")
+        raise ValueError(f"{f.env}={value!r} is not {what} (it sets {f.flag})") from None
+
+
+def config_from_arguments(
+    ns: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> BrokerConfig:
+    """The BrokerConfig of parsed flags, the environment (`environ`, default os.environ).
+
+    Raises ValueError, with a message naming the flags or variables at fault, on a value
+    BrokerConfig refuses or an environment variable that does not parse.
+    """
+    env = os.environ if environ is None else environ
+    settings: dict[str, object] = {}
+    for f in _FLAGS:
+        value = getattr(ns, f.field)
+        if value is None:
+            value = _from_environment(f, env)
+            if value is None:
+                continue  # BrokerConfig's default
+        elif value == "" and _DEFAULTS[f.field] is None:
+            value = None  # an empty flag turns an optional setting off
+        settings[f.field] = value
+    try:
+        return BrokerConfig(**settings)  # type: ignore[arg-type]
+    except ValueError as exc:
+        message = re.sub(r"\w+", lambda m: _FLAG_OF.get(m[0], m[0]), str(exc))
+        raise ValueError(f"bad broker settings: {message}") from None
+
+
+def configure_logging(ns: argparse.Namespace) -> None:
+    """Send log records at --log-level and above to stderr (stdout is for the listening line)."""
+    logging.basicConfig(level=ns.log_level, format=_LOG_FORMAT)

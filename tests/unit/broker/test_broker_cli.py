@@ -1,0 +1,281 @@
+"""The broker's one command line (ferry.broker.cli): flags, environment, defaults, errors.
+
+`python -m ferry.broker` and `ferry serve` must turn the same argv and environment into the
+same BrokerConfig; the expectations here are written out, not read from the module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from ferry.broker import __main__ as entry
+from ferry.broker import add_arguments, config_from_arguments, configure_logging
+from ferry.broker.config import BrokerConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+# Every flag, the BrokerConfig field it sets and its environment variable, written out.
+FLAGS: dict[str, tuple[str, str | None]] = {
+    "--listen": ("listen", "FERRY_LISTEN"),
+    "--data-dir": ("data_dir", "FERRY_DATA_DIR"),
+    "--offer-ttl": ("offer_ttl_default_s", None),
+    "--offer-ttl-min": ("offer_ttl_min_s", None),
+    "--offer-ttl-max": ("offer_ttl_max_s", None),
+    "--session-ttl": ("session_ttl_s", None),
+    "--stream-count": ("stream_count", None),
+    "--connect-timeout": ("connect_timeout_s", None),
+    "--sweep-interval": ("sweep_interval_s", None),
+    "--claim-burst-per-ip": ("claim_burst_per_ip", None),
+    "--claim-rate-per-ip": ("claim_refill_per_ip_s", None),
+    "--claim-burst-global": ("claim_burst_global", None),
+    "--claim-rate-global": ("claim_refill_global_s", None),
+    "--s3-bucket": ("s3_bucket", "FERRY_S3_BUCKET"),
+    "--s3-endpoint": ("s3_endpoint", "FERRY_S3_ENDPOINT"),
+    "--s3-region": ("s3_region", "FERRY_S3_REGION"),
+    "--s3-prefix": ("s3_prefix", "FERRY_S3_PREFIX"),
+    "--s3-url-ttl": ("s3_url_ttl_s", "FERRY_S3_URL_TTL"),
+    "--s3-stale-sweep-interval": ("s3_stale_sweep_interval_s", None),
+}
+ENVIRONMENT = sorted(env for _, env in FLAGS.values() if env)
+
+EVERY_FLAG = [
+    "--listen", "0.0.0.0:6000",
+    "--data-dir", "/var/lib/ferry",
+    "--offer-ttl", "120",
+    "--offer-ttl-min", "5",
+    "--offer-ttl-max", "3600",
+    "--session-ttl", "7200",
+    "--stream-count", "3",
+    "--connect-timeout", "12.5",
+    "--sweep-interval", "0.2",
+    "--claim-burst-per-ip", "4",
+    "--claim-rate-per-ip", "0.5",
+    "--claim-burst-global", "40",
+    "--claim-rate-global", "20",
+    "--s3-bucket", "bucket",
+    "--s3-endpoint", "http://minio:9000",
+    "--s3-region", "eu-west-1",
+    "--s3-prefix", "t/",
+    "--s3-url-ttl", "60",
+    "--s3-stale-sweep-interval", "30",
+    "--log-level", "warning",
+]  # fmt: skip
+EVERY_FLAG_CONFIG = BrokerConfig(
+    listen="0.0.0.0:6000",
+    data_dir=Path("/var/lib/ferry"),
+    offer_ttl_default_s=120.0,
+    offer_ttl_min_s=5.0,
+    offer_ttl_max_s=3600.0,
+    session_ttl_s=7200.0,
+    stream_count=3,
+    connect_timeout_s=12.5,
+    sweep_interval_s=0.2,
+    claim_burst_per_ip=4.0,
+    claim_refill_per_ip_s=0.5,
+    claim_burst_global=40.0,
+    claim_refill_global_s=20.0,
+    s3_bucket="bucket",
+    s3_endpoint="http://minio:9000",
+    s3_region="eu-west-1",
+    s3_prefix="t/",
+    s3_url_ttl_s=60.0,
+    s3_stale_sweep_interval_s=30.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _pair(argv: Sequence[str]) -> BrokerConfig:
+    """The function pair on a bare parser, as any program embedding the broker would use it."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_arguments(parser.parse_args(argv))
+
+
+def _ferry_serve(argv: Sequence[str]) -> BrokerConfig:
+    from ferry.cli.main import _parser
+
+    return config_from_arguments(_parser().parse_args(["serve", *argv]))
+
+
+ENTRY_POINTS: list[object] = [
+    pytest.param(entry.parse_args, id="python -m ferry.broker"),
+    pytest.param(_pair, id="add_arguments + config_from_arguments"),
+    pytest.param(_ferry_serve, id="ferry serve"),
+]
+
+Parse = Callable[[Sequence[str]], BrokerConfig]
+
+
+def test_the_flags_are_the_ones_written_here() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    found = {
+        action.option_strings[0]: action.dest
+        for action in parser._actions
+        if action.option_strings and action.dest not in ("help", "log_level")
+    }
+    assert found == {flag: field for flag, (field, _) in FLAGS.items()}
+    # every knob but the shutdown grace has a flag
+    fields = set(BrokerConfig.__dataclass_fields__) - {"shutdown_grace_s"}
+    assert set(found.values()) == fields
+    for flag, (_, env) in FLAGS.items():
+        help_text = next(a.help for a in parser._actions if flag in a.option_strings)
+        assert help_text is not None
+        assert (f"env {env}" in help_text) == (env is not None), flag
+
+
+@pytest.mark.parametrize("parse", ENTRY_POINTS)
+def test_every_flag(parse: Parse) -> None:
+    assert parse(EVERY_FLAG) == EVERY_FLAG_CONFIG
+
+
+@pytest.mark.parametrize("parse", ENTRY_POINTS)
+def test_nothing_given_is_the_default(parse: Parse) -> None:
+    assert parse([]) == BrokerConfig()
+
+
+@pytest.mark.parametrize("parse", ENTRY_POINTS)
+def test_environment_then_flags(parse: Parse, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "FERRY_LISTEN": "0.0.0.0:50051",
+        "FERRY_DATA_DIR": "/data",
+        "FERRY_S3_BUCKET": "env-bucket",
+        "FERRY_S3_ENDPOINT": "http://s3:9000",
+        "FERRY_S3_REGION": "us-east-2",
+        "FERRY_S3_PREFIX": "env/",
+        "FERRY_S3_URL_TTL": "120",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert parse([]) == BrokerConfig(
+        listen="0.0.0.0:50051",
+        data_dir=Path("/data"),
+        s3_bucket="env-bucket",
+        s3_endpoint="http://s3:9000",
+        s3_region="us-east-2",
+        s3_prefix="env/",
+        s3_url_ttl_s=120.0,
+    )
+    given = ["--listen", "127.0.0.1:0", "--s3-bucket", "flag-bucket", "--s3-url-ttl", "30"]
+    assert parse(given) == BrokerConfig(
+        listen="127.0.0.1:0",
+        data_dir=Path("/data"),
+        s3_bucket="flag-bucket",
+        s3_endpoint="http://s3:9000",
+        s3_region="us-east-2",
+        s3_prefix="env/",
+        s3_url_ttl_s=30.0,
+    )
+
+
+@pytest.mark.parametrize("parse", ENTRY_POINTS)
+def test_an_empty_flag_turns_an_optional_setting_off(
+    parse: Parse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FERRY_S3_BUCKET", "env-bucket")
+    monkeypatch.setenv("FERRY_S3_PREFIX", "env/")
+    config = parse(["--s3-bucket", "", "--s3-prefix", ""])
+    assert (config.s3_bucket, config.s3_prefix) == (None, "")
+
+
+def test_blank_environment_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENVIRONMENT:
+        monkeypatch.setenv(name, "  ")
+    assert _pair([]) == BrokerConfig()
+
+
+def test_an_explicit_environment() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_arguments(parser.parse_args([]), {"FERRY_S3_BUCKET": "b"})
+    assert config == BrokerConfig(s3_bucket="b")
+
+
+def test_a_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_S3_URL_TTL", "soon")
+    with pytest.raises(ValueError, match=r"^FERRY_S3_URL_TTL='soon' is not a number \(it sets"):
+        _pair([])
+    assert _pair(["--s3-url-ttl", "60"]).s3_url_ttl_s == 60.0  # the flag wins: never read
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--offer-ttl-min", "5", "--offer-ttl", "1"],
+            "bad broker settings: need 0 < --offer-ttl-min <= --offer-ttl <= --offer-ttl-max",
+        ),
+        (["--stream-count", "0"], "bad broker settings: --stream-count must be between 1 and 64"),
+        (["--s3-prefix", "/abs"], "bad broker settings: --s3-prefix must not start with '/'"),
+    ],
+)
+def test_bad_settings_name_the_flags(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        _pair(argv)
+
+
+def test_python_m_ferry_broker_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        entry.parse_args(["--stream-count", "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "python -m ferry.broker: error: bad broker settings: "
+        "--stream-count must be between 1 and 64\n"
+    )
+    with pytest.raises(SystemExit):
+        entry.parse_args(["--stream-count", "two"])
+    assert "argument --stream-count: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = entry.parser()
+    assert parser.parse_args([]).log_level == "INFO"
+    assert parser.parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-level", "loud"])
+    assert "not a log level: 'loud'" in capsys.readouterr().err
+    levels: list[object] = []
+    monkeypatch.setattr("logging.basicConfig", lambda **kw: levels.append(kw["level"]))
+    configure_logging(parser.parse_args(["--log-level", "error"]))
+    assert levels == ["ERROR"]
+
+
+def test_the_command_line_costs_no_grpc_or_boto3() -> None:
+    """`ferry` builds its parser, with these flags, on every run: keep that import light."""
+    code = (
+        "import sys, ferry.broker.cli, ferry.broker\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'boto3', 'botocore'})\n"
+        "assert not heavy and 'ferry.broker.server' not in sys.modules, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_bad_flags_exit_2_before_any_server_starts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "ferry.broker", "--data-dir", str(tmp_path / "d")),
+            *("--offer-ttl-min", "5", "--offer-ttl", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.endswith(
+        "error: bad broker settings: need 0 < --offer-ttl-min <= --offer-ttl <= --offer-ttl-max\n"
+    )
+    assert not (tmp_path / "d").exists()
