@@ -2,10 +2,11 @@
 
 The first stream is found by trying every candidate address on every leased port at once
 (the sender listens on the first free one) until the plan's deadline; the other streams
-dial the address that answered. Each stream thread asks for chunks (`ReceiveSession`
-decides which), reads each payload into its own buffer, checks the digest outside the
-lock, writes it at its offset, records it in the journal, and asks for a file's digest
-once it holds the whole file. A stream that breaks gives its chunks back to the others.
+dial the address that answered. Each stream thread moves bytes between its socket and a
+`ReceiverConnection` (the conversation's rules; the `ReceiveSession` decides which chunks
+and digests to ask for): it reads each payload into its own buffer, checks the digest
+outside the lock, writes it at its offset and records it in the journal. A stream that
+breaks gives its chunks, and the digests it had asked for, back to the others.
 
 One `ReceivePeer` is one connection attempt; the `ReceiveSession`, the sink and the
 journal outlive it, so a new attempt (after a restart or a lost connection) asks only
@@ -29,17 +30,13 @@ from ferry.client._sink import FileSink, StorageError
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
 from ferry.protocol import (
-    ChunkStart,
+    ChunkArrived,
+    FileConfirmed,
     PeerAborted,
     ProtocolError,
+    ReceiverConnection,
     ReceiveSession,
-    RemoteProtocolError,
-    abort,
-    aborted,
-    check_hello,
     chunk_digest,
-    done,
-    hello,
 )
 
 __all__ = ["ReceivePeer"]
@@ -82,7 +79,7 @@ class ReceivePeer:
         self._next_id = first_stream_id
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._conns: dict[int, PeerConnection] = {}
+        self._conns: dict[int, tuple[PeerConnection, ReceiverConnection]] = {}
         self.error: BaseException | None = None
 
     @property
@@ -94,7 +91,7 @@ class ReceivePeer:
 
     def _dial(
         self, address: tuple[str, int], stream: int, timeout: float = _CONNECT_TIMEOUT
-    ) -> PeerConnection:
+    ) -> tuple[PeerConnection, ReceiverConnection]:
         """Connect, handshake and exchange Hello, each step within ``timeout``."""
         raw = socket.create_connection(address, timeout=timeout)
         try:
@@ -105,23 +102,21 @@ class ReceivePeer:
             except PeerAuthError:
                 sock.close()
                 raise
-            conn = PeerConnection(sock, max_payload=self.chunk_size)
-            conn.send(hello(self.session_name, stream))
-            event = conn.next_event()
-            if isinstance(event, ChunkStart):
-                raise RemoteProtocolError("peer sent a chunk before hello")
-            check_hello(event.message, self.session_name)
+            wire = PeerConnection(sock, max_payload=self.chunk_size)
+            conn = ReceiverConnection(self.session_name, stream, self.session)
+            wire.send_bytes(conn.send_hello())
+            wire.read_event(conn)  # Greeted, or it raised (the session is not consulted)
             sock.settimeout(_IO_TIMEOUT)
-            return conn
+            return wire, conn
         except BaseException:
             raw.close()
             raise
 
-    def _adopt(self, conn: PeerConnection) -> None:
+    def _adopt(self, pair: tuple[PeerConnection, ReceiverConnection]) -> None:
         with self._lock:
-            stream = self._next_id
-            self._next_id += 1
-            self._conns[stream] = conn
+            stream = pair[1].stream
+            self._next_id = max(self._next_id, stream + 1)
+            self._conns[stream] = pair
             self.session.open_stream(stream)
 
     def connect(
@@ -141,7 +136,7 @@ class ReceivePeer:
                 winner: tuple[str, int] | None = None
                 for future in concurrent.futures.as_completed(futures):
                     try:
-                        conn = future.result()
+                        pair = future.result()
                     except PeerAborted:
                         raise
                     except (OSError, ssl.SSLError, PeerAuthError, ProtocolError) as exc:
@@ -152,9 +147,9 @@ class ReceivePeer:
                         continue
                     if winner is None:
                         winner = futures[future]
-                        self._adopt(conn)
+                        self._adopt(pair)
                     else:
-                        conn.close()
+                        pair[0].close()
                 if winner is not None:
                     return winner
                 time.sleep(_RETRY_PAUSE)
@@ -179,15 +174,9 @@ class ReceivePeer:
                 break  # fewer streams is still a transfer
         with self._lock:
             conns = dict(self._conns)
-            waiting = self.session.complete_unconfirmed()
-        first = min(conns)
         threads = [
-            threading.Thread(
-                target=self._stream,
-                args=(stream, conn, cancel, waiting if stream == first else []),
-                daemon=True,
-            )
-            for stream, conn in conns.items()
+            threading.Thread(target=self._stream, args=(wire, conn, cancel), daemon=True)
+            for wire, conn in conns.values()
         ]
         for t in threads:
             t.start()
@@ -235,24 +224,26 @@ class ReceivePeer:
         # A full disk is this side's trouble: the sender should wait for our rerun, not fail.
         retryable = isinstance(exc, StorageError)
         reason = f"the receiver's destination: {exc}" if retryable else str(exc)
-        for conn in conns:
+        for wire, conn in conns:
             if final:
                 with contextlib.suppress(PeerGone, ProtocolError):
-                    conn.send(abort(reason, retryable=retryable))
+                    wire.send_bytes(conn.send_abort(reason, retryable=retryable))
             if retryable:
-                conn.finish_sending()
+                wire.finish_sending()
             else:
-                conn.close()
+                wire.close()
         if retryable:  # a thread blocked on a silent sender is woken by the close at the end
-            timer = threading.Timer(_LINGER + 1.0, _close_all, args=(conns,))
+            wires = [wire for wire, _ in conns]
+            timer = threading.Timer(_LINGER + 1.0, _close_all, args=(wires,))
             timer.daemon = True
             timer.start()
 
     def _stream(
-        self, stream: int, conn: PeerConnection, cancel: threading.Event, digests: list[int]
+        self, wire: PeerConnection, conn: ReceiverConnection, cancel: threading.Event
     ) -> None:
+        stream = conn.stream
         try:
-            self._converse(stream, conn, cancel, digests)
+            self._converse(wire, conn, cancel)
         except PeerGone as exc:
             with self._lock:
                 self.session.stream_lost(stream)
@@ -267,73 +258,55 @@ class ReceivePeer:
             with self._lock:
                 self.session.stream_lost(stream)
                 self._conns.pop(stream, None)
+                self._wake.notify_all()  # its digest requests are due again, on other streams
             if isinstance(self.error, StorageError):
-                conn.drain(_LINGER)
-            conn.close()
+                wire.drain(_LINGER)
+            wire.close()
 
     def _converse(
-        self, stream: int, conn: PeerConnection, cancel: threading.Event, digests: list[int]
+        self, wire: PeerConnection, conn: ReceiverConnection, cancel: threading.Event
     ) -> None:
         buffer = memoryview(bytearray(self.chunk_size))
-        my_digests: set[int] = set(digests)
-        for index in sorted(my_digests):
-            conn.send(self.session.digest_request(index))
+        lock = self._lock
         while True:
-            with self._lock:
+            with lock:
                 if self.error is not None or cancel.is_set():
                     return
-                request = self.session.request(stream)
+                requests = conn.next_requests()
                 if self.session.done:
                     break
-            if request is not None:
-                conn.send(request)
-            with self._lock:
-                if not my_digests and not self.session.has_in_flight(stream):
+            if requests:
+                wire.send_bytes(requests)
+            with lock:
+                if not conn.awaiting:
                     # Nothing to read on this stream: wait for work to come back or the end.
                     self._wake.wait(timeout=0.5)
                     continue
-            event = conn.next_event()
+            event = wire.read_event(conn, lock)
             self.events += 1
-            if isinstance(event, ChunkStart):
-                with self._lock:
-                    target = self.session.chunk_start(stream, event)
-                payload = conn.read_payload(buffer)
+            if isinstance(event, ChunkArrived):
+                payload = wire.read_chunk(conn, buffer)
                 ok = chunk_digest(payload) == event.digest
                 if ok:
-                    self.sink.write(target.file_index, target.offset, payload)
+                    self.sink.write(event.file_index, event.offset, payload)
                     if self.journal is not None:
-                        self.journal.chunk(target.file_index, target.chunk_index, event.digest)
-                with self._lock:
-                    finished = self.session.chunk_done(stream, event, ok)
+                        self.journal.chunk(event.file_index, event.chunk_index, event.digest)
+                with lock:
+                    conn.chunk_checked(ok)
                     self._wake.notify_all()
-                for index in finished:
-                    my_digests.add(index)
-                    conn.send(self.session.digest_request(index))
-                continue
-            message = event.message
-            kind = message.WhichOneof("kind")
-            if kind == "file_end":
-                index = message.file_end.file_index
-                if index not in my_digests:
-                    raise RemoteProtocolError(f"peer sent an unasked digest for file {index}")
-                with self._lock:
-                    self.session.file_end(message.file_end)
-                my_digests.discard(index)
+            elif isinstance(event, FileConfirmed):
+                index = event.file_index
                 self.sink.finish(index)
                 if self.journal is not None:
                     self.journal.finished(index)
                 if self.on_file is not None:
                     self.on_file(index)
-                with self._lock:
+                with lock:
                     self._wake.notify_all()
-            elif kind == "abort":
-                raise aborted(message.abort, "the sender gave up")
-            else:
-                raise RemoteProtocolError(f"unexpected {kind} from the sender")
         with contextlib.suppress(PeerGone):
-            conn.send(done())
+            wire.send_bytes(conn.send_done())
 
 
-def _close_all(conns: Sequence[PeerConnection]) -> None:
-    for conn in conns:
-        conn.close()
+def _close_all(wires: Sequence[PeerConnection]) -> None:
+    for wire in wires:
+        wire.close()

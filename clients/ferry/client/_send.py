@@ -1,9 +1,10 @@
 """The sender's data path: listen on a leased port, serve chunk requests on each stream.
 
-Threads, blocking sockets: one thread accepts, one thread per connection. A connection
-thread keeps a queue of requested chunks; between chunks it takes any new request that
-has arrived, so the receiver's window keeps the pipe full. Each chunk is read with
-`preadv` into a reused buffer behind its frame head, hashed, and sent in one `sendall`.
+Threads, blocking sockets: one thread accepts, one thread per connection. Each connection
+thread moves bytes between its socket and a `SenderConnection` (the conversation's rules,
+the queue of requested chunks); between chunks it takes any new request that has arrived,
+so the receiver's window keeps the pipe full. Each chunk is read with `preadv` into a
+reused buffer behind its frame head, hashed, and sent in one `sendall`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import socket
 import ssl
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,22 +21,17 @@ from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
 from ferry.files import SourceStamp, escape_name
 from ferry.protocol import (
-    ChunkStart,
     ChunkWork,
+    DigestRequested,
+    Finished,
     PeerAborted,
     ProtocolError,
-    RemoteProtocolError,
+    SenderConnection,
     SendSession,
-    abort,
-    aborted,
-    check_hello,
     chunk_digest,
-    encode_chunk_head,
     file_digest,
-    hello,
 )
 from ferry.protocol.frames import CHUNK_HEAD_SIZE, HEADER_SIZE
-from ferry.v1 import peer_pb2
 
 __all__ = [
     "SendCounter",
@@ -168,11 +163,12 @@ class SendPeer:
             raw.close()
             return
         self.connected.set()
-        conn = PeerConnection(sock, max_payload=self.chunk_size)
+        wire = PeerConnection(sock, max_payload=self.chunk_size)
+        conn = SenderConnection(self.session_name, self.session)
         with self._lock:
-            self._conns.add(conn)
+            self._conns.add(wire)
         try:
-            self._converse(conn)
+            self._converse(wire, conn)
         except PeerGone:
             pass  # the receiver re-requests this stream's chunks on its other streams
         except PeerAborted as exc:
@@ -184,49 +180,33 @@ class SendPeer:
             if not self.finished.is_set():
                 self.error = exc
                 with contextlib.suppress(PeerGone, ProtocolError):
-                    conn.send(abort(str(exc)))
+                    wire.send_bytes(conn.send_abort(str(exc)))
         finally:
             with self._lock:
-                self._conns.discard(conn)
-            conn.close()
+                self._conns.discard(wire)
+            wire.close()
 
-    def _converse(self, conn: PeerConnection) -> None:
-        event = conn.next_event()
-        if isinstance(event, ChunkStart):
-            raise RemoteProtocolError("peer sent a chunk before hello")
-        stream = check_hello(event.message, self.session_name)
-        conn.send(hello(self.session_name, stream))
-        work: deque[ChunkWork] = deque()
+    def _converse(self, wire: PeerConnection, conn: SenderConnection) -> None:
+        wire.read_event(conn)  # Greeted, or it raised
+        wire.send_bytes(conn.send_hello())
         buffer = memoryview(bytearray(_HEAD + self.chunk_size))
         while True:
-            if not work or conn.readable():
-                event = conn.next_event()
-                if isinstance(event, ChunkStart):
-                    raise RemoteProtocolError("the receiver sent a chunk")
-                message = event.message
-                kind = message.WhichOneof("kind")
-                if kind == "request":
-                    work.extend(self.session.on_request(message.request))
-                elif kind == "digest_request":
-                    conn.send(self._file_end(message.digest_request.file_index))
-                elif kind == "done":
+            if not conn.work or wire.readable():
+                event = wire.read_event(conn)  # ChunksRequested queues on conn.work
+                if isinstance(event, DigestRequested):
+                    wire.send_bytes(self._file_end(conn, event.file_index))
+                elif isinstance(event, Finished):
                     self.finished.set()
                     return
-                elif kind == "abort":
-                    raise aborted(message.abort, "the receiver gave up")
-                else:
-                    raise RemoteProtocolError(f"unexpected {kind} from the receiver")
                 continue
-            item = work.popleft()
+            item = conn.work[0]
             payload = buffer[_HEAD : _HEAD + item.length]
             self._read(item, payload)
             digest = chunk_digest(payload)
-            buffer[:_HEAD] = encode_chunk_head(
-                item.file_index, item.chunk_index, digest, item.length
-            )
-            conn.send_bytes(buffer[: _HEAD + item.length])
             with self._lock:
-                self.session.chunk_sent(item, digest)
+                buffer[:_HEAD] = conn.send_chunk(item, digest)
+            wire.send_bytes(buffer[: _HEAD + item.length])
+            with self._lock:
                 self.counter.bytes_sent += item.length
 
     def _fd(self, index: int) -> int:
@@ -252,7 +232,7 @@ class SendPeer:
                 raise SourceChanged(f"{shown} shrank since it was offered")
             got += n
 
-    def _file_end(self, index: int) -> peer_pb2.PeerMessage:
+    def _file_end(self, conn: SenderConnection, index: int) -> bytes:
         with self._lock:
             missing = self.session.missing_digests(index)
         if missing:
@@ -266,11 +246,11 @@ class SendPeer:
         # chunks whose digests all check out: vouch for it only if it is still as offered.
         self._check_unchanged(index, self._fd(index))
         with self._lock:
-            message = self.session.file_end(index)
+            data = conn.send_file_end(index)
             fd = self._fds.pop(index, None)
         if fd is not None:
             os.close(fd)
-        return message
+        return data
 
     def _check_unchanged(self, index: int, fd: int) -> None:
         check_unchanged(self.sources[index], self.stamps[index], fd)

@@ -1,4 +1,10 @@
-"""Blocking framed I/O on one TLS connection: moves bytes between a socket and FrameReader.
+"""Blocking framed I/O on one TLS connection: moves bytes between a socket and the protocol.
+
+`read_event` and `read_chunk` feed a sans-I/O connection object (`ReceiverConnection` or
+`SenderConnection`) exactly the bytes it wants: small frame parts through a reused buffer,
+a chunk payload straight into the caller's buffer. `send_bytes` writes what the connection
+object produced. (`next_event`, `send` and `read_payload` are the bare frame layer, for
+test peers that break the protocol on purpose.)
 
 The data path runs in threads on blocking `ssl` sockets, because OpenSSL and BLAKE3 both
 release the GIL there (asyncio TLS streams reach about a third of that rate on this kind
@@ -13,6 +19,7 @@ import select
 import socket
 import ssl
 import time
+from contextlib import AbstractContextManager, nullcontext
 
 from ferry.protocol import (
     ChunkPayload,
@@ -20,8 +27,11 @@ from ferry.protocol import (
     Control,
     FrameReader,
     LocalProtocolError,
+    ReceiverConnection,
+    SenderConnection,
     encode_control,
 )
+from ferry.protocol.events import NEED_DATA, ChunkData, Event
 from ferry.v1 import peer_pb2
 
 __all__ = ["PeerConnection", "PeerGone"]
@@ -94,6 +104,38 @@ class PeerConnection:
             if n == 0:
                 raise PeerGone("the peer closed the connection")
             got += n
+
+    def read_event(
+        self,
+        conn: ReceiverConnection | SenderConnection,
+        lock: AbstractContextManager[object] | None = None,
+    ) -> Event:
+        """Feed ``conn`` until it has an event; it is asked for it holding ``lock``."""
+        guard = nullcontext() if lock is None else lock
+        if conn.expecting_payload:
+            raise LocalProtocolError("a chunk payload must be read first")
+        while True:
+            n = conn.wanted
+            if n > len(self._small):
+                self._small = bytearray(n)
+            view = memoryview(self._small)[:n]
+            self._fill(view)
+            conn.receive_data(view)
+            with guard:
+                event = conn.next_event()
+            if event is not NEED_DATA:
+                return event
+
+    def read_chunk(self, conn: ReceiverConnection, buffer: memoryview) -> memoryview:
+        """Read the payload of the chunk ``conn`` just announced straight into ``buffer``."""
+        if not conn.expecting_payload:
+            raise LocalProtocolError("no chunk payload is due")
+        view = buffer[: conn.wanted]
+        self._fill(view)
+        conn.receive_data(view)
+        event = conn.next_event()  # a payload touches no session: no lock
+        assert isinstance(event, ChunkData)
+        return event.data
 
     def next_event(self) -> Control | ChunkStart:
         """Read until the next CONTROL message or CHUNK head."""

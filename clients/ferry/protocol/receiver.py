@@ -8,10 +8,12 @@ under one lock and does the slow work (reading, hashing, writing) outside it::
     ok = chunk_digest(payload) == ev.digest    # outside the lock
     write payload at target.offset             # outside the lock, only if ok
     finished = session.chunk_done(stream, ev, ok)   # files whose every chunk is verified
+    session.claim_digests(stream)              # complete files whose digest to ask for
     session.file_end(message)                  # compare the sender's whole-file digest
 
 Chunks are handed out in file order, at most `window` in flight per stream, so one slow
-stream holds back only its own window; `stream_lost` gives a dead stream's chunks back.
+stream holds back only its own window; `stream_lost` gives a dead stream's chunks back, and
+the digest requests it had asked, so that another stream asks them again.
 A chunk that fails its digest is asked for again, at most `max_retries` times in all.
 
 A chunk moves: pending -> in flight on one stream -> verified (or back to pending).
@@ -64,6 +66,7 @@ class _File:
 @dataclass(slots=True)
 class _Stream:
     in_flight: set[tuple[int, int]] = field(default_factory=set)
+    digests_asked: set[int] = field(default_factory=set)
 
 
 class ReceiveSession:
@@ -99,6 +102,8 @@ class ReceiveSession:
         self._cursor = (0, 0)  # next never-requested (file, chunk)
         self._requeued: deque[tuple[int, int]] = deque()
         self._streams: dict[int, _Stream] = {}
+        # Complete, unconfirmed files whose digest no open stream has asked for yet.
+        self._digests_due: set[int] = {i for i, f in enumerate(self._files) if f.chunks == 0}
 
     # -- what is held -------------------------------------------------------------------
 
@@ -150,6 +155,16 @@ class ReceiveSession:
         s = self._streams.pop(stream, None)
         if s is not None:
             self._requeued.extendleft(sorted(s.in_flight, reverse=True))
+            self._digests_due.update(i for i in s.digests_asked if not self._files[i].confirmed)
+
+    def claim_digests(self, stream: int) -> list[int]:
+        """The complete files whose digest this stream should ask for now (each file once)."""
+        if not self._digests_due:
+            return []
+        claimed = sorted(self._digests_due)
+        self._digests_due.clear()
+        self._streams[stream].digests_asked.update(claimed)
+        return claimed
 
     def request(self, stream: int) -> peer_pb2.PeerMessage | None:
         """The ChunkRequest that tops the stream's window up, or None if none is due.
@@ -235,7 +250,10 @@ class ReceiveSession:
         f.digests[ev.chunk_index] = ev.digest
         f.missing -= 1
         self.bytes_verified += ev.length
-        return [ev.file_index] if f.missing == 0 else []
+        if f.missing:
+            return []
+        self._digests_due.add(ev.file_index)
+        return [ev.file_index]
 
     def empty_files(self) -> list[int]:
         """Files with no chunks: complete from the start."""
@@ -257,6 +275,8 @@ class ReceiveSession:
         if f.digests[chunk_index] is None:
             f.digests[chunk_index] = digest
             f.missing -= 1
+            if not f.missing:
+                self._digests_due.add(file_index)
             length = self.chunk_length(file_index, chunk_index)
             self.bytes_verified += length
             self.bytes_resumed += length
@@ -267,6 +287,7 @@ class ReceiveSession:
         if f.missing:
             raise LocalProtocolError(f"file {file_index} is not complete")
         f.confirmed = True
+        self._digests_due.discard(file_index)
 
     def held(self, file_index: int) -> dict[int, bytes]:
         """The verified chunks of a file and their digests."""
@@ -295,3 +316,6 @@ class ReceiveSession:
                 f"file {end.file_index}: whole-file digest does not match the chunks received"
             )
         self._files[end.file_index].confirmed = True
+        self._digests_due.discard(end.file_index)
+        for s in self._streams.values():
+            s.digests_asked.discard(end.file_index)

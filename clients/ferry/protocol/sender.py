@@ -47,6 +47,11 @@ class SendSession:
             raise LocalProtocolError(str(exc)) from None
         self._digests: list[dict[int, bytes]] = [{} for _ in sizes]
 
+    @property
+    def file_count(self) -> int:
+        """How many files the transfer has."""
+        return len(self._sizes)
+
     def on_request(self, request: peer_pb2.ChunkRequest) -> list[ChunkWork]:
         """The chunks a request asks for, in order; raise if any range is out of bounds."""
         total = sum(r.chunk_count for r in request.ranges)

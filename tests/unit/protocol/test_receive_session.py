@@ -540,3 +540,40 @@ def test_file_end_with_a_wrong_digest() -> None:
         session.file_end(file_end(0, b"\0" * 32))
     assert not session.file_confirmed(0)
     assert not session.done
+
+
+# -- digest requests ------------------------------------------------------------------------
+
+
+def test_digests_are_claimed_once_and_come_back_when_the_stream_is_lost() -> None:
+    session = ReceiveSession([0, 4, 0], 4)
+    session.open_stream(0)
+    session.open_stream(1)
+    assert session.claim_digests(0) == [0, 2]  # empty files: due from the start
+    assert session.claim_digests(1) == []
+    session.stream_lost(0)
+    assert session.claim_digests(1) == [0, 2]
+
+
+def test_a_completed_file_is_due_once_and_not_after_its_confirmation() -> None:
+    session = ReceiveSession([4], 4)
+    session.open_stream(0)
+    session.request(0)
+    start = ChunkStart(0, 0, chunk_digest(b"abcd"), 4)
+    assert session.chunk_done(0, start, True) == [0]
+    assert session.claim_digests(0) == [0]
+    assert session.claim_digests(0) == []
+    end = peer_pb2.FileEnd(file_index=0, algorithm=FILE_DIGEST_ALGORITHM, digest=session.digest(0))
+    session.file_end(end)
+    session.stream_lost(0)
+    session.open_stream(1)
+    assert session.claim_digests(1) == []
+
+
+def test_restored_and_confirmed_files() -> None:
+    session = ReceiveSession([4, 4], 4)
+    session.restore(0, 0, b"d" * 32)
+    session.restore(1, 0, b"e" * 32)
+    session.mark_confirmed(1)
+    session.open_stream(0)
+    assert session.claim_digests(0) == [0]
