@@ -11,6 +11,10 @@ unreachable (UNAVAILABLE) or too slow (DEADLINE_EXCEEDED) is tried again, backin
 safe to repeat: offers and claims carry a request id, completion and progress reports are
 idempotent, and the callers of accept, decline and cancel recognize their own earlier
 success (`BrokerError.retried`). Only progress reports fail fast: the next one follows soon.
+
+A link opens its own gRPC channel to ``address``, or is handed one (``channel=``): that is
+how `ferry.client.testing` puts a whole broker inside the process, and a `Client` gets its
+links from a `LinkFactory` (by default, one that dials its address).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -28,7 +32,7 @@ from grpc_status import rpc_status
 from ferry.errors import FerryError
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
-__all__ = ["BrokerError", "BrokerLink"]
+__all__ = ["BrokerError", "BrokerLink", "LinkFactory"]
 
 DEFAULT_TIMEOUT = 10.0
 #: How long a call keeps trying a broker that does not answer, in all.
@@ -98,22 +102,15 @@ class BrokerLink:
         timeout: float = DEFAULT_TIMEOUT,
         patience: float = DEFAULT_PATIENCE,
         on_wait: Callable[[BrokerError], None] | None = None,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
+        """``channel``: talk over this one (closed with the link) instead of dialing
+        ``address``, which then only names the broker."""
         self.address = address
         self.timeout = timeout
         self.patience = patience
         self.on_wait = on_wait
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.enable_retries", 1),
-                ("grpc.keepalive_time_ms", 30_000),
-                # Come back quickly after a broker restart (the default backoff grows to 2 min).
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2_000),
-            ],
-        )
+        self._channel = channel if channel is not None else _dial(address)
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
         self.token = ""
 
@@ -301,3 +298,34 @@ class BrokerLink:
         """PresignStoreDownload (receiver)."""
         request = broker_pb2.PresignStoreDownloadRequest(name=name, file_index=file_index)
         return await self._call(self._stub.PresignStoreDownload, request, "store download")
+
+
+class LinkFactory(Protocol):
+    """Where a `Client` gets its links: a new `BrokerLink` for each use (an offer, a claim,
+    a look-up), with the client's deadline and patience. A string address makes one that
+    dials it; `ferry.client.testing.InProcessBroker` is one too. An ``address`` attribute,
+    if the factory has one, names the broker in messages."""
+
+    def __call__(
+        self,
+        *,
+        timeout: float,
+        patience: float,
+        on_wait: Callable[[BrokerError], None] | None,
+    ) -> BrokerLink:
+        """A new link, not shared with anyone: whoever gets it closes it."""
+        ...
+
+
+def _dial(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.enable_retries", 1),
+            ("grpc.keepalive_time_ms", 30_000),
+            # Come back quickly after a broker restart (the default backoff grows to 2 min).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ],
+    )

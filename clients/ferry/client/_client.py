@@ -11,18 +11,22 @@ This is the whole flow of one transfer, written once for programs and the CLI al
 `Client` makes offers (`Outgoing`, in _outgoing) and claims codes (`Incoming`, in _incoming).
 The data path itself runs in threads (`_send`, `_receive`, `_store`); _session runs the
 broker conversation around it on asyncio and turns the progress into events (_events).
+
+The broker is a collaborator: an address to dial, or any `LinkFactory` (one new `BrokerLink`
+per offer, claim or look-up) such as `ferry.client.testing.InProcessBroker`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from google.protobuf.duration_pb2 import Duration
 
-from ferry.client._broker import DEFAULT_PATIENCE, BrokerError, BrokerLink
+from ferry.client._broker import DEFAULT_PATIENCE, BrokerError, BrokerLink, LinkFactory
 from ferry.client._candidates import peer_info
 from ferry.client._errors import (
     SourceChangedError,
@@ -57,7 +61,7 @@ class Client:
 
     def __init__(
         self,
-        broker: str,
+        broker: str | LinkFactory,
         *,
         ports: tuple[int, int] = DEFAULT_PORTS,
         timeout: float = 10.0,
@@ -65,10 +69,17 @@ class Client:
         broker_wait: float = DEFAULT_PATIENCE,
         on_broker_wait: Callable[[BrokerError], None] | None = None,
     ) -> None:
-        """``timeout`` bounds each broker call; ``broker_wait`` is how long, in all, a call
-        keeps trying a broker that is down, restarting or too slow (``on_broker_wait`` hears
-        when one starts waiting)."""
-        self.broker = broker
+        """``broker``: its ``host:port``, or a `LinkFactory` that makes each new link (such
+        as `ferry.client.testing.InProcessBroker`). ``timeout`` bounds each broker call;
+        ``broker_wait`` is how long, in all, a call keeps trying a broker that is down,
+        restarting or too slow (``on_broker_wait`` hears when one starts waiting)."""
+        #: The broker's address, or the name of the link factory, for messages.
+        self.broker: str
+        self._links: LinkFactory
+        if isinstance(broker, str):
+            self.broker, self._links = broker, functools.partial(BrokerLink, broker)
+        else:
+            self.broker, self._links = str(getattr(broker, "address", broker)), broker
         self.ports = ports
         self.timeout = timeout
         self.stall_timeout = stall_timeout
@@ -76,8 +87,7 @@ class Client:
         self.on_broker_wait = on_broker_wait
 
     def _link(self) -> BrokerLink:
-        return BrokerLink(
-            self.broker,
+        return self._links(
             timeout=self.timeout,
             patience=self.broker_wait,
             on_wait=self.on_broker_wait,
