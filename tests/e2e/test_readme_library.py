@@ -17,10 +17,11 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def _example() -> str:
+def _example(index: int = 0) -> str:
+    """The README's Python examples: the library story, then the in-process rehearsal."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 1, "the README should have exactly one Python example"
-    return str(blocks[0])
+    assert len(blocks) == 2, "the README should have exactly two Python examples"
+    return str(blocks[index])
 
 
 async def test_readme_example_sends_and_receives(
@@ -50,3 +51,14 @@ async def test_readme_example_sends_and_receives(
     out = capsys.readouterr().out
     assert "blake3-chunks" in out
     assert f"{(3 << 20) + 4} bytes in" in out
+
+
+async def test_readme_in_process_example_runs_without_a_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(_example(1), "README.md", "exec"), namespace)
+    monkeypatch.chdir(tmp_path)
+    Path("report.pdf").write_bytes(os.urandom(1 << 20))
+    assert await asyncio.wait_for(namespace["rehearse"](), 60) is True
+    assert Path("inbox/report.pdf").read_bytes() == Path("report.pdf").read_bytes()

@@ -33,12 +33,10 @@ from ferry.client._events import (
     files_of,
     path_of,
 )
+from ferry.client._intake import Intake
 from ferry.client._journal import Journal, journal_path
 from ferry.client._receive import ReceivePeer
 from ferry.client._resume import resume_from_journal
-from ferry.client._send import (
-    digest_file,
-)
 from ferry.client._session import (
     FINAL,
     LIVE,
@@ -51,6 +49,7 @@ from ferry.client._session import (
     until_final,
 )
 from ferry.client._sink import FileSink, SinkFile, StorageError, part_name
+from ferry.client._source import digest_file
 from ferry.client._store import (
     StoreDownloader,
     StoreError,
@@ -100,7 +99,6 @@ class Incoming:
         self.total_size = sum(f.size for f in self.files)
         check_manifest_paths([f.path for f in self.files])
         self._store_bytes = 0  # verified bytes the object store gave this run
-        self._stream_id = 0  # the next ReceiveSession stream id (direct and store alike)
 
     @property
     def token(self) -> str:
@@ -221,7 +219,9 @@ class Incoming:
             identity = Identity.generate()
             me = peer_info(identity, self.ports)
             session = await self._accept_or_resume(me, identity)
-            await self._receive(session, identity, me, receive, sink, journal, via, on_event)
+            # One intake for every path (direct, store) of this transfer.
+            intake = Intake(receive, sink, journal)
+            await self._receive(session, identity, me, intake, via, on_event)
         result = TransferResult(
             session=self.name,
             files=[
@@ -279,26 +279,25 @@ class Incoming:
         session: broker_pb2.Session,
         identity: Identity,
         me: broker_pb2.PeerInfo,
-        receive: ReceiveSession,
-        sink: FileSink,
-        journal: Journal,
+        intake: Intake,
         via: Via,
         on_event: EventHandler | None,
     ) -> None:
         """Receive what is missing; on failure keep the data unless the session is over."""
+        sink, journal = intake.sink, intake.journal
 
         async def report(done: int) -> None:
             await self._link.report(self.name, State.STATE_TRANSFERRING, done)
 
-        pump = Pump(self.total_size, on_event, lambda: receive.bytes_verified, report)
+        pump = Pump(self.total_size, on_event, lambda: intake.bytes_verified, report)
         pump_task = asyncio.create_task(pump.run())
         self._store_bytes = 0
         kept = "the partial transfer is kept: run the same command again to resume"
         try:
             if via == "store":
-                await self._from_store_only(session, receive, sink, journal)
+                await self._from_store_only(session, intake)
             else:
-                await self._attempts(session, identity, me, receive, sink, journal, via)
+                await self._attempts(session, identity, me, intake, via)
         except StorageError as exc:  # this side's disk: nothing is wrong with the session
             journal.close()
             raise self._storage_failed(exc, sink.dest) from exc
@@ -415,9 +414,7 @@ class Incoming:
         session: broker_pb2.Session,
         identity: Identity,
         me: broker_pb2.PeerInfo,
-        receive: ReceiveSession,
-        sink: FileSink,
-        journal: Journal,
+        intake: Intake,
         via: Via = "auto",
     ) -> None:
         """Connect and receive, negotiating new attempts while the sender may come back.
@@ -427,24 +424,20 @@ class Incoming:
         timeout for the sender's upload and fetches what is still missing from it; if
         nothing is stored by then, the next direct attempt is negotiated, and so on.
         """
-        self._stream_id = 0
-        held, since = receive.bytes_verified, time.monotonic()
+        held, since = intake.bytes_verified, time.monotonic()
         patience = self.stall_timeout
         store_ok = via == "auto"
-        while not receive.done:
-            stream_id = self._stream_id
+        while not intake.done:
+            stream_id = intake.next_stream
             latest = [session]
             cancel = threading.Event()
             der = session.sender.certificate_der
             peer = ReceivePeer(
                 self.name,
-                receive,
-                sink,
-                journal,
+                intake,
                 client_context(identity, der),
                 der,
                 streams=session.plan.stream_count or 1,
-                first_stream_id=stream_id,
                 stall_timeout=patience,
             )
             plan = session.plan
@@ -457,7 +450,7 @@ class Incoming:
                 max(since + patience, time.monotonic() + 1.0),
             )
             with contextlib.suppress(BrokerError):
-                await self._link.report(self.name, State.STATE_CONNECTING, receive.bytes_verified)
+                await self._link.report(self.name, State.STATE_CONNECTING, intake.bytes_verified)
             candidates = dial_order(session.sender.candidates)
             try:
                 await in_thread_while(
@@ -468,17 +461,13 @@ class Incoming:
                 return
             except PeerGone as exc:
                 lost: Exception = exc
-            finally:
-                self._stream_id = peer.next_stream_id
             current = latest[0]
             if current.state in FINAL:
                 raise TransferOver(ended(current))
-            never_connected = peer.next_stream_id == stream_id
+            never_connected = intake.next_stream == stream_id
             if store_ok and never_connected:
                 try:
-                    await self._from_store(
-                        receive, sink, journal, time.monotonic() + patience, session.attempt
-                    )
+                    await self._from_store(intake, time.monotonic() + patience, session.attempt)
                     return
                 except StoreUnavailable:
                     store_ok = False  # this broker has no object store: direct only
@@ -488,8 +477,8 @@ class Incoming:
                 if current.state in FINAL:
                     raise TransferOver(ended(current))
             now = time.monotonic()
-            if receive.bytes_verified != held:
-                held, since = receive.bytes_verified, now
+            if intake.bytes_verified != held:
+                held, since = intake.bytes_verified, now
             if current.attempt != session.attempt and current.state in LIVE:
                 session = current  # the sender came back (or moved): follow it
                 continue
@@ -503,17 +492,14 @@ class Incoming:
     async def _from_store_only(
         self,
         session: broker_pb2.Session,
-        receive: ReceiveSession,
-        sink: FileSink,
-        journal: Journal,
+        intake: Intake,
     ) -> None:
         """via="store": fetch everything from the object store, waiting for the upload."""
-        self._stream_id = 0
         left = session.expire_time.ToDatetime().timestamp() - time.time()
         with contextlib.suppress(BrokerError):
-            await self._link.report(self.name, State.STATE_TRANSFERRING, receive.bytes_verified)
+            await self._link.report(self.name, State.STATE_TRANSFERRING, intake.bytes_verified)
         try:
-            await self._from_store(receive, sink, journal, time.monotonic() + max(left, 1.0))
+            await self._from_store(intake, time.monotonic() + max(left, 1.0))
         except StoreUnavailable as exc:
             raise TransferError(str(exc)) from exc
         except StoreNotReady as exc:
@@ -526,9 +512,7 @@ class Incoming:
 
     async def _from_store(
         self,
-        receive: ReceiveSession,
-        sink: FileSink,
-        journal: Journal,
+        intake: Intake,
         wait_until: float,
         attempt: int = 0,
     ) -> None:
@@ -542,11 +526,8 @@ class Incoming:
             self._link,
             self.name,
             asyncio.get_running_loop(),
-            receive,
-            sink,
-            journal,
+            intake,
             [f.size for f in self.files],
-            first_stream_id=self._stream_id,
             wait_until=wait_until,
             stop_waiting=moved,
         )
@@ -557,7 +538,6 @@ class Incoming:
                 until_final(self._link, self.name, cancel, moved, attempt or None),
             )
         finally:
-            self._stream_id = downloader.next_stream_id
             self._store_bytes += downloader.bytes_downloaded
 
 

@@ -32,8 +32,6 @@ from ferry.client._events import (
 from ferry.client._send import (
     SendCounter,
     SendPeer,
-    SourceChanged,
-    fill_digests,
 )
 from ferry.client._session import (
     FINAL,
@@ -45,6 +43,7 @@ from ferry.client._session import (
     in_thread_while,
     watch,
 )
+from ferry.client._source import Source, SourceChanged
 from ferry.client._store import (
     StoreError,
     StoreUnavailable,
@@ -153,8 +152,7 @@ class Outgoing:
         self._uploader = StoreUploader(
             self._link,
             self.name,
-            self._sources,
-            self.stamps,
+            self._source(),
             self.session.manifest,
             asyncio.get_running_loop(),
         )
@@ -181,8 +179,7 @@ class Outgoing:
         uploader = StoreUploader(
             self._link,
             self.name,
-            self._sources,
-            self.stamps,
+            self._source(),
             self.session.manifest,
             asyncio.get_running_loop(),
         )
@@ -233,10 +230,14 @@ class Outgoing:
             on_event(Completed(result))
         return result
 
+    def _source(self) -> Source:
+        """The offered files, for one sending path (each path opens and closes its own)."""
+        return Source(self._sources, self.stamps, self.session.manifest.chunk_size_bytes)
+
     def _hash_all(self, uploader: StoreUploader) -> None:
         """Only the digests are left to show (the receiver completed already)."""
         session = SendSession([f.size for f in self.files], self.session.manifest.chunk_size_bytes)
-        fill_digests(session, self._sources)
+        self._source().fill_digests(session, stamped=False)
         uploader.digests = [session.digest(i) or b"" for i in range(len(self.files))]
 
     async def _transfer(self, on_event: EventHandler | None) -> TransferResult:
@@ -248,6 +249,7 @@ class Outgoing:
                 loop.call_soon_threadsafe(on_event, Paused(reason))
 
         send_session = SendSession(sizes, self.session.manifest.chunk_size_bytes)
+        source = self._source()  # read by every attempt of the direct path in turn
         counter = SendCounter()
         started = time.monotonic()
 
@@ -269,9 +271,8 @@ class Outgoing:
                 der = session.receiver.certificate_der
                 peer = SendPeer(
                     self.name,
-                    self._sources,
+                    source,
                     send_session,
-                    self.stamps,
                     counter,
                     server_context(self._identity, der),
                     der,
@@ -305,7 +306,7 @@ class Outgoing:
             await asyncio.gather(pump_task, return_exceptions=True)
         seconds = time.monotonic() - started
         # Chunks the receiver had from an earlier run were not read here: hash them now.
-        await asyncio.to_thread(fill_digests, send_session, self._sources)
+        await asyncio.to_thread(functools.partial(source.fill_digests, send_session, stamped=False))
         digests = [send_session.digest(i) for i in range(len(self.files))]
         uploaded = self._uploader.bytes_uploaded if self._uploader is not None else 0
         result = TransferResult(

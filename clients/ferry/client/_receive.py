@@ -4,15 +4,15 @@ The first stream is found by trying every candidate address on every leased port
 (the sender listens on the first free one) until the plan's deadline; the other streams
 dial the address that answered. Each stream thread moves bytes between its socket and a
 `ReceiverConnection` (the conversation's rules; the `ReceiveSession` decides which chunks
-and digests to ask for): it reads each payload into its own buffer, checks the digest
-outside the lock, writes it at its offset and records it in the journal. A stream that
+and digests to ask for): it reads each payload into its own buffer and hands it to the
+`Intake` (verify outside the lock, write at its offset, journal, verdict). A stream that
 breaks gives its chunks, and the digests it had asked for, back to the others.
 
-One `ReceivePeer` is one connection attempt; the `ReceiveSession`, the sink and the
-journal outlive it, so a new attempt (after a restart or a lost connection) asks only
-for what is still missing. `PeerGone` means "try again later"; a `ProtocolError` or
-`PeerAborted` is final; a `StorageError` (this side's disk) keeps what was verified and
-tells the sender, with a retryable Abort, to wait for this side's rerun.
+One `ReceivePeer` is one connection attempt; the `Intake` (session, sink, journal) outlives
+it, so a new attempt (after a restart or a lost connection) asks only for what is still
+missing. `PeerGone` means "try again later"; a `ProtocolError` or `PeerAborted` is final; a
+`StorageError` (this side's disk) keeps what was verified and tells the sender, with a
+retryable Abort, to wait for this side's rerun.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from ferry.client._journal import Journal
-from ferry.client._sink import FileSink, StorageError
+from ferry.client._intake import Intake
+from ferry.client._sink import StorageError
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
 from ferry.protocol import (
@@ -35,8 +35,6 @@ from ferry.protocol import (
     PeerAborted,
     ProtocolError,
     ReceiverConnection,
-    ReceiveSession,
-    chunk_digest,
 )
 
 __all__ = ["ReceivePeer"]
@@ -44,48 +42,35 @@ __all__ = ["ReceivePeer"]
 _CONNECT_TIMEOUT = 2.0
 _IO_TIMEOUT = 60.0
 _RETRY_PAUSE = 0.05
-_SYNC_INTERVAL = 0.5
 _LINGER = 2.0  # how long a paused receiver waits for the sender to read its Abort
 
 
 class ReceivePeer:
-    """One connection attempt: fetch what the session still lacks into the sink."""
+    """One connection attempt: fetch what the intake's session still lacks."""
 
     def __init__(
         self,
         name: str,
-        session: ReceiveSession,
-        sink: FileSink,
-        journal: Journal | None,
+        intake: Intake,
         context: ssl.SSLContext,
         peer_der: bytes,
         *,
         streams: int,
-        first_stream_id: int = 0,
         stall_timeout: float = 30.0,
-        on_file: Callable[[int], None] | None = None,
     ) -> None:
         self.session_name = name
-        self.session = session
-        self.sink = sink
-        self.journal = journal
-        self.chunk_size = session.chunk_size
+        self.intake = intake
+        self.session = intake.session  # called only holding intake.lock
+        self.chunk_size = intake.chunk_size
         self.context = context
         self.peer_der = peer_der
         self.streams = max(1, streams)
-        self.on_file = on_file
         self.stall_timeout = stall_timeout
         self.events = 0  # frames received: the stall watchdog's measure of progress
-        self._next_id = first_stream_id
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._lock = intake.lock  # guards the session and the connections below
+        self._wake = intake.wake
         self._conns: dict[int, tuple[PeerConnection, ReceiverConnection]] = {}
         self.error: BaseException | None = None
-
-    @property
-    def next_stream_id(self) -> int:
-        """The first stream id a later attempt may use."""
-        return self._next_id
 
     # -- connecting -------------------------------------------------------------------
 
@@ -113,11 +98,9 @@ class ReceivePeer:
             raise
 
     def _adopt(self, pair: tuple[PeerConnection, ReceiverConnection]) -> None:
+        stream = self.intake.open_stream(pair[1].stream)
         with self._lock:
-            stream = pair[1].stream
-            self._next_id = max(self._next_id, stream + 1)
             self._conns[stream] = pair
-            self.session.open_stream(stream)
 
     def connect(
         self, candidates: Sequence[str], ports: range, deadline: float, cancel: threading.Event
@@ -131,7 +114,7 @@ class ReceivePeer:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
             while (remaining := deadline - time.monotonic()) > 0 and not cancel.is_set():
                 step = min(_CONNECT_TIMEOUT, max(remaining, 0.1))
-                stream = self._next_id
+                stream = self.intake.next_stream
                 futures = {pool.submit(self._dial, t, stream, step): t for t in targets}
                 winner: tuple[str, int] | None = None
                 for future in concurrent.futures.as_completed(futures):
@@ -169,7 +152,7 @@ class ReceivePeer:
         address = self.connect(candidates, ports, deadline, cancel)
         for _ in range(1, self.streams):
             try:
-                self._adopt(self._dial(address, self._next_id))
+                self._adopt(self._dial(address, self.intake.next_stream))
             except (OSError, ssl.SSLError, PeerAuthError, ProtocolError):
                 break  # fewer streams is still a transfer
         with self._lock:
@@ -188,16 +171,15 @@ class ReceivePeer:
 
     def _watch(self, threads: list[threading.Thread], cancel: threading.Event) -> None:
         """Wait for the streams; sync the journal; stop on cancel or a long silence."""
-        seen, since, synced = self.events, time.monotonic(), time.monotonic()
+        seen, since = self.events, time.monotonic()
         while alive := [t for t in threads if t.is_alive()]:
             alive[0].join(timeout=0.2)
             now = time.monotonic()
-            if self.journal is not None and now - synced >= _SYNC_INTERVAL and self.error is None:
+            if self.error is None:
                 try:
-                    self.journal.sync(self.sink.open_fds())
+                    self.intake.sync()
                 except StorageError as exc:
                     self._fail(exc)
-                synced = now
             if cancel.is_set():
                 self._fail(PeerGone("cancelled"))
             elif self.events != seen:
@@ -245,20 +227,19 @@ class ReceivePeer:
         try:
             self._converse(wire, conn, cancel)
         except PeerGone as exc:
+            self.intake.close_stream(stream)
             with self._lock:
-                self.session.stream_lost(stream)
                 self._conns.pop(stream, None)
                 alive = bool(self._conns)
-                self._wake.notify_all()
-            if not alive and not self.session.done and self.error is None:
+            if not alive and not self.intake.done and self.error is None:
                 self._fail(exc)
         except (ProtocolError, PeerAborted, StorageError, OSError) as exc:
             self._fail(exc)
         finally:
+            # Its chunks and digest requests are due again, on the other streams.
+            self.intake.close_stream(stream)
             with self._lock:
-                self.session.stream_lost(stream)
                 self._conns.pop(stream, None)
-                self._wake.notify_all()  # its digest requests are due again, on other streams
             if isinstance(self.error, StorageError):
                 wire.drain(_LINGER)
             wire.close()
@@ -267,7 +248,7 @@ class ReceivePeer:
         self, wire: PeerConnection, conn: ReceiverConnection, cancel: threading.Event
     ) -> None:
         buffer = memoryview(bytearray(self.chunk_size))
-        lock = self._lock
+        intake, lock = self.intake, self._lock
         while True:
             with lock:
                 if self.error is not None or cancel.is_set():
@@ -286,23 +267,16 @@ class ReceivePeer:
             self.events += 1
             if isinstance(event, ChunkArrived):
                 payload = wire.read_chunk(conn, buffer)
-                ok = chunk_digest(payload) == event.digest
-                if ok:
-                    self.sink.write(event.file_index, event.offset, payload)
-                    if self.journal is not None:
-                        self.journal.chunk(event.file_index, event.chunk_index, event.digest)
-                with lock:
-                    conn.chunk_checked(ok)
-                    self._wake.notify_all()
+                intake.chunk(
+                    event.file_index,
+                    event.chunk_index,
+                    event.offset,
+                    event.digest,
+                    payload,
+                    conn.chunk_checked,
+                )
             elif isinstance(event, FileConfirmed):
-                index = event.file_index
-                self.sink.finish(index)
-                if self.journal is not None:
-                    self.journal.finished(index)
-                if self.on_file is not None:
-                    self.on_file(index)
-                with lock:
-                    self._wake.notify_all()
+                intake.file_confirmed(event.file_index)
         with contextlib.suppress(PeerGone):
             wire.send_bytes(conn.send_done())
 

@@ -3,25 +3,22 @@
 Threads, blocking sockets: one thread accepts, one thread per connection. Each connection
 thread moves bytes between its socket and a `SenderConnection` (the conversation's rules,
 the queue of requested chunks); between chunks it takes any new request that has arrived,
-so the receiver's window keeps the pipe full. Each chunk is read with `preadv` into a
-reused buffer behind its frame head, hashed, and sent in one `sendall`.
+so the receiver's window keeps the pipe full. Each chunk is read from the `Source` (with
+`preadv`) into a reused buffer behind its frame head, hashed, and sent in one `sendall`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
+from ferry.client._source import Source, SourceChanged, digest_file
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
-from ferry.files import SourceStamp, escape_name
 from ferry.protocol import (
-    ChunkWork,
     DigestRequested,
     Finished,
     PeerAborted,
@@ -29,7 +26,6 @@ from ferry.protocol import (
     SenderConnection,
     SendSession,
     chunk_digest,
-    file_digest,
 )
 from ferry.protocol.frames import CHUNK_HEAD_SIZE, HEADER_SIZE
 
@@ -37,18 +33,12 @@ __all__ = [
     "SendCounter",
     "SendPeer",
     "SourceChanged",
-    "check_unchanged",
     "digest_file",
-    "fill_digests",
 ]
 
 _HEAD = HEADER_SIZE + CHUNK_HEAD_SIZE
 _ACCEPT_POLL = 0.2
 _IO_TIMEOUT = 60.0
-
-
-class SourceChanged(Exception):
-    """A file being sent changed since it was offered."""
 
 
 class SendCounter:
@@ -61,24 +51,23 @@ class SendCounter:
 class SendPeer:
     """One connection attempt: serves chunks to the receiver that proves its certificate.
 
-    The SendSession (digests of chunks read so far) and the counter outlive the attempt.
+    The SendSession (digests of chunks read so far), the source and the counter outlive the
+    attempt; the files the attempt opened are closed when it ends.
     """
 
     def __init__(
         self,
         name: str,
-        sources: Sequence[Path],
+        source: Source,
         session: SendSession,
-        stamps: Sequence[SourceStamp],
         counter: SendCounter,
         context: ssl.SSLContext,
         peer_der: bytes,
         on_pause: Callable[[str], None] | None = None,
     ) -> None:
         self.session_name = name
-        self.sources = list(sources)
-        self.stamps = list(stamps)
-        self.sizes = [stamp.size for stamp in self.stamps]
+        self.source = source
+        self.sizes = source.sizes
         self.on_pause = on_pause
         self.chunk_size = session.chunk_size
         self.context = context
@@ -89,7 +78,6 @@ class SendPeer:
         self.connected = threading.Event()  # a receiver proved its certificate
         self.error: BaseException | None = None
         self._lock = threading.Lock()
-        self._fds: dict[int, int] = {}
         self._conns: set[PeerConnection] = set()
         self._listener: socket.socket | None = None
         self.port = 0
@@ -141,10 +129,7 @@ class SendPeer:
                 conn.close()
             for t in threads:
                 t.join(timeout=5)
-            with self._lock:
-                for fd in self._fds.values():
-                    os.close(fd)
-                self._fds.clear()
+            self.source.close()
         if self.error is not None and not self.finished.is_set():
             raise self.error
         if cancel.is_set() and not self.finished.is_set():
@@ -201,7 +186,7 @@ class SendPeer:
                 continue
             item = conn.work[0]
             payload = buffer[_HEAD : _HEAD + item.length]
-            self._read(item, payload)
+            self.source.read(item.file_index, item.offset, payload)
             digest = chunk_digest(payload)
             with self._lock:
                 buffer[:_HEAD] = conn.send_chunk(item, digest)
@@ -209,81 +194,15 @@ class SendPeer:
             with self._lock:
                 self.counter.bytes_sent += item.length
 
-    def _fd(self, index: int) -> int:
-        with self._lock:
-            fd = self._fds.get(index)
-            if fd is None:
-                fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    self._check_unchanged(index, fd)
-                except SourceChanged:
-                    os.close(fd)
-                    raise
-                self._fds[index] = fd
-            return fd
-
-    def _read(self, item: ChunkWork, into: memoryview) -> None:
-        fd = self._fd(item.file_index)
-        got = 0
-        while got < item.length:
-            n = os.preadv(fd, [into[got:]], item.offset + got)
-            if n == 0:
-                shown = escape_name(str(self.sources[item.file_index]))
-                raise SourceChanged(f"{shown} shrank since it was offered")
-            got += n
-
     def _file_end(self, conn: SenderConnection, index: int) -> bytes:
-        with self._lock:
-            missing = self.session.missing_digests(index)
-        if missing:
-            buffer = memoryview(bytearray(self.chunk_size))
-            for item in missing:
-                view = buffer[: item.length]
-                self._read(item, view)
-                with self._lock:
-                    self.session.chunk_sent(item, chunk_digest(view))
+        self.source.fill_digests(self.session, [index], lock=self._lock)
         # A file written to while it was read would give the receiver a mix of old and new
         # chunks whose digests all check out: vouch for it only if it is still as offered.
-        self._check_unchanged(index, self._fd(index))
+        self.source.check_unchanged(index)
         with self._lock:
             data = conn.send_file_end(index)
-            fd = self._fds.pop(index, None)
-        if fd is not None:
-            os.close(fd)
+        self.source.release(index)
         return data
-
-    def _check_unchanged(self, index: int, fd: int) -> None:
-        check_unchanged(self.sources[index], self.stamps[index], fd)
-
-
-def check_unchanged(source: Path, stamp: SourceStamp, fd: int) -> None:
-    """Raise SourceChanged unless the open file ``fd`` is still the version offered."""
-    if not stamp.matches(os.fstat(fd)):
-        raise SourceChanged(f"{escape_name(str(source))} changed since it was offered")
-
-
-def digest_file(path: Path, chunk_size: int) -> bytes:
-    """A whole file's blake3-chunks digest, read from disk (what `ferry digest` prints)."""
-    digests = []
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digests.append(chunk_digest(chunk))
-    return file_digest(digests)
-
-
-def fill_digests(session: SendSession, sources: Sequence[Path]) -> None:
-    """Hash the chunks whose digests the session does not know yet, from the sources."""
-    buffer = memoryview(bytearray(session.chunk_size))
-    for index, source in enumerate(sources):
-        missing = session.missing_digests(index)
-        if not missing:
-            continue
-        with open(source, "rb", buffering=0) as f:
-            for item in missing:
-                view = buffer[: item.length]
-                if os.preadv(f.fileno(), [view], item.offset) != item.length:
-                    raise SourceChanged(f"{escape_name(str(source))} shrank since it was offered")
-                session.chunk_sent(item, chunk_digest(view))
 
 
 def _listen(port: int) -> socket.socket:

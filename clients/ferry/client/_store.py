@@ -11,15 +11,16 @@ Upload (sender), per file::
     (a bounded window, each read from the source, its chunks hashed) -> PUT digests -> Complete
 
 Parts S3 already holds with their exact size are not sent again, but are read and hashed:
-the digests object needs every chunk's digest. A source whose size or mtime differs from
-the manifest is refused (`SourceChanged`), so old and new bytes are never mixed.
+the digests object needs every chunk's digest. Every byte is read from the `Source`, which
+refuses a file that is no longer the version offered (`SourceChanged`), before the first
+part and again before the digests object: old and new bytes are never mixed.
 
-Download (receiver): the same `ReceiveSession` that schedules the direct path decides which
-chunks are still wanted (so nothing verified -- from the journal or the direct path -- is
-fetched again). Each worker is one "stream" of that session: it asks for a window of
-chunks, fetches each run of them with one ranged GET, checks every chunk against the
-digests object, writes it through the FileSink and journals it; a complete file is checked
-against the whole-file digest of the digests object and moved into place.
+Download (receiver): the same `Intake` as the direct path's, and its `ReceiveSession`
+decides which chunks are still wanted (so nothing verified -- from the journal or the
+direct path -- is fetched again). Each worker is one stream of that intake: it asks for a
+window of chunks, fetches each run of them with one ranged GET and hands every chunk, with
+its digest from the digests object, to the intake (verify, write, journal); a complete
+file is checked against the whole-file digest of the digests object and moved into place.
 
 Presigned URLs are bearer secrets: they are never logged, and never put in error messages.
 """
@@ -28,13 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 
@@ -42,14 +42,11 @@ if TYPE_CHECKING:  # imported where used: urllib3 costs ~25 ms, which direct tra
     import urllib3
 
 from ferry.client._broker import COMPLETE_TIMEOUT, BrokerError, BrokerLink
-from ferry.client._journal import Journal
-from ferry.client._send import SourceChanged, check_unchanged
-from ferry.client._sink import FileSink
-from ferry.files import SourceStamp, escape_name
+from ferry.client._intake import Intake
+from ferry.client._source import Source
 from ferry.protocol import (
     FILE_DIGEST_ALGORITHM,
     ChunkStart,
-    ReceiveSession,
     RemoteProtocolError,
     chunk_digest,
     file_digest,
@@ -69,7 +66,6 @@ DIGEST_BYTES = 32
 _PRESIGN_BATCH = 1000
 _RETRIES = 6  # with the backoff below: about 7 s of patience per request
 _RENEW_MARGIN = 60.0
-_SYNC_INTERVAL = 0.5
 _BRIDGE_POLL = 0.5
 _CONNECT_TIMEOUT = 10.0
 _READ_TIMEOUT = 60.0
@@ -105,7 +101,7 @@ def _request(
     url: str,
     what: str,
     *,
-    body: bytes | None = None,
+    body: bytes | bytearray | None = None,
     headers: dict[str, str] | None = None,
     stream: bool = False,
 ) -> urllib3.BaseHTTPResponse:
@@ -118,7 +114,9 @@ def _request(
             response = http.request(
                 method,
                 url,
-                body=body,
+                # urllib3 sends any buffer as it is (a part read into a bytearray: no
+                # copy), though its type hints name only bytes.
+                body=cast("bytes | None", body),
                 headers=headers,
                 preload_content=not stream,
                 redirect=False,
@@ -194,8 +192,7 @@ class StoreUploader:
         self,
         link: BrokerLink,
         name: str,
-        sources: Sequence[Path],
-        stamps: Sequence[SourceStamp],
+        source: Source,
         manifest: broker_pb2.Manifest,
         loop: asyncio.AbstractEventLoop,
         *,
@@ -203,8 +200,7 @@ class StoreUploader:
     ) -> None:
         self.link = link
         self.name = name
-        self.sources = list(sources)
-        self.stamps = list(stamps)
+        self.source = source
         self.entries = list(manifest.files)
         self.chunk_size = manifest.chunk_size_bytes
         self.window = max(1, window)
@@ -225,9 +221,7 @@ class StoreUploader:
                 self._file(index, cancel)
         finally:
             self._http.clear()
-
-    def _check_source(self, index: int, fd: int) -> None:
-        check_unchanged(self.sources[index], self.stamps[index], fd)
+            self.source.close()
 
     def _file(self, index: int, cancel: threading.Event) -> None:
         name, size = self.name, self.entries[index].size_bytes
@@ -242,7 +236,7 @@ class StoreUploader:
             with self._lock:
                 self.bytes_stored += size
             # Its digests are in the store; the whole-file digest is recomputed from the source.
-            self.digests[index] = self._hash_only(index)
+            self.digests[index] = self.source.file_digest(index)
             return
         part_size, count = start.part_size_bytes, start.part_count
         lengths = {n: min(part_size, size - (n - 1) * part_size) for n in range(1, count + 1)}
@@ -260,9 +254,8 @@ class StoreUploader:
                 lambda b=batch: self.link.presign_store_parts(name, index, b, False)  # type: ignore[misc]
             )
             urls.update({u.part_number: u for u in reply.parts})
-        fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._check_source(index, fd)
+            self.source.fd(index)  # opened, and refused unless still as offered
             with concurrent.futures.ThreadPoolExecutor(self.window) as pool:
                 pending: set[concurrent.futures.Future[None]] = set()
                 for number in range(1, count + 1):
@@ -278,7 +271,6 @@ class StoreUploader:
                         pool.submit(
                             self._part,
                             index,
-                            fd,
                             number,
                             part_size,
                             lengths[number],
@@ -291,9 +283,9 @@ class StoreUploader:
                     f.result()
             if cancel.is_set():
                 raise StoreError("cancelled")
-            self._check_source(index, fd)  # changed while we read it?
+            self.source.check_unchanged(index)  # changed while we read it?
         finally:
-            os.close(fd)
+            self.source.release(index)
         body = b"".join(chunk_digests)
         reply = self.bridge.call(lambda: self.link.presign_store_parts(name, index, [], True))
         if len(body) != reply.digests.size_bytes:
@@ -309,7 +301,6 @@ class StoreUploader:
     def _part(
         self,
         index: int,
-        fd: int,
         number: int,
         part_size: int,
         length: int,
@@ -319,7 +310,8 @@ class StoreUploader:
     ) -> None:
         """Read one part, hash its chunks, and PUT it unless the store has it already."""
         offset = (number - 1) * part_size
-        data = _pread(fd, length, offset, self.sources[index])
+        data = bytearray(length)
+        self.source.read(index, offset, memoryview(data))
         first = offset // self.chunk_size
         view = memoryview(data)
         for i, at in enumerate(range(0, length, self.chunk_size)):
@@ -340,7 +332,7 @@ class StoreUploader:
             self.bytes_uploaded += length
             self.bytes_stored += length
 
-    def _put(self, url: str, body: bytes, what: str) -> str:
+    def _put(self, url: str, body: bytes | bytearray, what: str) -> str:
         """PUT ``body`` to a presigned URL; return the entity tag the store answered."""
         response = _request(
             self._http,
@@ -352,33 +344,6 @@ class StoreUploader:
         )
         response.release_conn()
         return str(response.headers.get("ETag", ""))
-
-    def _hash_only(self, index: int) -> bytes:
-        fd = os.open(self.sources[index], os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._check_source(index, fd)
-            size = self.entries[index].size_bytes
-            return file_digest(
-                chunk_digest(_pread(fd, min(self.chunk_size, size - at), at, self.sources[index]))
-                for at in range(0, size, self.chunk_size)
-            )
-        finally:
-            os.close(fd)
-
-
-def _pread(fd: int, length: int, offset: int, source: Path) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            raise SourceChanged(f"{escape_name(str(source))} shrank since it was offered")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 # -- download -------------------------------------------------------------------------
@@ -395,47 +360,37 @@ class _Stored:
 
 
 class StoreDownloader:
-    """Fetches, from the object store, every chunk the ReceiveSession still wants."""
+    """Fetches, from the object store, every chunk the intake's session still wants."""
 
     def __init__(
         self,
         link: BrokerLink,
         name: str,
         loop: asyncio.AbstractEventLoop,
-        receive: ReceiveSession,
-        sink: FileSink,
-        journal: Journal | None,
+        intake: Intake,
         sizes: Sequence[int],
         *,
-        first_stream_id: int,
         wait_until: float,
         stop_waiting: threading.Event | None = None,
         window: int = WINDOW,
     ) -> None:
         self.link = link
         self.name = name
-        self.receive = receive
-        self.sink = sink
-        self.journal = journal
+        self.intake = intake
+        self.receive = intake.session  # called only holding intake.lock
         self.sizes = list(sizes)
-        self.chunk_size = receive.chunk_size
+        self.chunk_size = intake.chunk_size
         self.window = max(1, window)
         self.wait_until = wait_until  # time.monotonic() by which a needed file must be stored
         self.stop_waiting = stop_waiting or threading.Event()  # set: stop waiting for uploads
         self.bridge = _Bridge(loop, link)
         self.bytes_downloaded = 0  # verified bytes this run took from the store
         self.error: BaseException | None = None
-        self._next_id = first_stream_id
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._lock = intake.lock
+        self._wake = intake.wake
         self._stored: dict[int, _Stored] = {}
         self._stored_lock = threading.Lock()
         self._http = _pool(self.window)
-
-    @property
-    def next_stream_id(self) -> int:
-        """The first stream id a later attempt may use."""
-        return self._next_id
 
     def run(self, cancel: threading.Event) -> None:
         """Download until every file is confirmed; raise on failure."""
@@ -445,27 +400,18 @@ class StoreDownloader:
                 if cancel.is_set():
                     raise StoreError("cancelled")
                 self._confirm(index, cancel)
-            streams = []
-            with self._lock:
-                for _ in range(self.window):
-                    stream = self._next_id
-                    self._next_id += 1
-                    self.receive.open_stream(stream)
-                    streams.append(stream)
+            streams = [self.intake.open_stream() for _ in range(self.window)]
             threads = [
                 threading.Thread(target=self._worker, args=(s, cancel), daemon=True)
                 for s in streams
             ]
             for t in threads:
                 t.start()
-            synced = time.monotonic()
             while alive := [t for t in threads if t.is_alive()]:
                 alive[0].join(timeout=0.2)
                 if cancel.is_set():
                     self._fail(StoreError("cancelled"))
-                if self.journal is not None and time.monotonic() - synced >= _SYNC_INTERVAL:
-                    self.journal.sync(self.sink.open_fds())
-                    synced = time.monotonic()
+                self.intake.sync()
             if self.error is not None:
                 raise self.error
             if not self.receive.done:
@@ -495,9 +441,7 @@ class StoreDownloader:
         except BaseException as exc:
             self._fail(exc)
         finally:
-            with self._lock:
-                self.receive.stream_lost(stream)
-                self._wake.notify_all()
+            self.intake.close_stream(stream)
 
     def _file(self, index: int, cancel: threading.Event, renew: bool = False) -> _Stored:
         """The file's URL (renewed when it nears expiry) and digests; waits until stored."""
@@ -565,20 +509,25 @@ class StoreDownloader:
                     if self.error is not None or cancel.is_set():
                         return
                     target = self.receive.chunk_start(stream, ev)
-                ok = chunk_digest(data) == ev.digest
-                if ok:
-                    self.sink.write(index, target.offset, memoryview(data))
-                    if self.journal is not None:
-                        self.journal.chunk(index, chunk, ev.digest)
-                with self._lock:
-                    finished = self.receive.chunk_done(stream, ev, ok)
-                    if ok:
-                        self.bytes_downloaded += length
-                    self._wake.notify_all()
+                finished = self.intake.chunk(
+                    index,
+                    chunk,
+                    target.offset,
+                    ev.digest,
+                    memoryview(data),
+                    functools.partial(self._verdict, stream, ev),
+                )
                 for done_index in finished:
                     self._confirm(done_index, cancel)
         finally:
             response.release_conn()
+
+    def _verdict(self, stream: int, ev: ChunkStart, ok: bool) -> list[int]:
+        """The session's verdict on a chunk (called holding the intake's lock)."""
+        finished = self.receive.chunk_done(stream, ev, ok)
+        if ok:
+            self.bytes_downloaded += ev.length
+        return finished
 
     def _confirm(self, index: int, cancel: threading.Event) -> None:
         """Check a complete file against the store's whole-file digest; move it in place."""
@@ -587,13 +536,7 @@ class StoreDownloader:
         else:
             expected = file_digest(self._file(index, cancel).digests)
         end = peer_pb2.FileEnd(file_index=index, algorithm=FILE_DIGEST_ALGORITHM, digest=expected)
-        with self._lock:
-            self.receive.file_end(end)  # raises if the chunks held do not make that file
-        self.sink.finish(index)
-        if self.journal is not None:
-            self.journal.finished(index)
-        with self._lock:
-            self._wake.notify_all()
+        self.intake.file_end(end)  # raises if the chunks held do not make that file
 
 
 def _read_exactly(response: urllib3.BaseHTTPResponse, length: int) -> bytes:
