@@ -109,6 +109,11 @@ class Outgoing:
         """Cancel the offer or the transfer."""
         await self._link.cancel(self.name, reason)
 
+    async def _failed(self, kind: type[TransferError], reason: str) -> TransferError:
+        """Tell the broker this side failed (best effort); the error to raise."""
+        await self._link.report_failed(self.name, reason)
+        return kind(reason)
+
     async def _next_attempt(self, served: int) -> broker_pb2.Session:
         """The session once it has a connection attempt newer than ``served`` (or is over)."""
         remaining = self.session.expire_time.ToDatetime().timestamp() - time.time() + 5
@@ -202,13 +207,9 @@ class Outgoing:
                 "to resume the upload"
             ) from exc
         except SourceChanged as exc:
-            reason = f"uploading failed: {exc}"
-            await self._link.report_failed(self.name, reason)
-            raise SourceChangedError(reason) from exc
+            raise await self._failed(SourceChangedError, f"uploading failed: {exc}") from exc
         except (ProtocolError, OSError) as exc:
-            reason = f"uploading failed: {exc}"
-            await self._link.report_failed(self.name, reason)
-            raise TransferError(reason) from exc
+            raise await self._failed(TransferError, f"uploading failed: {exc}") from exc
         finally:
             cancel.set()
             pump_task.cancel()
@@ -290,17 +291,11 @@ class Outgoing:
                     continue
                 await self._serve(peer, served, session)
         except SourceChanged as exc:
-            reason = f"sending failed: {exc}"
-            await self._link.report_failed(self.name, reason)
-            raise SourceChangedError(reason) from exc
+            raise await self._failed(SourceChangedError, f"sending failed: {exc}") from exc
         except (ProtocolError, PeerAborted) as exc:
-            reason = f"sending failed: {exc}"
-            await self._link.report_failed(self.name, reason)
-            raise PeerProtocolError(reason) from exc
+            raise await self._failed(PeerProtocolError, f"sending failed: {exc}") from exc
         except OSError as exc:
-            reason = f"sending failed: {exc}"
-            await self._link.report_failed(self.name, reason)
-            raise TransferError(reason) from exc
+            raise await self._failed(TransferError, f"sending failed: {exc}") from exc
         finally:
             pump_task.cancel()
             await asyncio.gather(pump_task, return_exceptions=True)

@@ -337,7 +337,9 @@ class _StreamCall:
         return True
 
 
-class _UnaryUnary:
+class _Method:
+    """One RPC of the in-process channel: its name and (de)serializers, as grpc.aio has them."""
+
     def __init__(
         self,
         broker: InProcessBroker,
@@ -350,6 +352,8 @@ class _UnaryUnary:
         self._serialize = serialize or _as_is
         self._deserialize = deserialize or _as_is
 
+
+class _UnaryUnary(_Method):
     def __call__(
         self,
         request: object,
@@ -368,19 +372,7 @@ class _UnaryUnary:
         )
 
 
-class _UnaryStream:
-    def __init__(
-        self,
-        broker: InProcessBroker,
-        method: str,
-        serialize: Callable[[Any], bytes] | None,
-        deserialize: Callable[[bytes], Any] | None,
-    ) -> None:
-        self._broker = broker
-        self._method = method
-        self._serialize = serialize or _as_is
-        self._deserialize = deserialize or _as_is
-
+class _UnaryStream(_Method):
     def __call__(
         self,
         request: object,
