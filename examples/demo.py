@@ -33,7 +33,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ferry-demo-") as tmp:
         root = Path(tmp)
         broker = subprocess.Popen(
-            [*FERRY, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(root / "broker")],
+            [
+                *[*FERRY, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(root / "broker")],
+                *["--log-level", "WARNING"],  # the broker's own log would interleave the story
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
