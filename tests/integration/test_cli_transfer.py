@@ -273,6 +273,27 @@ def test_status_reports_the_outcome(
     ]
 
 
+def test_status_shows_what_is_known_here_when_the_broker_is_gone(
+    ferry: FerryFactory, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    source = random_file(tmp_path / "f.bin", 100)
+    sender, offered = _offer(ferry, str(source))
+    receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"), "--yes", "--json")
+    assert receiver.finish(60)[0] == 0
+    assert sender.finish(60)[0] == 0
+    broker.kill()
+    rc, lines, err = ferry("status", "--json", "--broker-wait", "1").finish(30)
+    assert rc == 0, err
+    # One state file for both sides here: the session is remembered once, as the receiver's.
+    (line,) = lines
+    assert line["session"] == offered["session"]
+    assert line["role"] == "receiver"
+    assert line["state"] == "unknown"
+    assert line["broker"] == broker.address
+    assert "did not answer" in line["error"], line
+    assert line["dest"] == str(tmp_path / "d")
+
+
 @pytest.mark.slow
 def test_unreachable_broker_is_waited_for_then_one_line(
     tmp_path: Path, broker_factory: BrokerFactory
