@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -48,7 +46,7 @@ from ferry.client._session import (
     in_thread_while,
     until_final,
 )
-from ferry.client._sink import FileSink, SinkFile, StorageError, part_name
+from ferry.client._sink import FileSink, SinkFile, StorageError, remove_parts
 from ferry.client._source import digest_file
 from ferry.client._store import (
     StoreDownloader,
@@ -546,14 +544,6 @@ def remove_partial(dest: Path | str, session: str, paths: Sequence[str]) -> None
     and its hidden partial copies of ``paths`` (relative paths as in the manifest). Paths
     that are unsafe, or lead outside ``dest``, are skipped; nothing else is touched."""
     dest = Path(dest)
-    for rel in paths:
-        try:
-            temp = part_name(
-                resolve_destination(dest, PurePosixPath(rel)), session.rsplit("/", 1)[-1]
-            )
-            if stat.S_ISREG(os.lstat(temp).st_mode):
-                os.unlink(temp)
-        except (OSError, ValueError):
-            continue
+    remove_parts(dest, [PurePosixPath(p) for p in paths], session.rsplit("/", 1)[-1])
     with contextlib.suppress(OSError):
         Journal(journal_path(dest, session), 1, b"").remove()

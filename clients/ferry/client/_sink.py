@@ -34,7 +34,7 @@ from ferry.files import (
 from ferry.files.paths import DestinationExistsError
 from ferry.protocol import ReceiveSession
 
-__all__ = ["FileSink", "SinkFile", "StorageError", "part_name"]
+__all__ = ["FileSink", "SinkFile", "StorageError", "part_name", "remove_parts"]
 
 #: posix_fallocate's answers on a file system that cannot allocate ahead (the file stays sparse).
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
@@ -70,6 +70,26 @@ class SinkFile:
 def part_name(final: Path, session_id: str) -> Path:
     """The hidden temporary file beside ``final`` for the session ``session_id``."""
     return final.with_name(f".{final.name}.{session_id[:12]}.ferry-part")
+
+
+def _part(dest: Path, rel: PurePosixPath, session_id: str) -> tuple[Path, os.stat_result] | None:
+    """The temporary file of ``rel`` for ``session_id`` in ``dest``, if it is a regular file
+    (an unsafe name, or anything else at that place, is no temporary file of ours)."""
+    try:
+        path = part_name(resolve_destination(dest, rel), session_id)
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    return (path, st) if stat.S_ISREG(st.st_mode) else None
+
+
+def remove_parts(dest: Path, rels: Iterable[PurePosixPath], session_id: str) -> None:
+    """Delete the temporary files that a run of ``session_id`` left in ``dest`` for ``rels``."""
+    for rel in rels:
+        found = _part(dest, rel, session_id)
+        if found is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(found[0])
 
 
 class FileSink:
@@ -111,12 +131,7 @@ class FileSink:
 
     def has_temp(self, index: int) -> bool:
         """Whether file ``index`` has a temporary file from an earlier run."""
-        try:
-            final = resolve_destination(self.dest, self.files[index].rel)
-            st = os.lstat(part_name(final, self._tag))
-        except (OSError, ValueError):
-            return False
-        return stat.S_ISREG(st.st_mode)
+        return _part(self.dest, self.files[index].rel, self._tag) is not None
 
     def read_final(self, index: int, chunk: int, session: ReceiveSession) -> bytes:
         """One chunk of a file already in place (to re-verify it after a crash)."""
@@ -202,15 +217,8 @@ class FileSink:
         temporary file (from an earlier run) already holds on disk."""
         needed = 0
         for f in self.files:
-            held = 0
-            try:
-                final = resolve_destination(self.dest, f.rel)
-                st = os.lstat(part_name(final, self._tag))
-                if stat.S_ISREG(st.st_mode):
-                    held = st.st_blocks * 512
-            except (OSError, ValueError):
-                pass
-            needed += max(0, f.size - held)
+            found = _part(self.dest, f.rel, self._tag)
+            needed += max(0, f.size - (found[1].st_blocks * 512 if found is not None else 0))
         return needed
 
     def write(self, index: int, offset: int, data: memoryview) -> None:
@@ -260,16 +268,8 @@ class FileSink:
 
     def discard_leftovers(self) -> None:
         """Delete the temporary files an earlier run of this transfer left behind."""
-        for index, f in enumerate(self.files):
-            try:
-                final = resolve_destination(self.dest, f.rel)
-            except (OSError, ValueError):
-                continue
-            temp = part_name(final, self._tag)
-            with contextlib.suppress(OSError):
-                if stat.S_ISREG(os.lstat(temp).st_mode):
-                    os.unlink(temp)
-            self._temps.pop(index, None)
+        remove_parts(self.dest, [f.rel for f in self.files], self._tag)
+        self._temps.clear()
 
     def discard(self) -> None:
         """Close and delete every temporary file (after a failed transfer)."""
