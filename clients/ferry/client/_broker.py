@@ -206,7 +206,9 @@ class BrokerLink:
     async def report(
         self, name: str, state: int, bytes_done: int, failure_reason: str = ""
     ) -> broker_pb2.Session:
-        """ReportProgress."""
+        """ReportProgress. Only a completion waits for a restarting broker (it must arrive);
+        any other report makes one try (progress is reported again soon, a failure is best
+        effort)."""
         request = broker_pb2.ReportProgressRequest(
             name=name,
             state=state,  # type: ignore[arg-type]
@@ -221,11 +223,8 @@ class BrokerLink:
         """Tell the broker this side failed, best effort (one try): the failure being reported
         already says what went wrong, and the broker may be the part that is gone. True if
         the session is now over on the broker (failed by this report, or final already)."""
-        request = broker_pb2.ReportProgressRequest(
-            name=name, state=broker_pb2.Session.STATE_FAILED, failure_reason=reason[:1000]
-        )
         try:
-            await self._call(self._stub.ReportProgress, request, "report", patient=False)
+            await self.report(name, broker_pb2.Session.STATE_FAILED, 0, reason)  # one try
         except BrokerError as exc:
             # Refused as illegal: the session is final already (nothing else refuses FAILED).
             return exc.reason == "ILLEGAL_TRANSITION"
