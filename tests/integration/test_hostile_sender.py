@@ -24,6 +24,7 @@ from ferry.client._broker import BrokerError, BrokerLink
 from ferry.client._incoming import Incoming
 from ferry.client._tls import Identity
 from ferry.files import UnsafePathError
+from ferry.protocol.pake import SessionKey
 from ferry.v1 import broker_pb2
 from tests.conftest import BrokerFactory, FerryFactory
 from tests.support.hostile import (
@@ -371,7 +372,7 @@ async def test_incoming_refuses_a_session_with_an_unsafe_path(
     link = BrokerLink(broker.address)
     try:
         with pytest.raises(UnsafePathError) as info:
-            Incoming(link, session)
+            Incoming(link, session, key=SessionKey(bytes(32)))
     finally:
         await link.close()
     assert info.value.path == path

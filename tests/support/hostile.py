@@ -43,6 +43,7 @@ from ferry.protocol import (
     file_digest,
     hello,
 )
+from ferry.protocol.pake import Code, KeyExchange, PeerRole
 from ferry.v1 import broker_pb2, peer_pb2
 
 __all__ = [
@@ -116,8 +117,10 @@ def offer_request(
     ports: tuple[int, int],
     *,
     chunk_size: int = CHUNK_SIZE,
+    pake_message: bytes = b"\x00" * 33,
 ) -> broker_pb2.CreateOfferRequest:
-    """The CreateOfferRequest for ``files``, with candidate 127.0.0.1 and ``ports``."""
+    """The CreateOfferRequest for ``files``, with candidate 127.0.0.1 and ``ports`` (and a
+    PAKE message: a placeholder unless the caller runs a real exchange)."""
     manifest = broker_pb2.Manifest(chunk_size_bytes=chunk_size)
     for f in files:
         manifest.files.add(
@@ -132,6 +135,7 @@ def offer_request(
             candidates=[broker_pb2.Candidate(ip="127.0.0.1", kind=broker_pb2.Candidate.KIND_HOST)],
             allowed_ports=broker_pb2.PortRange(first_port=ports[0], last_port=ports[1]),
             certificate_der=identity.cert_der,
+            pake_message=pake_message,
         ),
         request_id=os.urandom(16).hex(),
     )
@@ -158,8 +162,12 @@ class HostileSender:
         self.hangup_after = hangup_after
         self.dropped = False
         self.identity = Identity.generate()
+        # It knows the code: it is the peer, hostile in the protocol, not in the middle.
+        self._password = Code.new_password()[0]
+        self._exchange = KeyExchange(PeerRole.SENDER, self._password)
         # Filled in as it runs.
         self.code = ""
+        self._manifest = broker_pb2.Manifest()
         self.name = ""
         self.token = ""
         self.port = 0
@@ -255,10 +263,15 @@ class HostileSender:
             return
         link = BrokerLink(self.broker)
         try:
-            response = await link.create_offer(offer_request(self.files, self.identity, self.ports))
+            response = await link.create_offer(
+                offer_request(
+                    self.files, self.identity, self.ports, pake_message=self._exchange.message
+                )
+            )
             self.name = response.session.name
             self.token = response.party_token
-            self.code = response.code
+            self.code = str(Code(response.code, self._password))
+            self._manifest = response.session.manifest
             self._offered.set()
             session = await self._wait_accepted(link)
             if session is None:
@@ -271,6 +284,13 @@ class HostileSender:
     async def _wait_accepted(self, link: BrokerLink) -> broker_pb2.Session | None:
         async for session in link.watch(self.name, 60):
             if session.state == State.STATE_OFFERED:
+                if session.receiver.key_confirmation and not session.sender.key_confirmation:
+                    key = self._exchange.finish(session.receiver.pake_message)
+                    await link.confirm_key(
+                        self.name,
+                        key.confirmation(PeerRole.SENDER, self._manifest),
+                        key.certificate_mac(PeerRole.SENDER, self.identity.cert_der),
+                    )
                 continue
             if session.state == State.STATE_ACCEPTED:
                 return session

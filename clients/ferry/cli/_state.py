@@ -1,10 +1,12 @@
 """Where the CLI keeps the session tokens it was given, so `ferry status` can ask later.
 
 One JSON file, `$XDG_STATE_HOME/ferry/sessions.json` (default `~/.local/state/...`),
-mode 0600, holding the last 50 sessions: name -> token, role, broker (its id and its last
-known address), and what a rerun of the same command needs to find the session again: the
-sender's source paths, their stamps (`ferry.files.SourceStamp`) and code, the receiver's code
-(as a SHA-256) and destination.
+mode 0600 in a directory of mode 0700, holding the last 50 sessions: name -> token, role,
+broker (its id and its last known address), and what a rerun of the same command needs to
+find the session again: the sender's source paths, their stamps (`ferry.files.SourceStamp`),
+code and PAKE state; the receiver's code (as a SHA-256), PAKE state or session key, and
+destination. Codes, PAKE states and keys are secrets: nobody else on the machine may read
+them.
 
 A session belongs to the broker that reported its id (GetBrokerInfo), wherever that broker
 listens now: a broker moved to a new address keeps its sessions, and a broker that lost its
@@ -93,6 +95,8 @@ def _save(sessions: dict[str, dict[str, Any]]) -> None:
     path = _path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.parent.stat().st_mode & 0o077:  # made by someone else: it holds secrets
+            os.chmod(path.parent, 0o700)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sessions-")
         with os.fdopen(fd, "w") as f:
             json.dump(sessions, f)

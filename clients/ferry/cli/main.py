@@ -37,6 +37,7 @@ from ferry.client import (
     SourceChangedError,
     TransferOver,
     TransferResult,
+    new_claim_exchange,
     remove_partial,
 )
 from ferry.files import (
@@ -47,6 +48,7 @@ from ferry.files import (
     format_size,
 )
 from ferry.protocol import FILE_DIGEST_ALGORITHM
+from ferry.protocol.pake import Code, KeyExchange, PeerRole
 
 __all__ = ["main"]
 
@@ -182,7 +184,14 @@ async def _offer_or_resume(
             stamps = None
         try:
             outgoing = await client.resume_offer(
-                name, entry["token"], ns.paths, entry["code"], via=ns.via, stamps=stamps
+                name,
+                entry["token"],
+                ns.paths,
+                entry["code"],
+                via=ns.via,
+                stamps=stamps,
+                pake_state=bytes.fromhex(entry.get("pake_state", "")),
+                verify=_verifier(ns),
             )
         except SourceChangedError:
             _state.forget(name)
@@ -196,7 +205,9 @@ async def _offer_or_resume(
         else:
             _state.update(name, broker=ns.broker)
             return outgoing, True
-    outgoing = await client.offer(ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl, via=ns.via)
+    outgoing = await client.offer(
+        ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl, via=ns.via, verify=_verifier(ns)
+    )
     _state.remember(
         outgoing.name,
         outgoing.token,
@@ -206,8 +217,28 @@ async def _offer_or_resume(
         sources=sources,
         stamps=[stamp.to_text() for stamp in outgoing.stamps],
         code=outgoing.code,
+        pake_state=outgoing.pake_state.hex(),  # secret, like the code: the file is 0600
     )
     return outgoing, False
+
+
+def _verifier(ns: argparse.Namespace) -> Any:
+    """With --verify: show the words derived from the key and ask whether the receiver's
+    side shows the same ones (the sender goes on only if so)."""
+    if not ns.verify:
+        return None
+
+    async def verify(words: str) -> bool:
+        if ns.json:
+            _emit({"event": "verify", "words": words})
+        else:
+            _say(f"Verification words: {words}")
+            sys.stderr.write("Does the receiver see the same words? [y/N] ")
+            sys.stderr.flush()
+        answer = await asyncio.to_thread(sys.stdin.readline)
+        return answer.strip().lower() in ("y", "yes")
+
+    return verify
 
 
 async def _send(ns: argparse.Namespace) -> int:
@@ -346,11 +377,14 @@ async def _claim_or_resume(ns: argparse.Namespace, client: Client, broker_id: st
     key = _state.code_key(ns.code)
     found = _state.find("receiver", broker_id, code=key)
     request_id = uuid.uuid4().hex
+    exchange = new_claim_exchange(ns.code)
     if found is not None:
         name, entry = found
-        if entry.get("token"):
+        if entry.get("token") and entry.get("key"):
             try:
-                incoming = await client.resume_claim(name, entry["token"])
+                incoming = await client.resume_claim(
+                    name, entry["token"], bytes.fromhex(entry["key"])
+                )
             except BrokerError as exc:
                 if exc.reason not in _UNKNOWN_SESSION:
                     raise
@@ -358,8 +392,12 @@ async def _claim_or_resume(ns: argparse.Namespace, client: Client, broker_id: st
             else:
                 _state.update(name, broker=ns.broker)
                 return incoming
-        else:
+        elif not entry.get("token"):
             request_id = entry.get("claim_request") or request_id
+            with contextlib.suppress(ValueError):  # none saved, or not one of ours: a new one
+                exchange = KeyExchange.restore(
+                    PeerRole.RECEIVER, bytes.fromhex(entry.get("pake_state", ""))
+                )
     pending = f"pending/{key}"
     _state.remember(
         pending,
@@ -369,10 +407,11 @@ async def _claim_or_resume(ns: argparse.Namespace, client: Client, broker_id: st
         broker_id,
         code=key,
         claim_request=request_id,
+        pake_state=exchange.state().hex() if exchange else "",  # secret: the file is 0600
         dest=str(ns.dest),
     )
     try:
-        incoming = await client.claim(ns.code, request_id)
+        incoming = await client.claim(ns.code, request_id, exchange, on_words=_words_shower(ns))
     except BrokerError as exc:
         if not exc.unreachable:
             _state.forget(pending)  # a wrong or used-up code: nothing to repeat
@@ -384,13 +423,48 @@ async def _claim_or_resume(ns: argparse.Namespace, client: Client, broker_id: st
         ns.broker,
         broker_id,
         code=key,
+        key=incoming.key.secret.hex(),  # what a resume needs; secret: the file is 0600
         dest=str(ns.dest),
     )
     _state.forget(pending)  # only now: a kill in between leaves one of the two
     return incoming
 
 
+def _words_shower(ns: argparse.Namespace) -> Any:
+    """With --verify: show the receiver's verification words as soon as they are known."""
+    if not ns.verify:
+        return None
+
+    def show(words: str) -> None:
+        if ns.json:
+            _emit({"event": "verify", "words": words})
+        else:
+            _say(f"Verification words: {words} (accept only if the sender sees the same)")
+
+    return show
+
+
+def _read_code(ns: argparse.Namespace) -> str:
+    """The code: the argument, else FERRY_CODE, else asked for (without echo on a
+    terminal; one line of stdin otherwise). Not on argv is better: other local users can
+    read a process's arguments."""
+    code = ns.code or os.environ.get("FERRY_CODE", "")
+    if not code:
+        if sys.stdin.isatty():
+            import getpass
+
+            code = getpass.getpass("Code: ")
+        else:
+            code = sys.stdin.readline()
+    code = code.strip()
+    if not code:
+        raise CliError("no code given (argument, FERRY_CODE, or typed when asked)")
+    Code.parse(code)  # a typo is told here, before anything goes to the broker
+    return code
+
+
 async def _receive(ns: argparse.Namespace) -> int:
+    ns.code = _read_code(ns)
     client = _client(ns, stall_timeout=ns.stall_timeout)
     broker_id = await client.broker_id()
     incoming = await _claim_or_resume(ns, client, broker_id)
@@ -568,6 +642,14 @@ def _parser() -> argparse.ArgumentParser:
             "through the object store if no direct connection is up by the deadline",
         )
 
+    def verify_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--verify",
+            action="store_true",
+            help="show words derived from the code's key, to compare with the other side's "
+            "over another channel (the same words mean nobody sat in between)",
+        )
+
     s = sub.add_parser("serve", help="run a broker")
     add_broker_arguments(s)  # the flags of `python -m ferry.broker`; env read in _serve
 
@@ -576,10 +658,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE)
     s.add_argument("--ttl", type=float, default=600.0, help="seconds the code stays valid")
     via_opt(s, "upload now and exit; the receiver fetches it until the code expires")
+    verify_opt(s)
     client_opts(s)
 
     s = sub.add_parser("receive", help="receive what a code offers")
-    s.add_argument("code")
+    s.add_argument(
+        "code",
+        nargs="?",
+        default="",
+        help="the code; better left out (env FERRY_CODE, or asked for): other users of a "
+        "machine can read the arguments of its processes",
+    )
     s.add_argument("--dest", default=".", help="folder to receive into (default: here)")
     s.add_argument("--yes", "-y", action="store_true", help="accept without asking")
     s.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -590,6 +679,7 @@ def _parser() -> argparse.ArgumentParser:
         help="give up when the sender sends nothing for this many seconds",
     )
     via_opt(s, "only fetch from the object store")
+    verify_opt(s)
     client_opts(s)
 
     s = sub.add_parser("status", help="show the state of recent sessions")

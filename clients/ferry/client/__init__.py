@@ -21,13 +21,14 @@ restarting is waited for (``Client(broker_wait=...)``, default 300 s) before tha
 """
 
 from ferry.client._broker import BrokerError
-from ferry.client._client import Client
+from ferry.client._client import Client, new_claim_exchange
 from ferry.client._errors import (
     Declined,
     PeerProtocolError,
     SourceChangedError,
     Stalled,
     StorageFull,
+    TamperedError,
     TransferError,
     TransferOver,
 )
@@ -68,9 +69,11 @@ __all__ = [
     "SourceChangedError",
     "Stalled",
     "StorageFull",
+    "TamperedError",
     "TransferError",
     "TransferOver",
     "TransferResult",
     "digest_file",
+    "new_claim_exchange",
     "remove_partial",
 ]

@@ -176,12 +176,33 @@ class BrokerLink:
         self.token = response.party_token
         return response
 
-    async def claim_offer(self, code: str, request_id: str = "") -> broker_pb2.ClaimOfferResponse:
-        """ClaimOffer; keeps the receiver's token."""
-        request = broker_pb2.ClaimOfferRequest(code=code, request_id=request_id)
+    async def claim_offer(
+        self,
+        nameplate: str,
+        request_id: str = "",
+        *,
+        pake_message: bytes = b"",
+        claim_verifier: bytes = b"",
+    ) -> broker_pb2.ClaimOfferResponse:
+        """ClaimOffer of a code's nameplate (never its password); keeps the receiver's token."""
+        request = broker_pb2.ClaimOfferRequest(
+            code=nameplate,
+            request_id=request_id,
+            pake_message=pake_message,
+            claim_verifier=claim_verifier,
+        )
         response = await self._call(self._stub.ClaimOffer, request, "code")
         self.token = response.party_token
         return response
+
+    async def confirm_key(
+        self, name: str, key_confirmation: bytes, certificate_mac: bytes = b""
+    ) -> broker_pb2.Session:
+        """ConfirmKey: this side's proof of the PAKE key (and the sender's certificate MAC)."""
+        request = broker_pb2.ConfirmKeyRequest(
+            name=name, key_confirmation=key_confirmation, certificate_mac=certificate_mac
+        )
+        return (await self._call(self._stub.ConfirmKey, request, "confirm key")).session
 
     async def accept(self, name: str, me: broker_pb2.PeerInfo) -> broker_pb2.Session:
         """AcceptOffer."""

@@ -3,10 +3,14 @@
 This is the whole flow of one transfer, written once for programs and the CLI alike::
 
     sender                      broker                      receiver
-    offer() ---CreateOffer--->  code                        claim(code) ---ClaimOffer-->
-    transfer(): WatchSession    <---AcceptOffer(plan)---    accept(dest)
-      listen on leased port     <----------- TLS, pinned certificates ----------- dial
+    offer() ---CreateOffer--->  nameplate                   claim(code) ---ClaimOffer-->
+    transfer(): WatchSession    <-- ConfirmKey both ways: the PAKE on the code's password -->
+                                <---AcceptOffer(plan)---    accept(dest)
+      listen on leased port     <-- TLS, certificates pinned and vouched for by the key -- dial
       serve chunk requests      <------ ReportProgress (CONNECTING..COMPLETED) -- verify, write
+
+The code's password never goes to the broker: see _keys for the order of the key exchange and
+what each side checks before it trusts anything the broker relays.
 
 `Client` makes offers (`Outgoing`, in _outgoing) and claims codes (`Incoming`, in _incoming).
 The data path itself runs in threads (`_send`, `_receive`, `_store`); _session runs the
@@ -30,6 +34,7 @@ from ferry.client._broker import DEFAULT_PATIENCE, BrokerError, BrokerLink, Link
 from ferry.client._candidates import peer_info
 from ferry.client._errors import (
     SourceChangedError,
+    TamperedError,
     TransferOver,
 )
 from ferry.client._events import (
@@ -40,6 +45,7 @@ from ferry.client._events import (
     check_via,
 )
 from ferry.client._incoming import Incoming
+from ferry.client._keys import VerifyWords, burn, check_offer, sign, wait_confirmed
 from ferry.client._outgoing import Outgoing
 from ferry.client._session import (
     FINAL,
@@ -51,9 +57,29 @@ from ferry.files import (
     SourceStamp,
     scan_sources,
 )
+from ferry.protocol.pake import (
+    TAMPERED,
+    Code,
+    KeyExchange,
+    KeyMismatch,
+    PeerRole,
+    SessionKey,
+    claim_verifier,
+    forward_key,
+)
 from ferry.v1 import broker_pb2
 
-__all__ = ["Client"]
+__all__ = ["Client", "new_claim_exchange"]
+
+
+def new_claim_exchange(code: str) -> KeyExchange | None:
+    """The receiver's side of the code's PAKE, made before `Client.claim` so that its
+    secret ``state()`` can be kept first (see there); None for a store-and-forward code,
+    which needs none. CodeError if ``code`` is not shaped like one."""
+    parsed = Code.parse(code)
+    if parsed.forwardable:
+        return None
+    return KeyExchange(PeerRole.RECEIVER, parsed.password)
 
 
 class Client:
@@ -120,22 +146,40 @@ class Client:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         ttl: float = 600.0,
         via: Via = "auto",
+        verify: VerifyWords | None = None,
     ) -> Outgoing:
         """Offer files and folders; the returned Outgoing carries the one-time code.
 
         ``via``: see `Via`. With "store", `Outgoing.transfer` uploads right away (before the
-        receiver even claims the code) and returns once every file is stored.
+        receiver even claims the code) and returns once every file is stored; its code is a
+        store-and-forward code, longer, as it carries the key. ``verify``, if given, is shown
+        the verification words once the receiver proved the code, and the offer goes on only
+        if it says they match the receiver's (``ferry send --verify``).
+
+        Keep `Outgoing.pake_state` (a secret) with the session to resume it after a crash.
         """
         check_via(via)
         scan = scan_sources([Path(p) for p in paths], chunk_size)
         identity = Identity.generate()
+        password, secret = Code.new_password(forwardable=via == "store")
+        sender = self._peer_info(identity)
+        exchange: KeyExchange | None = None
+        key: SessionKey | None = None
+        verifier = b""
+        if secret:  # store-and-forward: the key is in the code, no PAKE
+            key = forward_key(password, secret)
+            verifier = claim_verifier(key)
+        else:
+            exchange = KeyExchange(PeerRole.SENDER, password)
+            sender.pake_message = exchange.message
         link = self._link()
         try:
             request = broker_pb2.CreateOfferRequest(
                 manifest=scan.manifest,
-                sender=self._peer_info(identity),
+                sender=sender,
                 ttl=Duration(seconds=int(ttl)),
                 request_id=uuid.uuid4().hex,
+                claim_verifier=verifier,
             )
             try:
                 response = await link.create_offer(request)
@@ -146,11 +190,28 @@ class Client:
                     raise
                 request.request_id = uuid.uuid4().hex
                 response = await link.create_offer(request)
+            session = response.session
+            if key is not None:  # nothing to wait for: confirm the key (and manifest) now
+                session = await link.confirm_key(
+                    session.name,
+                    key.confirmation(PeerRole.SENDER, session.manifest),
+                    key.certificate_mac(PeerRole.SENDER, identity.cert_der),
+                )
         except BaseException:
             await link.close()
             raise
+        code = str(Code(response.code, password, secret))
         return Outgoing(
-            link, response.session, response.code, scan.sources, identity, via, scan.stamps
+            link,
+            session,
+            code,
+            scan.sources,
+            identity,
+            via,
+            scan.stamps,
+            exchange=exchange,
+            key=key,
+            verify=verify,
         )
 
     async def resume_offer(
@@ -161,14 +222,18 @@ class Client:
         code: str = "",
         via: Via = "auto",
         stamps: Sequence[SourceStamp] | None = None,
+        pake_state: bytes = b"",
+        verify: VerifyWords | None = None,
     ) -> Outgoing:
         """Come back to an offer this side made earlier (after a crash or a kill).
 
         ``stamps`` are `Outgoing.stamps` of the first run: with them, a file edited in place
         with its mtime put back (``touch -r``), or replaced by another, is caught too.
-        Raises SourceChangedError if the files changed since they were offered (the session
-        is then failed, so the receiver never mixes old and new bytes), TransferOver if the
-        session ended meanwhile.
+        ``code`` and ``pake_state`` (`Outgoing.code` and `.pake_state` of the first run) give
+        back the key. Raises SourceChangedError if the files changed since they were offered
+        (the session is then failed, so the receiver never mixes old and new bytes),
+        TransferOver if the session ended meanwhile, TamperedError if what the broker now
+        says does not check under the key.
         """
         link = self._link()
         link.token = token
@@ -190,39 +255,131 @@ class Client:
                 elif session.state != State.STATE_COMPLETED:
                     await link.report_failed(name, reason)
                 raise SourceChangedError(f"{reason}; send them again for a new code")
+            exchange, key = await self._sender_key(link, session, code, pake_state)
             identity = Identity.generate()
             if session.state != State.STATE_COMPLETED:  # else: only the result is left to show
-                session = await link.resume(name, self._peer_info(identity))
+                me = sign(self._peer_info(identity), key, PeerRole.SENDER)
+                session = await link.resume(name, me)
+            if key is not None and not session.sender.key_confirmation:
+                # A store-and-forward offer whose first run died before it confirmed.
+                session = await link.confirm_key(
+                    name,
+                    key.confirmation(PeerRole.SENDER, session.manifest),
+                    key.certificate_mac(PeerRole.SENDER, identity.cert_der),
+                )
         except BaseException:
             await link.close()
             raise
         return Outgoing(
-            link, session, code, scan.sources, identity, via, list(stamps or scan.stamps)
+            link,
+            session,
+            code,
+            scan.sources,
+            identity,
+            via,
+            list(stamps or scan.stamps),
+            exchange=exchange,
+            key=key,
+            verify=verify,
         )
 
-    async def claim(self, code: str, request_id: str = "") -> Incoming:
+    async def _sender_key(
+        self, link: BrokerLink, session: broker_pb2.Session, code: str, pake_state: bytes
+    ) -> tuple[KeyExchange | None, SessionKey | None]:
+        """The resumed sender's key exchange, and its key if the receiver proved it already."""
+        try:
+            parsed = Code.parse(code)
+            if parsed.forwardable:
+                return None, parsed.forward_key()
+            exchange = KeyExchange.restore(PeerRole.SENDER, pake_state)
+        except ValueError:
+            reason = "this offer's key was not kept here; send the files again for a new code"
+            await burn(link, session, reason)
+            raise TransferOver(reason) from None
+        if not session.sender.key_confirmation:
+            return exchange, None  # the receiver's proof (if any) is checked in transfer()
+        try:
+            key = KeyExchange.restore(PeerRole.SENDER, pake_state).finish(
+                session.receiver.pake_message
+            )
+            key.check_confirmation(PeerRole.RECEIVER, session.receiver.key_confirmation)
+        except KeyMismatch:
+            await burn(link, session)
+            raise TamperedError(TAMPERED) from None
+        return exchange, key
+
+    async def claim(
+        self,
+        code: str,
+        request_id: str = "",
+        exchange: KeyExchange | None = None,
+        *,
+        on_words: Callable[[str], None] | None = None,
+    ) -> Incoming:
         """Redeem a one-time code: see what is offered, then accept or decline.
 
-        Keep ``request_id`` (a random secret) before calling: if this process dies before it
-        sees the answer, claiming again with the same id gets the same session and token.
-        Without one, a random one still covers this call's own retries.
+        Only the code's nameplate goes to the broker. For a live offer this runs the PAKE
+        with the sender (through the broker) and returns once the sender has proved the code
+        too, and the manifest and certificate it vouched for check (TamperedError if not: a
+        wrong code or someone in the middle; the code is then used up). CodeError if
+        ``code`` is not shaped like one.
+
+        Keep ``request_id`` (a random secret) and ``exchange.state()`` (`new_claim_exchange`,
+        a secret) before calling: if this process dies before it sees the answer, claiming
+        again with both (``KeyExchange.restore``) gets the same session, token and key.
+        Without them, random ones still cover this call's own retries. Keep `Incoming.key`
+        to resume later.
+
+        ``on_words`` is given the verification words as soon as the key is known, before
+        the sender is waited for: a sender that runs ``--verify`` waits for its person to
+        compare them with these.
         """
+        parsed = Code.parse(code)
         request_id = request_id or uuid.uuid4().hex
         link = self._link()
         try:
-            response = await link.claim_offer(code, request_id)
+            if parsed.forwardable:
+                key = parsed.forward_key()
+                response = await link.claim_offer(
+                    parsed.nameplate, request_id, claim_verifier=claim_verifier(key)
+                )
+                session = response.session
+            else:
+                exchange = exchange or KeyExchange(PeerRole.RECEIVER, parsed.password)
+                response = await link.claim_offer(
+                    parsed.nameplate, request_id, pake_message=exchange.message
+                )
+                session = response.session
+                try:
+                    key = exchange.finish(session.sender.pake_message)
+                except KeyMismatch:
+                    await burn(link, session)
+                    raise TamperedError(TAMPERED) from None
+                if on_words is not None:
+                    on_words(key.verification_words())
+                if not session.sender.key_confirmation:
+                    await link.confirm_key(session.name, key.confirmation(PeerRole.RECEIVER))
+                    session = await wait_confirmed(link, session, self.stall_timeout)
+            session = await check_offer(link, session, key)
         except BaseException:
             await link.close()
             raise
-        return Incoming(link, response.session, ports=self.ports, stall_timeout=self.stall_timeout)
+        return Incoming(link, session, key=key, ports=self.ports, stall_timeout=self.stall_timeout)
 
-    async def resume_claim(self, name: str, token: str) -> Incoming:
-        """Come back to an offer this side claimed earlier, to finish receiving it."""
+    async def resume_claim(self, name: str, token: str, key: bytes) -> Incoming:
+        """Come back to an offer this side claimed earlier, to finish receiving it.
+
+        ``key`` is `Incoming.key.secret` of the first run."""
+        session_key = SessionKey(key)
         link = self._link()
         link.token = token
         try:
             session = await link.get(name)
+            if session.state not in FINAL:
+                session = await check_offer(link, session, session_key)
         except BaseException:
             await link.close()
             raise
-        return Incoming(link, session, ports=self.ports, stall_timeout=self.stall_timeout)
+        return Incoming(
+            link, session, key=session_key, ports=self.ports, stall_timeout=self.stall_timeout
+        )

@@ -7,7 +7,9 @@
     │                               (.code: the gRPC status, .reason: ErrorInfo's reason)
     └── TransferError               the transfer did not complete
         ├── TransferOver            the session ended on the broker: a rerun cannot continue it
-        │   └── Declined            ... because the receiver declined
+        │   ├── Declined            ... because the receiver declined
+        │   └── TamperedError       ... because a check under the code's key failed: a wrong
+        │                           code, or someone in the middle (the code is used up)
         ├── SourceChangedError      a file changed since it was offered (the session is failed)
         ├── PeerProtocolError       the peer broke the protocol (bad chunks, garbage, its abort)
         ├── Stalled                 the peer sent nothing for the stall timeout (data kept)
@@ -29,6 +31,7 @@ __all__ = [
     "SourceChangedError",
     "Stalled",
     "StorageFull",
+    "TamperedError",
     "TransferError",
     "TransferOver",
 ]
@@ -45,6 +48,16 @@ class TransferOver(TransferError):
 
 class Declined(TransferOver):
     """The receiver declined the offer."""
+
+
+class TamperedError(TransferOver):
+    """The connection details were tampered with, or the code was wrong.
+
+    A check under the key that the code's PAKE gave failed: the other side's proof of the
+    key, the manifest or a certificate the broker relayed. Nothing was received. The session
+    is ended (the code is used up, so a guesser gets one try): offer the files again and
+    give the code over a channel you trust.
+    """
 
 
 class SourceChangedError(TransferError):

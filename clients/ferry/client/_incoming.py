@@ -33,6 +33,7 @@ from ferry.client._events import (
 )
 from ferry.client._intake import Intake
 from ferry.client._journal import Journal, journal_path
+from ferry.client._keys import check_certificate, over, sign
 from ferry.client._receive import ReceivePeer
 from ferry.client._resume import resume_from_journal
 from ferry.client._session import (
@@ -70,6 +71,7 @@ from ferry.protocol import (
     file_digest,
 )
 from ferry.protocol.journal import manifest_fingerprint
+from ferry.protocol.pake import PeerRole, SessionKey
 from ferry.v1 import broker_pb2
 
 __all__ = ["Incoming", "remove_partial"]
@@ -83,10 +85,12 @@ class Incoming:
         link: BrokerLink,
         session: broker_pb2.Session,
         *,
+        key: SessionKey,
         ports: tuple[int, int] = DEFAULT_PORTS,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
-        """``link`` carries this side's token for ``session``; ``ports`` are where this
+        """``link`` carries this side's token for ``session``; ``key`` is the code's (the
+        sender's proof and certificate were checked under it); ``ports`` are where this
         side may listen; ``stall_timeout`` is how long a silent sender is waited for."""
         self._link = link
         self.ports = ports
@@ -97,6 +101,19 @@ class Incoming:
         self.total_size = sum(f.size for f in self.files)
         check_manifest_paths([f.path for f in self.files])
         self._store_bytes = 0  # verified bytes the object store gave this run
+        #: The key the code gave (its ``secret``: keep it, mode 0600, for `resume_claim`).
+        self.key = key
+
+    @property
+    def store_key(self) -> bytes:
+        """The key that seals this session's objects in the store; the broker never sees it."""
+        return self.key.store_key
+
+    @property
+    def verification_words(self) -> str:
+        """Words derived from the key: the sender's side shows the same ones (``--verify``)
+        unless someone sat in between."""
+        return self.key.verification_words()
 
     @property
     def token(self) -> str:
@@ -215,8 +232,20 @@ class Incoming:
         if not receive.done:
             await self._reserve(sink, receive, journal, dest)
             identity = Identity.generate()
-            me = peer_info(identity, self.ports)
-            session = await self._accept_or_resume(me, identity)
+            me = sign(peer_info(identity, self.ports), self.key, PeerRole.RECEIVER)
+            try:
+                session = await self._accept_or_resume(me, identity)
+            except BrokerError:
+                # Over on the broker meanwhile (the sender burned it, say): what was just
+                # reserved goes, and the reason is the session's.
+                with contextlib.suppress(BrokerError):
+                    self.session = await self._link.get(self.name)
+                if self.session.state not in FINAL:
+                    raise
+                sink.discard()
+                sink.discard_leftovers()
+                journal.remove()
+                raise over(self.session) from None
             # One intake for every path (direct, store) of this transfer.
             intake = Intake(receive, sink, journal)
             await self._receive(session, identity, me, intake, via, on_event)
@@ -429,7 +458,7 @@ class Incoming:
             stream_id = intake.next_stream
             latest = [session]
             cancel = threading.Event()
-            der = session.sender.certificate_der
+            der = await check_certificate(self._link, session, self.key, PeerRole.SENDER)
             peer = ReceivePeer(
                 self.name,
                 intake,
@@ -461,7 +490,7 @@ class Incoming:
                 lost: Exception = exc
             current = latest[0]
             if current.state in FINAL:
-                raise TransferOver(ended(current))
+                raise over(current)
             never_connected = intake.next_stream == stream_id
             if store_ok and never_connected:
                 try:
@@ -473,7 +502,7 @@ class Incoming:
                     lost = exc
                 current = await self._link.get(self.name)
                 if current.state in FINAL:
-                    raise TransferOver(ended(current))
+                    raise over(current)
             now = time.monotonic()
             if intake.bytes_verified != held:
                 held, since = intake.bytes_verified, now
@@ -505,7 +534,7 @@ class Incoming:
         except StoreError:
             current = await self._link.get(self.name)
             if current.state in FINAL:
-                raise TransferOver(ended(current)) from None
+                raise over(current) from None
             raise
 
     async def _from_store(

@@ -15,6 +15,7 @@ from ferry.client._errors import (
     Declined,
     PeerProtocolError,
     SourceChangedError,
+    TamperedError,
     TransferError,
     TransferOver,
 )
@@ -29,6 +30,7 @@ from ferry.client._events import (
     files_of,
     path_of,
 )
+from ferry.client._keys import VerifyWords, burn, check_certificate, over
 from ferry.client._send import (
     SendCounter,
     SendPeer,
@@ -51,6 +53,7 @@ from ferry.client._store import (
 )
 from ferry.client._tls import Identity, server_context
 from ferry.client._wire import PeerGone
+from ferry.errors import FerryError
 from ferry.files import (
     SourceStamp,
 )
@@ -59,6 +62,7 @@ from ferry.protocol import (
     ProtocolError,
     SendSession,
 )
+from ferry.protocol.pake import TAMPERED, KeyExchange, KeyMismatch, PeerRole, SessionKey
 from ferry.v1 import broker_pb2
 
 __all__ = ["Outgoing"]
@@ -76,9 +80,15 @@ class Outgoing:
         identity: Identity,
         via: Via = "auto",
         stamps: Sequence[SourceStamp] = (),
+        *,
+        exchange: KeyExchange | None = None,
+        key: SessionKey | None = None,
+        verify: VerifyWords | None = None,
     ) -> None:
         """``stamps``: each source as it was offered (see `SourceStamp`); keep them (as
-        ``stamp.to_text()``) to pass to `Client.resume_offer` after a crash."""
+        ``stamp.to_text()``) to pass to `Client.resume_offer` after a crash. ``exchange``:
+        this side's PAKE, until the receiver proves the code (then ``key``); a
+        store-and-forward offer has its ``key`` from the start."""
         check_via(via)
         self.via = via
         self._link = link
@@ -95,6 +105,39 @@ class Outgoing:
         self._uploader: StoreUploader | None = None
         self._upload: asyncio.Task[None] | None = None
         self._upload_cancel = threading.Event()
+        self._exchange = exchange
+        self._key = key
+        self._verify = verify
+        if exchange is None and key is None:
+            raise ValueError("an offer needs its key exchange or its key")
+        self._confirming = asyncio.Lock()
+        self._confirmed = key is not None  # a given key was confirmed by whoever made it
+        self._refused: TamperedError | None = None  # why the receiver's proof was refused
+        # Answers the receiver's proof as soon as it comes, whether or not transfer() runs
+        # yet: the receiver's claim() returns only once this side has proved the code too.
+        self._responder: asyncio.Task[None] | None = None
+        if key is None and session.state == State.STATE_OFFERED:
+            self._responder = asyncio.get_running_loop().create_task(
+                self._answer_claim(), name=f"answer the claim of {self.name}"
+            )
+
+    @property
+    def pake_state(self) -> bytes:
+        """This side's secret PAKE state (b"" for a store-and-forward offer): keep it, mode
+        0600, to pass to `Client.resume_offer` after a crash."""
+        return self._exchange.state() if self._exchange is not None else b""
+
+    @property
+    def key(self) -> SessionKey | None:
+        """The key the code's PAKE gave, once the receiver proved the code (else None)."""
+        return self._key
+
+    @property
+    def store_key(self) -> bytes:
+        """The key that seals this session's objects in the store; the broker never sees it."""
+        if self._key is None:
+            raise RuntimeError("the receiver has not proved the code yet")
+        return self._key.store_key
 
     @property
     def token(self) -> str:
@@ -103,7 +146,24 @@ class Outgoing:
 
     async def close(self) -> None:
         """Release the broker connection."""
+        if self._responder is not None:
+            self._responder.cancel()
+            await asyncio.gather(self._responder, return_exceptions=True)
         await self._link.close()
+
+    async def _answer_claim(self) -> None:
+        """Wait for the receiver's proof of the code and answer it (see `_confirm_claim`).
+
+        What goes wrong here is left for transfer() to meet and raise: a burned session, a
+        broker that stays away."""
+        remaining = self.session.expire_time.ToDatetime().timestamp() - time.time() + 5
+        with contextlib.suppress(FerryError):
+            async for session in watch(self._link, self.name, max(remaining, 5.0)):
+                if session.state != State.STATE_OFFERED or session.sender.key_confirmation:
+                    return
+                if session.receiver.key_confirmation:
+                    await self._confirm_claim(session)
+                    return
 
     async def cancel(self, reason: str = "cancelled by the sender") -> None:
         """Cancel the offer or the transfer."""
@@ -119,6 +179,13 @@ class Outgoing:
         remaining = self.session.expire_time.ToDatetime().timestamp() - time.time() + 5
         async for session in watch(self._link, self.name, max(remaining, 5.0)):
             self.session = session
+            if (
+                session.state == State.STATE_OFFERED
+                and session.receiver.key_confirmation
+                and not session.sender.key_confirmation
+            ):
+                await self._confirm_claim(session)
+                continue
             if session.state in LIVE and session.attempt > served:
                 return session
             if session.state == State.STATE_COMPLETED:
@@ -130,8 +197,41 @@ class Outgoing:
             if session.state == State.STATE_DECLINED:
                 raise Declined(ended(session))
             if session.state in FINAL:
-                raise TransferOver(ended(session))
+                raise over(session)
         raise TransferOver("the offer expired before it was accepted")
+
+    async def _confirm_claim(self, session: broker_pb2.Session) -> None:
+        """The receiver proved the code: check its proof, then prove ours (and vouch for the
+        manifest and our certificate), which shows it the offer. A wrong proof burns it."""
+        async with self._confirming:  # the responder and transfer() may both get here
+            await self._confirm_claim_once(session)
+
+    async def _confirm_claim_once(self, session: broker_pb2.Session) -> None:
+        if self._confirmed:
+            return
+        if self._refused is not None:
+            raise self._refused
+        if self._key is None:
+            assert self._exchange is not None  # an offer has one or the other
+            try:
+                key = self._exchange.finish(session.receiver.pake_message)
+                key.check_confirmation(PeerRole.RECEIVER, session.receiver.key_confirmation)
+            except KeyMismatch:
+                self._refused = TamperedError(TAMPERED)
+                await burn(self._link, session)
+                raise self._refused from None
+            if self._verify is not None and not await self._verify(key.verification_words()):
+                reason = "the verification words did not match"
+                self._refused = TamperedError(f"{reason}: {TAMPERED}")
+                await burn(self._link, session, reason)
+                raise self._refused
+            self._key = key
+        self.session = await self._link.confirm_key(
+            self.name,
+            self._key.confirmation(PeerRole.SENDER, self.session.manifest),
+            self._key.certificate_mac(PeerRole.SENDER, self._identity.cert_der),
+        )
+        self._confirmed = True
 
     async def wait_accepted(self) -> broker_pb2.Session:
         """Wait until the receiver accepts; raise TransferError on decline or expiry."""
@@ -180,7 +280,7 @@ class Outgoing:
         """Upload every file now; return once the object store holds them all."""
         started = time.monotonic()
         if self.session.state in FINAL and self.session.state != State.STATE_COMPLETED:
-            raise TransferOver(ended(self.session))
+            raise over(self.session)
         uploader = StoreUploader(
             self._link,
             self.name,
@@ -269,7 +369,10 @@ class Outgoing:
                 if session.state == State.STATE_COMPLETED:
                     break
                 served = session.attempt
-                der = session.receiver.certificate_der
+                if self._key is None:  # accepted, yet nobody proved the code: not our receiver
+                    await burn(self._link, session)
+                    raise TamperedError(TAMPERED)
+                der = await check_certificate(self._link, session, self._key, PeerRole.RECEIVER)
                 peer = SendPeer(
                     self.name,
                     source,

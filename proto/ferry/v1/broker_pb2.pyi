@@ -312,6 +312,9 @@ class PeerInfo(_message.Message):
     ALLOWED_PORTS_FIELD_NUMBER: _builtins.int
     CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
+    PAKE_MESSAGE_FIELD_NUMBER: _builtins.int
+    KEY_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_MAC_FIELD_NUMBER: _builtins.int
     certificate_der: _builtins.bytes
     """The peer's ephemeral self-signed X.509 certificate (DER). The other side
     pins it: the data channel's TLS must present exactly this certificate.
@@ -319,6 +322,20 @@ class PeerInfo(_message.Message):
     host_id: _builtins.str
     """An opaque identifier of the peer's host; sessions whose listeners share a
     host id never get overlapping port leases. Empty: the observed address.
+    """
+    pake_message: _builtins.bytes
+    """The peer's SPAKE2 message (Ed25519 group, identities `ferry-sender` and
+    `ferry-receiver`) on the code's password; set once, by CreateOffer for
+    the sender and ClaimOffer for the receiver, and kept by ResumeSession.
+    """
+    key_confirmation: _builtins.bytes
+    """The peer's key confirmation (HMAC-SHA256 under the PAKE key), set by
+    ConfirmKey and kept by ResumeSession. Empty until then.
+    """
+    certificate_mac: _builtins.bytes
+    """HMAC-SHA256 under the PAKE key of the peer's role and certificate_der:
+    the other side trusts certificate_der only if it checks. Sent with every
+    new certificate (ConfirmKey, AcceptOffer, ResumeSession).
     """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
@@ -337,10 +354,13 @@ class PeerInfo(_message.Message):
         allowed_ports: Global___PortRange | None = ...,
         certificate_der: _builtins.bytes = ...,
         host_id: _builtins.str = ...,
+        pake_message: _builtins.bytes = ...,
+        key_confirmation: _builtins.bytes = ...,
+        certificate_mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allowed_ports", b"allowed_ports"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ports", b"allowed_ports", "candidates", b"candidates", "certificate_der", b"certificate_der", "host_id", b"host_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_ports", b"allowed_ports", "candidates", b"candidates", "certificate_der", b"certificate_der", "certificate_mac", b"certificate_mac", "host_id", b"host_id", "key_confirmation", b"key_confirmation", "pake_message", b"pake_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -465,8 +485,15 @@ class CreateOfferRequest(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLAIM_VERIFIER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """A client-chosen id (e.g. a UUID) that makes a retried call idempotent."""
+    claim_verifier: _builtins.bytes
+    """For a store-and-forward offer (no PAKE: the sender may be gone before
+    the claim): the value a claim must present (ClaimOfferRequest), derived
+    one-way from the secret part of the code. Empty for a PAKE offer, whose
+    sender.pake_message must be set instead.
+    """
     @_builtins.property
     def manifest(self) -> Global___Manifest:
         """What is offered."""
@@ -486,10 +513,11 @@ class CreateOfferRequest(_message.Message):
         sender: Global___PeerInfo | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
+        claim_verifier: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "request_id", b"request_id", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_verifier", b"claim_verifier", "manifest", b"manifest", "request_id", b"request_id", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -505,7 +533,9 @@ class CreateOfferResponse(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     PARTY_TOKEN_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The one-time code to give the receiver, e.g. `7-orbit-lantern`."""
+    """The code's nameplate, e.g. `7-orbit`. The sender's side appends its
+    password (and secret) to it to make the code it gives the receiver.
+    """
     party_token: _builtins.str
     """The sender's bearer token for this session."""
     @_builtins.property
@@ -535,22 +565,32 @@ class ClaimOfferRequest(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PAKE_MESSAGE_FIELD_NUMBER: _builtins.int
+    CLAIM_VERIFIER_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """The code the sender's side printed."""
+    """The nameplate of the code the sender's side printed (`7-orbit`), never
+    the password.
+    """
     request_id: _builtins.str
     """A client-chosen secret id (e.g. a random UUID) kept by the claimant. A
     claim repeated with the same code and request_id (say, after the claimant
     crashed before it saw the answer) succeeds again, with the same token.
     """
+    pake_message: _builtins.bytes
+    """The receiver's SPAKE2 message (required for a PAKE offer)."""
+    claim_verifier: _builtins.bytes
+    """The store-and-forward claim verifier (required for such an offer)."""
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        pake_message: _builtins.bytes = ...,
+        claim_verifier: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_verifier", b"claim_verifier", "code", b"code", "pake_message", b"pake_message", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -568,7 +608,10 @@ class ClaimOfferResponse(_message.Message):
     """The receiver's bearer token for this session."""
     @_builtins.property
     def session(self) -> Global___Session:
-        """The session, in STATE_OFFERED, with the manifest and the sender's details."""
+        """The session, in STATE_OFFERED, with the sender's details (among them its
+        PAKE message); the manifest is empty until the sender's key confirmation
+        is there (at once for a store-and-forward offer).
+        """
 
     def __init__(
         self,
@@ -583,6 +626,62 @@ class ClaimOfferResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClaimOfferResponse: _TypeAlias = ClaimOfferResponse  # noqa: Y015
+
+@_typing.final
+class ConfirmKeyRequest(_message.Message):
+    """ConfirmKeyRequest records the caller's key confirmation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_CONFIRMATION_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_MAC_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    key_confirmation: _builtins.bytes
+    """The caller's proof that it holds the PAKE key."""
+    certificate_mac: _builtins.bytes
+    """The caller's certificate MAC (the sender's; the receiver sends its own
+    with AcceptOffer).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key_confirmation: _builtins.bytes = ...,
+        certificate_mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_mac", b"certificate_mac", "key_confirmation", b"key_confirmation", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmKeyRequest: _TypeAlias = ConfirmKeyRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmKeyResponse(_message.Message):
+    """ConfirmKeyResponse returns the session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session as it is now."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmKeyResponse: _TypeAlias = ConfirmKeyResponse  # noqa: Y015
 
 @_typing.final
 class AcceptOfferRequest(_message.Message):

@@ -31,6 +31,15 @@ class BrokerServiceStub:
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
+    The broker is not trusted with the files: a one-time code such as
+    `7-orbit-lantern-quiet` is a nameplate (`7-orbit`, made by the broker, the
+    only part it sees) and a password (`lantern-quiet`, made by the sender,
+    never sent). The peers run SPAKE2 on the password through the broker
+    (PeerInfo.pake_message), prove they share its key (ConfirmKey), and vouch
+    for every certificate with a MAC under it (PeerInfo.certificate_mac), so
+    the broker can relay but not read, forge or swap. A store-and-forward code
+    adds a long secret instead, and its claim is checked against a verifier.
+
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
     offer calls return a party token; every other call must carry it as request
@@ -67,6 +76,11 @@ class BrokerServiceStub:
                 '/ferry.v1.BrokerService/ClaimOffer',
                 request_serializer=ferry_dot_v1_dot_broker__pb2.ClaimOfferRequest.SerializeToString,
                 response_deserializer=ferry_dot_v1_dot_broker__pb2.ClaimOfferResponse.FromString,
+                _registered_method=True)
+        self.ConfirmKey = channel.unary_unary(
+                '/ferry.v1.BrokerService/ConfirmKey',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.ConfirmKeyRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.ConfirmKeyResponse.FromString,
                 _registered_method=True)
         self.AcceptOffer = channel.unary_unary(
                 '/ferry.v1.BrokerService/AcceptOffer',
@@ -136,6 +150,15 @@ class BrokerServiceServicer:
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
+    The broker is not trusted with the files: a one-time code such as
+    `7-orbit-lantern-quiet` is a nameplate (`7-orbit`, made by the broker, the
+    only part it sees) and a password (`lantern-quiet`, made by the sender,
+    never sent). The peers run SPAKE2 on the password through the broker
+    (PeerInfo.pake_message), prove they share its key (ConfirmKey), and vouch
+    for every certificate with a MAC under it (PeerInfo.certificate_mac), so
+    the broker can relay but not read, forge or swap. A store-and-forward code
+    adds a long secret instead, and its claim is checked against a verifier.
+
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
     offer calls return a party token; every other call must carry it as request
@@ -170,8 +193,20 @@ class BrokerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClaimOffer(self, request, context):
-        """ClaimOffer redeems a one-time code: it shows the receiver the offer and
-        makes the caller the session's receiver. A code can be claimed once.
+        """ClaimOffer redeems a one-time code's nameplate: it makes the caller the
+        session's receiver and gives it the sender's PAKE message. A code can be
+        claimed once. The manifest is shown to the receiver only once the sender
+        has confirmed the key (ConfirmKey), so a wrong guess learns nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmKey(self, request, context):
+        """ConfirmKey records a party's proof that it holds the PAKE key: first the
+        receiver's, then (once it checked the receiver's) the sender's, which
+        also vouches for the manifest and the sender's certificate. The broker
+        only stores and relays the proofs; it cannot check them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -302,6 +337,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     request_deserializer=ferry_dot_v1_dot_broker__pb2.ClaimOfferRequest.FromString,
                     response_serializer=ferry_dot_v1_dot_broker__pb2.ClaimOfferResponse.SerializeToString,
             ),
+            'ConfirmKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmKey,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.ConfirmKeyRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.ConfirmKeyResponse.SerializeToString,
+            ),
             'AcceptOffer': grpc.unary_unary_rpc_method_handler(
                     servicer.AcceptOffer,
                     request_deserializer=ferry_dot_v1_dot_broker__pb2.AcceptOfferRequest.FromString,
@@ -375,6 +415,15 @@ class BrokerService:
     matches a sender with a receiver, records the session, leases the listening
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
+
+    The broker is not trusted with the files: a one-time code such as
+    `7-orbit-lantern-quiet` is a nameplate (`7-orbit`, made by the broker, the
+    only part it sees) and a password (`lantern-quiet`, made by the sender,
+    never sent). The peers run SPAKE2 on the password through the broker
+    (PeerInfo.pake_message), prove they share its key (ConfirmKey), and vouch
+    for every certificate with a MAC under it (PeerInfo.certificate_mac), so
+    the broker can relay but not read, forge or swap. A store-and-forward code
+    adds a long secret instead, and its claim is checked against a verifier.
 
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
@@ -463,6 +512,33 @@ class BrokerService:
             '/ferry.v1.BrokerService/ClaimOffer',
             ferry_dot_v1_dot_broker__pb2.ClaimOfferRequest.SerializeToString,
             ferry_dot_v1_dot_broker__pb2.ClaimOfferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/ConfirmKey',
+            ferry_dot_v1_dot_broker__pb2.ConfirmKeyRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.ConfirmKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,6 +32,15 @@ class BrokerServiceStub:
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
+    The broker is not trusted with the files: a one-time code such as
+    `7-orbit-lantern-quiet` is a nameplate (`7-orbit`, made by the broker, the
+    only part it sees) and a password (`lantern-quiet`, made by the sender,
+    never sent). The peers run SPAKE2 on the password through the broker
+    (PeerInfo.pake_message), prove they share its key (ConfirmKey), and vouch
+    for every certificate with a MAC under it (PeerInfo.certificate_mac), so
+    the broker can relay but not read, forge or swap. A store-and-forward code
+    adds a long secret instead, and its claim is checked against a verifier.
+
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
     offer calls return a party token; every other call must carry it as request
@@ -61,8 +70,16 @@ class BrokerServiceStub:
     CreateOffer: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CreateOfferRequest, _broker_pb2.CreateOfferResponse]
     """CreateOffer records an offer of files and returns its one-time code."""
     ClaimOffer: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ClaimOfferRequest, _broker_pb2.ClaimOfferResponse]
-    """ClaimOffer redeems a one-time code: it shows the receiver the offer and
-    makes the caller the session's receiver. A code can be claimed once.
+    """ClaimOffer redeems a one-time code's nameplate: it makes the caller the
+    session's receiver and gives it the sender's PAKE message. A code can be
+    claimed once. The manifest is shown to the receiver only once the sender
+    has confirmed the key (ConfirmKey), so a wrong guess learns nothing.
+    """
+    ConfirmKey: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ConfirmKeyRequest, _broker_pb2.ConfirmKeyResponse]
+    """ConfirmKey records a party's proof that it holds the PAKE key: first the
+    receiver's, then (once it checked the receiver's) the sender's, which
+    also vouches for the manifest and the sender's certificate. The broker
+    only stores and relays the proofs; it cannot check them.
     """
     AcceptOffer: _grpc.UnaryUnaryMultiCallable[_broker_pb2.AcceptOfferRequest, _broker_pb2.AcceptOfferResponse]
     """AcceptOffer is the receiver's consent; it negotiates the connection plan."""
@@ -127,6 +144,15 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
+    The broker is not trusted with the files: a one-time code such as
+    `7-orbit-lantern-quiet` is a nameplate (`7-orbit`, made by the broker, the
+    only part it sees) and a password (`lantern-quiet`, made by the sender,
+    never sent). The peers run SPAKE2 on the password through the broker
+    (PeerInfo.pake_message), prove they share its key (ConfirmKey), and vouch
+    for every certificate with a MAC under it (PeerInfo.certificate_mac), so
+    the broker can relay but not read, forge or swap. A store-and-forward code
+    adds a long secret instead, and its claim is checked against a verifier.
+
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
     offer calls return a party token; every other call must carry it as request
@@ -153,8 +179,16 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     CreateOffer: _aio.UnaryUnaryMultiCallable[_broker_pb2.CreateOfferRequest, _broker_pb2.CreateOfferResponse]  # type: ignore[assignment]
     """CreateOffer records an offer of files and returns its one-time code."""
     ClaimOffer: _aio.UnaryUnaryMultiCallable[_broker_pb2.ClaimOfferRequest, _broker_pb2.ClaimOfferResponse]  # type: ignore[assignment]
-    """ClaimOffer redeems a one-time code: it shows the receiver the offer and
-    makes the caller the session's receiver. A code can be claimed once.
+    """ClaimOffer redeems a one-time code's nameplate: it makes the caller the
+    session's receiver and gives it the sender's PAKE message. A code can be
+    claimed once. The manifest is shown to the receiver only once the sender
+    has confirmed the key (ConfirmKey), so a wrong guess learns nothing.
+    """
+    ConfirmKey: _aio.UnaryUnaryMultiCallable[_broker_pb2.ConfirmKeyRequest, _broker_pb2.ConfirmKeyResponse]  # type: ignore[assignment]
+    """ConfirmKey records a party's proof that it holds the PAKE key: first the
+    receiver's, then (once it checked the receiver's) the sender's, which
+    also vouches for the manifest and the sender's certificate. The broker
+    only stores and relays the proofs; it cannot check them.
     """
     AcceptOffer: _aio.UnaryUnaryMultiCallable[_broker_pb2.AcceptOfferRequest, _broker_pb2.AcceptOfferResponse]  # type: ignore[assignment]
     """AcceptOffer is the receiver's consent; it negotiates the connection plan."""
@@ -218,6 +252,15 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     side a port range, and hands each side the other's addresses and
     certificate so that they can open a mutually authenticated TLS connection.
 
+    The broker is not trusted with the files: a one-time code such as
+    `7-orbit-lantern-quiet` is a nameplate (`7-orbit`, made by the broker, the
+    only part it sees) and a password (`lantern-quiet`, made by the sender,
+    never sent). The peers run SPAKE2 on the password through the broker
+    (PeerInfo.pake_message), prove they share its key (ConfirmKey), and vouch
+    for every certificate with a MAC under it (PeerInfo.certificate_mac), so
+    the broker can relay but not read, forge or swap. A store-and-forward code
+    adds a long secret instead, and its claim is checked against a verifier.
+
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
     offer calls return a party token; every other call must carry it as request
@@ -260,8 +303,22 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _broker_pb2.ClaimOfferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ClaimOfferResponse, _abc.Awaitable[_broker_pb2.ClaimOfferResponse]]:
-        """ClaimOffer redeems a one-time code: it shows the receiver the offer and
-        makes the caller the session's receiver. A code can be claimed once.
+        """ClaimOffer redeems a one-time code's nameplate: it makes the caller the
+        session's receiver and gives it the sender's PAKE message. A code can be
+        claimed once. The manifest is shown to the receiver only once the sender
+        has confirmed the key (ConfirmKey), so a wrong guess learns nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmKey(
+        self,
+        request: _broker_pb2.ConfirmKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ConfirmKeyResponse, _abc.Awaitable[_broker_pb2.ConfirmKeyResponse]]:
+        """ConfirmKey records a party's proof that it holds the PAKE key: first the
+        receiver's, then (once it checked the receiver's) the sender's, which
+        also vouches for the manifest and the sender's certificate. The broker
+        only stores and relays the proofs; it cannot check them.
         """
 
     @_abc_1.abstractmethod

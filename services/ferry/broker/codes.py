@@ -1,23 +1,25 @@
-"""One-time codes such as ``7-orbit-lantern-quiet``: generate, normalize, hash.
+"""Nameplates (the broker's part of a one-time code), keyed hashes and party tokens.
 
-A code is a number from 1 to 999 and three words drawn from :data:`WORDS`, all chosen with
-:mod:`secrets`. The broker stores only ``sha256(normalized code)``, never the code itself.
+A code such as ``7-orbit-lantern-quiet`` is a nameplate, ``7-orbit``, and a password,
+``lantern-quiet`` (see :mod:`ferry.protocol.pake`). The broker makes and sees only the
+nameplate: a number from 1 to 999 and one word of :data:`WORDS`, chosen with :mod:`secrets`,
+distinct among the offers it holds. The password is the sender's, goes into a PAKE between the
+peers, and never reaches the broker; so the broker, its database and its traffic can neither
+use a code nor guess one offline.
 
 Entropy and guessing math
 -------------------------
-With N = len(WORDS) words (748 today, at least 512 by test), a code has 999 * N**3 values:
-log2(999) + 3 * log2(748) ~= 9.96 + 28.6 ~= 38.6 bits (at N = 512: ~37 bits).
+A nameplate has 999 * N values, N = len(WORDS) = 748 today (at least 512 by test): about
+2**19.5 (747,000). Claims of unknown nameplates are rate limited (per peer IP 10 failures in a
+burst then 1/s; broker-wide 100 failures/s), so sweeping the space to find live offers takes
+the whole internet about two hours, against offers that live ten minutes by default. Finding
+one gains nothing but the chance of a single PAKE guess at its password (2**-19.1) and burns
+the offer, which both people see. A store-and-forward offer's claim must also present a
+verifier derived from its 110-bit secret: a found nameplate alone does not claim it.
 
-An online guesser is held by the claim rate limits: per peer IP 10 failures in a burst then 1/s,
-and broker-wide 100 failures/s. Over an offer's default 10-minute life the whole internet gets at
-most about 100 * 600 = 60,000 guesses, so with K offers live at once the chance that any guess
-hits any of them is about K * 60,000 / 2**38.6 ~= K * 1.4e-7 — about 1 in 7 million per live
-offer. A hit on a code also yields nothing but an offer the real receiver then cannot claim
-(codes are single-use), which the sender notices.
-
-The hash keeps codes out of the database, backups and logs. It is not a defence against someone
-who can read the database: 2**38.6 sha256 evaluations are feasible offline, which is acceptable
-because a code lives minutes and stops working at its first claim.
+The store keys nameplates by HMAC-SHA256 under the broker's secret key (a file of mode 0600),
+so its database and backups hold no nameplate, and one copied without the key cannot be
+matched to a code.
 """
 
 from __future__ import annotations
@@ -28,47 +30,52 @@ import hmac
 import re
 import secrets
 
-from ferry.broker._words import WORDS
+from ferry.protocol.words import WORDS
 
-WORD_COUNT = 3
 MAX_NUMBER = 999
 
 _SEPARATORS = re.compile(r"[\s_-]+")
 
 
 def generate() -> str:
-    """Return a fresh random code, e.g. `7-orbit-lantern-quiet`."""
-    number = secrets.randbelow(MAX_NUMBER) + 1
-    words = [secrets.choice(WORDS) for _ in range(WORD_COUNT)]
-    return "-".join([str(number), *words])
+    """Return a fresh random nameplate, e.g. `7-orbit`."""
+    return f"{secrets.randbelow(MAX_NUMBER) + 1}-{secrets.choice(WORDS)}"
 
 
-def normalize(code: str) -> str:
-    """Lower-case the code, drop surrounding space, and treat runs of space/`-`/`_` as one `-`."""
-    parts = [p for p in _SEPARATORS.split(code.strip().lower()) if p]
+def normalize(nameplate: str) -> str:
+    """Lower-case, drop surrounding space, treat runs of space/`-`/`_` as one `-`, and
+    drop leading zeros of the number."""
+    parts = [p for p in _SEPARATORS.split(nameplate.strip().lower()) if p]
     if parts and parts[0].isdigit():
         parts[0] = str(int(parts[0]))
     return "-".join(parts)
 
 
-def is_well_formed(code: str) -> bool:
-    """Whether a normalized code has the shape number-word-word-word (words not checked)."""
-    parts = code.split("-")
+def is_well_formed(nameplate: str) -> bool:
+    """Whether a normalized nameplate has the shape number-word (the word not checked)."""
+    parts = nameplate.split("-")
     return (
-        len(parts) == WORD_COUNT + 1
+        len(parts) == 2
         and parts[0].isdigit()
         and 1 <= int(parts[0]) <= MAX_NUMBER
-        and all(p.isalpha() and p.isascii() for p in parts[1:])
+        and parts[1].isalpha()
+        and parts[1].isascii()
     )
 
 
-def hash_code(code: str) -> str:
-    """The hex sha256 of the normalized code: what the store keeps."""
-    return hashlib.sha256(normalize(code).encode("utf-8")).hexdigest()
+def looks_like_a_whole_code(nameplate: str) -> bool:
+    """Whether a client sent more than the nameplate (its password must never be sent)."""
+    return len(nameplate.split("-")) > 2
+
+
+def hash_code(key: bytes, nameplate: str) -> str:
+    """The keyed hash of the normalized nameplate: what the store keeps."""
+    body = b"nameplate\0" + normalize(nameplate).encode("utf-8")
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
 def hash_token(token: str) -> str:
-    """The hex sha256 of a party token: what the store keeps."""
+    """The hex sha256 of a party token (256 random bits): what the store keeps."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 

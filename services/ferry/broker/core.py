@@ -9,6 +9,14 @@ Store calls are synchronous and short; between reading a session and writing it 
 no await, so within one process no two calls interleave on one session. Across replicas the
 store's compare-and-set (StaleRecord) catches races; they surface as Aborted/CONFLICT.
 
+Codes and keys: the broker finds an offer by its nameplate (the broker's part of the code;
+the password never comes here) and relays the peers' SPAKE2 messages and key confirmations
+without being able to check them. What it does enforce: a nameplate is claimed once; until
+the sender has confirmed the key (which it does only after checking the receiver's proof),
+the receiver sees nothing of the offer but the sender's PAKE message (`view`); acceptance
+waits for that confirmation; a resume never replaces a PAKE message or a confirmation. A
+store-and-forward offer has no PAKE: its claim must present the verifier the sender gave.
+
 Acceptance and every resume after it start a connection attempt the same way
 (:meth:`Broker._negotiate`): lease the listener's ports, set the plan, write; a failed write
 gives the lease back to what the stored plan says.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -32,6 +41,7 @@ from ferry.broker.config import BrokerConfig
 from ferry.broker.errors import (
     Aborted,
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -51,6 +61,7 @@ Clock = Callable[[], float]
 
 _IDEMPOTENCY_CACHE_SIZE = 10_000
 _SWEEP_BATCH = 500
+_NAMEPLATE_TRIES = 20
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -62,6 +73,28 @@ def timestamp(seconds: float) -> Timestamp:
 
 def _not_found() -> NotFound:
     return NotFound(Reason.CODE_NOT_FOUND, "no offer has this code")
+
+
+def confirmed(session: broker_pb2.Session) -> bool:
+    """Whether the sender has confirmed the key, which shows the receiver the offer."""
+    return bool(session.sender.key_confirmation)
+
+
+def view(session: broker_pb2.Session, party: Party) -> broker_pb2.Session:
+    """The session as ``party`` may see it.
+
+    Before the sender confirmed the key, the receiver (who may be a guesser holding only a
+    nameplate) sees the session's name, state and times and the sender's PAKE message:
+    no manifest, no address, no certificate.
+    """
+    if party is not Party.RECEIVER or confirmed(session):
+        return session
+    out = broker_pb2.Session()
+    out.CopyFrom(session)
+    out.ClearField("manifest")
+    out.ClearField("sender")
+    out.sender.pake_message = session.sender.pake_message
+    return out
 
 
 class Broker:
@@ -107,6 +140,18 @@ class Broker:
         now = self.clock()
         validation.check_manifest(request.manifest)
         validation.check_peer(request.sender, "sender")
+        validation.check_key_field(request.claim_verifier, "claim_verifier")
+        if bool(request.sender.pake_message) == bool(request.claim_verifier):
+            raise InvalidArgument(
+                Reason.INVALID_ARGUMENT,
+                "an offer needs the sender's pake_message, or for store-and-forward a"
+                " claim_verifier (exactly one of them)",
+            )
+        if request.sender.pake_message and request.sender.key_confirmation:
+            raise InvalidArgument(
+                Reason.INVALID_ARGUMENT,
+                "a PAKE offer's key confirmation comes after the claim (ConfirmKey)",
+            )
         if len(request.request_id) > 128:
             raise InvalidArgument(
                 Reason.INVALID_ARGUMENT, "request_id is longer than 128 characters"
@@ -122,7 +167,7 @@ class Broker:
             ttl = request.ttl.ToNanoseconds() / 1e9
         ttl = min(max(ttl, self.config.offer_ttl_min_s), self.config.offer_ttl_max_s)
 
-        code = codes.generate()
+        code, code_hash = self._free_nameplate(now)
         token = codes.new_token()
         session = broker_pb2.Session(
             name=f"sessions/{uuid.uuid4().hex}",
@@ -136,8 +181,9 @@ class Broker:
         record = SessionRecord(
             session=session,
             sender_token_hash=codes.hash_token(token),
-            code_hash=codes.hash_code(code),
+            code_hash=code_hash,
             request_id=request.request_id or None,
+            claim_verifier=request.claim_verifier or None,
         )
         self.store.create_session(record)
         response = broker_pb2.CreateOfferResponse(session=session, code=code, party_token=token)
@@ -145,6 +191,18 @@ class Broker:
             self._remember(request.request_id, fingerprint, response, now + ttl)
         log.info("offer created", extra={"session": session.name})
         return response
+
+    def _free_nameplate(self, now: float) -> tuple[str, str]:
+        """A nameplate no offer that a claim could still find holds, and its hash."""
+        for _ in range(_NAMEPLATE_TRIES):
+            nameplate = codes.generate()
+            code_hash = codes.hash_code(self.token_key, nameplate)
+            held = self.store.find_by_code_hash(code_hash)
+            if held is None or (held.session.state in states.FINAL_STATES and held.expire_s < now):
+                return nameplate, code_hash
+        raise ResourceExhausted(
+            Reason.NAMEPLATES_EXHAUSTED, "the broker holds too many offers; try again later"
+        )
 
     def _replay(
         self, request_id: str, fingerprint: str, now: float
@@ -186,13 +244,33 @@ class Broker:
         self._replies[request_id] = (fingerprint, response, expire_s)
 
     def claim_offer(
-        self, code: str, peer_ip: str | None, request_id: str = ""
+        self,
+        code: str,
+        peer_ip: str | None,
+        request_id: str = "",
+        *,
+        pake_message: bytes = b"",
+        claim_verifier: bytes = b"",
     ) -> broker_pb2.ClaimOfferResponse:
-        """Redeem a one-time code; a second claim looks exactly like a wrong code.
+        """Redeem a nameplate; a second claim looks exactly like a wrong code.
 
         Unless it repeats the first claim's ``request_id``: then the claimant (which crashed
-        before it saw the answer, say) gets the session and the same token again.
+        before it saw the answer, say) gets the session and the same token again. A PAKE
+        offer needs the receiver's ``pake_message`` (kept from the first claim); a
+        store-and-forward offer the ``claim_verifier`` its sender gave, else it is not found.
         """
+        validation.check_key_field(pake_message, "pake_message")
+        validation.check_key_field(claim_verifier, "claim_verifier")
+        if not pake_message and not claim_verifier:
+            raise InvalidArgument(
+                Reason.INVALID_ARGUMENT,
+                "a claim needs the receiver's pake_message (or a store-and-forward claim_verifier)",
+            )
+        if codes.looks_like_a_whole_code(codes.normalize(code)):
+            raise InvalidArgument(
+                Reason.INVALID_ARGUMENT,
+                "send only the code's nameplate (such as 7-orbit), never its password",
+            )
         now = self.clock()
         ip = peer_ip or "unknown"
         if not self.limiter.allowed(ip, now):
@@ -203,14 +281,21 @@ class Broker:
         normalized = codes.normalize(code)
         record = None
         if codes.is_well_formed(normalized):
-            record = self.store.find_by_code_hash(codes.hash_code(normalized))
+            record = self.store.find_by_code_hash(codes.hash_code(self.token_key, normalized))
+        if record is not None and record.claim_verifier is not None:
+            if not hmac.compare_digest(claim_verifier, record.claim_verifier):
+                record = None  # a found nameplate alone does not claim a forwarded offer
+        elif record is not None and not pake_message:
+            record = None
         if record is not None and record.session.claimed and request_id:
             token = codes.derived_token(self.token_key, record.session_id, request_id)
             if (
                 record.receiver_token_hash == codes.hash_token(token)
                 and record.session.state not in states.FINAL_STATES
             ):
-                return broker_pb2.ClaimOfferResponse(session=record.session, party_token=token)
+                return broker_pb2.ClaimOfferResponse(
+                    session=view(record.session, Party.RECEIVER), party_token=token
+                )
         if record is None or record.session.claimed:
             self.limiter.failed(ip, now)
             raise _not_found()
@@ -227,8 +312,51 @@ class Broker:
             else codes.new_token()
         )
         record.receiver_token_hash = codes.hash_token(token)
+        if record.claim_verifier is None:
+            record.session.receiver.pake_message = pake_message
         record = self._fire(record, Event.CLAIM, Party.RECEIVER)
-        return broker_pb2.ClaimOfferResponse(session=record.session, party_token=token)
+        return broker_pb2.ClaimOfferResponse(
+            session=view(record.session, Party.RECEIVER), party_token=token
+        )
+
+    def confirm_key(
+        self, name: str, token: str | None, key_confirmation: bytes, certificate_mac: bytes
+    ) -> broker_pb2.Session:
+        """Record a party's key confirmation (and the sender's certificate MAC).
+
+        The receiver confirms first, once it claimed; the sender after it (for a
+        store-and-forward offer: any time, it has no PAKE to wait for). Each confirmation is
+        set once; the same one again is a no-op, another one is refused.
+        """
+        validation.check_key_field(key_confirmation, "key_confirmation")
+        validation.check_key_field(certificate_mac, "certificate_mac")
+        if not key_confirmation:
+            raise InvalidArgument(Reason.INVALID_ARGUMENT, "key_confirmation is empty")
+        record, party = self.authorize(name, token)
+        session = record.session
+        if session.state != states.OFFERED:
+            raise FailedPrecondition(
+                Reason.WRONG_STATE, "keys are confirmed before the offer is accepted"
+            )
+        mine = session.sender if party is Party.SENDER else session.receiver
+        if mine.key_confirmation:
+            if hmac.compare_digest(mine.key_confirmation, key_confirmation):
+                return view(session, party)
+            raise FailedPrecondition(
+                Reason.KEY_ALREADY_CONFIRMED, f"the {party.value} confirmed its key already"
+            )
+        if party is Party.RECEIVER and not session.claimed:
+            raise FailedPrecondition(Reason.WRONG_STATE, "the offer is not claimed")
+        forwarded = record.claim_verifier is not None
+        if party is Party.SENDER and not forwarded and not session.receiver.key_confirmation:
+            raise FailedPrecondition(
+                Reason.KEY_NOT_CONFIRMED, "the receiver has not confirmed the key yet"
+            )
+        mine.key_confirmation = key_confirmation
+        if party is Party.SENDER:
+            mine.certificate_mac = certificate_mac
+        self._commit(record, states.Outcome(session.state, session.claimed))
+        return view(session, party)
 
     # -- authenticated calls ----------------------------------------------------------------
 
@@ -262,9 +390,15 @@ class Broker:
         session = record.session
         # Refused here, if at all, before any port is leased.
         outcome = states.apply(session.state, session.claimed, Event.ACCEPT, party)
+        if not confirmed(session):
+            raise FailedPrecondition(
+                Reason.KEY_NOT_CONFIRMED, "the sender has not confirmed the code's key yet"
+            )
         now = self.clock()
         expire_s = now + self.config.session_ttl_s
+        kept = (session.receiver.pake_message, session.receiver.key_confirmation)  # set once
         session.receiver.CopyFrom(_with_reflexive(receiver, peer_ip))
+        session.receiver.pake_message, session.receiver.key_confirmation = kept
         session.expire_time.CopyFrom(timestamp(expire_s))
         return self._negotiate(record, outcome, expire_s, now)  # attempt 0 -> 1
 
@@ -283,9 +417,11 @@ class Broker:
         session = record.session
         outcome = states.apply(session.state, session.claimed, Event.RESUME, party)
         mine = session.sender if party is Party.SENDER else session.receiver
+        kept = (mine.pake_message, mine.key_confirmation)  # set once, never by a resume
         mine.CopyFrom(_with_reflexive(peer, peer_ip))
+        mine.pake_message, mine.key_confirmation = kept
         if outcome.state == states.OFFERED:
-            return self._commit(record, outcome)
+            return view(self._commit(record, outcome), party)
         return self._negotiate(record, outcome, record.expire_s, self.clock())
 
     def decline(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
@@ -293,18 +429,19 @@ class Broker:
         validation.check_reason(reason)
         record, party = self.authorize(name, token)
         record.session.failure_reason = reason
-        return self._fire(record, Event.DECLINE, party).session
+        return view(self._fire(record, Event.DECLINE, party).session, party)
 
     def cancel(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
         """Either side ends an unfinished session."""
         validation.check_reason(reason)
         record, party = self.authorize(name, token)
         record.session.failure_reason = reason
-        return self._fire(record, Event.CANCEL, party).session
+        return view(self._fire(record, Event.CANCEL, party).session, party)
 
     def get(self, name: str, token: str | None) -> broker_pb2.Session:
-        """The session as it is now."""
-        return self.authorize(name, token)[0].session
+        """The session as it is now, as the caller may see it."""
+        record, party = self.authorize(name, token)
+        return view(record.session, party)
 
     def report(
         self,
@@ -334,11 +471,11 @@ class Broker:
 
     async def watch(self, name: str, token: str | None) -> AsyncGenerator[broker_pb2.Session, None]:
         """The session now, then each change, until a final state or the hub closes."""
-        record, _ = self.authorize(name, token)
+        record, party = self.authorize(name, token)
         async with self.hub.subscribe(record.session_id) as watcher:
             record = self._reload(record)
             sent = record.version
-            yield record.session
+            yield view(record.session, party)
             if record.session.state in states.FINAL_STATES:
                 return
             while True:
@@ -349,7 +486,7 @@ class Broker:
                 if version <= sent:
                     continue
                 sent = version
-                yield session
+                yield view(session, party)
                 if session.state in states.FINAL_STATES:
                     return
 

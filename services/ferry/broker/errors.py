@@ -18,9 +18,11 @@ The tree (class: status code the servicer sends; the reasons raised with it)::
     │   └── states.NotPermitted                     WRONG_PARTY
     ├── FailedPrecondition     FAILED_PRECONDITION  STORE_UNAVAILABLE, WRONG_STATE,
     │   │                                           UPLOAD_NOT_STARTED, UPLOAD_COMPLETED,
-    │   │                                           PARTS_MISSING
+    │   │                                           PARTS_MISSING, KEY_NOT_CONFIRMED,
+    │   │                                           KEY_ALREADY_CONFIRMED
     │   └── states.IllegalTransition                ILLEGAL_TRANSITION
-    ├── ResourceExhausted      RESOURCE_EXHAUSTED   RATE_LIMITED, NO_PORTS
+    ├── ResourceExhausted      RESOURCE_EXHAUSTED   RATE_LIMITED, NO_PORTS,
+    │                                               NAMEPLATES_EXHAUSTED
     ├── Aborted                ABORTED              CONFLICT
     ├── Unavailable            UNAVAILABLE          STORE_ERROR
     └── Internal               INTERNAL             INTERNAL
@@ -62,6 +64,9 @@ class Reason(enum.StrEnum):
     UPLOAD_NOT_STARTED = "UPLOAD_NOT_STARTED"
     UPLOAD_COMPLETED = "UPLOAD_COMPLETED"
     PARTS_MISSING = "PARTS_MISSING"
+    KEY_NOT_CONFIRMED = "KEY_NOT_CONFIRMED"
+    KEY_ALREADY_CONFIRMED = "KEY_ALREADY_CONFIRMED"
+    NAMEPLATES_EXHAUSTED = "NAMEPLATES_EXHAUSTED"
     INTERNAL = "INTERNAL"
 
 

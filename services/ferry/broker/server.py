@@ -69,14 +69,19 @@ class RunningBroker:
 
 
 def load_token_key(path: Path) -> bytes:
-    """Read the broker's token key, or create it (32 random bytes, 0600) on first start."""
+    """Read the broker's secret key, or create it (32 random bytes, 0600) on first start.
+
+    It keys the nameplate hashes and repeated-claim tokens. Its directory, the data dir, is
+    made (or tightened to) 0700: it holds the database and this key, nobody else's business.
+    """
+    secure_dir(path.parent)
     try:
         key = path.read_bytes()
         if len(key) == 32:
+            os.chmod(path, 0o600)
             return key
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     temp = path.with_name(path.name + ".new")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -87,6 +92,19 @@ def load_token_key(path: Path) -> bytes:
         os.close(fd)
     os.replace(temp, path)
     return key
+
+
+def secure_dir(path: Path) -> None:
+    """Make ``path`` (and its parents) if missing; take group and other access off it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            os.chmod(path, mode & 0o700)
+        except OSError as exc:  # not ours (a mounted volume, say): say so, go on
+            log.warning(
+                "cannot make the data dir private", extra={"path": str(path), "error": str(exc)}
+            )
 
 
 def bind_failure(listen: str) -> str:

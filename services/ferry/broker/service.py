@@ -122,8 +122,27 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     ) -> broker_pb2.ClaimOfferResponse:
         ip = validation.peer_ip(context.peer())
         return await _call(
-            context, lambda: self._broker.claim_offer(request.code, ip, request.request_id)
+            context,
+            lambda: self._broker.claim_offer(
+                request.code,
+                ip,
+                request.request_id,
+                pake_message=request.pake_message,
+                claim_verifier=request.claim_verifier,
+            ),
         )
+
+    async def ConfirmKey(
+        self, request: broker_pb2.ConfirmKeyRequest, context: Context
+    ) -> broker_pb2.ConfirmKeyResponse:
+        token = bearer_token(context)
+        session = await _call(
+            context,
+            lambda: self._broker.confirm_key(
+                request.name, token, request.key_confirmation, request.certificate_mac
+            ),
+        )
+        return broker_pb2.ConfirmKeyResponse(session=session)
 
     async def AcceptOffer(
         self, request: broker_pb2.AcceptOfferRequest, context: Context

@@ -19,6 +19,7 @@ Its calls take microseconds, so the servicer calls them on the event loop direct
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -43,6 +44,8 @@ class SessionRecord:
     receiver_token_hash: str | None = None
     request_id: str | None = None
     version: int = 0
+    #: A store-and-forward offer's claim verifier (None for a PAKE offer).
+    claim_verifier: bytes | None = None
 
     @property
     def session_id(self) -> str:
@@ -215,12 +218,16 @@ def _upload(row: tuple[str, int, str, float, int, float, float]) -> UploadRecord
     )
 
 
-_COLUMNS = "data, code_hash, sender_token_hash, receiver_token_hash, request_id, version"
-_Row = tuple[bytes, str | None, str, str | None, str | None, int]
+_COLUMNS = (
+    "data, code_hash, sender_token_hash, receiver_token_hash, request_id, version, claim_verifier"
+)
+_Row = tuple[bytes, str | None, str, str | None, str | None, int, bytes | None]
+# Columns added after the first release, each with its type, added to older files on open.
+_ADDED_COLUMNS = {"sessions": {"claim_verifier": "BLOB"}}
 
 
 def _record(row: _Row) -> SessionRecord:
-    data, code_hash, sender_hash, receiver_hash, request_id, version = row
+    data, code_hash, sender_hash, receiver_hash, request_id, version, verifier = row
     session = broker_pb2.Session()
     session.ParseFromString(data)
     return SessionRecord(
@@ -230,6 +237,7 @@ def _record(row: _Row) -> SessionRecord:
         receiver_token_hash=receiver_hash,
         request_id=request_id,
         version=version,
+        claim_verifier=verifier,
     )
 
 
@@ -238,19 +246,29 @@ class SqliteStore:
 
     def __init__(self, path: Path | str) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if str(path) != ":memory:":
+            # Created 0600 before SQLite opens it; SQLite gives its -wal and -shm files the
+            # database file's mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, kind in columns.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def create_session(self, record: SessionRecord) -> None:
         s = record.session
         self._db.execute(
             "INSERT INTO sessions (id, state, code_hash, expire_time, create_time,"
-            " sender_token_hash, receiver_token_hash, request_id, version, data)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " sender_token_hash, receiver_token_hash, request_id, version, data, claim_verifier)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.session_id,
                 int(s.state),
@@ -262,6 +280,7 @@ class SqliteStore:
                 record.request_id,
                 record.version,
                 s.SerializeToString(deterministic=True),
+                record.claim_verifier,
             ),
         )
 

@@ -16,6 +16,7 @@ MAX_CERTIFICATE_BYTES = 16 << 10
 MAX_CANDIDATES = 32
 MAX_HOST_ID_CHARS = 256
 MAX_REASON_CHARS = 1024
+MAX_KEY_FIELD_BYTES = 64  # a SPAKE2 message is 33 bytes, a MAC or verifier 32
 
 
 def _manifest_error(message: str) -> InvalidArgument:
@@ -86,6 +87,16 @@ def check_peer(peer: broker_pb2.PeerInfo, side: str) -> None:
             ) from None
     if len(peer.host_id) > MAX_HOST_ID_CHARS:
         raise InvalidArgument(Reason.INVALID_PEER, f"the {side}'s host_id is too long")
+    for field in ("pake_message", "key_confirmation", "certificate_mac"):
+        check_key_field(getattr(peer, field), f"the {side}'s {field}")
+
+
+def check_key_field(value: bytes, what: str) -> None:
+    """A PAKE message, MAC or verifier: opaque to the broker, but short."""
+    if len(value) > MAX_KEY_FIELD_BYTES:
+        raise InvalidArgument(
+            Reason.INVALID_ARGUMENT, f"{what} is longer than {MAX_KEY_FIELD_BYTES} bytes"
+        )
 
 
 def check_reason(text: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import hashlib
+import stat
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -12,8 +15,21 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ferry.broker.codes import hash_code
+from ferry.protocol.words import WORDS
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
+from tests.support.broker_flow import (
+    CLAIM_VERIFIER,
+    RECEIVER_CONFIRMATION,
+    RECEIVER_PAKE,
+    SENDER_CERTIFICATE_MAC,
+    SENDER_CONFIRMATION,
+    SENDER_PAKE,
+    claim_confirmed_rpc,
+    pake_sender,
+    store_and_forward,
+)
 from tests.support.processes import FAST_BROKER, BrokerProcess
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
@@ -50,18 +66,25 @@ def _offer_request(**kw: object) -> broker_pb2.CreateOfferRequest:
         files=[broker_pb2.FileEntry(path="photos/a.jpg", size_bytes=1234, mode=0o644)],
         chunk_size_bytes=1 << 20,
     )
-    request = broker_pb2.CreateOfferRequest(manifest=manifest, sender=_peer())
+    request = broker_pb2.CreateOfferRequest(manifest=manifest, sender=pake_sender(_peer()))
     for key, value in kw.items():
         if key == "ttl_s":
             assert isinstance(value, float)
             request.ttl.CopyFrom(Duration(seconds=int(value), nanos=int(value % 1 * 1e9)))
         elif key == "sender":
             assert isinstance(value, broker_pb2.PeerInfo)
-            request.sender.CopyFrom(value)
+            request.sender.CopyFrom(pake_sender(value))
         elif key == "request_id":
             assert isinstance(value, str)
             request.request_id = value
     return request
+
+
+def _claim_request(code: str, request_id: str = "") -> broker_pb2.ClaimOfferRequest:
+    """A live offer's claim, with a placeholder SPAKE2 message."""
+    return broker_pb2.ClaimOfferRequest(
+        code=code, request_id=request_id, pake_message=RECEIVER_PAKE
+    )
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str:
@@ -89,8 +112,9 @@ async def stub(
 async def _offer_and_claim(
     stub: broker_pb2_grpc.BrokerServiceAsyncStub, **kw: object
 ) -> tuple[broker_pb2.CreateOfferResponse, broker_pb2.ClaimOfferResponse]:
+    """An offer, claimed and with both keys confirmed (placeholders): ready to accept."""
     offer = await stub.CreateOffer(_offer_request(**kw), timeout=T)
-    claim = await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+    claim = await claim_confirmed_rpc(stub, offer)
     return offer, claim
 
 
@@ -118,7 +142,9 @@ async def test_full_flow(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
     name = offer.session.name
     assert name.startswith("sessions/")
     assert offer.session.state == S.STATE_OFFERED
-    assert len(offer.code.split("-")) == 4
+    number, word = offer.code.split("-")  # the nameplate only: the password is not ours
+    assert 1 <= int(number) <= 999
+    assert word in WORDS
     reflexive = [c.ip for c in offer.session.sender.candidates if c.kind == 2]
     assert reflexive == ["127.0.0.1"]
     assert claim.session.claimed
@@ -199,18 +225,17 @@ async def test_watch_sees_accept_and_decline(stub: broker_pb2_grpc.BrokerService
 
 async def test_second_claim_and_wrong_code(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
     offer, _ = await _offer_and_claim(stub)
-    for code in (offer.code, "1-no-such-code", "garbage"):
+    assert "nosuchword" not in WORDS
+    for code in (offer.code, "1-nosuchword", "garbage"):
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=code), timeout=T)
+            await stub.ClaimOffer(_claim_request(code), timeout=T)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert reason_of(info.value) == "CODE_NOT_FOUND"
 
 
 async def test_code_normalized(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
     offer = await stub.CreateOffer(_offer_request(), timeout=T)
-    claim = await stub.ClaimOffer(
-        broker_pb2.ClaimOfferRequest(code=f"  {offer.code.upper()} "), timeout=T
-    )
+    claim = await stub.ClaimOffer(_claim_request(f"  {offer.code.upper()} "), timeout=T)
     assert claim.session.name == offer.session.name
 
 
@@ -333,7 +358,7 @@ async def test_expired_offer(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> No
     seen = await _collect(stub, offer.session.name, offer.party_token)
     assert [s.state for s in seen] == [S.STATE_OFFERED, S.STATE_EXPIRED]
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+        await stub.ClaimOffer(_claim_request(offer.code), timeout=T)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert reason_of(info.value) == "CODE_EXPIRED"
 
@@ -346,16 +371,14 @@ async def test_rate_limit(broker_factory: BrokerFactory) -> None:
         codes = []
         for i in range(5):
             try:
-                await stub.ClaimOffer(
-                    broker_pb2.ClaimOfferRequest(code=f"{i + 1}-a-b-c"), timeout=T
-                )
+                await stub.ClaimOffer(_claim_request(f"{i + 1}-nosuchword"), timeout=T)
             except grpc.aio.AioRpcError as error:
                 codes.append((error.code(), reason_of(error)))
         assert codes[:3] == [(grpc.StatusCode.NOT_FOUND, "CODE_NOT_FOUND")] * 3
         assert codes[3:] == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")] * 2
         # even the right code is refused while the bucket is empty
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+            await stub.ClaimOffer(_claim_request(offer.code), timeout=T)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -369,7 +392,7 @@ async def test_restart_loses_nothing(broker_factory: BrokerFactory) -> None:
     broker.start()
     async with grpc.aio.insecure_channel(broker.address) as channel:
         stub = broker_pb2_grpc.BrokerServiceStub(channel)
-        claim = await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=offer.code), timeout=T)
+        claim = await claim_confirmed_rpc(stub, offer)
         assert claim.session.name == offer.session.name
     assert broker.stop() == 0
 
@@ -537,3 +560,293 @@ async def test_completion_from_accepted_is_idempotent(
         broker_pb2.GetSessionRequest(name=name), metadata=_auth(sender), timeout=T
     )
     assert got.session == done
+
+
+# -- PAKE-bound codes (issue 9) -------------------------------------------------------------------
+
+
+async def _refused(call: Awaitable[object], code: grpc.StatusCode, reason: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert (info.value.code(), reason_of(info.value)) == (code, reason), info.value.details()
+
+
+def _confirm(name: str, confirmation: bytes, mac: bytes = b"") -> broker_pb2.ConfirmKeyRequest:
+    return broker_pb2.ConfirmKeyRequest(
+        name=name, key_confirmation=confirmation, certificate_mac=mac
+    )
+
+
+def _assert_hidden(session: broker_pb2.Session) -> None:
+    """The receiver's view before the sender confirmed: the sender's PAKE message only."""
+    assert not session.HasField("manifest")
+    assert session.sender == broker_pb2.PeerInfo(pake_message=SENDER_PAKE)
+
+
+def _assert_shown(session: broker_pb2.Session, offer: broker_pb2.CreateOfferResponse) -> None:
+    """The whole offer, as its sender made it."""
+    assert session.manifest == offer.session.manifest
+    assert len(session.manifest.files) == 1
+    assert list(session.sender.candidates) == list(offer.session.sender.candidates)
+    assert session.sender.certificate_der == _peer().certificate_der
+    assert session.sender.allowed_ports == offer.session.sender.allowed_ports
+
+
+async def _next(
+    call: grpc.aio.UnaryStreamCall[broker_pb2.WatchSessionRequest, broker_pb2.WatchSessionResponse],
+) -> broker_pb2.Session:
+    item = await asyncio.wait_for(call.read(), 10)
+    assert isinstance(item, broker_pb2.WatchSessionResponse), item
+    return item.session
+
+
+async def test_the_receiver_sees_the_offer_once_the_sender_confirms(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    offer = await stub.CreateOffer(_offer_request(sender=_peer(45000, 45100)), timeout=T)
+    name = offer.session.name
+    claim = await stub.ClaimOffer(_claim_request(offer.code), timeout=T)
+    ra, sa = _auth(claim.party_token), _auth(offer.party_token)
+    get = broker_pb2.GetSessionRequest(name=name)
+    assert (claim.session.name, claim.session.claimed) == (name, True)
+    _assert_hidden(claim.session)
+    _assert_hidden((await stub.GetSession(get, metadata=ra, timeout=T)).session)
+    watch = stub.WatchSession(broker_pb2.WatchSessionRequest(name=name), metadata=ra, timeout=20)
+    try:
+        _assert_hidden(await _next(watch))
+        # the sender sees it all, the receiver's PAKE message included
+        mine = (await stub.GetSession(get, metadata=sa, timeout=T)).session
+        _assert_shown(mine, offer)
+        assert mine.receiver.pake_message == RECEIVER_PAKE
+
+        confirmed = await stub.ConfirmKey(
+            _confirm(name, RECEIVER_CONFIRMATION), metadata=ra, timeout=T
+        )
+        _assert_hidden(confirmed.session)
+        seen = await _next(watch)
+        _assert_hidden(seen)
+        assert seen.receiver.key_confirmation == RECEIVER_CONFIRMATION
+        _assert_hidden((await stub.GetSession(get, metadata=ra, timeout=T)).session)
+
+        confirmed = await stub.ConfirmKey(
+            _confirm(name, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC), metadata=sa, timeout=T
+        )
+        _assert_shown(confirmed.session, offer)
+        seen = await _next(watch)
+        _assert_shown(seen, offer)
+        assert seen.sender.key_confirmation == SENDER_CONFIRMATION
+        assert seen.sender.certificate_mac == SENDER_CERTIFICATE_MAC
+        assert seen.sender.pake_message == SENDER_PAKE
+    finally:
+        watch.cancel()
+
+
+async def test_decline_answer_hides_the_unconfirmed_offer(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    offer = await stub.CreateOffer(_offer_request(), timeout=T)
+    claim = await stub.ClaimOffer(_claim_request(offer.code), timeout=T)
+    declined = await stub.DeclineOffer(
+        broker_pb2.DeclineOfferRequest(name=offer.session.name, reason="not mine"),
+        metadata=_auth(claim.party_token),
+        timeout=T,
+    )
+    assert declined.session.state == S.STATE_DECLINED
+    _assert_hidden(declined.session)
+    seen = await _collect(stub, offer.session.name, claim.party_token)
+    assert [s.state for s in seen] == [S.STATE_DECLINED]
+    _assert_hidden(seen[0])
+
+
+async def test_confirm_key_order_and_accept(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
+    offer = await stub.CreateOffer(_offer_request(sender=_peer(46000, 46100)), timeout=T)
+    name = offer.session.name
+    sa = _auth(offer.party_token)
+    sender_confirms = _confirm(name, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
+    failed = grpc.StatusCode.FAILED_PRECONDITION
+    await _refused(
+        stub.ConfirmKey(sender_confirms, metadata=sa, timeout=T), failed, "KEY_NOT_CONFIRMED"
+    )
+    claim = await stub.ClaimOffer(_claim_request(offer.code), timeout=T)
+    ra = _auth(claim.party_token)
+    accept = broker_pb2.AcceptOfferRequest(name=name, receiver=_peer(50000, 50100))
+    await _refused(stub.AcceptOffer(accept, metadata=ra, timeout=T), failed, "KEY_NOT_CONFIRMED")
+    await _refused(
+        stub.ConfirmKey(sender_confirms, metadata=sa, timeout=T), failed, "KEY_NOT_CONFIRMED"
+    )
+
+    await stub.ConfirmKey(_confirm(name, RECEIVER_CONFIRMATION), metadata=ra, timeout=T)
+    again = await stub.ConfirmKey(_confirm(name, RECEIVER_CONFIRMATION), metadata=ra, timeout=T)
+    assert again.session.receiver.key_confirmation == RECEIVER_CONFIRMATION
+    await _refused(
+        stub.ConfirmKey(_confirm(name, b"another"), metadata=ra, timeout=T),
+        failed,
+        "KEY_ALREADY_CONFIRMED",
+    )
+    await _refused(stub.AcceptOffer(accept, metadata=ra, timeout=T), failed, "KEY_NOT_CONFIRMED")
+
+    done = await stub.ConfirmKey(sender_confirms, metadata=sa, timeout=T)
+    assert done.session.sender.certificate_mac == SENDER_CERTIFICATE_MAC
+    assert (await stub.ConfirmKey(sender_confirms, metadata=sa, timeout=T)) == done
+    await _refused(
+        stub.ConfirmKey(_confirm(name, b"another"), metadata=sa, timeout=T),
+        failed,
+        "KEY_ALREADY_CONFIRMED",
+    )
+    accepted = await stub.AcceptOffer(accept, metadata=ra, timeout=T)
+    assert accepted.session.state == S.STATE_ACCEPTED
+    await _refused(
+        stub.ConfirmKey(_confirm(name, RECEIVER_CONFIRMATION), metadata=ra, timeout=T),
+        failed,
+        "WRONG_STATE",
+    )
+
+
+async def test_offers_and_claims_carry_pake_or_verifier(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    neither = _offer_request()
+    neither.sender.ClearField("pake_message")
+    both = _offer_request()
+    both.claim_verifier = CLAIM_VERIFIER
+    early = _offer_request()
+    early.sender.key_confirmation = SENDER_CONFIRMATION
+    for request in (neither, both, early):
+        await _refused(stub.CreateOffer(request, timeout=T), invalid, "INVALID_ARGUMENT")
+
+    offer = await stub.CreateOffer(_offer_request(), timeout=T)
+    for bad in (
+        _claim_request(f"{offer.code}-lantern-quiet"),  # the whole code: never sent
+        broker_pb2.ClaimOfferRequest(code=offer.code),  # no PAKE message
+    ):
+        await _refused(stub.ClaimOffer(bad, timeout=T), invalid, "INVALID_ARGUMENT")
+    await _refused(  # a verifier does not claim a PAKE offer
+        stub.ClaimOffer(
+            broker_pb2.ClaimOfferRequest(code=offer.code, claim_verifier=CLAIM_VERIFIER),
+            timeout=T,
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "CODE_NOT_FOUND",
+    )
+    claim = await stub.ClaimOffer(_claim_request(offer.code), timeout=T)
+    assert claim.session.name == offer.session.name
+
+
+async def test_store_and_forward_claim_needs_its_verifier(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    offer = await stub.CreateOffer(store_and_forward(_offer_request()), timeout=T)
+    name = offer.session.name
+    assert not offer.session.sender.pake_message
+    # its sender confirms at once: nobody to wait for
+    await stub.ConfirmKey(
+        _confirm(name, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC),
+        metadata=_auth(offer.party_token),
+        timeout=T,
+    )
+    for wrong in (
+        broker_pb2.ClaimOfferRequest(code=offer.code, claim_verifier=b"w" * 32),
+        _claim_request(offer.code),  # a PAKE message instead of the verifier
+    ):
+        await _refused(
+            stub.ClaimOffer(wrong, timeout=T), grpc.StatusCode.NOT_FOUND, "CODE_NOT_FOUND"
+        )
+    claim = await stub.ClaimOffer(
+        broker_pb2.ClaimOfferRequest(code=offer.code, claim_verifier=CLAIM_VERIFIER), timeout=T
+    )
+    assert claim.session.name == name
+    assert claim.session.manifest == offer.session.manifest  # confirmed: shown at once
+    accepted = await stub.AcceptOffer(
+        broker_pb2.AcceptOfferRequest(name=name, receiver=_peer(50000, 50100)),
+        metadata=_auth(claim.party_token),
+        timeout=T,
+    )
+    assert accepted.session.state == S.STATE_ACCEPTED
+
+
+async def test_whole_codes_are_not_counted(broker_factory: BrokerFactory) -> None:
+    broker = broker_factory("--claim-burst-per-ip", "3", "--claim-rate-per-ip", "0.1")
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        for i in range(8):
+            await _refused(
+                stub.ClaimOffer(_claim_request(f"{i + 1}-orbit-lantern-quiet"), timeout=T),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_ARGUMENT",
+            )
+        for i in range(3):
+            await _refused(
+                stub.ClaimOffer(_claim_request(f"{i + 1}-nosuchword"), timeout=T),
+                grpc.StatusCode.NOT_FOUND,
+                "CODE_NOT_FOUND",
+            )
+        await _refused(
+            stub.ClaimOffer(_claim_request("4-nosuchword"), timeout=T),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
+
+
+def _impostor(peer: broker_pb2.PeerInfo, cert: bytes) -> broker_pb2.PeerInfo:
+    """``peer`` with a new certificate and MAC, and a PAKE message and confirmation of its own."""
+    peer.certificate_der = cert
+    peer.certificate_mac = b"M" * 32
+    peer.pake_message = b"\x99" * 33
+    peer.key_confirmation = b"k" * 32
+    return peer
+
+
+async def test_resume_keeps_pake_messages_and_confirmations(
+    stub: broker_pb2_grpc.BrokerServiceAsyncStub,
+) -> None:
+    offer, claim = await _offer_and_claim(stub, sender=_peer(47000, 47100))
+    name = offer.session.name
+    resumed = await _resume(stub, name, offer.party_token, _impostor(_peer(47000, 47100), b"s-2"))
+    assert (resumed.sender.certificate_der, resumed.sender.certificate_mac) == (b"s-2", b"M" * 32)
+    assert (resumed.sender.pake_message, resumed.sender.key_confirmation) == (
+        SENDER_PAKE,
+        SENDER_CONFIRMATION,
+    )
+    resumed = await _resume(stub, name, claim.party_token, _impostor(_peer(), b"r-2"))
+    assert resumed.receiver.certificate_der == b"r-2"
+    assert (resumed.receiver.pake_message, resumed.receiver.key_confirmation) == (
+        RECEIVER_PAKE,
+        RECEIVER_CONFIRMATION,
+    )
+    got = await stub.GetSession(
+        broker_pb2.GetSessionRequest(name=name), metadata=_auth(claim.party_token), timeout=T
+    )
+    assert got.session.sender.pake_message == SENDER_PAKE
+    assert got.session.sender.key_confirmation == SENDER_CONFIRMATION
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_data_dir_is_private_and_holds_no_nameplate(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "loose"
+    data_dir.mkdir()
+    data_dir.chmod(0o755)  # a data dir made by hand, too open
+    broker = broker_factory(name="loose")
+    db, key_file = data_dir / "broker.sqlite3", data_dir / "token.key"
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        offers = [await stub.CreateOffer(_offer_request(), timeout=T) for _ in range(3)]
+        assert (_mode(data_dir), _mode(db), _mode(key_file)) == (0o700, 0o600, 0o600)
+        wal = db.with_name(db.name + "-wal")
+        assert wal.exists()
+        assert _mode(wal) == 0o600
+    assert broker.stop() == 0
+    data = b"".join(path.read_bytes() for path in sorted(data_dir.glob("broker.sqlite3*")))
+    key = key_file.read_bytes()
+    for offer in offers:
+        nameplate = offer.code.encode()
+        assert nameplate not in data
+        assert hashlib.sha256(nameplate).hexdigest().encode() not in data
+        assert hashlib.sha256(nameplate).digest() not in data
+        # what the store keys the offer by instead, under the broker's secret key
+        assert hash_code(key, offer.code).encode() in data

@@ -28,6 +28,12 @@ from google.protobuf.duration_pb2 import Duration
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
 from tests.integration.broker.test_broker_grpc import _auth, _peer, reason_of
+from tests.support.broker_flow import (
+    CLAIM_VERIFIER,
+    SENDER_CERTIFICATE_MAC,
+    SENDER_CONFIRMATION,
+    store_and_forward,
+)
 from tests.support.processes import BrokerProcess
 from tests.support.s3 import S3Server, http_request, verify_presigned
 
@@ -85,7 +91,11 @@ async def _offer(stub: Stub, ttl_s: float | None = None) -> tuple[str, str]:
 
 
 async def _offer_full(stub: Stub, ttl_s: float | None = None) -> tuple[str, str, str]:
-    """The same, with its code: (name, sender token, code)."""
+    """The same, with its code: (name, sender token, code).
+
+    A store-and-forward offer (a claim verifier, no PAKE) whose sender confirmed its key at
+    once, as the sender's side does when it uploads before anyone claims.
+    """
     request = broker_pb2.CreateOfferRequest(
         manifest=broker_pb2.Manifest(
             files=[
@@ -98,7 +108,16 @@ async def _offer_full(stub: Stub, ttl_s: float | None = None) -> tuple[str, str,
     )
     if ttl_s is not None:
         request.ttl.CopyFrom(Duration(seconds=int(ttl_s), nanos=int(ttl_s % 1 * 1e9)))
-    offer = await stub.CreateOffer(request, timeout=T)
+    offer = await stub.CreateOffer(store_and_forward(request), timeout=T)
+    await stub.ConfirmKey(
+        broker_pb2.ConfirmKeyRequest(
+            name=offer.session.name,
+            key_confirmation=SENDER_CONFIRMATION,
+            certificate_mac=SENDER_CERTIFICATE_MAC,
+        ),
+        metadata=_auth(offer.party_token),
+        timeout=T,
+    )
     return offer.session.name, offer.party_token, offer.code
 
 
@@ -211,7 +230,9 @@ async def test_store_and_forward_flow(
     assert _uploads(s3_env, prefix) == []
 
     # The receiver claims; before accepting it may not download.
-    claim = await stub.ClaimOffer(broker_pb2.ClaimOfferRequest(code=code), timeout=T)
+    claim = await stub.ClaimOffer(
+        broker_pb2.ClaimOfferRequest(code=code, claim_verifier=CLAIM_VERIFIER), timeout=T
+    )
     ra = _auth(claim.party_token)
     download = broker_pb2.PresignStoreDownloadRequest(name=name, file_index=0)
     await _expect(

@@ -15,6 +15,7 @@ from ferry.broker.errors import NotFound, Reason
 from ferry.broker.server import load_token_key
 from ferry.broker.store import SqliteStore
 from ferry.v1 import broker_pb2
+from tests.support.broker_flow import RECEIVER_PAKE, pake_sender
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,13 +27,19 @@ def _offer(broker: Broker) -> broker_pb2.CreateOfferResponse:
                 files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)],
                 chunk_size_bytes=1 << 20,
             ),
-            sender=broker_pb2.PeerInfo(
-                allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
-                certificate_der=b"cert",
+            sender=pake_sender(
+                broker_pb2.PeerInfo(
+                    allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
+                    certificate_der=b"cert",
+                )
             ),
         ),
         "192.0.2.1",
     )
+
+
+def _claim(broker: Broker, code: str, ip: str, request_id: str) -> broker_pb2.ClaimOfferResponse:
+    return broker.claim_offer(code, ip, request_id, pake_message=RECEIVER_PAKE)
 
 
 def _broker(tmp_path: Path, key: bytes) -> tuple[Broker, SqliteStore]:
@@ -45,8 +52,8 @@ def test_repeated_claim_with_the_same_request_id(tmp_path: Path) -> None:
     broker, store = _broker(tmp_path, key)
     try:
         offer = _offer(broker)
-        first = broker.claim_offer(offer.code, "192.0.2.2", "req-1")
-        again = broker.claim_offer(offer.code, "192.0.2.2", "req-1")
+        first = _claim(broker, offer.code, "192.0.2.2", "req-1")
+        again = _claim(broker, offer.code, "192.0.2.2", "req-1")
         assert again.party_token == first.party_token
         assert again.session.name == offer.session.name
         # The token works for the receiver's calls.
@@ -55,7 +62,7 @@ def test_repeated_claim_with_the_same_request_id(tmp_path: Path) -> None:
         # Another request id, or none, is a second claim: refused like a wrong code.
         for other in ("req-2", ""):
             with pytest.raises(NotFound) as info:
-                broker.claim_offer(offer.code, "192.0.2.3", other)
+                _claim(broker, offer.code, "192.0.2.3", other)
             assert info.value.reason == Reason.CODE_NOT_FOUND
     finally:
         store.close()
@@ -66,12 +73,12 @@ def test_repeat_survives_a_restart_with_the_same_key(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "token.key").stat().st_mode) == 0o600
     broker, store = _broker(tmp_path, key)
     offer = _offer(broker)
-    first = broker.claim_offer(offer.code, "192.0.2.2", "req-1")
+    first = _claim(broker, offer.code, "192.0.2.2", "req-1")
     store.close()
     assert load_token_key(tmp_path / "token.key") == key
     broker, store = _broker(tmp_path, load_token_key(tmp_path / "token.key"))
     try:
-        again = broker.claim_offer(offer.code, "192.0.2.2", "req-1")
+        again = _claim(broker, offer.code, "192.0.2.2", "req-1")
         assert again.party_token == first.party_token
     finally:
         store.close()
@@ -81,11 +88,11 @@ def test_no_repeat_once_the_session_is_over(tmp_path: Path) -> None:
     broker, store = _broker(tmp_path, os.urandom(32))
     try:
         offer = _offer(broker)
-        claim = broker.claim_offer(offer.code, "192.0.2.2", "req-1")
+        claim = _claim(broker, offer.code, "192.0.2.2", "req-1")
         broker.decline(offer.session.name, claim.party_token, "no")
         assert broker.get(offer.session.name, offer.party_token).state == states.DECLINED
         with pytest.raises(NotFound) as info:
-            broker.claim_offer(offer.code, "192.0.2.2", "req-1")
+            _claim(broker, offer.code, "192.0.2.2", "req-1")
         assert info.value.reason == Reason.CODE_NOT_FOUND
     finally:
         store.close()

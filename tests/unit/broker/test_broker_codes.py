@@ -1,15 +1,18 @@
-"""One-time codes: shape, word list, normalization, hashing."""
+"""Nameplates: shape, word list, normalization, keyed hashing; party tokens."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
 
 from ferry.broker import codes
-from ferry.broker._words import WORDS
+from ferry.protocol.words import WORDS
 
 pytestmark = pytest.mark.timeout(30)
+
+KEY = b"k" * 32
 
 
 def test_word_list() -> None:
@@ -21,31 +24,36 @@ def test_word_list() -> None:
 
 def test_format() -> None:
     for _ in range(200):
-        code = codes.generate()
-        number, *words = code.split("-")
+        nameplate = codes.generate()
+        number, word = nameplate.split("-")
         assert 1 <= int(number) <= 999
-        assert len(words) == 3
-        assert all(w in WORDS for w in words)
-        assert codes.is_well_formed(code)
-        assert codes.normalize(code) == code
+        assert word in WORDS
+        assert codes.is_well_formed(nameplate)
+        assert codes.normalize(nameplate) == nameplate
 
 
 def test_random() -> None:
     assert len({codes.generate() for _ in range(1000)}) > 990
 
 
-def test_normalize() -> None:
-    assert codes.normalize("  7-Orbit-LANTERN-quiet \n") == "7-orbit-lantern-quiet"
-    assert codes.normalize("007 orbit  lantern_quiet") == "7-orbit-lantern-quiet"
-    assert codes.hash_code(" 7-ORBIT-lantern-quiet") == codes.hash_code("7-orbit-lantern-quiet")
-    assert len(codes.hash_code("7-a-b-c")) == 64
+def test_normalize_and_keyed_hash() -> None:
+    assert codes.normalize("  7-Orbit \n") == "7-orbit"
+    assert codes.normalize("007 orbit") == "7-orbit"
+    assert codes.hash_code(KEY, " 7-ORBIT") == codes.hash_code(KEY, "7-orbit")
+    assert len(codes.hash_code(KEY, "7-a")) == 64
+    # keyed: another broker key gives another hash, and it is not the bare sha256
+    assert codes.hash_code(b"x" * 32, "7-orbit") != codes.hash_code(KEY, "7-orbit")
+    assert codes.hash_code(KEY, "7-orbit") != hashlib.sha256(b"7-orbit").hexdigest()
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "orbit-lantern-quiet", "0-a-b-c", "1000-a-b-c", "7-a-b", "7-a-b-1"]
-)
+@pytest.mark.parametrize("bad", ["", "orbit", "0-a", "1000-a", "7", "7-a-b", "7-1"])
 def test_malformed(bad: str) -> None:
     assert not codes.is_well_formed(codes.normalize(bad))
+
+
+def test_a_whole_code_is_recognised() -> None:
+    assert codes.looks_like_a_whole_code("7-orbit-lantern-quiet")
+    assert not codes.looks_like_a_whole_code("7-orbit")
 
 
 def test_tokens() -> None:

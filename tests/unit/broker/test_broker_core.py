@@ -15,6 +15,7 @@ from ferry.broker.core import Broker
 from ferry.broker.errors import AlreadyExists, Reason
 from ferry.broker.store import SqliteStore
 from ferry.v1 import broker_pb2, broker_pb2_grpc
+from tests.support.broker_flow import claim_confirmed, pake_sender
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,9 +33,11 @@ def _request(request_id: str = "") -> broker_pb2.CreateOfferRequest:
         manifest=broker_pb2.Manifest(
             files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
         ),
-        sender=broker_pb2.PeerInfo(
-            allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
-            certificate_der=b"cert",
+        sender=pake_sender(
+            broker_pb2.PeerInfo(
+                allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
+                certificate_der=b"cert",
+            )
         ),
         request_id=request_id,
     )
@@ -69,7 +72,7 @@ def test_ttl_clamped_and_sweep(tmp_path: Path) -> None:
     try:
         offer = broker.create_offer(_request(), "10.0.0.1")
         assert offer.session.expire_time.seconds == int(clock.now) + 600
-        claim = broker.claim_offer(offer.code, "10.0.0.2")
+        claim = claim_confirmed(broker, offer, "10.0.0.2")
         accepted = broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
         assert accepted.plan.listener_ports.first_port == 9000
         assert accepted.expire_time.seconds == int(clock.now) + 24 * 3600
@@ -79,7 +82,7 @@ def test_ttl_clamped_and_sweep(tmp_path: Path) -> None:
         assert got.state == states.EXPIRED
         # the lease was released: a new session gets the same ports again
         second = broker.create_offer(_request(), "10.0.0.1")
-        claim2 = broker.claim_offer(second.code, "10.0.0.2")
+        claim2 = claim_confirmed(broker, second, "10.0.0.2")
         plan = broker.accept(second.session.name, claim2.party_token, _receiver(), None).plan
         assert plan.listener_ports.first_port == 9000
     finally:
@@ -92,7 +95,7 @@ def test_expired_before_sweep(tmp_path: Path) -> None:
     broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
     try:
         offer = broker.create_offer(_request(), None)
-        claim = broker.claim_offer(offer.code, None)
+        claim = claim_confirmed(broker, offer)
         clock.now += 601
         with pytest.raises(states.IllegalTransition, match="expired"):
             broker.accept(offer.session.name, claim.party_token, _receiver(), None)

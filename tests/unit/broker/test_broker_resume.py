@@ -16,6 +16,7 @@ from ferry.broker.core import Broker
 from ferry.broker.errors import Aborted, InvalidArgument, Reason, ResourceExhausted, Unauthenticated
 from ferry.broker.store import SessionRecord, SqliteStore, StaleRecord
 from ferry.v1 import broker_pb2
+from tests.support.broker_flow import claim_confirmed, pake_sender
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -60,10 +61,11 @@ class Env:
             manifest=broker_pb2.Manifest(
                 files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
             ),
-            sender=_peer(b"sender-1", host=host),
+            sender=pake_sender(_peer(b"sender-1", host=host)),
         )
         offer = self.broker.create_offer(request, "10.0.0.1")
-        receiver = self.broker.claim_offer(offer.code, "10.0.0.2").party_token if claim else ""
+        # claimed: with both keys confirmed, so that the receiver sees the offer and may accept
+        receiver = claim_confirmed(self.broker, offer, "10.0.0.2").party_token if claim else ""
         return Session(offer.session.name, offer.party_token, receiver)
 
     def accepted(self, host: str = "laptop") -> Session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,3 +143,68 @@ def test_replicas_starting_together_agree_on_one_id(tmp_path: Path) -> None:
     with ThreadPoolExecutor(count) as pool:
         ids = list(pool.map(first_call, range(count), timeout=20))
     assert len(set(ids)) == 1
+
+
+def test_claim_verifier_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "broker.sqlite3"
+    store = SqliteStore(path)
+    forwarded = _record("fwd")
+    forwarded.claim_verifier = b"v" * 32
+    store.create_session(forwarded)
+    store.create_session(_record("pake"))
+    stored = store.get_session("fwd")
+    assert stored is not None
+    stored.receiver_token_hash = "r-fwd"
+    store.update_session(stored)  # an update keeps it
+    store.close()
+    store = SqliteStore(path)
+    try:
+        got = store.find_by_code_hash("c-fwd")
+        assert got is not None
+        assert (got.claim_verifier, got.version) == (b"v" * 32, 1)
+        pake = store.get_session("pake")
+        assert pake is not None
+        assert pake.claim_verifier is None
+    finally:
+        store.close()
+
+
+def test_a_file_from_before_claim_verifiers_opens(tmp_path: Path) -> None:
+    """A database written before the claim_verifier column: it is added on open."""
+    path = tmp_path / "broker.sqlite3"
+    old = _record("old")
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, state INTEGER NOT NULL, code_hash TEXT,"
+            " expire_time REAL NOT NULL, create_time REAL NOT NULL,"
+            " sender_token_hash TEXT NOT NULL, receiver_token_hash TEXT, request_id TEXT,"
+            " version INTEGER NOT NULL, data BLOB NOT NULL)"
+        )
+        db.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, 0, ?)",
+            (
+                "old",
+                int(old.session.state),
+                old.code_hash,
+                old.expire_s,
+                1.0,
+                old.sender_token_hash,
+                old.session.SerializeToString(deterministic=True),
+            ),
+        )
+    db.close()
+    store = SqliteStore(path)
+    try:
+        got = store.get_session("old")
+        assert got is not None
+        assert (got.session, got.claim_verifier) == (old.session, None)
+        new = _record("new")
+        new.claim_verifier = b"v" * 32
+        store.create_session(new)
+        found = store.find_by_code_hash("c-new")
+        assert found is not None
+        assert found.claim_verifier == b"v" * 32
+    finally:
+        store.close()
+    store = SqliteStore(path)  # and opens again (the column is not added twice)
+    store.close()

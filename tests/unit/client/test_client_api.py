@@ -30,10 +30,12 @@ def test_exported_names() -> None:
             "SourceChangedError",
             "Stalled",
             "StorageFull",
+            "TamperedError",
             "TransferError",
             "TransferOver",
             "TransferResult",
             "digest_file",
+            "new_claim_exchange",
             "remove_partial",
         ]
     )
