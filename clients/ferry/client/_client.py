@@ -45,7 +45,14 @@ from ferry.client._events import (
     check_via,
 )
 from ferry.client._incoming import Incoming
-from ferry.client._keys import VerifyWords, burn, check_offer, sign, wait_confirmed
+from ferry.client._keys import (
+    VerifyWords,
+    burn,
+    check_offer,
+    confirm_as_sender,
+    sign,
+    wait_confirmed,
+)
 from ferry.client._outgoing import Outgoing
 from ferry.client._session import (
     FINAL,
@@ -192,11 +199,7 @@ class Client:
                 response = await link.create_offer(request)
             session = response.session
             if key is not None:  # nothing to wait for: confirm the key (and manifest) now
-                session = await link.confirm_key(
-                    session.name,
-                    key.confirmation(PeerRole.SENDER, session.manifest),
-                    key.certificate_mac(PeerRole.SENDER, identity.cert_der),
-                )
+                session = await confirm_as_sender(link, session, key, identity.cert_der)
         except BaseException:
             await link.close()
             raise
@@ -262,11 +265,7 @@ class Client:
                 session = await link.resume(name, me)
             if key is not None and not session.sender.key_confirmation:
                 # A store-and-forward offer whose first run died before it confirmed.
-                session = await link.confirm_key(
-                    name,
-                    key.confirmation(PeerRole.SENDER, session.manifest),
-                    key.certificate_mac(PeerRole.SENDER, identity.cert_der),
-                )
+                session = await confirm_as_sender(link, session, key, identity.cert_der)
         except BaseException:
             await link.close()
             raise

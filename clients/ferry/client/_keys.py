@@ -35,6 +35,7 @@ __all__ = [
     "burn",
     "check_certificate",
     "check_offer",
+    "confirm_as_sender",
     "over",
     "sign",
     "wait_confirmed",
@@ -52,6 +53,18 @@ async def burn(link: BrokerLink, session: broker_pb2.Session, reason: str = TAMP
             await link.cancel(session.name, reason)
         else:
             await link.report_failed(session.name, reason)
+
+
+async def confirm_as_sender(
+    link: BrokerLink, session: broker_pb2.Session, key: SessionKey, certificate_der: bytes
+) -> broker_pb2.Session:
+    """ConfirmKey for the sender: its proof of the key over ``session``'s manifest, and the
+    MAC of the certificate it now uses."""
+    return await link.confirm_key(
+        session.name,
+        key.confirmation(PeerRole.SENDER, session.manifest),
+        key.certificate_mac(PeerRole.SENDER, certificate_der),
+    )
 
 
 def sign(me: broker_pb2.PeerInfo, key: SessionKey | None, role: PeerRole) -> broker_pb2.PeerInfo:

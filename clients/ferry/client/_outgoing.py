@@ -30,7 +30,7 @@ from ferry.client._events import (
     files_of,
     path_of,
 )
-from ferry.client._keys import VerifyWords, burn, check_certificate, over
+from ferry.client._keys import VerifyWords, burn, check_certificate, confirm_as_sender, over
 from ferry.client._send import (
     SendCounter,
     SendPeer,
@@ -226,10 +226,8 @@ class Outgoing:
                 await burn(self._link, session, reason)
                 raise self._refused
             self._key = key
-        self.session = await self._link.confirm_key(
-            self.name,
-            self._key.confirmation(PeerRole.SENDER, self.session.manifest),
-            self._key.certificate_mac(PeerRole.SENDER, self._identity.cert_der),
+        self.session = await confirm_as_sender(
+            self._link, self.session, self._key, self._identity.cert_der
         )
         self._confirmed = True
 
