@@ -35,10 +35,16 @@ broker stores or relays allows an offline guess. A store-and-forward code adds 2
 characters (110 bits): 129 bits in all, beyond any offline search of the verifier or of the
 sealed objects.
 
-Key schedule: SPAKE2 (Ed25519 group, identities ``ferry-sender`` / ``ferry-receiver``) gives
-32 bytes; every use has its own HKDF-SHA256 sub-key (``ferry/v1 confirm``, ``... certificate``,
-``... store``, ``... verify``). A store-and-forward code's key is HKDF-SHA256 of its password
-and secret.
+SPAKE2 here is the `spake2` package's (the one magic-wormhole uses), message for message and
+key for key: the Ed25519 group, its M and N, its password-to-scalar and transcript, identities
+``ferry-sender`` (side A) and ``ferry-receiver`` (side B). The group arithmetic is libsodium's
+(PyNaCl's bindings) rather than that package's pure Python, which costs ~35 ms to import and
+~8 ms per side and step on this machine kind: too much for a 1 KiB transfer's 30 ms budget.
+The tests check every message and key against the `spake2` package itself.
+
+Key schedule: SPAKE2 gives 32 bytes; every use has its own HKDF-SHA256 sub-key (``ferry/v1
+confirm``, ``... certificate``, ``... store``, ``... verify``). A store-and-forward code's key is
+HKDF-SHA256 of its password and secret.
 """
 
 from __future__ import annotations
@@ -51,11 +57,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, cast
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError
 
 from ferry.errors import FerryError
 from ferry.protocol.words import WORDS
@@ -84,7 +90,13 @@ MAX_NAMEPLATE_NUMBER = 999_999  # the broker uses 1..999; room to grow without a
 _BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 _SEPARATORS = re.compile(r"[\s_-]+")
 _SECRET = re.compile(rf"[{_BASE32}]{{{SECRET_CHARS}}}")
-_IDS = {"idA": b"ferry-sender", "idB": b"ferry-receiver"}
+_ID_A, _ID_B = b"ferry-sender", b"ferry-receiver"
+# The `spake2` package's Ed25519 M and N (its arbitrary_element of b"M" and b"N"): points
+# nobody knows the discrete log of. The tests recompute them with that package.
+_M = bytes.fromhex("15cfd18e385952982b6a8f8c7854963b58e34388c8e6dae891db756481a02312")
+_N = bytes.fromhex("f04f2e7eb734b2a8f8b472eaf9c3c632576ac64aea650b496a8a20ff00e583c3")
+_L = 2**252 + 27742317777372353535851937790883648493  # the order of the prime subgroup
+_STATE_MAGIC = b"ferry-spake2-v1\0"
 
 
 #: What both people read when a check under the key fails. It is also the reason a side
@@ -180,18 +192,22 @@ def claim_verifier(key: SessionKey) -> bytes:
     return key.sub_key(b"ferry/v1 claim")
 
 
-class _Spake2(Protocol):  # the part of spake2's SPAKE2_A / SPAKE2_B that is used
-    def start(self) -> bytes: ...
-    def finish(self, inbound_message: bytes) -> bytes: ...
-    def serialize(self) -> bytes: ...
+def _password_scalar(password: bytes) -> bytes:
+    """The `spake2` package's password-to-scalar: HKDF-SHA256 to 48 bytes, read big-endian,
+    mod L; as libsodium's 32-byte little-endian scalar."""
+    oversized = HKDF(
+        algorithm=hashes.SHA256(), length=48, salt=b"", info=b"SPAKE2 pw"
+    ).derive(password)
+    return (int.from_bytes(oversized, "big") % _L).to_bytes(32, "little")
 
 
 class KeyExchange:
-    """One side's SPAKE2 on the code's password.
+    """One side's SPAKE2 on the code's password (the sender is side A, the receiver B).
 
-    ``message`` goes to the other side through the broker; `finish` takes the other
-    side's message and gives the session key. `state` (secret: it holds this side's SPAKE2
-    scalar) lets a process that dies in between finish after a restart (`restore`).
+    ``message`` (side byte + the point ``x*G + pw*M`` for A, ``pw*N`` for B) goes to the
+    other side through the broker; `finish` takes the other side's message and gives the
+    session key. `state` (secret: it holds the password and this side's scalar) lets a
+    process that dies in between finish after a restart (`restore`).
     """
 
     def __init__(
@@ -200,45 +216,82 @@ class KeyExchange:
         password: str,
         *,
         entropy: Callable[[int], bytes] = secrets.token_bytes,
+        _scalar: bytes | None = None,
     ) -> None:
-        kind = SPAKE2_A if role is PeerRole.SENDER else SPAKE2_B
         self.role = role
-        self._spake: _Spake2 = kind(password.encode("utf-8"), entropy_f=entropy, **_IDS)
-        self.message: bytes = self._spake.start()
+        self._password = password.encode("utf-8")
+        self._pw = _password_scalar(self._password)
+        scalar = _scalar
+        while scalar is None or scalar == bytes(32):  # as the spake2 package: 512 bits mod L
+            scalar = (int.from_bytes(entropy(64), "big") % _L).to_bytes(32, "little")
+        self._x = scalar
+        blind = _M if role is PeerRole.SENDER else _N
+        point = sodium.crypto_core_ed25519_add(
+            sodium.crypto_scalarmult_ed25519_base_noclamp(scalar),
+            sodium.crypto_scalarmult_ed25519_noclamp(self._pw, blind),
+        )
+        self._side = b"A" if role is PeerRole.SENDER else b"B"
+        self.message: bytes = self._side + point
+        self._finished = False
 
     @classmethod
     def restore(cls, role: PeerRole, state: bytes) -> KeyExchange:
         """The exchange that `state` saved (raises ValueError if it is not one of ``role``)."""
-        kind = SPAKE2_A if role is PeerRole.SENDER else SPAKE2_B
-        exchange = cls.__new__(cls)
-        exchange.role = role
+        side = b"A" if role is PeerRole.SENDER else b"B"
+        head = len(_STATE_MAGIC)
+        if not state.startswith(_STATE_MAGIC) or state[head : head + 1] != side:
+            raise ValueError("not a saved key exchange of this side")
+        scalar, password = state[head + 1 : head + 33], state[head + 33 :]
+        if len(scalar) != 32 or int.from_bytes(scalar, "little") >= _L:
+            raise ValueError("not a saved key exchange of this side")
         try:
-            exchange._spake = cast(_Spake2, kind.from_serialized(state))
-        except Exception as exc:  # spake2 raises several types on bad input
+            return cls(role, password.decode("utf-8"), _scalar=scalar)
+        except (UnicodeDecodeError, CryptoError, ValueError) as exc:
             raise ValueError("not a saved key exchange of this side") from exc
-        exchange.message = _start_message(exchange._spake)
-        return exchange
 
     def state(self) -> bytes:
         """This side's secret state, to save until `finish`."""
-        return self._spake.serialize()
+        return _STATE_MAGIC + self._side + self._x + self._password
 
     def finish(self, peer_message: bytes) -> SessionKey:
-        """The session key, from the other side's message (KeyMismatch if it is not one)."""
+        """The session key, from the other side's message (KeyMismatch if it is not one:
+        malformed, from the same side, reflected, or not a point of the prime subgroup).
+        Once only: a second call is a KeyMismatch too."""
+        if self._finished:
+            raise KeyMismatch()
+        self._finished = True
+        other = b"B" if self._side == b"A" else b"A"
+        theirs = peer_message[1:]
+        mine = self.message[1:]
+        if (
+            len(peer_message) != 33
+            or peer_message[:1] != other
+            or theirs == mine
+            or not sodium.crypto_core_ed25519_is_valid_point(theirs)
+        ):
+            raise KeyMismatch()
+        unblind = _N if self._side == b"A" else _M
         try:
-            raw = self._spake.finish(peer_message)
-        except Exception as exc:  # a malformed, reflected or wrong-side message
-            raise KeyMismatch() from exc
-        return SessionKey(_hkdf(raw, b"ferry/v1 session"))
-
-
-def _start_message(spake: _Spake2) -> bytes:
-    """The outbound message of a restored exchange: what ``start`` gave, its side byte and
-    the message spake2 keeps as ``outbound_message``."""
-    side, message = getattr(spake, "side", b""), getattr(spake, "outbound_message", b"")
-    if not isinstance(side, bytes) or not isinstance(message, bytes) or not message:
-        raise ValueError("the saved key exchange has no message")
-    return side + message
+            shared = sodium.crypto_scalarmult_ed25519_noclamp(
+                self._x,
+                sodium.crypto_core_ed25519_sub(
+                    theirs, sodium.crypto_scalarmult_ed25519_noclamp(self._pw, unblind)
+                ),
+            )
+        except CryptoError:  # the identity: nothing anyone could share
+            raise KeyMismatch() from None
+        x_msg, y_msg = (mine, theirs) if self._side == b"A" else (theirs, mine)
+        transcript = b"".join(
+            [
+                hashlib.sha256(self._password).digest(),
+                hashlib.sha256(_ID_A).digest(),
+                hashlib.sha256(_ID_B).digest(),
+                x_msg,
+                y_msg,
+                shared,
+            ]
+        )
+        return SessionKey(_hkdf(hashlib.sha256(transcript).digest(), b"ferry/v1 session"))
 
 
 class SessionKey:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
+from spake2.parameters.ed25519 import ParamsEd25519  # type: ignore[import-untyped]
 
 from ferry.errors import FerryError
 from ferry.protocol import pake
@@ -136,6 +140,47 @@ def test_a_reflected_message_is_a_mismatch() -> None:
     sender = KeyExchange(PeerRole.SENDER, "lantern-quiet")
     with pytest.raises(KeyMismatch):
         KeyExchange.restore(PeerRole.SENDER, sender.state()).finish(sender.message)
+    # the same point with the other side's byte is still our own message
+    with pytest.raises(KeyMismatch):
+        sender.finish(b"B" + sender.message[1:])
+
+
+def test_an_exchange_finishes_once() -> None:
+    sender = KeyExchange(PeerRole.SENDER, "lantern-quiet")
+    receiver = KeyExchange(PeerRole.RECEIVER, "lantern-quiet")
+    sender.finish(receiver.message)
+    with pytest.raises(KeyMismatch):
+        sender.finish(receiver.message)
+
+
+# -- the same SPAKE2 as the spake2 package (magic-wormhole's), message for message ---------
+
+
+def _entropy(seed: int) -> Callable[[int], bytes]:
+    return lambda n: hashlib.sha256(seed.to_bytes(4, "big")).digest() * (n // 32)
+
+
+def test_m_and_n_are_the_spake2_packages() -> None:
+    assert ParamsEd25519.M.to_bytes() == pake._M
+    assert ParamsEd25519.N.to_bytes() == pake._N
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_messages_and_keys_are_the_spake2_packages(seed: int) -> None:
+    password = Code.new_password()[0]
+    ids = {"idA": b"ferry-sender", "idB": b"ferry-receiver"}
+    ours_a = KeyExchange(PeerRole.SENDER, password, entropy=_entropy(seed))
+    theirs_a = SPAKE2_A(password.encode(), entropy_f=_entropy(seed), **ids)
+    assert ours_a.message == theirs_a.start()  # the same scalar gives the same message
+    ours_b = KeyExchange(PeerRole.RECEIVER, password, entropy=_entropy(seed + 100))
+    theirs_b = SPAKE2_B(password.encode(), entropy_f=_entropy(seed + 100), **ids)
+    assert ours_b.message == theirs_b.start()
+    # Ours against theirs, both ways: the raw SPAKE2 key, then our HKDF over it.
+    raw_a = theirs_a.finish(ours_b.message)
+    raw_b = theirs_b.finish(ours_a.message)
+    assert raw_a == raw_b
+    assert ours_a.finish(ours_b.message).secret == pake._hkdf(raw_a, b"ferry/v1 session")
+    assert ours_b.finish(ours_a.message).secret == pake._hkdf(raw_b, b"ferry/v1 session")
 
 
 # -- what the key vouches for --------------------------------------------------------------
