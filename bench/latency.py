@@ -1,12 +1,17 @@
 """How long a tiny transfer takes once the receiver starts, and where the time goes.
 
-    python bench/latency.py [--size BYTES] [--runs N] [--wormhole] [--venv DIR]
+    python bench/latency.py [--size BYTES] [--runs N] [--against DIR] [--wormhole] [--venv DIR]
 
 For each run a real `ferry send --json` is started and waits (its code printed) before the
 clock starts; then `ferry receive CODE --yes --json` is started and timed to its
 completion line and to its exit. Both include the Python start-up and imports: that is
 what a user waits for (aim: <= 0.2 s). Medians of --runs (default 10) of a --size byte
 file (default 1 KiB).
+
+With --against DIR (another checkout of Ferry, such as a `git worktree` of an earlier commit),
+the same is measured for DIR's code in the same run, alternating with this tree's run by run
+(each with a broker of its own code), and the difference of the medians is printed: what a
+change added to a tiny transfer, with the machine's drift shared by both.
 
 Then, separately: the wall time of ``python -c "import ferry.cli.main"`` against
 ``python -c pass`` (medians), and the 10 slowest imports by ``-X importtime`` (self and
@@ -42,9 +47,19 @@ from bench.wormhole import (
 )
 
 
-def ferry_latency(src: Path, dest: Path, broker: str) -> tuple[float, float]:
+def code_env(checkout: Path | None) -> dict[str, str]:
+    """Extra environment that runs ``checkout``'s code (None: this tree's, as installed)."""
+    if checkout is None:
+        return {}
+    roots = [checkout / "proto", checkout / "services", checkout / "clients", checkout]
+    return {"PYTHONPATH": os.pathsep.join(str(r.resolve()) for r in roots)}
+
+
+def ferry_latency(
+    src: Path, dest: Path, broker: str, extra: dict[str, str] | None = None
+) -> tuple[float, float]:
     """(seconds to the completion line, seconds to exit) of one `ferry receive`."""
-    env = ferry_env(broker)
+    env = ferry_env(broker, **(extra or {}))
     sender, code = start_sender(src, env)
     receiver: subprocess.Popen[str] | None = None
     try:
@@ -109,6 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="file size in bytes (1024)")
     parser.add_argument("--runs", type=int, default=10, help="runs (default 10)")
+    parser.add_argument(
+        "--against", type=Path, help="another Ferry checkout to measure in the same run"
+    )
     parser.add_argument("--wormhole", action="store_true", help="measure magic-wormhole too")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="wormhole's virtualenv")
     ns = parser.parse_args()
@@ -119,17 +137,34 @@ def main() -> None:
         src = root / "small.bin"
         src.write_bytes(os.urandom(ns.size))
         broker, address = start_broker(root / "broker")
+        other_env = code_env(ns.against)
+        other = (
+            start_broker(root / "other-broker", env={**os.environ, **other_env})
+            if ns.against
+            else None
+        )
         ferry: list[tuple[float, float]] = []
+        against: list[tuple[float, float]] = []
         try:
             ferry_latency(src, root / "warm", address)  # warm caches (.pyc, broker)
+            if other is not None:
+                ferry_latency(src, root / "warm-other", other[1], other_env)
             for run in range(ns.runs):
                 ferry.append(ferry_latency(src, root / f"ferry-{run}", address))
                 print(
                     f"  ferry run {run + 1}: line {ferry[-1][0]:.3f} s, exit {ferry[-1][1]:.3f} s"
                 )
+                if other is not None:
+                    against.append(ferry_latency(src, root / f"other-{run}", other[1], other_env))
+                    print(
+                        f"  --against run {run + 1}: line {against[-1][0]:.3f} s,"
+                        f" exit {against[-1][1]:.3f} s"
+                    )
         finally:
-            broker.terminate()
-            broker.wait(timeout=15)
+            for proc in (broker, other[0] if other else None):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(timeout=15)
         worm: list[tuple[float, float]] = []
         if ns.wormhole:
             with wormhole_servers(ensure_venv(ns.venv), root / "wormhole-servers") as servers:
@@ -150,6 +185,10 @@ def main() -> None:
 
     print(f"\n{ns.size} B transfer, sender already waiting, timed from starting the receiver:")
     _report("  ferry receive   ", ferry, "completion line")
+    if against:
+        _report("  --against       ", against, "completion line")
+        added = statistics.median(p[0] for p in ferry) - statistics.median(p[0] for p in against)
+        print(f"  -> this tree adds {added * 1000:+.0f} ms to the completion line")
     if worm:
         _report("  wormhole receive", worm, "'Received file' line")
     print("  (aim: ferry <= 0.2 s; wormhole measured 0.45 s before)")

@@ -46,7 +46,9 @@ def _line(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
     return value
 
 
-def start_broker(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+def start_broker(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
     """A real broker on 127.0.0.1, port chosen by the OS."""
     proc = subprocess.Popen(
         [
@@ -63,6 +65,7 @@ def start_broker(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], str
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
     return proc, str(_line(proc, "broker")["address"])
 
