@@ -2,10 +2,12 @@
 
     python examples/demo.py [--size MiB]
 
-Starts `ferry serve` on a free loopback port with its embedded SQLite store in a temporary
-folder, makes a random file, sends it with `ferry send`, receives it with
-`ferry receive --yes` into another folder, checks the copy byte for byte, and stops the
-broker. Everything it prints is the commands' own terminal output.
+Makes a throwaway certificate authority and a certificate for 127.0.0.1 (demo_ca.py), starts
+`ferry serve` with it (TLS) on a free loopback port with its embedded SQLite store in a
+temporary folder, makes a random file, sends it with `ferry send`, receives it with
+`ferry receive --yes` into another folder (both reaching the broker at grpcs://... and
+trusting the demo CA with --broker-ca), checks the copy byte for byte, and stops the broker.
+Everything it prints is the commands' own terminal output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+from demo_ca import make_broker_certificate
+
 print = partial(print, flush=True)  # interleave with the children's output
 
 # The `ferry` command of this very interpreter (works without activating the venv).
@@ -32,9 +36,11 @@ def main() -> int:
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ferry-demo-") as tmp:
         root = Path(tmp)
+        ca, cert, key = make_broker_certificate(root / "tls", "127.0.0.1")
         broker = subprocess.Popen(
             [
                 *[*FERRY, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(root / "broker")],
+                *["--tls-cert", str(cert), "--tls-key", str(key)],
                 *["--log-level", "WARNING"],  # the broker's own log would interleave the story
             ],
             stdout=subprocess.PIPE,
@@ -47,8 +53,10 @@ def main() -> int:
             if not match:
                 print(f"the broker did not start: {listening!r}", file=sys.stderr)
                 return 1
-            address = match.group(1)
-            print(f"$ ferry serve --listen 127.0.0.1:0   # listening on {address}")
+            address = f"grpcs://{match.group(1)}"  # TLS, checked against the demo CA
+            print(f"$ ferry serve --listen 127.0.0.1:0 --tls-cert {cert.name} --tls-key {key.name}")
+            print(f"  listening on {address}")
+            trust = ["--broker-ca", str(ca)]
             env = {
                 **os.environ,
                 "FERRY_BROKER": address,
@@ -61,9 +69,9 @@ def main() -> int:
             with src.open("wb") as f:
                 for _ in range(ns.size):
                     f.write(os.urandom(1 << 20))
-            print(f"$ ferry send {src.name}")
+            print(f"$ ferry send {src.name} --broker-ca {ca.name}")
             sender = subprocess.Popen(
-                [*FERRY, "send", str(src)], stderr=subprocess.PIPE, text=True, env=env
+                [*FERRY, "send", str(src), *trust], stderr=subprocess.PIPE, text=True, env=env
             )
             assert sender.stderr is not None
             code = ""
@@ -77,9 +85,9 @@ def main() -> int:
                 print("the sender printed no code", file=sys.stderr)
                 return 1
             dest = root / "inbox"
-            print(f"$ ferry receive {code} --dest inbox --yes")
+            print(f"$ ferry receive {code} --dest inbox --yes --broker-ca {ca.name}")
             received = subprocess.run(
-                [*FERRY, "receive", code, "--dest", str(dest), "--yes"],
+                [*FERRY, "receive", code, "--dest", str(dest), "--yes", *trust],
                 env=env,
                 stderr=subprocess.PIPE,
                 text=True,

@@ -16,6 +16,7 @@ os.environ["FERRY_ADDRESSES"] = "127.0.0.1"
 
 from tests.support.processes import FAST_BROKER, BrokerProcess, FerryProcess
 from tests.support.s3 import S3rverUnavailable, s3rver_command
+from tests.support.tls import TestPKI
 
 BrokerFactory = Callable[..., BrokerProcess]
 FerryFactory = Callable[..., FerryProcess]
@@ -38,6 +39,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # A failure is remembered, and reported by every test that starts s3rver.
     with contextlib.suppress(S3rverUnavailable):
         s3rver_command(announce=reporter.write_line if reporter is not None else None)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TestPKI:
+    """A certificate authority made for this test (tests/support/tls.py)."""
+    return TestPKI.create(tmp_path / "pki")
 
 
 @pytest.fixture

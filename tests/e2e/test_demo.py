@@ -25,3 +25,7 @@ def test_demo_moves_a_file_through_a_real_broker() -> None:
     assert "byte-for-byte identical: True" in done.stdout
     assert "Code: " in done.stdout
     assert "Received 1 file(s), 8.0 MiB" in done.stdout
+    # Its broker speaks TLS, and its clients trust the demo's own CA.
+    assert "--tls-cert broker.crt --tls-key broker.key" in done.stdout
+    assert "listening on grpcs://127.0.0.1:" in done.stdout
+    assert "--broker-ca ca.pem" in done.stdout

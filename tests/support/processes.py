@@ -62,6 +62,8 @@ class BrokerProcess:
     address: str = ""
     log: list[Path] = field(default_factory=list)
     listen: str = "127.0.0.1:0"
+    #: The last start's `{"event": "listening", ...}` line (tls, health_address, ...).
+    listening: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         """Start it (again) and wait for its listening line."""
@@ -90,6 +92,7 @@ class BrokerProcess:
             self.kill()
             raise RuntimeError(f"{exc}\n{log_path.read_text()}") from exc
         assert event["event"] == "listening"
+        self.listening = event
         self.address = event["address"]
         self.listen = self.address  # a restart comes back on the same port
 

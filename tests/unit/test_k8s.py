@@ -4,12 +4,16 @@ Renders ``k8s/overlays/{dev,prod}`` with ``kubectl kustomize`` (kubectl must be 
 a missing kubectl fails the test, it does not skip it) and checks the rendered objects:
 pod and container security context, native gRPC probes, requests and limits, the
 ``app.kubernetes.io/*`` labels and selectors, and that the overlays differ only in
-replicas, image and resources.
+replicas, image and resources. TLS: the certificate comes from a kubernetes.io/tls Secret
+mounted read-only as a whole directory (renewals reach the broker without a restart), the
+probes use the plaintext health-only port, and the optional cert-manager component issues
+exactly the Secret the broker mounts.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +28,9 @@ from ferry.cli.main import _parser
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ["dev", "prod"]
 GRPC_PORT = 50051
+HEALTH_PORT = 50052
+TLS_DIR = "/etc/ferry/tls"
+TLS_SECRET = "ferry-broker-tls"
 SELECTOR = {
     "app.kubernetes.io/name": "ferry",
     "app.kubernetes.io/instance": "ferry",
@@ -34,11 +41,13 @@ LABELS = {**SELECTOR, "app.kubernetes.io/part-of": "ferry"}
 Obj = dict[str, Any]
 
 
-def render(overlay: str) -> list[Obj]:
+def render(overlay: str | Path) -> list[Obj]:
+    """Render an overlay of k8s/overlays by name, or any kustomization folder."""
     kubectl = shutil.which("kubectl")
     assert kubectl is not None, "kubectl (with kustomize) is required on PATH for the k8s tests"
+    folder = overlay if isinstance(overlay, Path) else REPO / "k8s" / "overlays" / overlay
     result = subprocess.run(
-        [kubectl, "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
+        [kubectl, "kustomize", str(folder)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,8 +126,12 @@ def test_broker_container(objs: list[Obj]) -> None:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["ferry", "serve"]
     assert {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"} in container["ports"]
+    health = {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}
+    assert health in container["ports"]
     for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
+        # The gRPC port speaks TLS, which the kubelet's gRPC probes cannot: they use the
+        # plaintext health-only port.
+        assert container[probe]["grpc"] == {"port": HEALTH_PORT, "service": ""}, probe
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= container["resources"][kind].keys(), kind
     config = one(objs, "ConfigMap")
@@ -134,10 +147,73 @@ def test_broker_container(objs: list[Obj]) -> None:
     full = serve_config(env)
     assert full.listen == f"0.0.0.0:{GRPC_PORT}"
     assert full.data_dir == Path("/var/lib/ferry")
+    assert full.tls_cert == Path(TLS_DIR) / "tls.crt"
+    assert full.tls_key == Path(TLS_DIR) / "tls.key"
+    assert full.health_listen == f"0.0.0.0:{HEALTH_PORT}"
+    assert not full.insecure_plaintext
     for key in env:
-        assert serve_config({k: v for k, v in env.items() if k != key}) != full, key
+        without = {k: v for k, v in env.items() if k != key}
+        if key in ("FERRY_TLS_CERT", "FERRY_TLS_KEY"):
+            # Half the pair is refused: the broker never falls back to plaintext on 0.0.0.0.
+            with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
+                serve_config(without)
+            continue
+        assert serve_config(without) != full, key
+    with pytest.raises(ValueError, match=r"refusing plaintext gRPC on --listen 0\.0\.0\.0"):
+        serve_config({k: v for k, v in env.items() if not k.startswith("FERRY_TLS_")})
     refs = [e["configMapRef"]["name"] for e in container["envFrom"]]
     assert config["metadata"]["name"] in refs
+
+
+@pytest.mark.timeout(60)
+def test_tls_certificate_from_a_secret(objs: list[Obj]) -> None:
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == TLS_DIR]
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount  # a subPath mount would never see a renewed certificate
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+    assert volume["secret"]["secretName"] == TLS_SECRET
+    assert volume["secret"]["defaultMode"] == 0o440  # the broker's group (fsGroup) only
+    assert "optional" not in volume["secret"]  # no Secret, no pod: never plaintext
+    assert pod["securityContext"]["fsGroup"] == container["securityContext"]["runAsGroup"]
+    # The file names are a kubernetes.io/tls Secret's keys (what cert-manager writes).
+    data = one(objs, "ConfigMap")["data"]
+    assert data["FERRY_TLS_CERT"] == f"{TLS_DIR}/tls.crt"
+    assert data["FERRY_TLS_KEY"] == f"{TLS_DIR}/tls.key"
+    assert data["FERRY_HEALTH_LISTEN"] == f"0.0.0.0:{HEALTH_PORT}"
+    assert not [o for o in objs if o["kind"] == "Secret"]  # no key material in the manifests
+    # Only the TLS port is a Service port and open to other pods.
+    assert [p["port"] for p in one(objs, "Service")["spec"]["ports"]] == [GRPC_PORT]
+    policy = one(objs, "NetworkPolicy")
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [GRPC_PORT]
+
+
+@pytest.mark.timeout(60)
+def test_cert_manager_component_issues_the_mounted_secret(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # kustomize takes only relative paths
+                "resources": [os.path.relpath(REPO / "k8s" / "overlays" / "prod", overlay)],
+                "components": [
+                    os.path.relpath(REPO / "k8s" / "components" / "cert-manager", overlay)
+                ],
+            }
+        )
+    )
+    objs = render(overlay)
+    certificate = one(objs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["secretName"] == TLS_SECRET
+    assert certificate["spec"]["usages"] == ["server auth"]
+    assert LABELS.items() <= certificate["metadata"].get("labels", {}).items()
+    service = one(objs, "Service")["metadata"]["name"]
+    assert service in certificate["spec"]["dnsNames"]
 
 
 @pytest.mark.timeout(60)

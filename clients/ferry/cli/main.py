@@ -161,7 +161,15 @@ def _client(ns: argparse.Namespace, **options: Any) -> Client:
             )
 
     return Client(
-        ns.broker, ports=ns.ports, broker_wait=ns.broker_wait, on_broker_wait=waiting, **options
+        ns.broker,
+        ports=ns.ports,
+        broker_wait=ns.broker_wait,
+        on_broker_wait=waiting,
+        broker_ca=ns.broker_ca,
+        broker_cert=ns.broker_cert,
+        broker_key=ns.broker_key,
+        insecure_plaintext=ns.insecure_plaintext,
+        **options,
     )
 
 
@@ -544,7 +552,14 @@ async def _status(ns: argparse.Namespace) -> int:
         if entry is None:
             raise CliError(f"no token for {escape_name(name)} on this machine")
         address = ns.broker if ns.broker_given else entry["broker"]
-        client = Client(address, broker_wait=min(ns.broker_wait, 5.0))
+        client = Client(
+            address,
+            broker_wait=min(ns.broker_wait, 5.0),
+            broker_ca=ns.broker_ca,
+            broker_cert=ns.broker_cert,
+            broker_key=ns.broker_key,
+            insecure_plaintext=ns.insecure_plaintext,
+        )
         line: dict[str, Any] = {"session": name, "role": entry["role"], "broker": address}
         if address not in ids:
             try:
@@ -615,7 +630,35 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--broker",
             default=os.environ.get("FERRY_BROKER", DEFAULT_BROKER),
-            help="broker address HOST:PORT (env FERRY_BROKER)",
+            help="broker address: grpcs://HOST:PORT (TLS), grpc://HOST:PORT (plaintext, "
+            "loopback only) or HOST:PORT (TLS unless loopback) (env FERRY_BROKER)",
+        )
+        sp.add_argument(
+            "--broker-ca",
+            metavar="FILE",
+            default=os.environ.get("FERRY_BROKER_CA") or None,
+            help="trust only these CA certificates (PEM) for the broker's TLS certificate "
+            "(env FERRY_BROKER_CA; default: the system's trust store)",
+        )
+        sp.add_argument(
+            "--broker-cert",
+            metavar="FILE",
+            default=os.environ.get("FERRY_BROKER_CERT") or None,
+            help="this client's certificate (PEM), for a broker that requires one "
+            "(env FERRY_BROKER_CERT)",
+        )
+        sp.add_argument(
+            "--broker-key",
+            metavar="FILE",
+            default=os.environ.get("FERRY_BROKER_KEY") or None,
+            help="the client certificate's private key (PEM) (env FERRY_BROKER_KEY)",
+        )
+        sp.add_argument(
+            "--insecure-plaintext",
+            action="store_true",
+            default=os.environ.get("FERRY_INSECURE_PLAINTEXT", "").strip() == "1",
+            help="allow grpc:// to a broker that is not on this machine: the code and "
+            "party token cross the network in clear (env FERRY_INSECURE_PLAINTEXT=1)",
         )
         sp.add_argument(
             "--ports",

@@ -15,12 +15,15 @@ Receive::
 
 Both return a TransferResult (files with their whole-file digests, bytes, seconds) or
 raise TransferError; broker refusals raise BrokerError with the gRPC status and reason.
+``Client("grpcs://broker.example:50051")`` talks TLS to the broker (checked against the
+system's CAs, or ``broker_ca=``); a certificate problem raises BrokerTLSError at once.
 Everything derives from FerryError; the tree, and what each case means, is drawn in
 `ferry.client._errors`. A broker that is down or
 restarting is waited for (``Client(broker_wait=...)``, default 300 s) before that.
 """
 
-from ferry.client._broker import BrokerError
+from ferry.client._broker import BrokerError, BrokerTLSError
+from ferry.client._channel import BrokerSettingsError
 from ferry.client._client import Client, new_claim_exchange
 from ferry.client._errors import (
     Declined,
@@ -53,6 +56,8 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_PORTS",
     "BrokerError",
+    "BrokerSettingsError",
+    "BrokerTLSError",
     "Client",
     "Completed",
     "Connected",

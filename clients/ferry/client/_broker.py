@@ -15,6 +15,12 @@ success (`BrokerError.retried`). Only progress reports fail fast: the next one f
 A link opens its own gRPC channel to ``address``, or is handed one (``channel=``): that is
 how `ferry.client.testing` puts a whole broker inside the process, and a `Client` gets its
 links from a `LinkFactory` (by default, one that dials its address).
+
+The address says whether the channel is TLS (`_channel`: ``grpcs://``, ``grpc://``, or bare
+``host:port``, TLS unless loopback; ``tls=`` gives the CA and client certificate). A TLS
+failure is not waited for like a broker that is down: when a call finds the broker
+unavailable, `_tlsprobe` tells why, and a certificate problem (untrusted, expired, another
+host's, ours refused, no TLS at all) raises `BrokerTLSError` at once.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ import grpc.aio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ferry.client._channel import ChannelTLS, open_channel, parse_broker_address
+from ferry.client._tlsprobe import diagnose
 from ferry.errors import FerryError
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
-__all__ = ["BrokerError", "BrokerLink", "LinkFactory"]
+__all__ = ["BrokerError", "BrokerLink", "BrokerTLSError", "LinkFactory"]
 
 DEFAULT_TIMEOUT = 10.0
 #: How long a call keeps trying a broker that does not answer, in all.
@@ -92,6 +100,27 @@ class BrokerError(FerryError):
         return cls(code, f"{what}: {err.details()}", reason, retried=retried)
 
 
+class BrokerTLSError(BrokerError):
+    """The broker was reached, but not securely: its certificate is not trusted, has
+    expired or names another host, it refused this client's certificate, or one side does
+    not speak TLS. Waiting does not fix that; the message says what to change.
+
+    ``kind`` says which (``untrusted``, ``expired``, ``not_yet_valid``, ``wrong_host``,
+    ``client_certificate``, ``not_tls``, ``expects_tls``, ``handshake``); ``verify_code`` is
+    OpenSSL's when the broker's certificate was refused.
+    """
+
+    def __init__(self, message: str, kind: str, verify_code: int | None = None) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+        self.kind = kind
+        self.verify_code = verify_code
+
+    @property
+    def unreachable(self) -> bool:
+        """False: the broker answered, just not with a connection this client can trust."""
+        return False
+
+
 class BrokerLink:
     """One channel to the broker, and the party token once the client has one."""
 
@@ -103,14 +132,23 @@ class BrokerLink:
         patience: float = DEFAULT_PATIENCE,
         on_wait: Callable[[BrokerError], None] | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls: ChannelTLS | None = None,
     ) -> None:
         """``channel``: talk over this one (closed with the link) instead of dialing
-        ``address``, which then only names the broker."""
+        ``address``, which then only names the broker. ``tls``: the CA, client certificate
+        and plaintext permission for the channel this link dials (BrokerSettingsError if
+        they, or the address, cannot be used)."""
         self.address = address
         self.timeout = timeout
         self.patience = patience
         self.on_wait = on_wait
-        self._channel = channel if channel is not None else _dial(address)
+        self._tls = tls if tls is not None else ChannelTLS()
+        self._target = None
+        if channel is None:
+            insecure = self._tls.insecure_plaintext
+            self._target = parse_broker_address(address, insecure_plaintext=insecure)
+            channel = open_channel(self._target, self._tls)
+        self._channel = channel
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
         self.token = ""
 
@@ -154,12 +192,22 @@ class BrokerLink:
                 )
             except grpc.aio.AioRpcError as err:
                 error = BrokerError.from_rpc(err, what, retried=tries > 1)
+                if error.code in TRANSIENT:
+                    await self._raise_tls_problem()
                 if error.code not in TRANSIENT or time.monotonic() + pause > give_up:
                     raise error from None
             if tries == 1 and self.on_wait is not None:
                 self.on_wait(error)
             await asyncio.sleep(pause)
             pause = min(pause * 2, _LONGEST_PAUSE)
+
+    async def _raise_tls_problem(self) -> None:
+        """BrokerTLSError if the broker is unavailable for a reason of TLS (see _tlsprobe)."""
+        if self._target is None:
+            return  # a channel handed in: nothing to probe
+        problem = await diagnose(self._target, self._tls, min(self.timeout, 3.0))
+        if problem is not None:
+            raise BrokerTLSError(problem.message, problem.kind, problem.verify_code) from None
 
     async def broker_id(self) -> str:
         """GetBrokerInfo: the broker's stable id (the same at any address, new if its state
@@ -335,17 +383,3 @@ class LinkFactory(Protocol):
     ) -> BrokerLink:
         """A new link, not shared with anyone: whoever gets it closes it."""
         ...
-
-
-def _dial(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        address,
-        options=[
-            ("grpc.enable_retries", 1),
-            ("grpc.keepalive_time_ms", 30_000),
-            # Come back quickly after a broker restart (the default backoff grows to 2 min).
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-        ],
-    )

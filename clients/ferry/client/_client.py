@@ -32,6 +32,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from ferry.client._broker import DEFAULT_PATIENCE, BrokerError, BrokerLink, LinkFactory
 from ferry.client._candidates import peer_info
+from ferry.client._channel import ChannelTLS, parse_broker_address
 from ferry.client._errors import (
     SourceChangedError,
     TamperedError,
@@ -101,16 +102,36 @@ class Client:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         broker_wait: float = DEFAULT_PATIENCE,
         on_broker_wait: Callable[[BrokerError], None] | None = None,
+        broker_ca: str | Path | None = None,
+        broker_cert: str | Path | None = None,
+        broker_key: str | Path | None = None,
+        insecure_plaintext: bool = False,
     ) -> None:
-        """``broker``: its ``host:port``, or a `LinkFactory` that makes each new link (such
+        """``broker``: its address, or a `LinkFactory` that makes each new link (such
         as `ferry.client.testing.InProcessBroker`). ``timeout`` bounds each broker call;
         ``broker_wait`` is how long, in all, a call keeps trying a broker that is down,
-        restarting or too slow (``on_broker_wait`` hears when one starts waiting)."""
+        restarting or too slow (``on_broker_wait`` hears when one starts waiting).
+
+        The address says the channel's security: ``grpcs://host:port`` is TLS,
+        ``grpc://host:port`` plaintext (loopback only, unless ``insecure_plaintext``), a bare
+        ``host:port`` TLS unless the host is loopback. TLS checks the broker against the
+        system's CA certificates, or ``broker_ca`` (a PEM file); ``broker_cert`` and
+        ``broker_key`` are this client's certificate for a broker that requires one. A
+        malformed address or unusable setting raises BrokerSettingsError (a FerryError and
+        ValueError) here; a TLS failure raises BrokerTLSError from the first call, at once.
+        These settings do not apply to a `LinkFactory`."""
         #: The broker's address, or the name of the link factory, for messages.
         self.broker: str
         self._links: LinkFactory
         if isinstance(broker, str):
-            self.broker, self._links = broker, functools.partial(BrokerLink, broker)
+            tls = ChannelTLS(
+                ca_file=Path(broker_ca) if broker_ca else None,
+                cert_file=Path(broker_cert) if broker_cert else None,
+                key_file=Path(broker_key) if broker_key else None,
+                insecure_plaintext=insecure_plaintext,
+            )
+            parse_broker_address(broker, insecure_plaintext=insecure_plaintext)  # fail here
+            self.broker, self._links = broker, functools.partial(BrokerLink, broker, tls=tls)
         else:
             self.broker, self._links = str(getattr(broker, "address", broker)), broker
         self.ports = ports

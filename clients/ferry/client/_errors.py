@@ -4,7 +4,14 @@
 
     FerryError                      (ferry.errors) anything Ferry raises on purpose
     ├── BrokerError                 the broker refused a call, or could not be reached
-    │                               (.code: the gRPC status, .reason: ErrorInfo's reason)
+    │   │                           (.code: the gRPC status, .reason: ErrorInfo's reason)
+    │   └── BrokerTLSError          (_broker) reached, but not securely: its certificate is
+    │                               untrusted, expired or another host's, ours was refused,
+    │                               or one side speaks no TLS (.kind); raised at once, never
+    │                               waited out like a broker that is down
+    ├── BrokerSettingsError         (_channel; also a ValueError) the broker address or the TLS
+    │                               settings cannot be used (plaintext off loopback, a
+    │                               certificate without its key, an unreadable CA file)
     └── TransferError               the transfer did not complete
         ├── TransferOver            the session ended on the broker: a rerun cannot continue it
         │   ├── Declined            ... because the receiver declined

@@ -195,9 +195,9 @@ def claim_verifier(key: SessionKey) -> bytes:
 def _password_scalar(password: bytes) -> bytes:
     """The `spake2` package's password-to-scalar: HKDF-SHA256 to 48 bytes, read big-endian,
     mod L; as libsodium's 32-byte little-endian scalar."""
-    oversized = HKDF(
-        algorithm=hashes.SHA256(), length=48, salt=b"", info=b"SPAKE2 pw"
-    ).derive(password)
+    oversized = HKDF(algorithm=hashes.SHA256(), length=48, salt=b"", info=b"SPAKE2 pw").derive(
+        password
+    )
     return (int.from_bytes(oversized, "big") % _L).to_bytes(32, "little")
 
 

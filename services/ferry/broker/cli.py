@@ -12,15 +12,19 @@ The flags with an environment variable::
 
     --listen HOST:PORT    FERRY_LISTEN          --s3-bucket NAME     FERRY_S3_BUCKET
     --data-dir DIR        FERRY_DATA_DIR        --s3-endpoint URL    FERRY_S3_ENDPOINT
-                                                --s3-region NAME     FERRY_S3_REGION
-                                                --s3-prefix TEXT     FERRY_S3_PREFIX
-                                                --s3-url-ttl S       FERRY_S3_URL_TTL
+    --tls-cert FILE       FERRY_TLS_CERT        --s3-region NAME     FERRY_S3_REGION
+    --tls-key FILE        FERRY_TLS_KEY         --s3-prefix TEXT     FERRY_S3_PREFIX
+    --tls-client-ca FILE  FERRY_TLS_CLIENT_CA   --s3-url-ttl S       FERRY_S3_URL_TTL
+    --health-listen HOST:PORT  FERRY_HEALTH_LISTEN
+
+``--insecure-plaintext`` (plaintext gRPC on an address that is not loopback) is a flag only,
+never read from the environment: it has to be asked for where the broker is started.
 
 The environment is read by config_from_arguments, not when the parser is built, so a command
 that runs no broker (`ferry send`) neither reads nor checks these variables. This module
 imports neither gRPC nor boto3, since `ferry` builds its parser, these flags included, on
 every run. No secret comes from a flag: S3 credentials are found the usual boto3 way
-(AWS_ACCESS_KEY_ID, ...).
+(AWS_ACCESS_KEY_ID, ...), and the TLS flags name files, the key's never its content.
 """
 
 from __future__ import annotations
@@ -52,12 +56,31 @@ class _Flag:
     env: str | None = None
     metavar: str | None = None
 
+    @property
+    def switch(self) -> bool:
+        """A flag that takes no value (it turns its setting on)."""
+        return self.kind is bool
+
 
 _SECONDS = "S"
 _FLAGS: tuple[_Flag, ...] = (
     _Flag("--listen", "listen", str, "host:port; port 0 picks a free one", "FERRY_LISTEN",
           "HOST:PORT"),
     _Flag("--data-dir", "data_dir", Path, "where broker.sqlite3 lives", "FERRY_DATA_DIR", "DIR"),
+    _Flag("--tls-cert", "tls_cert", Path,
+          "TLS certificate chain (PEM) of the gRPC port, re-read when it changes",
+          "FERRY_TLS_CERT", "FILE"),
+    _Flag("--tls-key", "tls_key", Path, "the certificate's private key (PEM)", "FERRY_TLS_KEY",
+          "FILE"),
+    _Flag("--tls-client-ca", "tls_client_ca", Path,
+          "require client certificates issued by these CAs (PEM)", "FERRY_TLS_CLIENT_CA",
+          "FILE"),
+    _Flag("--insecure-plaintext", "insecure_plaintext", bool,
+          "serve plaintext gRPC on an address that is not loopback: party tokens and codes "
+          "cross the network in clear"),
+    _Flag("--health-listen", "health_listen", str,
+          "extra plaintext port serving only grpc.health.v1, for probes that cannot speak TLS",
+          "FERRY_HEALTH_LISTEN", "HOST:PORT"),
     _Flag("--offer-ttl", "offer_ttl_default_s", float, "offer lifetime when the offer gives none",
           metavar=_SECONDS),
     _Flag("--offer-ttl-min", "offer_ttl_min_s", float, "shortest offer lifetime one may ask for",
@@ -103,6 +126,8 @@ def _help(f: _Flag) -> str:
     """The flag's help, then where its value comes from when it is not given."""
     default = _DEFAULTS[f.field]
     sources = [f"env {f.env}"] if f.env else []
+    if f.switch:
+        return f"{f.help} (flag only, no environment variable)"
     if default is not None:
         sources.append(
             f"default {default:g}" if isinstance(default, float) else f"default {default}"
@@ -124,6 +149,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     environment variable or the default, which the help shows.
     """
     for f in _FLAGS:
+        if f.switch:
+            parser.add_argument(
+                f.flag, dest=f.field, action="store_const", const=True, default=None, help=_help(f)
+            )
+            continue
         parser.add_argument(
             f.flag, dest=f.field, type=f.kind, default=None, metavar=f.metavar, help=_help(f)
         )

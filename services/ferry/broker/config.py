@@ -1,9 +1,17 @@
-"""BrokerConfig: every knob of the broker, with safe defaults for a laptop."""
+"""BrokerConfig: every knob of the broker, with safe defaults for a laptop.
+
+It also owns the rule that keeps the default safe: gRPC without TLS only on loopback. A
+broker whose ``listen`` is not a loopback address needs ``tls_cert`` and ``tls_key``, or
+``insecure_plaintext`` said out loud (the party tokens and codes would cross the network in
+clear).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,6 +60,17 @@ class BrokerConfig:
     s3_url_ttl_s: float = 900.0
     #: How often to abort multipart uploads under the prefix that no session knows.
     s3_stale_sweep_interval_s: float = 300.0
+    #: TLS on the gRPC port: the certificate chain and its private key (PEM files, re-read
+    #: when they change, so a renewed certificate needs no restart). None: plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: With TLS: require client certificates, verified against these CA certificates (PEM).
+    tls_client_ca: Path | None = None
+    #: Allow plaintext gRPC on an address that is not loopback (tokens in clear).
+    insecure_plaintext: bool = False
+    #: host:port of an extra plaintext port that serves only grpc.health.v1 (for probes that
+    #: cannot speak TLS, such as Kubernetes' native gRPC probes). None: no such port.
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.offer_ttl_min_s <= self.offer_ttl_default_s <= self.offer_ttl_max_s:
@@ -64,6 +83,25 @@ class BrokerConfig:
             raise ValueError("need 1 <= s3_url_ttl_s <= 7 days and s3_stale_sweep_interval_s > 0")
         if self.s3_prefix.startswith("/"):
             raise ValueError("s3_prefix must not start with '/'")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.insecure_plaintext and self.tls_cert is not None:
+            raise ValueError("insecure_plaintext contradicts tls_cert")
+        if self.tls_cert is None and not self.insecure_plaintext and not is_loopback(self.listen):
+            raise ValueError(
+                f"refusing plaintext gRPC on listen {self.listen}, not a loopback address "
+                "(tokens and codes would cross the network in clear): give tls_cert and "
+                "tls_key, or insecure_plaintext"
+            )
+        if self.health_listen is not None and self.health_listen.rpartition(":")[1] != ":":
+            raise ValueError("health_listen must be host:port")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port speaks TLS."""
+        return self.tls_cert is not None
 
     @property
     def database_path(self) -> Path:
@@ -74,6 +112,31 @@ class BrokerConfig:
     def token_key_path(self) -> Path:
         """The broker's secret for repeatable claim tokens (made on first start, mode 0600)."""
         return Path(self.data_dir) / "token.key"
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether every address ``host:port`` (or ``[v6]:port``) binds is a loopback one.
+
+    An IP literal decides by itself (127.0.0.0/8, ::1; 0.0.0.0 and :: are every interface);
+    ``localhost`` is loopback; any other name is resolved, and is loopback only if all its
+    addresses are (a name that does not resolve is not).
+    """
+    host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]).is_loopback for info in infos
+    )
 
 
 #: The environment variables that configure the object-store fallback, by BrokerConfig field.

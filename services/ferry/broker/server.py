@@ -3,6 +3,13 @@
 The listening socket is bound without SO_REUSEPORT (grpc.aio sets it by default): a second
 broker started on the port a running one holds fails to start (OSError, "cannot listen on
 HOST:PORT: address already in use") instead of silently sharing the port with it.
+
+With ``tls_cert``/``tls_key`` the port speaks TLS only (ferry.broker.tls: renewed files are
+picked up without a restart; ``tls_client_ca`` makes it mutual TLS); without them BrokerConfig
+allows only a loopback address, or any with ``insecure_plaintext`` (logged as a warning). An
+optional second port, ``health_listen``, is plaintext and serves grpc.health.v1 alone (the
+same health status), for probes that cannot speak TLS such as Kubernetes' gRPC probes: it
+answers SERVING or NOT_SERVING and nothing else, no token or code ever crosses it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from ferry.broker.fallback import Fallback
 from ferry.broker.objectstore import ObjectStore
 from ferry.broker.service import BrokerService
 from ferry.broker.store import SqliteStore, Store
+from ferry.broker.tls import CertificateFiles, describe
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,6 +60,11 @@ class RunningBroker:
     health: health.aio.HealthServicer
     sweeper: asyncio.Task[None]
     cleaner: asyncio.Task[None] | None = None
+    #: The certificate files when the port speaks TLS, else None.
+    tls: CertificateFiles | None = None
+    #: The plaintext health-only server (``health_listen``) and its `host:port`, if any.
+    health_server: grpc.aio.Server | None = None
+    health_address: str = ""
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, end watches, drain calls for `grace` seconds, close the store."""
@@ -65,6 +78,8 @@ class RunningBroker:
                     await task
         self.broker.hub.close()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         self.store.close()
 
 
@@ -133,10 +148,40 @@ def bind_failure(listen: str) -> str:
     return reasons[0] if reasons else "gRPC could not bind it"
 
 
+def _bind(server: grpc.aio.Server, listen: str, tls: CertificateFiles | None) -> int:
+    """Add the port, TLS or not; OSError with the reason if it cannot be bound."""
+    try:
+        if tls is None:
+            return server.add_insecure_port(listen)
+        return server.add_secure_port(listen, tls.credentials())
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {listen}: {bind_failure(listen)}") from exc
+
+
+async def _start_health_only(
+    listen: str, servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, str]:
+    """The plaintext port that serves grpc.health.v1 and nothing else."""
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = _bind(server, listen, None)
+    await server.start()
+    return server, f"{listen.rpartition(':')[0]}:{port}"
+
+
 async def start_server(
     config: BrokerConfig, *, store: Store | None = None, clock: Clock | None = None
 ) -> RunningBroker:
-    """Open the store, bind `config.listen` (port 0 allowed) and start serving."""
+    """Open the store, bind `config.listen` (port 0 allowed) and start serving.
+
+    With TLS the certificate files are read first: a broker whose certificate or key is
+    missing or does not match fails to start (OSError) before it opens its store.
+    """
+    tls = (
+        CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.tls_cert is not None and config.tls_key is not None
+        else None
+    )
     store = store if store is not None else SqliteStore(config.database_path)
     key = load_token_key(config.token_key_path)
     broker = (
@@ -158,14 +203,33 @@ async def start_server(
         (SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as exc:
+        port = _bind(server, config.listen, tls)
+    except OSError:
         store.close()
-        raise OSError(f"cannot listen on {config.listen}: {bind_failure(config.listen)}") from exc
+        raise
     host = config.listen.rpartition(":")[0]
     await server.start()
+    health_server, health_address = None, ""
+    if config.health_listen:
+        try:
+            health_server, health_address = await _start_health_only(
+                config.health_listen, health_servicer
+            )
+        except OSError:
+            await server.stop(0)
+            store.close()
+            raise
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if tls is not None:
+        mutual = ", client certificates required" if config.tls_client_ca else ""
+        log.info("TLS on %s: %s%s", config.listen, describe(tls.current), mutual)
+    elif config.insecure_plaintext:
+        log.warning(
+            "PLAINTEXT gRPC on %s (--insecure-plaintext): party tokens and codes cross the "
+            "network in clear; anyone on the path can read them and take over transfers",
+            config.listen,
+        )
     log.info("broker id %s", broker.broker_id())  # made here on a new store
     broker.sweep()  # expire what ran out while the broker was down
     sweeper = asyncio.create_task(broker.run_sweeper(), name="ferry-broker-sweeper")
@@ -180,20 +244,36 @@ async def start_server(
         health=health_servicer,
         sweeper=sweeper,
         cleaner=cleaner,
+        tls=tls,
+        health_server=health_server,
+        health_address=health_address,
     )
 
 
 async def serve(config: BrokerConfig) -> None:
-    """Start, print `{"event": "listening", "address": ...}` on stdout, run until SIGTERM/SIGINT."""
+    """Start, print `{"event": "listening", "address": ..., "tls": ...}` on stdout (and
+    `"health_address"` with a health port), run until SIGTERM/SIGINT."""
     running = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        sys.stdout.write(json.dumps({"event": "listening", "address": running.address}) + "\n")
+        line: dict[str, object] = {
+            "event": "listening",
+            "address": running.address,
+            "tls": running.tls is not None,
+        }
+        if running.health_address:
+            line["health_address"] = running.health_address
+        sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
-        log.info("broker listening on %s", running.address)
+        log.info(
+            "broker listening on %s (%s)%s",
+            running.address,
+            "TLS" if running.tls is not None else "plaintext",
+            f", health only on {running.health_address}" if running.health_address else "",
+        )
         await stop.wait()
         log.info("broker shutting down")
     finally:

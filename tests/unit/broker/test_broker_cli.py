@@ -25,6 +25,11 @@ pytestmark = pytest.mark.timeout(60)
 FLAGS: dict[str, tuple[str, str | None]] = {
     "--listen": ("listen", "FERRY_LISTEN"),
     "--data-dir": ("data_dir", "FERRY_DATA_DIR"),
+    "--tls-cert": ("tls_cert", "FERRY_TLS_CERT"),
+    "--tls-key": ("tls_key", "FERRY_TLS_KEY"),
+    "--tls-client-ca": ("tls_client_ca", "FERRY_TLS_CLIENT_CA"),
+    "--insecure-plaintext": ("insecure_plaintext", None),
+    "--health-listen": ("health_listen", "FERRY_HEALTH_LISTEN"),
     "--offer-ttl": ("offer_ttl_default_s", None),
     "--offer-ttl-min": ("offer_ttl_min_s", None),
     "--offer-ttl-max": ("offer_ttl_max_s", None),
@@ -48,6 +53,10 @@ ENVIRONMENT = sorted(env for _, env in FLAGS.values() if env)
 EVERY_FLAG = [
     "--listen", "0.0.0.0:6000",
     "--data-dir", "/var/lib/ferry",
+    "--tls-cert", "/etc/ferry/tls/tls.crt",
+    "--tls-key", "/etc/ferry/tls/tls.key",
+    "--tls-client-ca", "/etc/ferry/tls/ca.crt",
+    "--health-listen", "0.0.0.0:6001",
     "--offer-ttl", "120",
     "--offer-ttl-min", "5",
     "--offer-ttl-max", "3600",
@@ -70,6 +79,10 @@ EVERY_FLAG = [
 EVERY_FLAG_CONFIG = BrokerConfig(
     listen="0.0.0.0:6000",
     data_dir=Path("/var/lib/ferry"),
+    tls_cert=Path("/etc/ferry/tls/tls.crt"),
+    tls_key=Path("/etc/ferry/tls/tls.key"),
+    tls_client_ca=Path("/etc/ferry/tls/ca.crt"),
+    health_listen="0.0.0.0:6001",
     offer_ttl_default_s=120.0,
     offer_ttl_min_s=5.0,
     offer_ttl_max_s=3600.0,
@@ -151,6 +164,8 @@ def test_environment_then_flags(parse: Parse, monkeypatch: pytest.MonkeyPatch) -
     env = {
         "FERRY_LISTEN": "0.0.0.0:50051",
         "FERRY_DATA_DIR": "/data",
+        "FERRY_TLS_CERT": "/tls/tls.crt",
+        "FERRY_TLS_KEY": "/tls/tls.key",
         "FERRY_S3_BUCKET": "env-bucket",
         "FERRY_S3_ENDPOINT": "http://s3:9000",
         "FERRY_S3_REGION": "us-east-2",
@@ -159,9 +174,12 @@ def test_environment_then_flags(parse: Parse, monkeypatch: pytest.MonkeyPatch) -
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    cert, key = Path("/tls/tls.crt"), Path("/tls/tls.key")
     assert parse([]) == BrokerConfig(
         listen="0.0.0.0:50051",
         data_dir=Path("/data"),
+        tls_cert=cert,
+        tls_key=key,
         s3_bucket="env-bucket",
         s3_endpoint="http://s3:9000",
         s3_region="us-east-2",
@@ -172,6 +190,8 @@ def test_environment_then_flags(parse: Parse, monkeypatch: pytest.MonkeyPatch) -
     assert parse(given) == BrokerConfig(
         listen="127.0.0.1:0",
         data_dir=Path("/data"),
+        tls_cert=cert,
+        tls_key=key,
         s3_bucket="flag-bucket",
         s3_endpoint="http://s3:9000",
         s3_region="us-east-2",

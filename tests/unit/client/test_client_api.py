@@ -14,6 +14,8 @@ def test_exported_names() -> None:
             "DEFAULT_CHUNK_SIZE",
             "DEFAULT_PORTS",
             "BrokerError",
+            "BrokerSettingsError",
+            "BrokerTLSError",
             "Client",
             "Completed",
             "Connected",
@@ -47,6 +49,7 @@ def test_error_tree() -> None:
     c = ferry.client
     parents = {
         c.BrokerError: FerryError,
+        c.BrokerTLSError: c.BrokerError,
         c.TransferError: FerryError,
         c.TransferOver: c.TransferError,
         c.Declined: c.TransferOver,
@@ -57,6 +60,7 @@ def test_error_tree() -> None:
     }
     for child, parent in parents.items():
         assert child.__bases__ == (parent,), child
+    assert c.BrokerSettingsError.__bases__ == (FerryError, ValueError)
     assert c.FerryError is FerryError
     # What a rerun can continue is not "over"; what is over is not something to rerun.
     for kept in (c.Stalled, c.StorageFull, c.SourceChangedError, c.PeerProtocolError):
