@@ -1,12 +1,16 @@
 """How long a tiny transfer takes once the receiver starts, and where the time goes.
 
-    python bench/latency.py [--size BYTES] [--runs N] [--against DIR] [--wormhole] [--venv DIR]
+    python bench/latency.py [--size BYTES] [--runs N] [--tls] [--against DIR] [--wormhole]
 
 For each run a real `ferry send --json` is started and waits (its code printed) before the
 clock starts; then `ferry receive CODE --yes --json` is started and timed to its
 completion line and to its exit. Both include the Python start-up and imports: that is
 what a user waits for (aim: <= 0.2 s). Medians of --runs (default 10) of a --size byte
 file (default 1 KiB).
+
+With --tls this tree's broker serves TLS (a certificate for 127.0.0.1 from a CA made for the
+run, examples/demo_ca.py) and its clients reach it at grpcs:// with --broker-ca, as a real
+deployment would; DIR's broker (--against) stays as that code has it.
 
 With --against DIR (another checkout of Ferry, such as a `git worktree` of an earlier commit),
 the same is measured for DIR's code in the same run, alternating with this tree's run by run
@@ -36,6 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from demo_ca import make_broker_certificate
 
 from bench.transfer import ferry_env, receive_args, start_broker, start_sender
 from bench.wormhole import (
@@ -127,6 +134,7 @@ def main() -> None:
     parser.add_argument(
         "--against", type=Path, help="another Ferry checkout to measure in the same run"
     )
+    parser.add_argument("--tls", action="store_true", help="this tree's broker on TLS")
     parser.add_argument("--wormhole", action="store_true", help="measure magic-wormhole too")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="wormhole's virtualenv")
     ns = parser.parse_args()
@@ -136,7 +144,15 @@ def main() -> None:
         root = Path(tmp)
         src = root / "small.bin"
         src.write_bytes(os.urandom(ns.size))
-        broker, address = start_broker(root / "broker")
+        mine: dict[str, str] = {}
+        tls_args: list[str] = []
+        if ns.tls:
+            ca, cert, private = make_broker_certificate(root / "pki", "127.0.0.1")
+            tls_args = ["--tls-cert", str(cert), "--tls-key", str(private)]
+            mine = {"FERRY_BROKER_CA": str(ca)}
+        broker, address = start_broker(root / "broker", *tls_args)
+        if ns.tls:
+            address = f"grpcs://{address}"
         other_env = code_env(ns.against)
         other = (
             start_broker(root / "other-broker", env={**os.environ, **other_env})
@@ -146,11 +162,11 @@ def main() -> None:
         ferry: list[tuple[float, float]] = []
         against: list[tuple[float, float]] = []
         try:
-            ferry_latency(src, root / "warm", address)  # warm caches (.pyc, broker)
+            ferry_latency(src, root / "warm", address, mine)  # warm caches (.pyc, broker)
             if other is not None:
                 ferry_latency(src, root / "warm-other", other[1], other_env)
             for run in range(ns.runs):
-                ferry.append(ferry_latency(src, root / f"ferry-{run}", address))
+                ferry.append(ferry_latency(src, root / f"ferry-{run}", address, mine))
                 print(
                     f"  ferry run {run + 1}: line {ferry[-1][0]:.3f} s, exit {ferry[-1][1]:.3f} s"
                 )

@@ -16,6 +16,9 @@ receiver's "completed" line (download: ranged GETs, every chunk verified, fsync,
 the wall time of each `ferry` command (process start, imports, broker calls) is printed too.
 boto3 is timed around each call. "total" is size / (upload s + download s). Every copy is
 checked byte for byte. The clients have no S3 credentials (only the broker and boto3 do).
+Ferry's objects are sealed end to end (AES-256-GCM per chunk, always on: the sender seals
+every part before its PUT, the receiver opens every chunk before it verifies and writes it);
+boto3 moves the plaintext.
 
 moto answers every ranged GET of a large object in ~0.5 s whatever the range, so any client
 that downloads with many ranged GETs (Ferry, and boto3's download_file alike) is slow there:

@@ -1,13 +1,16 @@
 """The object-store fallback end to end: real S3 servers, real broker, real CLI processes.
 
 Bytes go through presigned URLs only (the CLI has no S3 credentials: its environment has
-none); boto3 is used by the test alone, to watch and to damage the bucket.
+none); boto3 is used by the test alone, to watch and to damage the bucket. What the bucket
+holds is sealed end to end (ferry.protocol.sealing): every chunk SEALED bytes longer, at
+offsets computable from the manifest, and the digests object sealed as one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import time
@@ -18,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from ferry.protocol import chunk_digest, file_digest
 from ferry.protocol.journal import RECORD_SIZE, RecordKind
 from tests.conftest import BrokerFactory
 from tests.support.processes import BrokerProcess, FerryProcess
@@ -26,6 +30,7 @@ from tests.support.s3 import S3_KINDS, S3Server
 pytestmark = [pytest.mark.timeout(90)]
 
 MiB = 1 << 20
+SEALED = 28  # what sealing adds to each chunk and to the digests object: nonce and tag
 _AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
@@ -251,31 +256,101 @@ def test_kill_during_download_resumes(cli: Cli, tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.iterdir()) == ["big.bin"]
 
 
+def _stored(s3: S3Server, session: str) -> dict[str, bytes]:
+    """Every object the bucket holds for ``session``, raw, by key."""
+    client = s3.client()
+    prefix = f"ferry/{session.removeprefix('sessions/')}/"
+    listed = client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])
+    return {
+        o["Key"]: client.get_object(Bucket=s3.bucket, Key=o["Key"])["Body"].read() for o in listed
+    }
+
+
+def test_the_bucket_holds_only_ciphertext(cli: Cli, tmp_path: Path, s3_server: S3Server) -> None:
+    """What whoever runs the bucket sees of a stored file: neither its content nor its digests.
+
+    Checked, over the raw bytes of every object of the session: no 64-byte window of the file,
+    at any offset, appears at any offset of any object. The file is random, so it does not
+    repeat itself; any 64-byte window of it contains a whole 32-byte block that starts at a
+    multiple of 32, so it is enough (and stronger) that none of those blocks appears: each
+    32-byte window of each object, at every offset, is looked up in the set of them. The same
+    set holds the file's BLAKE3 chunk digests and its whole-file digest, so neither the digests
+    object nor any other object holds them in clear. Then the receiver opens it all.
+    """
+    chunk, size = 64 * 1024, 3 * MiB + 12_345  # 49 chunks, the last one short
+    source = _source(tmp_path / "f.bin", size)
+    sender, offered = _store_send(cli, source, "--chunk-size", "64K")
+    rc, lines, err = sender.finish(60)
+    assert rc == 0, err
+    stored = _last(lines, err)
+    assert stored["event"] == "stored"
+
+    objects = _stored(s3_server, offered["session"])
+    key = f"ferry/{offered['session'].removeprefix('sessions/')}/0"
+    assert sorted(objects) == [key, f"{key}.digests"]
+    chunks = -(-size // chunk)
+    assert len(objects[key]) == size + SEALED * chunks
+    assert len(objects[f"{key}.digests"]) == 32 * chunks + SEALED
+    plain = source.read_bytes()
+    digests = [chunk_digest(plain[i : i + chunk]) for i in range(0, size, chunk)]
+    assert stored["files"][0]["digests"]["blake3-chunks"] == file_digest(digests).hex()
+    secrets = {plain[at : at + 32] for at in range(0, size - 31, 32)}
+    secrets |= {*digests, file_digest(digests)}
+    for name, body in objects.items():
+        windows = (body[at : at + 32] for at in range(len(body) - 31))
+        assert secrets.isdisjoint(windows), f"{name} holds plaintext or a plaintext digest"
+
+    dest = tmp_path / "dest"
+    rc, lines, err = _receive(cli, offered["code"], dest, "--via", "store").finish(60)
+    assert rc == 0, err
+    assert _last(lines, err)["path"] == "store"
+    assert _sha(dest / "f.bin") == _sha(source)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("damaged", ["chunk", "digests"])
 def test_a_corrupted_stored_object_fails_clearly(
-    cli: Cli, tmp_path: Path, s3_server: S3Server
+    cli: Cli, tmp_path: Path, s3_server: S3Server, damaged: str
 ) -> None:
-    source = _source(tmp_path / "f.bin", 3 * MiB)
+    """One bit flipped in the bucket (its owner's doing, or its disk's).
+
+    In a chunk: the chunk does not open, so it is refused like a chunk that fails its digest
+    (not written, not journaled) and fetched again; it never opens, and after the session's
+    retries (8) the receiver gives up, saying why, and keeps nothing. In the digests object:
+    it does not open, and the receiver fails at once, saying so.
+    """
+    size = 3 * MiB
+    source = _source(tmp_path / "f.bin", size)
     sender, offered = _store_send(cli, source)
     rc, _, err = sender.finish(60)
     assert rc == 0, err
     client = s3_server.client()
-    keys = [
-        o["Key"]
-        for o in client.list_objects_v2(Bucket=s3_server.bucket).get("Contents", [])
-        if o["Key"].startswith("ferry/" + offered["session"].split("/")[-1])
-        and not o["Key"].endswith(".digests")
-    ]
-    assert len(keys) == 1
-    body = bytearray(client.get_object(Bucket=s3_server.bucket, Key=keys[0])["Body"].read())
-    body[MiB + 5] ^= 0xFF  # one byte of chunk 1
-    client.put_object(Bucket=s3_server.bucket, Key=keys[0], Body=bytes(body))
+    key = f"ferry/{offered['session'].removeprefix('sessions/')}/0"
+    if damaged == "digests":
+        key += ".digests"
+        at = 12 + 32 + 5  # inside the digest of chunk 1, sealed
+    else:
+        at = (MiB + SEALED) + 12 + 5  # inside chunk 1's ciphertext (after its nonce)
+    body = bytearray(client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read())
+    body[at] ^= 0x01
+    client.put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(body))
     dest = tmp_path / "dest"
     rc, lines, err = _receive(cli, offered["code"], dest).finish(60)
     assert rc == 1
     failed = _last(lines, err)
     assert failed["event"] == "failed"
-    assert "digest" in failed["error"]
+    if damaged == "digests":
+        assert (
+            "the stored digests of file 0 do not open with this transfer's key" in (failed["error"])
+        )
+    else:
+        refused = re.search(
+            r"(\d+) chunks from the object store did not open with this transfer's key",
+            failed["error"],
+        )
+        assert refused is not None, failed["error"]
+        assert int(refused[1]) > 1  # fetched again, refused again
+        assert "giving up" in failed["error"]
     assert not (dest / "f.bin").exists()
     assert not list(dest.glob(".*ferry-part"))
 
@@ -302,8 +377,8 @@ def test_a_transfer_started_direct_finishes_through_the_store(
     The receiver (--via auto) stays up throughout: the direct connection drops, its next
     attempt cannot connect (the sender now only uploads), so at the deadline it switches to
     the store. That it fetches only what its journal lacks is shown by damaging, in the stored
-    object, every chunk it had verified directly: fetching one of them again would fail its
-    digest, so a verified file means no verified chunk moved twice.
+    object, every chunk it had verified directly (one bit of each sealed chunk): fetching one of
+    them again would not open, so a verified file means no verified chunk moved twice.
     """
     size, chunk = 96 * MiB, 256 * 1024
     source = _source(tmp_path / "big.bin", size)
@@ -334,9 +409,9 @@ def test_a_transfer_started_direct_finishes_through_the_store(
         client, bucket = s3_server.client(), s3_server.bucket
         key = f"ferry/{offered['session'].removeprefix('sessions/')}/0"
         body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        assert len(body) == size
+        assert len(body) == size + SEALED * (size // chunk)
         for index in direct:
-            body[index * chunk] ^= 0xFF
+            body[index * (chunk + SEALED) + 12 + 7] ^= 0x01  # in its ciphertext
         client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
     finally:
         receiver.proc.send_signal(signal.SIGCONT)

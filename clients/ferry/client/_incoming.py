@@ -555,6 +555,7 @@ class Incoming:
             asyncio.get_running_loop(),
             intake,
             [f.size for f in self.files],
+            key=self.store_key,
             wait_until=wait_until,
             stop_waiting=moved,
         )

@@ -10,6 +10,7 @@ punched, relayed) is one more caller of the same four steps::
     finished = intake.chunk(file, chunk, offset, digest, payload, verdict)
         # outside the lock: BLAKE3(payload) == digest?  if so: write at offset, journal it
         # under the lock: verdict(ok) -> the files this chunk completed; wake the others
+    intake.refuse(verdict)               # the path found it corrupt itself: verdict(False)
     intake.file_end(end) / intake.file_confirmed(i)
         # the whole-file digest matched: fsync + move in place, journal FINISHED, on_file
     intake.sync()                        # the syncer's step: fsync data, then SYNCED
@@ -121,6 +122,14 @@ class Intake:
             finished = verdict(ok)
             self.wake.notify_all()
         return finished
+
+    def refuse(self, verdict: Callable[[bool], Sequence[int]]) -> None:
+        """Turn down an announced chunk that its path found corrupt before any digest
+        (a sealed chunk that did not open): nothing is written or journaled, and
+        ``verdict(False)`` is given holding the lock, as for a digest mismatch."""
+        with self.wake:
+            verdict(False)
+            self.wake.notify_all()
 
     def file_end(self, end: peer_pb2.FileEnd) -> None:
         """Check a whole-file digest against the chunks held; if it matches, finish the file.

@@ -258,6 +258,7 @@ class Outgoing:
             self._source(),
             self.session.manifest,
             asyncio.get_running_loop(),
+            key=self.store_key,
         )
         self._upload = asyncio.create_task(
             asyncio.to_thread(self._uploader.run, self._upload_cancel), name=f"upload: {why}"
@@ -285,6 +286,7 @@ class Outgoing:
             self._source(),
             self.session.manifest,
             asyncio.get_running_loop(),
+            key=self.store_key,
         )
         cancel = threading.Event()
         pump = Pump(self.total_size, on_event, lambda: uploader.bytes_stored)

@@ -5,22 +5,33 @@ request (the client holds no S3 credentials) and these classes only move bytes o
 HTTP (urllib3, pooled, with timeouts and bounded retries). Both run in threads and call the
 broker on the event loop that started them (``asyncio.run_coroutine_threadsafe``).
 
+The bucket and the broker are untrusted: everything stored is sealed end to end under the
+session's store key, which only the two peers have (``ferry.protocol.sealing``: every chunk
+sealed alone, 28 bytes longer, so the object's offsets stay computable; the digests object
+sealed as one). The chunk digests stay BLAKE3 of the plaintext.
+
 Upload (sender), per file::
 
     StartStoreUpload -> ListStoreParts -> PresignStoreParts (batches) -> PUT parts
-    (a bounded window, each read from the source, its chunks hashed) -> PUT digests -> Complete
+    (a bounded window; each part read from the source chunk by chunk, every chunk hashed
+    and sealed into the part's buffer) -> PUT the sealed digests -> Complete
 
 Parts S3 already holds with their exact size are not sent again, but are read and hashed:
 the digests object needs every chunk's digest. Every byte is read from the `Source`, which
 refuses a file that is no longer the version offered (`SourceChanged`), before the first
-part and again before the digests object: old and new bytes are never mixed.
+part and again before the digests object: old and new bytes are never mixed. The layout
+the broker gives (part size, count, digests size) is checked against the manifest first.
 
 Download (receiver): the same `Intake` as the direct path's, and its `ReceiveSession`
 decides which chunks are still wanted (so nothing verified -- from the journal or the
 direct path -- is fetched again). Each worker is one stream of that intake: it asks for a
-window of chunks, fetches each run of them with one ranged GET and hands every chunk, with
-its digest from the digests object, to the intake (verify, write, journal); a complete
-file is checked against the whole-file digest of the digests object and moved into place.
+window of chunks, fetches each run of them with one ranged GET, opens every sealed chunk
+and hands the plaintext, with its digest from the (opened) digests object, to the intake
+(verify, write, journal); a complete file is checked against the whole-file digest of the
+digests object and moved into place. A chunk that does not open is refused like one that
+fails its digest: not written, fetched again, and after the session's retries the transfer
+fails (`TooManyCorruptChunks`). A digests object that does not open fails the transfer
+(`SealError`).
 
 Presigned URLs are bearer secrets: they are never logged, and never put in error messages.
 """
@@ -48,9 +59,11 @@ from ferry.protocol import (
     FILE_DIGEST_ALGORITHM,
     ChunkStart,
     RemoteProtocolError,
+    TooManyCorruptChunks,
     chunk_digest,
     file_digest,
 )
+from ferry.protocol.sealing import OVERHEAD, Sealer, SealError, sealed_digests_size
 from ferry.v1 import broker_pb2, peer_pb2
 
 __all__ = [
@@ -62,7 +75,6 @@ __all__ = [
 ]
 
 WINDOW = 4
-DIGEST_BYTES = 32
 _PRESIGN_BATCH = 1000
 _RETRIES = 6  # with the backoff below: about 7 s of patience per request
 _RENEW_MARGIN = 60.0
@@ -185,8 +197,58 @@ def _expire_s(ts: Any) -> float:
 # -- upload ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """How one file is cut into parts of whole sealed chunks, as the broker said and checked.
+
+    Sealed chunk i is ``chunk_size + OVERHEAD`` bytes (the last one shorter), so part n
+    holds chunks ``(n-1)*per_part ..`` and its stored length follows from the manifest.
+    """
+
+    size: int
+    chunk_size: int
+    chunks: int
+    per_part: int
+    count: int
+    part_size: int
+
+    @classmethod
+    def check(
+        cls, index: int, size: int, chunk_size: int, start: broker_pb2.StartStoreUploadResponse
+    ) -> _Parts:
+        """The broker's layout of file ``index``; RemoteProtocolError unless it is one of
+        whole sealed chunks for this manifest (a broker cannot make us misplace a chunk)."""
+        chunks = -(-size // chunk_size)
+        part_size, count = start.part_size_bytes, start.part_count
+        per_part, rest = divmod(part_size, chunk_size + OVERHEAD)
+        if (
+            per_part < 1
+            or rest
+            or count != max(1, -(-chunks // per_part))
+            or start.digests_size_bytes != sealed_digests_size(chunks)
+        ):
+            raise RemoteProtocolError(
+                f"the broker's object layout of file {index} is not one of whole sealed chunks"
+            )
+        return cls(size, chunk_size, chunks, per_part, count, part_size)
+
+    def chunks_of(self, number: int) -> range:
+        """The chunks part ``number`` (from 1) holds (none for an empty file's one part)."""
+        first = (number - 1) * self.per_part
+        return range(first, min(first + self.per_part, self.chunks))
+
+    def plain_length(self, number: int) -> int:
+        """The file bytes part ``number`` holds."""
+        chunks = self.chunks_of(number)
+        return min(self.size, chunks.stop * self.chunk_size) - chunks.start * self.chunk_size
+
+    def stored_length(self, number: int) -> int:
+        """Part ``number``'s exact size in the store: its chunks, sealed."""
+        return self.plain_length(number) + OVERHEAD * len(self.chunks_of(number))
+
+
 class StoreUploader:
-    """Uploads every file of an offer to the object store; resumable, bounded window."""
+    """Uploads every file of an offer to the object store, sealed; resumable, bounded window."""
 
     def __init__(
         self,
@@ -196,6 +258,7 @@ class StoreUploader:
         manifest: broker_pb2.Manifest,
         loop: asyncio.AbstractEventLoop,
         *,
+        key: bytes,
         window: int = WINDOW,
     ) -> None:
         self.link = link
@@ -205,8 +268,9 @@ class StoreUploader:
         self.chunk_size = manifest.chunk_size_bytes
         self.window = max(1, window)
         self.bridge = _Bridge(loop, link)
-        self.bytes_uploaded = 0  # part bytes PUT by this run
-        self.bytes_stored = 0  # part bytes known to be in the store (PUT now or before)
+        self.sealer = Sealer(key, name)
+        self.bytes_uploaded = 0  # file bytes PUT (sealed) by this run
+        self.bytes_stored = 0  # file bytes known to be in the store (PUT now or before)
         self.digests: list[bytes] = [b""] * len(self.entries)  # whole-file digests
         self._lock = threading.Lock()
         self._http = _pool(self.window)
@@ -226,7 +290,6 @@ class StoreUploader:
     def _file(self, index: int, cancel: threading.Event) -> None:
         name, size = self.name, self.entries[index].size_bytes
         start = self.bridge.call(lambda: self.link.start_store_upload(name, index))
-        chunks = -(-size // self.chunk_size)
         listing = (
             None
             if start.completed
@@ -238,15 +301,19 @@ class StoreUploader:
             # Its digests are in the store; the whole-file digest is recomputed from the source.
             self.digests[index] = self.source.file_digest(index)
             return
-        part_size, count = start.part_size_bytes, start.part_count
-        lengths = {n: min(part_size, size - (n - 1) * part_size) for n in range(1, count + 1)}
-        held = {p.part_number for p in listing.parts if p.size_bytes == lengths[p.part_number]}
+        parts = _Parts.check(index, size, self.chunk_size, start)
+        count = parts.count
+        held = {
+            p.part_number
+            for p in listing.parts
+            if 1 <= p.part_number <= count and p.size_bytes == parts.stored_length(p.part_number)
+        }
         # What each part's PUT answered: the broker needs it where the store can't list parts.
         etags = {p.part_number: p.etag for p in listing.parts if p.part_number in held}
         todo = [n for n in range(1, count + 1) if n not in held]
         with self._lock:
-            self.bytes_stored += sum(lengths[n] for n in held)
-        chunk_digests: list[bytes] = [b""] * chunks
+            self.bytes_stored += sum(parts.plain_length(n) for n in held)
+        chunk_digests: list[bytes] = [b""] * parts.chunks
         urls: dict[int, broker_pb2.PresignedUrl] = {}
         for i in range(0, len(todo), _PRESIGN_BATCH):
             batch = todo[i : i + _PRESIGN_BATCH]
@@ -272,8 +339,7 @@ class StoreUploader:
                             self._part,
                             index,
                             number,
-                            part_size,
-                            lengths[number],
+                            parts,
                             chunk_digests,
                             urls if number not in held else None,
                             etags,
@@ -286,37 +352,46 @@ class StoreUploader:
             self.source.check_unchanged(index)  # changed while we read it?
         finally:
             self.source.release(index)
-        body = b"".join(chunk_digests)
+        body = self.sealer.seal_digests(index, parts.chunks, b"".join(chunk_digests))
         reply = self.bridge.call(lambda: self.link.presign_store_parts(name, index, [], True))
         if len(body) != reply.digests.size_bytes:
             raise RemoteProtocolError("the broker expects a digests object of another size")
         self._put(reply.digests.url, body, "digests upload")
-        parts = [
-            broker_pb2.StoredPart(part_number=n, size_bytes=lengths[n], etag=etags.get(n, ""))
+        stored = [
+            broker_pb2.StoredPart(
+                part_number=n, size_bytes=parts.stored_length(n), etag=etags.get(n, "")
+            )
             for n in range(1, count + 1)
         ]
-        self.bridge.call(lambda: self.link.complete_store_upload(name, index, parts))
+        self.bridge.call(lambda: self.link.complete_store_upload(name, index, stored))
         self.digests[index] = file_digest(chunk_digests)
 
     def _part(
         self,
         index: int,
         number: int,
-        part_size: int,
-        length: int,
+        parts: _Parts,
         chunk_digests: list[bytes],
         urls: dict[int, broker_pb2.PresignedUrl] | None,
         etags: dict[int, str],
     ) -> None:
-        """Read one part, hash its chunks, and PUT it unless the store has it already."""
-        offset = (number - 1) * part_size
-        data = bytearray(length)
-        self.source.read(index, offset, memoryview(data))
-        first = offset // self.chunk_size
-        view = memoryview(data)
-        for i, at in enumerate(range(0, length, self.chunk_size)):
-            chunk_digests[first + i] = chunk_digest(view[at : at + self.chunk_size])
-        if urls is None:
+        """Read one part chunk by chunk, hash every chunk, and -- unless the store has the
+        part already -- seal each into the part's body and PUT it."""
+        body = bytearray(parts.stored_length(number)) if urls is not None else None
+        plain = bytearray(min(self.chunk_size, parts.size))
+        at = 0
+        for chunk in parts.chunks_of(number):
+            offset = chunk * self.chunk_size
+            view = memoryview(plain)[: min(self.chunk_size, parts.size - offset)]
+            self.source.read(index, offset, view)
+            chunk_digests[chunk] = chunk_digest(view)
+            if body is not None:
+                end = at + len(view) + OVERHEAD
+                self.sealer.seal_chunk_into(
+                    memoryview(body)[at:end], index, chunk, parts.chunks, view
+                )
+                at = end
+        if urls is None or body is None:
             return
         url = urls[number]
         if _expire_s(url.expire_time) - time.time() < _RENEW_MARGIN:
@@ -326,7 +401,8 @@ class StoreUploader:
             )
             url = reply.parts[0]
             urls[number] = url
-        etag = self._put(url.url, data, f"upload of part {number}")
+        etag = self._put(url.url, body, f"upload of part {number}")
+        length = parts.plain_length(number)
         with self._lock:
             etags[number] = etag
             self.bytes_uploaded += length
@@ -360,7 +436,8 @@ class _Stored:
 
 
 class StoreDownloader:
-    """Fetches, from the object store, every chunk the intake's session still wants."""
+    """Fetches, from the object store, every chunk the intake's session still wants, and
+    opens it."""
 
     def __init__(
         self,
@@ -370,6 +447,7 @@ class StoreDownloader:
         intake: Intake,
         sizes: Sequence[int],
         *,
+        key: bytes,
         wait_until: float,
         stop_waiting: threading.Event | None = None,
         window: int = WINDOW,
@@ -380,6 +458,9 @@ class StoreDownloader:
         self.receive = intake.session  # called only holding intake.lock
         self.sizes = list(sizes)
         self.chunk_size = intake.chunk_size
+        self.chunks = [-(-size // self.chunk_size) for size in self.sizes]
+        self.sealer = Sealer(key, name)
+        self.unopened = 0  # chunks this run fetched that did not open (guarded by _lock)
         self.window = max(1, window)
         self.wait_until = wait_until  # time.monotonic() by which a needed file must be stored
         self.stop_waiting = stop_waiting or threading.Event()  # set: stop waiting for uploads
@@ -412,6 +493,12 @@ class StoreDownloader:
                 if cancel.is_set():
                     self._fail(StoreError("cancelled"))
                 self.intake.sync()
+            if isinstance(self.error, TooManyCorruptChunks) and self.unopened:
+                raise TooManyCorruptChunks(
+                    f"{self.unopened} chunks from the object store did not open with this "
+                    "transfer's key (damaged or replaced in the bucket) and were not accepted; "
+                    f"giving up after {self.receive.retries} failed checks"
+                ) from self.error
             if self.error is not None:
                 raise self.error
             if not self.receive.done:
@@ -426,6 +513,7 @@ class StoreDownloader:
             self._wake.notify_all()
 
     def _worker(self, stream: int, cancel: threading.Event) -> None:
+        plain = bytearray(self.chunk_size)  # where this worker opens each chunk
         try:
             while True:
                 with self._lock:
@@ -437,7 +525,7 @@ class StoreDownloader:
                         self._wake.wait(timeout=0.2)
                         continue
                 for r in request.request.ranges:
-                    self._fetch(stream, r.file_index, r.first_chunk, r.chunk_count, cancel)
+                    self._fetch(stream, r.file_index, r.first_chunk, r.chunk_count, plain, cancel)
         except BaseException as exc:
             self._fail(exc)
         finally:
@@ -465,27 +553,29 @@ class StoreDownloader:
             if known is not None:
                 digests = known.digests
             else:
-                chunks = -(-self.sizes[index] // self.chunk_size)
                 response = _request(self._http, "GET", reply.digests_url, "digests download")
-                body = response.data
-                if len(body) != DIGEST_BYTES * chunks:
-                    raise RemoteProtocolError(
-                        f"the stored digests of file {index} have {len(body)} bytes, "
-                        f"not {DIGEST_BYTES * chunks}"
-                    )
-                digests = [body[i : i + DIGEST_BYTES] for i in range(0, len(body), DIGEST_BYTES)]
+                # SealError (the transfer fails) unless it is this file's, under our key.
+                digests = self.sealer.open_digests(index, self.chunks[index], response.data)
             stored = _Stored(reply.url, _expire_s(reply.expire_time), digests, lock)
             with self._stored_lock:
                 self._stored[index] = stored
             return stored
 
     def _fetch(
-        self, stream: int, index: int, first: int, count: int, cancel: threading.Event
+        self,
+        stream: int,
+        index: int,
+        first: int,
+        count: int,
+        plain: bytearray,
+        cancel: threading.Event,
     ) -> None:
-        """One ranged GET for a run of chunks; verify, write and journal each chunk."""
+        """One ranged GET for a run of sealed chunks; open, verify, write and journal each."""
         stored = self._file(index, cancel)
-        start = first * self.chunk_size
-        end = min(self.sizes[index], (first + count) * self.chunk_size)
+        chunks = self.chunks[index]
+        stored_size = self.sizes[index] + OVERHEAD * chunks
+        start = first * (self.chunk_size + OVERHEAD)
+        end = min(stored_size, (first + count) * (self.chunk_size + OVERHEAD))
         headers = {"Range": f"bytes={start}-{end - 1}"}
         try:
             response = _request(
@@ -499,22 +589,28 @@ class StoreDownloader:
         try:
             if response.status != 206 and not (response.status == 200 and start == 0):
                 raise StoreError(f"chunk download: the object store answered {response.status}")
-            if response.status == 200 and end != self.sizes[index]:
+            if response.status == 200 and end != stored_size:
                 raise StoreError("chunk download: the object store ignored the Range header")
             for chunk in range(first, first + count):
                 length = self.receive.chunk_length(index, chunk)
-                data = _read_exactly(response, length)
+                sealed = _read_exactly(response, length + OVERHEAD)
                 ev = ChunkStart(index, chunk, stored.digests[chunk], length)
                 with self._lock:
                     if self.error is not None or cancel.is_set():
                         return
                     target = self.receive.chunk_start(stream, ev)
+                payload = memoryview(plain)[:length]
+                try:
+                    self.sealer.open_chunk_into(payload, index, chunk, chunks, sealed)
+                except SealError:
+                    self.intake.refuse(functools.partial(self._unopened, stream, ev))
+                    continue
                 finished = self.intake.chunk(
                     index,
                     chunk,
                     target.offset,
                     ev.digest,
-                    memoryview(data),
+                    payload,
                     functools.partial(self._verdict, stream, ev),
                 )
                 for done_index in finished:
@@ -528,6 +624,11 @@ class StoreDownloader:
         if ok:
             self.bytes_downloaded += ev.length
         return finished
+
+    def _unopened(self, stream: int, ev: ChunkStart, ok: bool) -> list[int]:
+        """The verdict on a chunk that did not open: refused (called holding the lock)."""
+        self.unopened += 1
+        return self.receive.chunk_done(stream, ev, False)
 
     def _confirm(self, index: int, cancel: threading.Event) -> None:
         """Check a complete file against the store's whole-file digest; move it in place."""

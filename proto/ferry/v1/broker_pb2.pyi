@@ -1081,11 +1081,13 @@ class StartStoreUploadResponse(_message.Message):
     DIGESTS_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     part_size_bytes: _builtins.int
-    """The size of every part but the last, a whole number of chunks."""
+    """The size of every part but the last, a whole number of sealed chunks
+    (chunk_size_bytes + 28 bytes each).
+    """
     part_count: _builtins.int
     """How many parts the file has (1 for an empty file: one empty part)."""
     digests_size_bytes: _builtins.int
-    """The exact size of the digests object: 32 bytes per chunk."""
+    """The exact size of the digests object: 32 bytes per chunk, sealed (+ 28)."""
     completed: _builtins.bool
     """Whether the upload was already completed (nothing left to send)."""
     def __init__(
@@ -1342,7 +1344,9 @@ class CompleteStoreUploadResponse(_message.Message):
 
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     size_bytes: _builtins.int
-    """The stored object's size in bytes (the file's size)."""
+    """The stored object's size in bytes: the file's size plus 28 bytes per
+    chunk (sealed).
+    """
     def __init__(
         self,
         *,
@@ -1396,11 +1400,13 @@ class PresignStoreDownloadResponse(_message.Message):
     stored: _builtins.bool
     """Whether the sender has completed the upload; the URLs are set only then."""
     url: _builtins.str
-    """A GET URL for the file's object; send a Range header for each chunk."""
+    """A GET URL for the file's object; send a Range header for each run of
+    sealed chunks (chunk i starts at i * (chunk_size_bytes + 28)).
+    """
     digests_url: _builtins.str
-    """A GET URL for the digests object (32 bytes per chunk, in order)."""
+    """A GET URL for the digests object (32 bytes per chunk, in order, sealed)."""
     size_bytes: _builtins.int
-    """The object's size in bytes."""
+    """The object's size in bytes: the file's size plus 28 bytes per chunk."""
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When both URLs stop working; ask the broker for new ones after."""

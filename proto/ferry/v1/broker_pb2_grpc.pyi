@@ -107,13 +107,16 @@ class BrokerServiceStub:
     """StartStoreUpload begins the object-store fallback for one file (sender
     only; the session must be offered, accepted, connecting or transferring,
     so a sender may store-and-forward before the receiver accepts). The file
-    becomes one S3 object uploaded in parts of whole chunks: part_size_bytes
-    is chunk_size_bytes times ceil(8 MiB / chunk_size_bytes), so part N
-    (from 1) holds chunks (N-1)*k .. N*k-1 and only the last part is shorter.
-    Beside it a digests object holds the file's 32-byte chunk digests, in
-    chunk order. Idempotent: a second call returns the same layout and keeps
-    the parts already stored. Without an object store configured every Store
-    RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
+    becomes one S3 object of sealed chunks (the sender encrypts each chunk end
+    to end, with a key the broker never has: chunk_size_bytes + 28 bytes, the
+    last chunk shorter) uploaded in parts of whole sealed chunks:
+    part_size_bytes is k sealed chunks, k = ceil(8 MiB / chunk_size_bytes) (or
+    more, to stay within 10,000 parts), so part N (from 1) holds chunks
+    (N-1)*k .. N*k-1 and only the last part is shorter. Beside it a digests
+    object holds the file's 32-byte chunk digests, in chunk order, sealed as
+    one (+ 28 bytes). Idempotent: a second call returns the same layout and
+    keeps the parts already stored. Without an object store configured every
+    Store RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
     """
     PresignStoreParts: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PresignStorePartsRequest, _broker_pb2.PresignStorePartsResponse]
     """PresignStoreParts returns short-lived URLs to PUT parts of a started
@@ -216,13 +219,16 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """StartStoreUpload begins the object-store fallback for one file (sender
     only; the session must be offered, accepted, connecting or transferring,
     so a sender may store-and-forward before the receiver accepts). The file
-    becomes one S3 object uploaded in parts of whole chunks: part_size_bytes
-    is chunk_size_bytes times ceil(8 MiB / chunk_size_bytes), so part N
-    (from 1) holds chunks (N-1)*k .. N*k-1 and only the last part is shorter.
-    Beside it a digests object holds the file's 32-byte chunk digests, in
-    chunk order. Idempotent: a second call returns the same layout and keeps
-    the parts already stored. Without an object store configured every Store
-    RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
+    becomes one S3 object of sealed chunks (the sender encrypts each chunk end
+    to end, with a key the broker never has: chunk_size_bytes + 28 bytes, the
+    last chunk shorter) uploaded in parts of whole sealed chunks:
+    part_size_bytes is k sealed chunks, k = ceil(8 MiB / chunk_size_bytes) (or
+    more, to stay within 10,000 parts), so part N (from 1) holds chunks
+    (N-1)*k .. N*k-1 and only the last part is shorter. Beside it a digests
+    object holds the file's 32-byte chunk digests, in chunk order, sealed as
+    one (+ 28 bytes). Idempotent: a second call returns the same layout and
+    keeps the parts already stored. Without an object store configured every
+    Store RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
     """
     PresignStoreParts: _aio.UnaryUnaryMultiCallable[_broker_pb2.PresignStorePartsRequest, _broker_pb2.PresignStorePartsResponse]  # type: ignore[assignment]
     """PresignStoreParts returns short-lived URLs to PUT parts of a started
@@ -394,13 +400,16 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         """StartStoreUpload begins the object-store fallback for one file (sender
         only; the session must be offered, accepted, connecting or transferring,
         so a sender may store-and-forward before the receiver accepts). The file
-        becomes one S3 object uploaded in parts of whole chunks: part_size_bytes
-        is chunk_size_bytes times ceil(8 MiB / chunk_size_bytes), so part N
-        (from 1) holds chunks (N-1)*k .. N*k-1 and only the last part is shorter.
-        Beside it a digests object holds the file's 32-byte chunk digests, in
-        chunk order. Idempotent: a second call returns the same layout and keeps
-        the parts already stored. Without an object store configured every Store
-        RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
+        becomes one S3 object of sealed chunks (the sender encrypts each chunk end
+        to end, with a key the broker never has: chunk_size_bytes + 28 bytes, the
+        last chunk shorter) uploaded in parts of whole sealed chunks:
+        part_size_bytes is k sealed chunks, k = ceil(8 MiB / chunk_size_bytes) (or
+        more, to stay within 10,000 parts), so part N (from 1) holds chunks
+        (N-1)*k .. N*k-1 and only the last part is shorter. Beside it a digests
+        object holds the file's 32-byte chunk digests, in chunk order, sealed as
+        one (+ 28 bytes). Idempotent: a second call returns the same layout and
+        keeps the parts already stored. Without an object store configured every
+        Store RPC fails with FAILED_PRECONDITION, reason STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod

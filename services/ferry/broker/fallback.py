@@ -3,7 +3,9 @@
 gRPC-free like core.py: methods take plain values, return protos, raise errors.py's refusals.
 The bytes never pass through the broker; it only talks to S3 to create, list, complete and
 abort uploads and to delete objects, and presigns URLs for the clients (see objectlayout for
-how a file lies in the bucket).
+how a file lies in the bucket). The sender seals every chunk and digests object end to end
+before it uploads, under a key the broker never has: every size presigned, checked or
+answered here is the sealed size the bucket holds, computed from the manifest.
 
 Who may do what (the session's state is checked after its expiry is applied)::
 
@@ -217,7 +219,10 @@ class Fallback:
                 parts = [] if upload.completed else await objects.list_parts(key, upload.upload_id)
             except Unsupported:
                 parts = None  # the server can't say which parts it has
-            if parts is None and await objects.size(key) == entry.size_bytes:
+            stored_size = layout.object_size(
+                entry.size_bytes, record.session.manifest.chunk_size_bytes
+            )
+            if parts is None and await objects.size(key) == stored_size:
                 # Joined by a CompleteStoreUpload whose caller hung up before it was recorded.
                 self.broker.store.complete_upload(record.session_id, file_index)
                 upload = self._upload(record, file_index)
@@ -258,7 +263,8 @@ class Fallback:
         )
         size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
         upload = self._upload(record, file_index)
-        reply = broker_pb2.CompleteStoreUploadResponse(size_bytes=size)
+        stored_size = layout.object_size(size, chunk)
+        reply = broker_pb2.CompleteStoreUploadResponse(size_bytes=stored_size)
         if upload.completed:
             return reply
         key, digests_key = self._keys(record, file_index)
@@ -268,7 +274,7 @@ class Fallback:
             except Unsupported:
                 parts = [Part(p.part_number, p.size_bytes, p.etag) for p in reported if p.etag]
             if parts is None:  # completed by a call that died before recording it?
-                if await objects.size(key) == size:
+                if await objects.size(key) == stored_size:
                     self.broker.store.complete_upload(record.session_id, file_index)
                     return reply
                 raise FailedPrecondition(
@@ -329,7 +335,9 @@ class Fallback:
             url=url,
             digests_url=digests_url,
             expire_time=timestamp(now + ttl),
-            size_bytes=entry.size_bytes,
+            size_bytes=layout.object_size(
+                entry.size_bytes, record.session.manifest.chunk_size_bytes
+            ),
         )
 
     # -- cleanup ----------------------------------------------------------------------------

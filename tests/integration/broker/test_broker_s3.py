@@ -7,13 +7,15 @@ moto 5 does not verify presigned URLs (signature, expiry, signed Content-Length:
 wrong size is accepted, and so is a URL whose key was altered). What those URLs promise is
 therefore checked with tests.support.s3.verify_presigned, an independent SigV4 verifier doing
 what real S3 does on each request.
+
+The bytes PUT are what Ferry's sender sends: every chunk sealed (28 bytes longer), and the
+digests sealed as one object; the broker never has the key, and only checks sizes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import hashlib
 import random
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,6 +27,8 @@ import pytest_asyncio
 from botocore.exceptions import ClientError
 from google.protobuf.duration_pb2 import Duration
 
+from ferry.protocol import chunk_digest
+from ferry.protocol.sealing import Sealer
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
 from tests.integration.broker.test_broker_grpc import _auth, _peer, reason_of
@@ -45,9 +49,18 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 S = broker_pb2.Session
 T = 5.0
 MiB = 1 << 20
-CHUNK = 1 * MiB  # 8 chunks per 8 MiB part
-SIZE = 16 * MiB + 300_000  # 17 chunks: parts of 8 MiB, 8 MiB, 300,000 bytes
+CHUNK = 1 * MiB  # 8 chunks per part
+SIZE = 16 * MiB + 300_000  # 17 chunks: parts of 8, 8 and 1 (300,000 bytes) chunks
 DATA = random.Random(7).randbytes(SIZE)
+SEALED_CHUNK = CHUNK + 28
+PART = 8 * SEALED_CHUNK  # a part of 8 sealed chunks
+STORED = SIZE + 17 * 28  # the object: 17 sealed chunks
+# Sealed under a key of the test's own (the broker never sees one, and checks only sizes).
+SEALER = Sealer(bytes(range(32)), "sessions/test")
+SEALED = [SEALER.seal_chunk(0, i, 17, DATA[i * CHUNK : (i + 1) * CHUNK]) for i in range(17)]
+DIGESTS = SEALER.seal_digests(
+    0, 17, b"".join(chunk_digest(DATA[i : i + CHUNK]) for i in range(0, SIZE, CHUNK))
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +94,8 @@ def _stub(broker: BrokerProcess, channels: list[grpc.aio.Channel]) -> Stub:
 
 
 def _digests() -> bytes:
-    return b"".join(hashlib.sha256(DATA[i : i + CHUNK]).digest() for i in range(0, SIZE, CHUNK))
+    """The sealed digests object (17 digests, 32 bytes each, sealed as one: + 28)."""
+    return DIGESTS
 
 
 async def _offer(stub: Stub, ttl_s: float | None = None) -> tuple[str, str]:
@@ -128,7 +142,7 @@ def _put(url: str, body: bytes) -> int:
 
 
 def _part(number: int) -> bytes:
-    return DATA[(number - 1) * 8 * MiB : number * 8 * MiB]
+    return b"".join(SEALED[(number - 1) * 8 : number * 8])
 
 
 async def _expect(call: Awaitable[object], code: grpc.StatusCode, reason: str) -> None:
@@ -173,8 +187,8 @@ async def test_store_and_forward_flow(
     start = await stub.StartStoreUpload(
         broker_pb2.StartStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
     )
-    assert (start.part_size_bytes, start.part_count) == (8 * MiB, 3)
-    assert start.digests_size_bytes == 17 * 32
+    assert (start.part_size_bytes, start.part_count) == (PART, 3)
+    assert start.digests_size_bytes == 17 * 32 + 28
     assert not start.completed
     again = await stub.StartStoreUpload(
         broker_pb2.StartStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
@@ -187,7 +201,7 @@ async def test_store_and_forward_flow(
         metadata=sa,
         timeout=T,
     )
-    assert [(p.part_number, p.size_bytes) for p in urls.parts] == [(1, 8 * MiB), (2, 8 * MiB)]
+    assert [(p.part_number, p.size_bytes) for p in urls.parts] == [(1, PART), (2, PART)]
     assert not urls.HasField("digests")
     for part in urls.parts:
         assert _put(part.url, _part(part.part_number)) == 200
@@ -195,7 +209,7 @@ async def test_store_and_forward_flow(
     listed = await stub.ListStoreParts(
         broker_pb2.ListStorePartsRequest(name=name, file_index=0), metadata=sa, timeout=T
     )
-    assert [(p.part_number, p.size_bytes) for p in listed.parts] == [(1, 8 * MiB), (2, 8 * MiB)]
+    assert [(p.part_number, p.size_bytes) for p in listed.parts] == [(1, PART), (2, PART)]
     assert all(p.etag for p in listed.parts)
     assert not listed.digests_stored
     assert not listed.completed
@@ -215,15 +229,15 @@ async def test_store_and_forward_flow(
         metadata=sa,
         timeout=T,
     )
-    assert rest.parts[0].size_bytes == 300_000
+    assert rest.parts[0].size_bytes == 300_000 + 28
     assert rest.digests.part_number == 0
-    assert rest.digests.size_bytes == 17 * 32
+    assert rest.digests.size_bytes == 17 * 32 + 28
     assert _put(rest.parts[0].url, _part(3)) == 200
     assert _put(rest.digests.url, _digests()) == 200
     done = await stub.CompleteStoreUpload(
         broker_pb2.CompleteStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
     )
-    assert done.size_bytes == SIZE
+    assert done.size_bytes == STORED
     await stub.CompleteStoreUpload(  # completing again is fine
         broker_pb2.CompleteStoreUploadRequest(name=name, file_index=0), metadata=sa, timeout=T
     )
@@ -273,15 +287,17 @@ async def test_store_and_forward_flow(
 
     got = await stub.PresignStoreDownload(download, metadata=ra, timeout=T)
     assert got.stored
-    assert got.size_bytes == SIZE
-    first, last = 9 * CHUNK, 10 * CHUNK - 1  # chunk 9, in part 2
+    assert got.size_bytes == STORED
+    first, last = 9 * SEALED_CHUNK, 10 * SEALED_CHUNK - 1  # sealed chunk 9, in part 2
     status, body, _ = http_request("GET", got.url, headers={"Range": f"bytes={first}-{last}"})
     assert status == 206
-    assert body == DATA[first : last + 1]
+    assert body == SEALED[9]
+    plain = SEALER.open_chunk(0, 9, 17, body)
+    assert plain == DATA[9 * CHUNK : 10 * CHUNK]
     status, digests, _ = http_request("GET", got.digests_url)
     assert status == 200
     assert digests == _digests()
-    assert digests[9 * 32 : 10 * 32] == hashlib.sha256(body).digest()
+    assert SEALER.open_digests(0, 17, digests)[9] == chunk_digest(plain)
 
     # Verified completion: the broker deletes both objects.
     for state in (S.STATE_TRANSFERRING, S.STATE_COMPLETED):
@@ -352,7 +368,7 @@ async def test_presigned_urls_are_bound_to_key_and_size(
 
     # Another part number of the same upload is another signature, too.
     other_part = part.url.replace("partNumber=3", "partNumber=1")
-    assert verify_presigned("PUT", other_part, {"Content-Length": "300000"}) is not None
+    assert verify_presigned("PUT", other_part, {"Content-Length": str(part.size_bytes)}) is not None
 
     # moto itself takes a wrong-size PUT (it checks no signature); real S3 answers 403.
     status, _, _ = http_request("PUT", part.url, b"x" * 10, {"Content-Length": "10"})
@@ -526,13 +542,14 @@ async def test_s3rver_refuses_expired_presigned_urls(
     )
     url = urls.parts[0].url
     other = url.replace(name_a.removeprefix("sessions/"), name_b.removeprefix("sessions/"))
-    bad = verify_presigned("PUT", other, {"Content-Length": "300000"}, s3rver.secret_key)
+    length = str(urls.parts[0].size_bytes)
+    bad = verify_presigned("PUT", other, {"Content-Length": length}, s3rver.secret_key)
     assert bad == "signature does not match"
     # s3rver's leniency, pinned: it takes the altered URL (real S3 answers 403).
     assert _put(other, _part(3)) == 200
     assert _put(url, _part(3)) == 200
     await asyncio.sleep(2.2)  # X-Amz-Expires=2 from X-Amz-Date (whole seconds)
-    status, reply, _ = http_request("PUT", url, _part(3), {"Content-Length": "300000"})
+    status, reply, _ = http_request("PUT", url, _part(3), {"Content-Length": length})
     assert status == 403
     assert b"AccessDenied" in reply
     assert b"expired" in reply

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ferry.broker import objectlayout as layout
 from ferry.broker.__main__ import parse_args
@@ -15,26 +17,77 @@ from ferry.v1 import broker_pb2
 pytestmark = pytest.mark.timeout(30)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+SEALED = 28  # nonce and tag per sealed chunk (ferry.protocol.sealing)
 
 
 @pytest.mark.parametrize(
     ("chunk", "per_part"),
     [(64 * KiB, 128), (1 * MiB, 8), (3 * MiB, 3), (5 * MiB, 2), (8 * MiB, 1), (64 * MiB, 1)],
 )
-def test_parts_are_whole_chunks_of_at_least_8_mib(chunk: int, per_part: int) -> None:
+def test_parts_are_whole_sealed_chunks_of_at_least_8_mib(chunk: int, per_part: int) -> None:
     size = 100 * MiB + 1
     assert layout.chunks_per_part(size, chunk) == per_part
-    assert layout.part_size(size, chunk) == chunk * per_part
+    assert layout.part_size(size, chunk) == (chunk + SEALED) * per_part
     assert layout.part_size(size, chunk) >= max(layout.TARGET_PART_BYTES, layout.MIN_PART_BYTES)
+
+
+def test_sealed_sizes_and_offsets() -> None:
+    assert layout.SEAL_OVERHEAD == SEALED
+    assert layout.sealed_chunk_size(MiB) == MiB + 28
+    assert layout.object_size(0, MiB) == 0
+    assert layout.object_size(1, MiB) == 1 + 28
+    assert layout.object_size(3 * MiB, MiB) == 3 * MiB + 3 * 28
+    assert layout.object_size(3 * MiB + 5, MiB) == 3 * MiB + 5 + 4 * 28
+    assert [layout.chunk_offset(MiB, i) for i in (0, 1, 7)] == [0, MiB + 28, 7 * (MiB + 28)]
+    with pytest.raises(ValueError, match="chunk_index"):
+        layout.chunk_offset(MiB, -1)
 
 
 def test_part_lengths_add_up_and_only_the_last_is_short() -> None:
     for size in (1, 8 * MiB - 1, 8 * MiB, 8 * MiB + 1, 16 * MiB + 300_000, 100 * MiB):
         count = layout.part_count(size, MiB)
         lengths = [layout.part_length(size, MiB, n) for n in range(1, count + 1)]
-        assert sum(lengths) == size
-        assert all(n == 8 * MiB for n in lengths[:-1])
-        assert 0 < lengths[-1] <= 8 * MiB
+        assert sum(lengths) == layout.object_size(size, MiB)
+        assert all(n == 8 * (MiB + SEALED) for n in lengths[:-1])
+        assert 0 < lengths[-1] <= 8 * (MiB + SEALED)
+    # 16 MiB + 300,000 bytes: two parts of 8 sealed chunks, then one short sealed chunk.
+    assert layout.part_length(16 * MiB + 300_000, MiB, 3) == 300_000 + SEALED
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    size=st.one_of(st.integers(0, 64 * MiB), st.integers(0, 1 << 40)),
+    chunk=st.one_of(
+        st.sampled_from([64 * KiB, MiB, 3 * MiB, 8 * MiB, 64 * MiB]),
+        st.integers(64 * KiB, 64 * MiB),
+    ),
+)
+def test_sealed_layout_properties(size: int, chunk: int) -> None:
+    """For any manifest: parts are whole sealed chunks, in S3's limits, and add up."""
+    chunks = layout.chunk_count(size, chunk)
+    per_part = layout.chunks_per_part(size, chunk)
+    count = layout.part_count(size, chunk)
+    step = layout.part_size(size, chunk)
+    total = layout.object_size(size, chunk)
+    assert total == size + SEALED * chunks
+    assert 1 <= count <= layout.MAX_PARTS
+    assert step == per_part * (chunk + SEALED)
+    assert layout.MIN_PART_BYTES <= step <= 5 * GiB  # S3: non-last parts >= 5 MiB, any <= 5 GiB
+    assert layout.digests_size(size, chunk) == 32 * chunks + SEALED
+    last = layout.part_length(size, chunk, count)
+    # Every part but the last is part_size; the parts tile the object exactly.
+    assert (count - 1) * step + last == total
+    if count > 1:
+        assert layout.part_length(size, chunk, 1) == step
+        assert 0 < last <= step
+    # Each chunk starts inside its part, at a sealed-chunk boundary of that part.
+    for index in {0, chunks // 2, chunks - 1} if chunks else set():
+        part = layout.part_of_chunk(size, chunk, index)
+        offset = layout.chunk_offset(chunk, index)
+        length = min(chunk, size - index * chunk) + SEALED
+        assert (part - 1) * step <= offset
+        assert offset + length <= min(part * step, total)
+        assert (offset - (part - 1) * step) % (chunk + SEALED) == 0
 
 
 def test_chunk_to_part() -> None:
@@ -48,11 +101,11 @@ def test_chunk_to_part() -> None:
         layout.part_length(size, MiB, 0)
 
 
-def test_empty_file_is_one_empty_part_and_no_digests() -> None:
+def test_empty_file_is_one_empty_part_and_no_digest() -> None:
     assert layout.part_count(0, MiB) == 1
     assert layout.part_length(0, MiB, 1) == 0
-    assert layout.digests_size(0, MiB) == 0
-    assert layout.digests_size(MiB + 1, MiB) == 64
+    assert layout.digests_size(0, MiB) == SEALED  # no digest, sealed
+    assert layout.digests_size(MiB + 1, MiB) == 64 + SEALED
 
 
 def test_huge_files_stay_within_s3_part_limit() -> None:
@@ -60,7 +113,7 @@ def test_huge_files_stay_within_s3_part_limit() -> None:
     for chunk in (64 * KiB, MiB):
         count = layout.part_count(size, chunk)
         assert count <= layout.MAX_PARTS
-        assert layout.part_size(size, chunk) % chunk == 0
+        assert layout.part_size(size, chunk) % (chunk + SEALED) == 0
         assert layout.part_size(size, chunk) <= 5 * GiB  # S3's largest part
 
 

@@ -138,6 +138,33 @@ def test_a_corrupt_chunk_is_neither_written_nor_journaled(tmp_path: Path) -> Non
     assert (again.request.ranges[0].file_index, again.request.ranges[0].first_chunk) == (0, 0)
 
 
+def test_a_chunk_its_path_refuses_is_treated_like_a_corrupt_one(tmp_path: Path) -> None:
+    """What the store path does with a sealed chunk that does not open."""
+    s = Setup(tmp_path)
+    stream = s.intake.open_stream()
+    s.ask(stream)
+    ev = ChunkStart(0, 1, chunk_digest(piece(0, 1)), CHUNK)
+    verdicts: list[bool] = []
+
+    def verdict(ok: bool) -> list[int]:
+        assert s.intake.lock.locked()  # given holding the lock, as Intake.chunk does
+        verdicts.append(ok)
+        return s.session.chunk_done(stream, ev, ok)
+
+    with s.intake.lock:
+        s.session.chunk_start(stream, ev)
+    s.intake.refuse(verdict)
+    assert verdicts == [False]
+    assert s.recorder.log == []
+    assert not s.sink.has_temp(0)
+    assert s.recovered().unsure == {}
+    assert (s.session.retries, s.intake.bytes_verified) == (1, 0)
+    with s.intake.lock:  # asked for again, like a chunk that failed its digest
+        again = s.session.request(stream)
+    assert again is not None
+    assert (again.request.ranges[0].file_index, again.request.ranges[0].first_chunk) == (0, 1)
+
+
 def test_a_chunk_that_cannot_be_written_is_not_journaled_nor_counted(tmp_path: Path) -> None:
     s = Setup(tmp_path, full=True)
     stream = s.intake.open_stream()
