@@ -378,8 +378,13 @@ class Client:
                 if on_words is not None:
                     on_words(key.verification_words())
                 if not session.sender.key_confirmation:
-                    await link.confirm_key(session.name, key.confirmation(PeerRole.RECEIVER))
-                    session = await wait_confirmed(link, session, self.stall_timeout)
+                    proof = key.confirmation(PeerRole.RECEIVER)
+                    session = await wait_confirmed(
+                        link,
+                        session,
+                        self.stall_timeout,
+                        first=functools.partial(link.confirm_key, session.name, proof),
+                    )
             session = await check_offer(link, session, key)
         except BaseException:
             await link.close()

@@ -96,17 +96,26 @@ def over(session: broker_pb2.Session) -> TransferOver:
 
 
 async def wait_confirmed(
-    link: BrokerLink, session: broker_pb2.Session, patience: float
+    link: BrokerLink,
+    session: broker_pb2.Session,
+    patience: float,
+    first: Callable[[], Awaitable[object]] | None = None,
 ) -> broker_pb2.Session:
     """The receiver's view of ``session`` once the sender has confirmed the key (which shows
     the offer), or TransferOver / TamperedError if it ends first, or Stalled after
-    ``patience`` seconds (a sender that is gone: the claim can be repeated later)."""
+    ``patience`` seconds (a sender that is gone: the claim can be repeated later).
+
+    ``first`` (the receiver's own ConfirmKey) runs once the watch is open, so that the
+    sender's answer cannot come between the two and no round trip waits for another."""
     remaining = session.expire_time.ToDatetime().timestamp() - time.time() + 5
     async for current in watch(link, session.name, max(min(remaining, patience), 1.0)):
         if current.sender.key_confirmation:
             return current
         if current.state in FINAL:
             raise over(current)
+        if first is not None:
+            await first()
+            first = None
     raise Stalled(
         f"the sender did not answer the claim within {patience:g} s (is it still running?); "
         "run the same command again to wait for it again"
