@@ -36,7 +36,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ferry.client._channel import ChannelTLS, open_channel, parse_broker_address
-from ferry.client._tlsprobe import diagnose
 from ferry.errors import FerryError
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
@@ -205,6 +204,8 @@ class BrokerLink:
         """BrokerTLSError if the broker is unavailable for a reason of TLS (see _tlsprobe)."""
         if self._target is None:
             return  # a channel handed in: nothing to probe
+        from ferry.client._tlsprobe import diagnose  # only after a failure: off the start-up
+
         problem = await diagnose(self._target, self._tls, min(self.timeout, 3.0))
         if problem is not None:
             raise BrokerTLSError(problem.message, problem.kind, problem.verify_code) from None
