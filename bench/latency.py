@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--wormhole", action="store_true", help="measure magic-wormhole too")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="wormhole's virtualenv")
     ns = parser.parse_args()
+    # Users' installs have their bytecode cached; without it every run compiles Ferry anew
+    # (+0.1 s here), and new modules look dearer than they are.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     if ns.size < 0 or ns.runs <= 0:
         parser.error("--runs must be positive, --size not negative")
     with tempfile.TemporaryDirectory(prefix="ferry-bench-latency-") as tmp:
