@@ -396,6 +396,12 @@ class Fallback:
             known = parsed and self.broker.store.get_upload(*parsed)
             if known and known.upload_id == upload.upload_id:
                 continue  # its session's cleanup owns it
+            owner = parsed and self.broker.store.get_session(parsed[0])
+            if owner and owner.session.state not in states.FINAL_STATES:
+                # A live session's: perhaps just created and not recorded yet (StartStoreUpload
+                # awaits S3 in between), and some servers (moto) report no true initiation
+                # time. Once the session is over, a later sweep takes it.
+                continue
             try:
                 await self.objects.abort_upload(upload.key, upload.upload_id)
             except Unsupported:

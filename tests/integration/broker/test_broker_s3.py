@@ -471,6 +471,26 @@ async def test_stale_uploads_are_aborted(
     )
 
 
+async def test_a_live_sessions_unrecorded_upload_waits_for_its_end(
+    s3_env: S3Server, broker_factory: BrokerFactory, channel_to: list[grpc.aio.Channel]
+) -> None:
+    """An upload under a live session that the store has not recorded (StartStoreUpload
+    between S3's answer and its record, or a crash there) is left while the session lives,
+    and aborted by a sweep once it is over."""
+    prefix = "unrecorded/"
+    broker = broker_factory(*s3_env.broker_args(prefix), "--s3-stale-sweep-interval", "0.2")
+    stub = _stub(broker, channel_to)
+    name, token = await _offer(stub)
+    key = f"{prefix}{name.removeprefix('sessions/')}/0"
+    s3_env.client().create_multipart_upload(Bucket=s3_env.bucket, Key=key)
+    await asyncio.sleep(0.8)  # several sweeps
+    assert _uploads(s3_env, prefix) == [key]
+    await stub.CancelSession(
+        broker_pb2.CancelSessionRequest(name=name, reason="test"), metadata=_auth(token), timeout=T
+    )
+    await _until(lambda: _uploads(s3_env, prefix) == [], timeout=10)
+
+
 async def test_without_s3_the_fallback_is_unavailable(
     broker: BrokerProcess, channel_to: list[grpc.aio.Channel]
 ) -> None:
