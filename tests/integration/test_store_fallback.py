@@ -440,22 +440,28 @@ def _under(s3: S3Server, prefix: str) -> list[str]:
     return [o["Key"] for o in objects] + [f"upload {u['Key']}" for u in uploads]
 
 
+TTL = 5
+
+
 @pytest.mark.slow
 def test_an_offer_nobody_takes_expires_and_the_store_is_emptied(
     cli: Cli, tmp_path: Path, s3_server: S3Server
 ) -> None:
-    """`send --via store --ttl 2`, and no receiver: at expiry the broker deletes the stored
-    objects (a completed upload) and aborts the multipart upload (one killed halfway)."""
+    """`send --via store --ttl 5`, and no receiver: at expiry the broker deletes the stored
+    objects (a completed upload) and aborts the multipart upload (one killed halfway).
+
+    5 s, not less: the small file's whole store-and-forward (offer, key confirmation, sealed
+    upload) must end before its URLs expire with the session, on a loaded CI machine too."""
     small = _source(tmp_path / "small.bin", 3 * MiB + 1)
     big = _source(tmp_path / "big.bin", 96 * MiB)
-    stored = cli.run("sender-a", "send", str(small), "--json", "--via", "store", "--ttl", "2")
-    halfway = cli.run("sender-b", "send", str(big), "--json", "--via", "store", "--ttl", "2")
+    stored = cli.run("sender-a", "send", str(small), "--json", "--via", "store", "--ttl", str(TTL))
+    halfway = cli.run("sender-b", "send", str(big), "--json", "--via", "store", "--ttl", str(TTL))
     prefixes = [
         f"ferry/{proc.line()['session'].removeprefix('sessions/')}/" for proc in (stored, halfway)
     ]
     started = time.monotonic()
     while _lists_uploads(s3_server) and _parts_stored(s3_server, prefixes[1]) < 1:
-        assert time.monotonic() < started + 2, "no part of the big file stored before expiry"
+        assert time.monotonic() < started + TTL, "no part of the big file stored before expiry"
         time.sleep(0.01)
     assert halfway.proc is not None
     halfway.proc.send_signal(signal.SIGKILL)
@@ -465,8 +471,8 @@ def test_an_offer_nobody_takes_expires_and_the_store_is_emptied(
     assert _last(lines, err)["event"] == "stored"
     assert sorted(_under(s3_server, prefixes[0])) == [f"{prefixes[0]}0", f"{prefixes[0]}0.digests"]
 
-    # Expiry at 2 s, sweeps every 0.2 s: both prefixes are empty well within 10 s.
-    deadline = time.monotonic() + 10
+    # Expiry at 5 s, sweeps every 0.2 s: both prefixes are empty well within 10 s of now.
+    deadline = time.monotonic() + TTL + 10
     while left := _under(s3_server, prefixes[0]) + _under(s3_server, prefixes[1]):
         assert time.monotonic() < deadline, f"still in the bucket after expiry: {left}"
         time.sleep(0.1)
