@@ -35,7 +35,6 @@ from ferry.client._candidates import peer_info
 from ferry.client._channel import ChannelTLS, parse_broker_address
 from ferry.client._errors import (
     SourceChangedError,
-    TamperedError,
     TransferOver,
 )
 from ferry.client._events import (
@@ -51,7 +50,9 @@ from ferry.client._keys import (
     burn,
     check_offer,
     confirm_as_sender,
+    receiver_key,
     sign,
+    tampered,
     wait_confirmed,
 )
 from ferry.client._outgoing import Outgoing
@@ -66,7 +67,6 @@ from ferry.files import (
     scan_sources,
 )
 from ferry.protocol.pake import (
-    TAMPERED,
     Code,
     KeyExchange,
     KeyMismatch,
@@ -319,14 +319,9 @@ class Client:
         if not session.sender.key_confirmation:
             return exchange, None  # the receiver's proof (if any) is checked in transfer()
         try:
-            key = KeyExchange.restore(PeerRole.SENDER, pake_state).finish(
-                session.receiver.pake_message
-            )
-            key.check_confirmation(PeerRole.RECEIVER, session.receiver.key_confirmation)
+            return exchange, receiver_key(exchange, session)
         except KeyMismatch:
-            await burn(link, session)
-            raise TamperedError(TAMPERED) from None
-        return exchange, key
+            raise await tampered(link, session) from None
 
     async def claim(
         self,
@@ -373,8 +368,7 @@ class Client:
                 try:
                     key = exchange.finish(session.sender.pake_message)
                 except KeyMismatch:
-                    await burn(link, session)
-                    raise TamperedError(TAMPERED) from None
+                    raise await tampered(link, session) from None
                 if on_words is not None:
                     on_words(key.verification_words())
                 if not session.sender.key_confirmation:

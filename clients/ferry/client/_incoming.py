@@ -242,9 +242,8 @@ class Incoming:
                     self.session = await self._link.get(self.name)
                 if self.session.state not in FINAL:
                     raise
-                sink.discard()
-                sink.discard_leftovers()
                 journal.remove()
+                sink.discard()
                 raise over(self.session) from None
             # One intake for every path (direct, store) of this transfer.
             intake = Intake(receive, sink, journal)

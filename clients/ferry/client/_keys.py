@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from ferry.client._broker import BrokerError, BrokerLink
 from ferry.client._errors import Stalled, TamperedError, TransferOver
 from ferry.client._session import FINAL, State, ended, watch
-from ferry.protocol.pake import TAMPERED, KeyMismatch, PeerRole, SessionKey
+from ferry.protocol.pake import TAMPERED, KeyExchange, KeyMismatch, PeerRole, SessionKey
 from ferry.v1 import broker_pb2
 
 __all__ = [
@@ -37,7 +37,9 @@ __all__ = [
     "check_offer",
     "confirm_as_sender",
     "over",
+    "receiver_key",
     "sign",
+    "tampered",
     "wait_confirmed",
 ]
 
@@ -53,6 +55,20 @@ async def burn(link: BrokerLink, session: broker_pb2.Session, reason: str = TAMP
             await link.cancel(session.name, reason)
         else:
             await link.report_failed(session.name, reason)
+
+
+async def tampered(link: BrokerLink, session: broker_pb2.Session) -> TamperedError:
+    """Burn ``session`` because a check under the key failed; the error to raise."""
+    await burn(link, session)
+    return TamperedError(TAMPERED)
+
+
+def receiver_key(exchange: KeyExchange, session: broker_pb2.Session) -> SessionKey:
+    """The sender's key from the receiver's PAKE message in ``session``, once the receiver's
+    proof of it checks (KeyMismatch if either fails)."""
+    key = exchange.finish(session.receiver.pake_message)
+    key.check_confirmation(PeerRole.RECEIVER, session.receiver.key_confirmation)
+    return key
 
 
 async def confirm_as_sender(
@@ -83,8 +99,7 @@ async def check_certificate(
     try:
         key.check_certificate(role, peer.certificate_der, peer.certificate_mac)
     except KeyMismatch:
-        await burn(link, session)
-        raise TamperedError(TAMPERED) from None
+        raise await tampered(link, session) from None
     return peer.certificate_der
 
 
@@ -130,7 +145,6 @@ async def check_offer(
     try:
         key.check_confirmation(PeerRole.SENDER, session.sender.key_confirmation, session.manifest)
     except KeyMismatch:
-        await burn(link, session)
-        raise TamperedError(TAMPERED) from None
+        raise await tampered(link, session) from None
     await check_certificate(link, session, key, PeerRole.SENDER)
     return session

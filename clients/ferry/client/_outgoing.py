@@ -30,7 +30,15 @@ from ferry.client._events import (
     files_of,
     path_of,
 )
-from ferry.client._keys import VerifyWords, burn, check_certificate, confirm_as_sender, over
+from ferry.client._keys import (
+    VerifyWords,
+    burn,
+    check_certificate,
+    confirm_as_sender,
+    over,
+    receiver_key,
+    tampered,
+)
 from ferry.client._send import (
     SendCounter,
     SendPeer,
@@ -202,34 +210,32 @@ class Outgoing:
 
     async def _confirm_claim(self, session: broker_pb2.Session) -> None:
         """The receiver proved the code: check its proof, then prove ours (and vouch for the
-        manifest and our certificate), which shows it the offer. A wrong proof burns it."""
-        async with self._confirming:  # the responder and transfer() may both get here
-            await self._confirm_claim_once(session)
+        manifest and our certificate), which shows it the offer. A wrong proof burns it.
 
-    async def _confirm_claim_once(self, session: broker_pb2.Session) -> None:
-        if self._confirmed:
-            return
-        if self._refused is not None:
-            raise self._refused
-        if self._key is None:
-            assert self._exchange is not None  # an offer has one or the other
-            try:
-                key = self._exchange.finish(session.receiver.pake_message)
-                key.check_confirmation(PeerRole.RECEIVER, session.receiver.key_confirmation)
-            except KeyMismatch:
-                self._refused = TamperedError(TAMPERED)
-                await burn(self._link, session)
-                raise self._refused from None
-            if self._verify is not None and not await self._verify(key.verification_words()):
-                reason = "the verification words did not match"
-                self._refused = TamperedError(f"{reason}: {TAMPERED}")
-                await burn(self._link, session, reason)
+        The responder and transfer() may both get here: the lock makes it happen once, and
+        a refusal is raised again to whichever comes second."""
+        async with self._confirming:
+            if self._confirmed:
+                return
+            if self._refused is not None:
                 raise self._refused
-            self._key = key
-        self.session = await confirm_as_sender(
-            self._link, self.session, self._key, self._identity.cert_der
-        )
-        self._confirmed = True
+            if self._key is None:
+                assert self._exchange is not None  # an offer has one or the other
+                try:
+                    key = receiver_key(self._exchange, session)
+                except KeyMismatch:
+                    self._refused = await tampered(self._link, session)
+                    raise self._refused from None
+                if self._verify is not None and not await self._verify(key.verification_words()):
+                    reason = "the verification words did not match"
+                    self._refused = TamperedError(f"{reason}: {TAMPERED}")
+                    await burn(self._link, session, reason)
+                    raise self._refused
+                self._key = key
+            self.session = await confirm_as_sender(
+                self._link, self.session, self._key, self._identity.cert_der
+            )
+            self._confirmed = True
 
     async def wait_accepted(self) -> broker_pb2.Session:
         """Wait until the receiver accepts; raise TransferError on decline or expiry."""
@@ -370,8 +376,7 @@ class Outgoing:
                     break
                 served = session.attempt
                 if self._key is None:  # accepted, yet nobody proved the code: not our receiver
-                    await burn(self._link, session)
-                    raise TamperedError(TAMPERED)
+                    raise await tampered(self._link, session)
                 der = await check_certificate(self._link, session, self._key, PeerRole.RECEIVER)
                 peer = SendPeer(
                     self.name,

@@ -396,9 +396,7 @@ class Broker:
             )
         now = self.clock()
         expire_s = now + self.config.session_ttl_s
-        kept = (session.receiver.pake_message, session.receiver.key_confirmation)  # set once
-        session.receiver.CopyFrom(_with_reflexive(receiver, peer_ip))
-        session.receiver.pake_message, session.receiver.key_confirmation = kept
+        _update_peer(session.receiver, receiver, peer_ip)
         session.expire_time.CopyFrom(timestamp(expire_s))
         return self._negotiate(record, outcome, expire_s, now)  # attempt 0 -> 1
 
@@ -416,10 +414,7 @@ class Broker:
         validation.check_peer(peer, party.value)
         session = record.session
         outcome = states.apply(session.state, session.claimed, Event.RESUME, party)
-        mine = session.sender if party is Party.SENDER else session.receiver
-        kept = (mine.pake_message, mine.key_confirmation)  # set once, never by a resume
-        mine.CopyFrom(_with_reflexive(peer, peer_ip))
-        mine.pake_message, mine.key_confirmation = kept
+        _update_peer(session.sender if party is Party.SENDER else session.receiver, peer, peer_ip)
         if outcome.state == states.OFFERED:
             return view(self._commit(record, outcome), party)
         return self._negotiate(record, outcome, record.expire_s, self.clock())
@@ -623,6 +618,15 @@ class Broker:
             self.store.release_lease(record.session_id)
         self.hub.publish(record.session_id, record.version, session)
         return session
+
+
+def _update_peer(stored: broker_pb2.PeerInfo, peer: broker_pb2.PeerInfo, ip: str | None) -> None:
+    """Replace a party's connection details with ``peer``'s (and the address the broker
+    observed), keeping what is set once and never by a later call: its PAKE message and
+    key confirmation (ClaimOffer, ConfirmKey)."""
+    kept = (stored.pake_message, stored.key_confirmation)
+    stored.CopyFrom(_with_reflexive(peer, ip))
+    stored.pake_message, stored.key_confirmation = kept
 
 
 def _with_reflexive(peer: broker_pb2.PeerInfo, ip: str | None) -> broker_pb2.PeerInfo:
