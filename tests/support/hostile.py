@@ -3,7 +3,8 @@
 `HostileSender` registers an offer of in-memory files through `BrokerLink` (its own
 certificate, candidate 127.0.0.1, a port range chosen per test), waits on WatchSession for
 the receiver's acceptance, listens with pinned TLS on the first free port of the leased
-range, answers each Hello properly, and then answers chunk requests according to its
+range, checks each connection's knock (it holds the code, so the session key), answers each
+Hello properly, and then answers chunk requests according to its
 `Mode`: honestly, or with bad digests, wrong lengths, unasked-for chunks, garbage bytes, a
 hang-up, or (before any of that) another TLS certificate than the one it registered.
 
@@ -43,7 +44,8 @@ from ferry.protocol import (
     file_digest,
     hello,
 )
-from ferry.protocol.pake import Code, KeyExchange, PeerRole
+from ferry.protocol.knock import KNOCK_SIZE, BadKnock, Knocker
+from ferry.protocol.pake import Code, KeyExchange, PeerRole, SessionKey
 from ferry.v1 import broker_pb2, peer_pb2
 
 __all__ = [
@@ -60,6 +62,7 @@ _ACCEPT_POLL = 0.1
 _IO_TIMEOUT = 120.0  # longer than the receiver's, so its timeouts are what tests see
 _HANDSHAKE_TIMEOUT = 5.0
 _STARTUP_TIMEOUT = 20.0
+_ATTEMPTS = 8  # connection attempts whose knocks open its one listener
 State = broker_pb2.Session.State
 
 
@@ -165,6 +168,7 @@ class HostileSender:
         # It knows the code: it is the peer, hostile in the protocol, not in the middle.
         self._password = Code.new_password()[0]
         self._exchange = KeyExchange(PeerRole.SENDER, self._password)
+        self._key: SessionKey | None = None
         # Filled in as it runs.
         self.code = ""
         self._manifest = broker_pb2.Manifest()
@@ -173,6 +177,7 @@ class HostileSender:
         self.port = 0
         self.accepted: broker_pb2.Session | None = None
         self.tcp_connections = 0
+        self.knock_failures = 0
         self.tls_failures = 0
         self.handshakes = 0
         self.hellos = 0
@@ -286,6 +291,7 @@ class HostileSender:
             if session.state == State.STATE_OFFERED:
                 if session.receiver.key_confirmation and not session.sender.key_confirmation:
                     key = self._exchange.finish(session.receiver.pake_message)
+                    self._key = key
                     await link.confirm_key(
                         self.name,
                         key.confirmation(PeerRole.SENDER, self._manifest),
@@ -303,6 +309,13 @@ class HostileSender:
         receiver_der = session.receiver.certificate_der
         tls_identity = Identity.generate() if self.mode is Mode.WRONG_CERT else self.identity
         context = server_context(tls_identity, receiver_der)
+        assert self._key is not None  # the receiver proved the code before accepting
+        # It listens on for every attempt the receiver may negotiate (it never follows
+        # them as a real sender does): the knock of any of the first few opens the door.
+        knockers = [
+            Knocker(self._key.knock_key, self.name, attempt)
+            for attempt in range(session.attempt, session.attempt + _ATTEMPTS)
+        ]
         ports = session.plan.listener_ports
         listener = None
         for port in range(ports.first_port, ports.last_port + 1):
@@ -329,7 +342,9 @@ class HostileSender:
                     self.tcp_connections += 1
                     self._raws.add(raw)
                 t = threading.Thread(
-                    target=self._connection, args=(raw, context, receiver_der), daemon=True
+                    target=self._connection,
+                    args=(raw, context, receiver_der, knockers),
+                    daemon=True,
                 )
                 self._conn_threads.append(t)
                 t.start()
@@ -356,10 +371,22 @@ class HostileSender:
 
     # -- one connection ---------------------------------------------------------------
 
-    def _connection(self, raw: socket.socket, context: ssl.SSLContext, receiver_der: bytes) -> None:
+    def _connection(
+        self,
+        raw: socket.socket,
+        context: ssl.SSLContext,
+        receiver_der: bytes,
+        knockers: Sequence[Knocker],
+    ) -> None:
         conn: PeerConnection | None = None
         try:
             raw.settimeout(_HANDSHAKE_TIMEOUT)
+            try:
+                _check_knock(_read_knock(raw), knockers)
+            except (OSError, BadKnock):
+                with self._lock:
+                    self.knock_failures += 1
+                return
             try:
                 sock = context.wrap_socket(raw, server_side=True)
                 verify_peer(sock, receiver_der)
@@ -477,3 +504,24 @@ class HostileSender:
             digest = bytes(b ^ 0xFF for b in digest)
         message.file_end.digest = digest
         return message
+
+
+def _check_knock(knock: bytes, knockers: Sequence[Knocker]) -> None:
+    """Pass if ``knock`` is right for one of the attempts of ``knockers``; BadKnock if not."""
+    for knocker in knockers[:-1]:
+        with contextlib.suppress(BadKnock):
+            knocker.check(knock)
+            return
+    knockers[-1].check(knock)
+
+
+def _read_knock(raw: socket.socket) -> bytes:
+    """The knock a receiver opens its connection with (as the real sender's gate reads it,
+    only blocking: this sender is no target)."""
+    knock = b""
+    while len(knock) < KNOCK_SIZE:
+        data = raw.recv(KNOCK_SIZE - len(knock))
+        if not data:
+            raise ConnectionError("closed before the knock")
+        knock += data
+    return knock

@@ -71,6 +71,7 @@ from ferry.protocol import (
     file_digest,
 )
 from ferry.protocol.journal import manifest_fingerprint
+from ferry.protocol.knock import Knocker
 from ferry.protocol.pake import PeerRole, SessionKey
 from ferry.v1 import broker_pb2
 
@@ -463,6 +464,7 @@ class Incoming:
                 intake,
                 client_context(identity, der),
                 der,
+                Knocker(self.key.knock_key, self.name, session.attempt),
                 streams=session.plan.stream_count or 1,
                 stall_timeout=patience,
             )

@@ -70,6 +70,7 @@ from ferry.protocol import (
     ProtocolError,
     SendSession,
 )
+from ferry.protocol.knock import Knocker
 from ferry.protocol.pake import TAMPERED, KeyExchange, KeyMismatch, PeerRole, SessionKey
 from ferry.v1 import broker_pb2
 
@@ -385,6 +386,7 @@ class Outgoing:
                     counter,
                     server_context(self._identity, der),
                     der,
+                    Knocker(self._key.knock_key, self.name, served),
                     on_pause=paused,
                 )
                 ports = session.plan.listener_ports

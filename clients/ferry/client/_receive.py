@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -36,6 +37,7 @@ from ferry.protocol import (
     ProtocolError,
     ReceiverConnection,
 )
+from ferry.protocol.knock import NONCE_SIZE, Knocker
 
 __all__ = ["ReceivePeer"]
 
@@ -54,16 +56,20 @@ class ReceivePeer:
         intake: Intake,
         context: ssl.SSLContext,
         peer_der: bytes,
+        knocker: Knocker,
         *,
         streams: int,
         stall_timeout: float = 30.0,
     ) -> None:
+        """``knocker``: the knocks of this attempt; each connection opens with one, which
+        the sender's listener checks before it spends anything on the connection."""
         self.session_name = name
         self.intake = intake
         self.session = intake.session  # called only holding intake.lock
         self.chunk_size = intake.chunk_size
         self.context = context
         self.peer_der = peer_der
+        self.knocker = knocker
         self.streams = max(1, streams)
         self.stall_timeout = stall_timeout
         self.events = 0  # frames received: the stall watchdog's measure of progress
@@ -77,10 +83,11 @@ class ReceivePeer:
     def _dial(
         self, address: tuple[str, int], stream: int, timeout: float = _CONNECT_TIMEOUT
     ) -> tuple[PeerConnection, ReceiverConnection]:
-        """Connect, handshake and exchange Hello, each step within ``timeout``."""
+        """Connect, knock, handshake and exchange Hello, each step within ``timeout``."""
         raw = socket.create_connection(address, timeout=timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.sendall(self.knocker.knock(stream, os.urandom(NONCE_SIZE)))
             sock = self.context.wrap_socket(raw, server_side=False)
             try:
                 verify_peer(sock, self.peer_der)

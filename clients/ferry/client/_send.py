@@ -1,10 +1,13 @@
 """The sender's data path: listen on a leased port, serve chunk requests on each stream.
 
-Threads, blocking sockets: one thread accepts, one thread per connection. Each connection
-thread moves bytes between its socket and a `SenderConnection` (the conversation's rules,
-the queue of requested chunks); between chunks it takes any new request that has arrived,
-so the receiver's window keeps the pipe full. Each chunk is read from the `Source` (with
-`preadv`) into a reused buffer behind its frame head, hashed, and sent in one `sendall`.
+One thread accepts, through the `Gate`: no thread and no TLS work for a connection until
+it has knocked with the session's knock (a stranger's connections cost a descriptor for
+a couple of seconds at most, and only so many at once). Each connection that knocked gets
+a thread, up to `MAX_SERVED` at once, which moves bytes between its socket and a
+`SenderConnection` (the conversation's rules, the queue of requested chunks); between
+chunks it takes any new request that has arrived, so the receiver's window keeps the pipe
+full. Each chunk is read from the `Source` (with `preadv`) into a reused buffer behind its
+frame head, hashed, and sent in one `sendall`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import ssl
 import threading
 from collections.abc import Callable
 
+from ferry.client._gate import Gate, GateLimits
 from ferry.client._source import Source, SourceChanged, digest_file
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
@@ -23,13 +27,16 @@ from ferry.protocol import (
     Finished,
     PeerAborted,
     ProtocolError,
+    RemoteProtocolError,
     SenderConnection,
     SendSession,
     chunk_digest,
 )
 from ferry.protocol.frames import CHUNK_HEAD_SIZE, HEADER_SIZE
+from ferry.protocol.knock import Knocker
 
 __all__ = [
+    "MAX_SERVED",
     "SendCounter",
     "SendPeer",
     "SourceChanged",
@@ -38,7 +45,11 @@ __all__ = [
 
 _HEAD = HEADER_SIZE + CHUNK_HEAD_SIZE
 _ACCEPT_POLL = 0.2
+_HANDSHAKE_TIMEOUT = 10.0  # TLS and Hello, once the connection knocked
 _IO_TIMEOUT = 60.0
+#: Connections that knocked, served at once (the receiver opens a few streams, and dials
+#: each address it has for the sender: more is a misbehaving receiver).
+MAX_SERVED = 64
 
 
 class SendCounter:
@@ -63,8 +74,13 @@ class SendPeer:
         counter: SendCounter,
         context: ssl.SSLContext,
         peer_der: bytes,
+        knocker: Knocker,
         on_pause: Callable[[str], None] | None = None,
+        limits: GateLimits | None = None,
     ) -> None:
+        """``knocker``: the knocks of this attempt (under the session key): a connection
+        that does not open with one is closed before any TLS. ``limits``: the gate's (from
+        the environment by default, see `GateLimits.from_env`)."""
         self.session_name = name
         self.source = source
         self.sizes = source.sizes
@@ -72,6 +88,8 @@ class SendPeer:
         self.chunk_size = session.chunk_size
         self.context = context
         self.peer_der = peer_der
+        self.knocker = knocker
+        self.limits = limits or GateLimits.from_env()
         self.session = session
         self.counter = counter
         self.finished = threading.Event()
@@ -110,17 +128,27 @@ class SendPeer:
         """
         listener = self._listener
         assert listener is not None, "bind() first"
-        listener.settimeout(_ACCEPT_POLL)
         threads: list[threading.Thread] = []
-        try:
-            while not (self.finished.is_set() or cancel.is_set() or self.error):
-                try:
-                    raw, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                t = threading.Thread(target=self._serve, args=(raw,), daemon=True)
+
+        def admit(raw: socket.socket, stream: int) -> None:
+            threads[:] = [t for t in threads if t.is_alive()]
+            if len(threads) >= MAX_SERVED:
+                raw.close()
+                return
+            t = threading.Thread(target=self._serve, args=(raw, stream), daemon=True)
+            try:
                 t.start()
-                threads.append(t)
+            except RuntimeError:  # no thread to be had now: the receiver dials again
+                raw.close()
+                return
+            threads.append(t)
+
+        gate = Gate(listener, self.knocker, admit, self.limits)
+        try:
+            gate.run(
+                lambda: self.finished.is_set() or cancel.is_set() or self.error is not None,
+                _ACCEPT_POLL,
+            )
         finally:
             listener.close()
             with self._lock:
@@ -137,23 +165,23 @@ class SendPeer:
 
     # -- one connection ---------------------------------------------------------------
 
-    def _serve(self, raw: socket.socket) -> None:
+    def _serve(self, raw: socket.socket, stream: int) -> None:
+        """Serve one connection that knocked for ``stream``."""
         try:
-            raw.settimeout(_IO_TIMEOUT)
+            raw.settimeout(_HANDSHAKE_TIMEOUT)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_side=True)
             verify_peer(sock, self.peer_der)
         except (OSError, ssl.SSLError, PeerAuthError):
-            # Not our receiver (or a scanner): drop it without a word.
+            # Not our receiver after all (a replayed knock): drop it without a word.
             raw.close()
             return
-        self.connected.set()
         wire = PeerConnection(sock, max_payload=self.chunk_size)
         conn = SenderConnection(self.session_name, self.session)
         with self._lock:
             self._conns.add(wire)
         try:
-            self._converse(wire, conn)
+            self._converse(wire, conn, stream)
         except PeerGone:
             pass  # the receiver re-requests this stream's chunks on its other streams
         except PeerAborted as exc:
@@ -171,8 +199,14 @@ class SendPeer:
                 self._conns.discard(wire)
             wire.close()
 
-    def _converse(self, wire: PeerConnection, conn: SenderConnection) -> None:
+    def _converse(self, wire: PeerConnection, conn: SenderConnection, stream: int) -> None:
         wire.read_event(conn)  # Greeted, or it raised
+        if conn.stream != stream:
+            raise RemoteProtocolError(
+                f"the receiver knocked for stream {stream} and said Hello for {conn.stream}"
+            )
+        self.connected.set()
+        wire.sock.settimeout(_IO_TIMEOUT)
         wire.send_bytes(conn.send_hello())
         buffer = memoryview(bytearray(_HEAD + self.chunk_size))
         while True:

@@ -51,7 +51,7 @@ from ferry.protocol.frames import (
 )
 from ferry.protocol.handshake import abort, aborted, check_hello, done, hello
 from ferry.protocol.receiver import ReceiveSession
-from ferry.protocol.sender import ChunkWork, SendSession
+from ferry.protocol.sender import MAX_OUTSTANDING_CHUNKS, ChunkWork, SendSession
 from ferry.v1 import peer_pb2
 
 __all__ = ["ReceiverConnection", "SenderConnection"]
@@ -239,7 +239,11 @@ class ReceiverConnection(_Connection):
 
 
 class SenderConnection(_Connection):
-    """The sender's end of one stream: answers Hello, queues requested chunks, sends them."""
+    """The sender's end of one stream: answers Hello, queues requested chunks, sends them.
+
+    The queue (`work`) holds at most `MAX_OUTSTANDING_CHUNKS`: a request beyond that window
+    is a protocol error, not more memory.
+    """
 
     role = Role.SENDER
 
@@ -291,6 +295,11 @@ class SenderConnection(_Connection):
         # The table lets only REQUEST, DIGEST_REQUEST and DONE through to here.
         if kind is Kind.REQUEST:
             work = self.session.on_request(message.request)
+            if len(self.work) + len(work) > MAX_OUTSTANDING_CHUNKS:
+                raise RemoteProtocolError(
+                    f"the receiver asked for {len(self.work) + len(work)} chunks not yet sent, "
+                    f"beyond the window of {MAX_OUTSTANDING_CHUNKS}"
+                )
             self.work.extend(work)
             return ChunksRequested(tuple(work))
         if kind is Kind.DIGEST_REQUEST:

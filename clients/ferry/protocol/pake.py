@@ -312,6 +312,12 @@ class SessionKey:
         """The key that seals this session's objects in the store."""
         return self.sub_key(b"ferry/v1 store")
 
+    @property
+    def knock_key(self) -> bytes:
+        """The key of the knocks that open data connections (`ferry.protocol.knock`): a
+        sender's listener lets through only connections that prove it."""
+        return self.sub_key(b"ferry/v1 knock")
+
     def confirmation(self, role: PeerRole, manifest: broker_pb2.Manifest | None = None) -> bytes:
         """``role``'s proof that it holds the key; the sender's also vouches for the
         manifest the broker will show (``manifest``)."""

@@ -18,9 +18,15 @@ from ferry.protocol.frames import MAX_CHUNK_PAYLOAD, LocalProtocolError, RemoteP
 from ferry.protocol.ranges import chunk_count
 from ferry.v1 import peer_pb2
 
-__all__ = ["MAX_REQUEST_CHUNKS", "ChunkWork", "SendSession"]
+__all__ = ["MAX_OUTSTANDING_CHUNKS", "MAX_REQUEST_CHUNKS", "ChunkWork", "SendSession"]
 
+#: The most chunks one ChunkRequest may ask for.
 MAX_REQUEST_CHUNKS = 4096
+#: The window the protocol promises: the most chunks a receiver may have asked for and not
+#: yet been sent on one connection (a receiver's window is at most `MAX_REQUEST_CHUNKS`, and
+#: what it has asked for and not received includes all the sender still owes it). A sender
+#: fails a connection that asks beyond it: its queue of requested chunks stays bounded.
+MAX_OUTSTANDING_CHUNKS = MAX_REQUEST_CHUNKS
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,9 +23,24 @@ class PeerMessage(_message.Message):
     """The peer wire protocol: what a sender and a receiver say to each other on
     their TLS data connection once the broker has introduced them.
 
-    The byte stream is a sequence of frames. Every frame starts with an 8-byte
-    header: type (1 byte), 3 reserved zero bytes, and the body length (4 bytes,
-    big endian).
+    Before TLS, the receiver opens every connection with a knock of 56 bytes;
+    the sender's listener closes a connection that does not (no thread, no TLS
+    work for it first), and after 2 seconds one whose knock is incomplete:
+
+      "FKN" | knock version (1 byte, 1) | stream index (4 bytes, big endian) |
+      nonce (16 random bytes) | MAC (32 bytes)
+
+      MAC = HMAC-SHA256(knock key, "ferry/v1 knock" 0x00 | session name |
+            0x00 | attempt (8 bytes, big endian) | stream index (4) | nonce)
+
+    The knock key is HKDF-SHA256 of the PAKE session key with the label
+    "ferry/v1 knock"; the attempt is Session.attempt of the plan being dialed;
+    the stream index is the one the Hello on that connection names. A nonce is
+    accepted once per attempt.
+
+    After the TLS handshake, the byte stream is a sequence of frames. Every
+    frame starts with an 8-byte header: type (1 byte), 3 reserved zero bytes,
+    and the body length (4 bytes, big endian).
 
       type 1, CONTROL: the body is one serialized PeerMessage.
       type 2, CHUNK:   the body is file_index (4 bytes, big endian),
@@ -37,6 +52,10 @@ class PeerMessage(_message.Message):
     with a CHUNK frame. The receiver verifies every chunk's digest before it
     writes it; once it holds a whole file it sends a DigestRequest, which the
     sender answers with a FileEnd. The receiver ends with Done.
+
+    Window: one ChunkRequest asks for at most 4096 chunks, and a receiver has
+    at most 4096 chunks requested and not yet received on one connection. A
+    sender aborts a connection whose requests go beyond that window.
 
     PeerMessage is the body of a CONTROL frame.
     """
