@@ -207,14 +207,19 @@ def test_existing_file_is_not_overwritten(ferry: FerryFactory, tmp_path: Path) -
 def test_names_are_shown_escaped(ferry: FerryFactory, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    # A control character can't even be offered; the refusal shows it escaped.
+    # A control character is a legal name: it is offered, and the receiver shows it escaped
+    # with the safe name it would be saved under.
     evil = src / "red\x1b[31mALERT\x07.txt"
     evil.write_bytes(b"x")
-    rc, lines, err = ferry("send", str(evil), "--json").finish(30)
+    sender, offered = _offer(ferry, str(evil))
+    receiver = ferry("receive", offered["code"], "--dest", str(tmp_path / "d"))
+    receiver.answer("n")
+    rc, _, err = receiver.finish(30)
     assert rc == 1
-    assert "control character" in _last(lines)["error"]
     assert "\x1b" not in err
-    assert "\\x1b" in err
+    assert "\x07" not in err
+    assert "red\\x1b[31mALERT\\x07.txt  ->  red%1B[31mALERT%07.txt" in err
+    assert sender.finish(30)[0] == 1
     # A bidi override is a legal name, but the receiver shows it escaped.
     tricky = src / "invoice\u202etxt.exe"
     tricky.write_bytes(b"x")

@@ -31,6 +31,7 @@ from ferry.client import (
     Event,
     FerryError,
     Incoming,
+    OfferedFile,
     Outgoing,
     Paused,
     Progress,
@@ -46,6 +47,8 @@ from ferry.files import (
     UnsafePathError,
     escape_name,
     format_size,
+    shown,
+    terminal_line,
 )
 from ferry.protocol import FILE_DIGEST_ALGORITHM
 from ferry.protocol.pake import Code, KeyExchange, PeerRole
@@ -55,6 +58,11 @@ __all__ = ["main"]
 DEFAULT_BROKER = "127.0.0.1:50051"
 DEFAULT_BROKER_WAIT = 300.0
 _DEFAULT_PORTS = f"{DEFAULT_PORTS[0]}-{DEFAULT_PORTS[1]}"
+#: How much of one file name the consent prompt shows (a path may be 4,096 bytes).
+_NAME_CHARS = 1024
+#: How much of a session's failure reason `ferry status --json` passes on (the broker's own
+#: limit; a broker that sends more is cut).
+_REASON_CHARS = 1024
 #: Broker refusals that say, whatever the wording, "this broker does not know that session".
 _UNKNOWN_SESSION = frozenset({"TOKEN_INVALID", "SESSION_NOT_FOUND", "WRONG_SESSION"})
 
@@ -64,12 +72,17 @@ class CliError(FerryError):
 
 
 def _emit(obj: dict[str, Any]) -> None:
+    """One JSON line on stdout. ASCII only (json escapes every control and non-ASCII
+    character), so no string in it can act on a terminal; what a peer or the broker wrote
+    is bounded where it enters (`ferry.files.shown`)."""
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
 
 def _say(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    """One line on stderr, through the terminal guard: whatever a message holds (a peer's
+    reason, a broker's error), no escape sequence and no endless line reaches the terminal."""
+    sys.stderr.write(terminal_line(text) + "\n")
     sys.stderr.flush()
 
 
@@ -128,7 +141,8 @@ class _Events:
             if self.as_json:
                 _emit({"event": "paused", "reason": event.reason})
             else:
-                _say(f"ferry: the receiver paused ({escape_name(event.reason)}); waiting for it")
+                # The library escaped and cut the receiver's words (`shown`) already.
+                _say(f"ferry: the receiver paused ({event.reason}); waiting for it")
             return
         if self.bar is None:
             return
@@ -340,14 +354,23 @@ def _finish(ns: argparse.Namespace, result: TransferResult, verb: str) -> None:
 # -- receive --------------------------------------------------------------------------
 
 
+def _offered_file(f: OfferedFile) -> dict[str, Any]:
+    line: dict[str, Any] = {"path": f.path, "size": f.size}
+    if f.renamed:
+        line["local_path"] = f.local_path  # where it is written (a safe form of "path")
+    return line
+
+
 def _show_offer(ns: argparse.Namespace, incoming: Incoming, dest: Path) -> None:
+    """The offer, before consent: each file's name as offered and, for a name that is not
+    safe here, the name it is saved under (``aux.c -> aux_.c``)."""
     ok, free = incoming.free_space(dest)
     if ns.json:
         _emit(
             {
                 "event": "offer",
                 "session": incoming.name,
-                "files": [{"path": f.path, "size": f.size} for f in incoming.files],
+                "files": [_offered_file(f) for f in incoming.files],
                 "bytes": incoming.total_size,
                 "free_bytes": free,
             }
@@ -358,7 +381,16 @@ def _show_offer(ns: argparse.Namespace, incoming: Incoming, dest: Path) -> None:
             f"(free in {escape_name(str(dest))}: {format_size(free)})"
         )
         for f in incoming.files:
-            _say(f"  {escape_name(f.path)}  {format_size(f.size)}")
+            shown_as = shown(f.path, _NAME_CHARS)
+            if f.renamed:
+                shown_as += f"  ->  {shown(f.local_path, _NAME_CHARS)}"
+            _say(f"  {shown_as}  {format_size(f.size)}")
+        renamed = sum(f.renamed for f in incoming.files)
+        if renamed:
+            _say(
+                f"{renamed} name(s) cannot be written here as they are: saved under the "
+                "name after the arrow"
+            )
     if not ok:
         raise CliError(
             f"not enough free space: {format_size(incoming.total_size)} offered, "
@@ -480,8 +512,9 @@ async def _receive(ns: argparse.Namespace) -> int:
         dest = Path(ns.dest)
         try:
             _show_offer(ns, incoming, dest)
-        except CliError as exc:
-            reason = str(exc)
+        except CliError:
+            # The sender learns why, but not where this side wanted to put the files.
+            reason = "the receiver does not have enough free space"
             if not incoming.accepted:
                 await _cancel_quietly(lambda: incoming.decline(reason))
             raise
@@ -501,14 +534,14 @@ async def _receive(ns: argparse.Namespace) -> int:
                 dest, overwrite=ns.overwrite, on_event=events, via=ns.via
             )
         except (DestinationExistsError, UnsafePathError) as exc:
-            reason = str(exc)
+            reason = str(exc)  # names files by their path in the transfer only
             if not incoming.accepted:
                 await _cancel_quietly(lambda: incoming.decline(reason))
             raise
         finally:
             events.close()
         _finish(ns, result, "Received")
-        _drop_superseded(dest, broker_id, incoming.name, [f.path for f in result.files])
+        _drop_superseded(dest, broker_id, incoming.name, [f.local_path for f in incoming.files])
         return 0
     finally:
         await incoming.close()
@@ -581,7 +614,7 @@ async def _status(ns: argparse.Namespace) -> int:
                 state=broker_pb2.Session.State.Name(session.state).removeprefix("STATE_").lower(),
                 bytes_done=session.bytes_done,
                 bytes=sum(f.size_bytes for f in session.manifest.files),
-                failure_reason=session.failure_reason,
+                failure_reason=session.failure_reason[:_REASON_CHARS],
             )
         if entry.get("dest"):
             line["dest"] = entry["dest"]
@@ -590,7 +623,7 @@ async def _status(ns: argparse.Namespace) -> int:
             continue
         text = f"{name}  {entry['role']}  {line['state']}"
         if line.get("failure_reason"):
-            text += f" ({escape_name(line['failure_reason'])})"
+            text += f" ({shown(line['failure_reason'])})"
         if "bytes" in line:
             text += f"  {format_size(line['bytes_done'])} / {format_size(line['bytes'])}"
         if "error" in line:
@@ -603,7 +636,8 @@ def _digest(ns: argparse.Namespace) -> int:
     from ferry.client import digest_file
 
     for path in ns.files:
-        print(f"{digest_file(path, ns.chunk_size).hex()}  {escape_name(str(path))}")
+        digest = digest_file(path, ns.chunk_size).hex()
+        print(terminal_line(f"{digest}  {escape_name(str(path))}"))
     return 0
 
 
@@ -736,7 +770,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(ns: argparse.Namespace | None, message: str, code: int = 1) -> NoReturn:
-    message = " ".join(message.split())
+    # One line, whatever the error quotes: whitespace collapsed, then the terminal guard
+    # (the JSON line gets the same bounded text).
+    message = terminal_line(" ".join(message.split()))
     if ns is not None and getattr(ns, "json", False):
         _emit({"event": "failed", "error": message})
     _say(f"ferry: error: {message}")

@@ -37,6 +37,7 @@ from grpc_status import rpc_status
 
 from ferry.client._channel import ChannelTLS, open_channel, parse_broker_address
 from ferry.errors import FerryError
+from ferry.files.display import shown
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
 __all__ = ["BrokerError", "BrokerLink", "BrokerTLSError", "LinkFactory"]
@@ -47,6 +48,12 @@ DEFAULT_PATIENCE = 300.0
 COMPLETE_TIMEOUT = 120.0
 _FIRST_PAUSE = 0.2
 _LONGEST_PAUSE = 5.0
+#: How long a claim refused as RATE_LIMITED is tried again, in all (issue 10, finding 3).
+CLAIM_RETRY_S = 60.0
+_CLAIM_FIRST_PAUSE = 1.0
+_CLAIM_LONGEST_PAUSE = 8.0
+#: How much of a refusal's text (the broker's, or gRPC's) an error message quotes.
+_DETAILS_CHARS = 1000
 #: Codes that say nothing about the call itself: the broker was not there, or not in time.
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _Response = TypeVar("_Response")
@@ -89,14 +96,16 @@ class BrokerError(FerryError):
                     detail.Unpack(info)
                     reason = info.reason
         code = err.code()
+        # The broker's words are untrusted like a peer's: escaped and cut before they are shown.
+        details = shown(err.details() or "", _DETAILS_CHARS)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
             return cls(
                 code,
-                f"{what}: the broker cannot be reached ({err.details()})",
+                f"{what}: the broker cannot be reached ({details})",
                 reason,
                 retried=retried,
             )
-        return cls(code, f"{what}: {err.details()}", reason, retried=retried)
+        return cls(code, f"{what}: {details}", reason, retried=retried)
 
 
 class BrokerTLSError(BrokerError):

@@ -25,11 +25,21 @@
 A plain TransferError is everything else that a rerun of the same command may fix (the broker
 was unreachable for longer than the client waits, the object store failed): the message says
 so. Every message is a sentence for people; `ferry` prints it after ``ferry: error:``.
+
+What comes from the other side is untrusted: a message that quotes the peer's or the
+broker's words (an Abort's reason, a decline or failure reason) quotes them through
+`ferry.files.shown` -- escaped and cut -- (`told`). What goes to the other side says nothing
+about this machine's file system (`for_peer`): names only as the transfer has them, never
+a destination folder, a home directory or a user name.
 """
 
 from __future__ import annotations
 
+import os
+
 from ferry.errors import FerryError
+from ferry.files import DestinationExistsError, UnsafePathError, shown
+from ferry.protocol import PeerAborted, ProtocolError
 
 __all__ = [
     "Declined",
@@ -41,7 +51,38 @@ __all__ = [
     "TamperedError",
     "TransferError",
     "TransferOver",
+    "for_peer",
+    "told",
 ]
+
+
+def told(exc: BaseException) -> str:
+    """``exc`` as a message of this side shows it: the peer's own words (its Abort's reason)
+    escaped and cut, this side's errors as they are."""
+    if isinstance(exc, PeerAborted):
+        return shown(str(exc))
+    return str(exc)
+
+
+def for_peer(exc: BaseException) -> str:
+    """What this side tells the other peer (an Abort, a failure report, a decline) about ``exc``.
+
+    Nothing about this machine's folders reaches the other side: an error with a text meant
+    for the peer (``for_peer``, as the receiver's `StorageError` has) gives that; a path or
+    protocol error gives its message (it names files only by their path in the transfer);
+    any other OSError only its cause (``os.strerror``), never its file names; anything else
+    only its kind.
+    """
+    text = getattr(exc, "for_peer", None)
+    if isinstance(text, str):
+        return text
+    if isinstance(exc, PeerAborted):
+        return shown(str(exc))
+    if isinstance(exc, UnsafePathError | DestinationExistsError | ProtocolError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+    return f"an unexpected error ({type(exc).__name__})"
 
 
 class TransferError(FerryError):

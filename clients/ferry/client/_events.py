@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Literal
 
 from ferry.protocol import (
@@ -121,12 +122,32 @@ EventHandler = Callable[[Event], None]
 
 @dataclass(frozen=True)
 class OfferedFile:
-    """A file as the offer describes it."""
+    """A file as the offer describes it.
+
+    ``path`` is the sender's name for it, untrusted (escape it to show it: `ferry.files.shown`).
+    ``local_path`` is, on the receiving side, where it is written relative to the destination:
+    ``path`` itself when that is safe, else the safe name it maps to (``aux.c`` ->
+    ``aux_.c``: `ferry.files.local_paths`); on the sending side it is ``path``.
+    """
 
     path: str
     size: int
     mode: int
+    local_path: str = ""
+
+    @property
+    def renamed(self) -> bool:
+        """Whether the receiver writes this file under another name than the sender's."""
+        return bool(self.local_path) and self.local_path != self.path
 
 
-def files_of(manifest: broker_pb2.Manifest) -> list[OfferedFile]:
-    return [OfferedFile(f.path, f.size_bytes, f.mode) for f in manifest.files]
+def files_of(
+    manifest: broker_pb2.Manifest, local: Sequence[PurePosixPath] | None = None
+) -> list[OfferedFile]:
+    """The manifest's files; ``local``: where the receiver writes each (else as named)."""
+    if local is None:
+        return [OfferedFile(f.path, f.size_bytes, f.mode, f.path) for f in manifest.files]
+    return [
+        OfferedFile(f.path, f.size_bytes, f.mode, str(where))
+        for f, where in zip(manifest.files, local, strict=True)
+    ]

@@ -18,6 +18,8 @@ from ferry.client._errors import (
     StorageFull,
     TransferError,
     TransferOver,
+    for_peer,
+    told,
 )
 from ferry.client._events import (
     DEFAULT_PORTS,
@@ -58,9 +60,9 @@ from ferry.client._store import (
 from ferry.client._tls import Identity, client_context
 from ferry.client._wire import PeerGone
 from ferry.files import (
-    check_manifest_paths,
     escape_name,
     free_space_ok,
+    local_paths,
     resolve_destination,
 )
 from ferry.protocol import (
@@ -98,9 +100,10 @@ class Incoming:
         self.stall_timeout = stall_timeout
         self.session = session
         self.name = session.name
-        self.files = files_of(session.manifest)
+        # Where each file is written: its name when safe, else a safe one (shown at consent).
+        self.local_paths = local_paths([f.path for f in session.manifest.files])
+        self.files = files_of(session.manifest, self.local_paths)
         self.total_size = sum(f.size for f in self.files)
-        check_manifest_paths([f.path for f in self.files])
         self._store_bytes = 0  # verified bytes the object store gave this run
         #: The key the code gave (its ``secret``: keep it, mode 0600, for `resume_claim`).
         self.key = key
@@ -135,12 +138,12 @@ class Incoming:
             dest,
             [
                 SinkFile(
-                    PurePosixPath(f.path),
+                    local,
                     f.size_bytes,
                     f.mode,
                     f.modify_time.seconds * 1_000_000_000 + f.modify_time.nanos,
                 )
-                for f in self.session.manifest.files
+                for f, local in zip(self.session.manifest.files, self.local_paths, strict=True)
             ],
             self._tag,
             overwrite=overwrite,
@@ -339,9 +342,10 @@ class Incoming:
             journal.close()
             raise
         except Exception as exc:
-            reason = f"receiving failed: {exc}"
+            reason = f"receiving failed: {told(exc)}"
             peer = isinstance(exc, ProtocolError | PeerAborted)
-            if await self._link.report_failed(self.name, reason):
+            # The sender reads the reason too: without this side's folders in it.
+            if await self._link.report_failed(self.name, f"receiving failed: {for_peer(exc)}"):
                 journal.remove()
                 sink.discard()
                 raise (PeerProtocolError if peer else TransferOver)(reason) from exc
@@ -424,12 +428,12 @@ class Incoming:
         started = time.monotonic()
         chunk_size = self.session.manifest.chunk_size_bytes
         paths: list[Path] = []
-        for f in self.files:
-            path = resolve_destination(dest, PurePosixPath(f.path))
+        for f, local in zip(self.files, self.local_paths, strict=True):
+            path = resolve_destination(dest, local)
             if not path.is_file() or path.stat().st_size != f.size:
                 raise TransferError(
-                    f"this transfer completed earlier, but {escape_name(f.path)} is no longer "
-                    f"in {escape_name(str(dest))}"
+                    f"this transfer completed earlier, but {escape_name(str(local))} is no "
+                    f"longer in {escape_name(str(dest))}"
                 )
             paths.append(path)
         digests = await asyncio.to_thread(lambda: [digest_file(p, chunk_size) for p in paths])
@@ -572,8 +576,9 @@ class Incoming:
 
 def remove_partial(dest: Path | str, session: str, paths: Sequence[str]) -> None:
     """Delete what an unfinished receive of ``session`` into ``dest`` left there: its journal
-    and its hidden partial copies of ``paths`` (relative paths as in the manifest). Paths
-    that are unsafe, or lead outside ``dest``, are skipped; nothing else is touched."""
+    and its hidden partial copies of ``paths`` (relative paths as written in ``dest``: an
+    offered file's ``local_path``). Paths that are unsafe, or lead outside ``dest``, are
+    skipped; nothing else is touched."""
     dest = Path(dest)
     remove_parts(dest, [PurePosixPath(p) for p in paths], session.rsplit("/", 1)[-1])
     with contextlib.suppress(OSError):

@@ -18,6 +18,7 @@ from ferry.client._errors import (
     TamperedError,
     TransferError,
     TransferOver,
+    told,
 )
 from ferry.client._events import (
     Completed,
@@ -64,6 +65,7 @@ from ferry.client._wire import PeerGone
 from ferry.errors import FerryError
 from ferry.files import (
     SourceStamp,
+    shown,
 )
 from ferry.protocol import (
     PeerAborted,
@@ -354,7 +356,7 @@ class Outgoing:
 
         def paused(reason: str) -> None:  # called from a connection thread
             if on_event is not None:
-                loop.call_soon_threadsafe(on_event, Paused(reason))
+                loop.call_soon_threadsafe(on_event, Paused(shown(reason)))  # the peer's words
 
         send_session = SendSession(sizes, self.session.manifest.chunk_size_bytes)
         source = self._source()  # read by every attempt of the direct path in turn
@@ -403,7 +405,7 @@ class Outgoing:
         except SourceChanged as exc:
             raise await self._failed(SourceChangedError, f"sending failed: {exc}") from exc
         except (ProtocolError, PeerAborted) as exc:
-            raise await self._failed(PeerProtocolError, f"sending failed: {exc}") from exc
+            raise await self._failed(PeerProtocolError, f"sending failed: {told(exc)}") from exc
         except OSError as exc:
             raise await self._failed(TransferError, f"sending failed: {exc}") from exc
         finally:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from ferry.client._errors import for_peer
 from ferry.client._intake import Intake
 from ferry.client._sink import StorageError
 from ferry.client._tls import PeerAuthError, verify_peer
@@ -212,7 +213,8 @@ class ReceivePeer:
         final = not isinstance(exc, PeerGone)
         # A full disk is this side's trouble: the sender should wait for our rerun, not fail.
         retryable = isinstance(exc, StorageError)
-        reason = f"the receiver's destination: {exc}" if retryable else str(exc)
+        # What the sender reads: nothing about this side's folders (`for_peer`).
+        reason = f"the receiver's destination: {for_peer(exc)}" if retryable else for_peer(exc)
         for wire, conn in conns:
             if final:
                 with contextlib.suppress(PeerGone, ProtocolError):

@@ -19,6 +19,7 @@ from ferry.client._events import (
     EventHandler,
     Progress,
 )
+from ferry.files import shown
 from ferry.v1 import broker_pb2
 
 __all__ = [
@@ -164,6 +165,8 @@ def dial_order(candidates: Sequence[broker_pb2.Candidate]) -> list[str]:
 
 
 def ended(session: broker_pb2.Session) -> str:
+    """How a session ended, for a message: its state and its failure reason, which the other
+    peer (or the broker) wrote, escaped and cut (`ferry.files.shown`)."""
     state = broker_pb2.Session.State.Name(session.state).removeprefix("STATE_").lower()
     reason = session.failure_reason
-    return f"{state}: {reason}" if reason else state
+    return f"{state}: {shown(reason)}" if reason else state

@@ -1,11 +1,19 @@
 """Where received bytes go: hidden temporary files, moved into place once verified.
 
 Each file is written at its offsets into `.<name>.<session>.ferry-part` beside its final
-place (so the final move is an atomic rename on one filesystem). Only after the sender's
-whole-file digest matched the verified chunks is the file fsynced, given its mode and
-mtime, and linked to its final name (never replacing an existing file unless overwrite
-was asked). Every path goes through `ferry.files` sanitizing first: nothing is written
-outside the destination or through a symlink.
+place (so the final move is an atomic rename on one filesystem); when that would be longer
+than a name may be (255 bytes: the final name is 231 bytes or more), the name in it is cut
+and a hash of the whole name added, `.<start of name>~<hash>.<session>.ferry-part`, so that
+any name that can be written can be received, and a resumed run finds the same file again.
+Only after the sender's whole-file digest matched the verified chunks is the file fsynced,
+given its permissions and mtime, and linked to its final name (never replacing an existing
+file unless overwrite was asked). Every path goes through `ferry.files` sanitizing first:
+nothing is written outside the destination or through a symlink.
+
+Permissions are the receiver's choice, not the sender's: the offered mode's permission bits
+(never set-user-id, set-group-id or sticky), less this process's umask, as ``cp`` makes a new
+file. So a file offered as 0777 arrives 0700 under umask 077 and 0755 under 022, a file
+that was not executable never becomes so, and the owner can always read what arrived.
 
 At consent, `reserve` allocates every file's full size (posix_fallocate), so that a disk
 that fills up meanwhile fails the transfer before it starts rather than half way; where
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import stat
 import threading
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ferry.files import (
+    MAX_SEGMENT_BYTES,
     check_manifest_paths,
     check_no_overwrite,
     make_parents,
@@ -34,7 +44,15 @@ from ferry.files import (
 from ferry.files.paths import DestinationExistsError
 from ferry.protocol import ReceiveSession
 
-__all__ = ["FileSink", "SinkFile", "StorageError", "part_name", "remove_parts"]
+__all__ = [
+    "FileSink",
+    "SinkFile",
+    "StorageError",
+    "part_name",
+    "process_umask",
+    "received_mode",
+    "remove_parts",
+]
 
 #: posix_fallocate's answers on a file system that cannot allocate ahead (the file stays sparse).
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
@@ -50,6 +68,10 @@ class StorageError(Exception):
     def __init__(self, what: str, exc: OSError) -> None:
         super().__init__(f"{what}: {exc.strerror or exc}")
         self.errno = exc.errno
+        cause = os.strerror(exc.errno) if exc.errno else "the destination cannot be written"
+        #: The same for the sender's eyes: ``what`` names files only by their path in the
+        #: transfer, and an OSError's own text (which may name this side's folders) is left out.
+        self.for_peer = f"{what}: {cause}"
 
     @property
     def full(self) -> bool:
@@ -59,7 +81,8 @@ class StorageError(Exception):
 
 @dataclass(frozen=True)
 class SinkFile:
-    """One file of the manifest as the receiver will write it."""
+    """One file of the manifest as the receiver will write it: ``rel`` is its safe local path
+    (`ferry.files.local_paths`), ``mode`` the mode offered (see `received_mode`)."""
 
     rel: PurePosixPath
     size: int
@@ -68,8 +91,46 @@ class SinkFile:
 
 
 def part_name(final: Path, session_id: str) -> Path:
-    """The hidden temporary file beside ``final`` for the session ``session_id``."""
-    return final.with_name(f".{final.name}.{session_id[:12]}.ferry-part")
+    """The hidden temporary file beside ``final`` for the session ``session_id``.
+
+    Always a legal name, whatever the length of ``final``'s (see the module docstring), and
+    a function of the two alone: the same for every run of a transfer.
+    """
+    tag = session_id[:12]
+    name = f".{final.name}.{tag}.ferry-part"
+    if len(os.fsencode(name)) <= MAX_SEGMENT_BYTES:
+        return final.with_name(name)
+    digest = hashlib.blake2b(os.fsencode(final.name), digest_size=6).hexdigest()
+    tail = f"~{digest}.{tag}.ferry-part"
+    room = MAX_SEGMENT_BYTES - 1 - len(tail)
+    start = os.fsencode(final.name)[:room].decode("utf-8", "ignore")
+    return final.with_name(f".{start}{tail}")
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it where the system allows.
+
+    Linux shows it in /proc/self/status. Elsewhere it can only be read by setting it, which
+    another thread could observe, so it is set to 077 for that instant: a file created
+    meanwhile is private rather than world-writable.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o077)
+    os.umask(old)
+    return old & 0o777
+
+
+def received_mode(offered: int, umask: int) -> int:
+    """The permissions a received file gets: the offered permission bits (0644 if none), with
+    owner-read always, less ``umask``; never set-id or sticky bits."""
+    bits = offered & 0o777 or 0o644
+    return (bits | 0o400) & ~umask & 0o777
 
 
 def _part(dest: Path, rel: PurePosixPath, session_id: str) -> tuple[Path, os.stat_result] | None:
@@ -96,11 +157,19 @@ class FileSink:
     """The destination folder of one transfer."""
 
     def __init__(
-        self, dest: Path, files: Sequence[SinkFile], session_id: str, *, overwrite: bool
+        self,
+        dest: Path,
+        files: Sequence[SinkFile],
+        session_id: str,
+        *,
+        overwrite: bool,
+        umask: int | None = None,
     ) -> None:
+        """``umask`` masks every file's permissions (default: this process's, read now)."""
         self.dest = dest
         self.files = list(files)
         self.overwrite = overwrite
+        self.umask = process_umask() if umask is None else umask
         self._tag = session_id[:12]
         self._fds: dict[int, int] = {}
         self._temps: dict[int, Path] = {}
@@ -244,7 +313,7 @@ class FileSink:
         fd = self.fd(index)
         f = self.files[index]
         os.fsync(fd)
-        os.fchmod(fd, f.mode & 0o777 or 0o644)
+        os.fchmod(fd, received_mode(f.mode, self.umask))
         os.utime(fd, ns=(f.mtime_ns, f.mtime_ns))
         with self._lock:
             os.close(self._fds.pop(index))

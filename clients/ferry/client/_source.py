@@ -17,6 +17,15 @@ end) reads through one, so the rules live here once::
 The hash is the caller's or is computed here without any lock held; reading needs none
 (`preadv` at an offset on a shared descriptor). A `Source` belongs to one path: the path
 that closes it must be the only one reading from it (a new `fd` reopens, checked again).
+
+Every open follows no symlink on the way (`ferry.files.nofollow`: the folders of the path
+walked one by one from ``/``, the file itself ``O_NOFOLLOW|O_NONBLOCK``) and is then checked
+against the stamp taken at the offer — device and inode, size, mtime and ctime — on the
+descriptor itself, before a byte is read. A file or a folder on its path swapped for a
+symlink, a fifo or another file since the offer is SourceChanged, never read. The same
+holds after a restart: the stamps saved with the offer are what the files must still be.
+The folder of the last file opened is kept open (one descriptor): files are read in
+manifest order, so most opens are one ``openat`` relative to it.
 """
 
 from __future__ import annotations
@@ -28,11 +37,10 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from ferry.files import SourceStamp, escape_name
+from ferry.files.nofollow import Swapped, open_folder, open_regular
 from ferry.protocol import SendSession, chunk_digest, file_digest
 
 __all__ = ["Source", "SourceChanged", "digest_file"]
-
-_READ = os.O_RDONLY | os.O_CLOEXEC
 
 
 class SourceChanged(Exception):
@@ -52,6 +60,7 @@ class Source:
         self.sizes = [stamp.size for stamp in self.stamps]
         self.chunk_size = chunk_size
         self._fds: dict[int, int] = {}
+        self._folder: tuple[Path, int] | None = None  # the last file's folder, open
         self._lock = threading.Lock()
 
     def _shown(self, index: int) -> str:
@@ -65,7 +74,7 @@ class Source:
         with self._lock:
             fd = self._fds.get(index)
             if fd is None:
-                fd = os.open(self.paths[index], _READ)
+                fd = self._open(index)
                 try:
                     self._check(index, fd)
                 except SourceChanged:
@@ -73,6 +82,30 @@ class Source:
                     raise
                 self._fds[index] = fd
             return fd
+
+    def _open(self, index: int) -> int:
+        """Open file ``index`` as it is now, following no symlink (the lock is held)."""
+        path = self.paths[index]
+        try:
+            return open_regular(path.name, self._folder_of(path), path)
+        except Swapped as exc:
+            raise SourceChanged(
+                f"{self._shown(index)} changed since it was offered: {exc.why}"
+            ) from exc
+
+    def _folder_of(self, path: Path) -> int:
+        """A descriptor of ``path``'s folder: the kept one if it is that folder."""
+        if self._folder is not None and self._folder[0] == path.parent:
+            return self._folder[1]
+        self._close_folder()
+        fd = open_folder(path.parent)
+        self._folder = (path.parent, fd)
+        return fd
+
+    def _close_folder(self) -> None:
+        if self._folder is not None:
+            os.close(self._folder[1])
+            self._folder = None
 
     def read(self, index: int, offset: int, into: memoryview) -> None:
         """Fill ``into`` with file ``index``'s bytes from ``offset`` (SourceChanged if short)."""
@@ -98,6 +131,7 @@ class Source:
         with self._lock:
             fds = list(self._fds.values())
             self._fds.clear()
+            self._close_folder()
         for fd in fds:
             os.close(fd)
 
@@ -113,10 +147,24 @@ class Source:
 
         ``lock`` guards ``session`` (taken only around its calls, never around a read or
         a hash). ``stamped=False`` reads the files as they are now, without the stamp
-        check, through descriptors of its own (for the digests shown once the receiver
-        has everything).
+        check (still no symlink followed, nothing but a regular file opened), through
+        descriptors of its own (for the digests shown once the receiver has everything).
         """
         guard = nullcontext() if lock is None else lock
+        try:
+            self._fill_digests(session, indexes, guard, stamped)
+        finally:
+            if not stamped:  # its folder too: nothing may close this Source after
+                with self._lock:
+                    self._close_folder()
+
+    def _fill_digests(
+        self,
+        session: SendSession,
+        indexes: Iterable[int] | None,
+        guard: AbstractContextManager[object],
+        stamped: bool,
+    ) -> None:
         buffer: memoryview | None = None
         for index in range(len(self.paths)) if indexes is None else indexes:
             with guard:
@@ -125,7 +173,7 @@ class Source:
                 continue
             if buffer is None:
                 buffer = memoryview(bytearray(self.chunk_size))
-            fd = self.fd(index) if stamped else os.open(self.paths[index], _READ)
+            fd = self.fd(index) if stamped else self._open_unstamped(index)
             try:
                 for item in missing:
                     view = buffer[: item.length]
@@ -136,6 +184,10 @@ class Source:
             finally:
                 if not stamped:
                     os.close(fd)
+
+    def _open_unstamped(self, index: int) -> int:
+        with self._lock:
+            return self._open(index)
 
     def file_digest(self, index: int) -> bytes:
         """File ``index``'s blake3-chunks digest, every chunk read and hashed; closes it."""

@@ -6,7 +6,7 @@
 - :mod:`ferry.files.display` — terminal-safe names and human-readable sizes.
 """
 
-from ferry.files.display import escape_name, format_size
+from ferry.files.display import escape_name, format_size, shown, terminal_line
 from ferry.files.manifest import (
     ManifestError,
     Scan,
@@ -24,6 +24,7 @@ from ferry.files.paths import (
     UnsafePathError,
     check_manifest_paths,
     check_no_overwrite,
+    local_paths,
     make_parents,
     resolve_destination,
     sanitize_relative_path,
@@ -44,9 +45,12 @@ __all__ = [
     "escape_name",
     "format_size",
     "free_space_ok",
+    "local_paths",
     "make_parents",
     "resolve_destination",
     "sanitize_relative_path",
     "scan_sources",
+    "shown",
+    "terminal_line",
     "total_size",
 ]

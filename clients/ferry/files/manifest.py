@@ -8,21 +8,44 @@ Rules (what the user sees):
   ``<folder name>/<relative path>``: ``ferry send photos`` sends ``photos/2024/a.jpg``.
 - Inside a folder nothing is followed: a symlink is refused with an error naming it, and so is
   anything that is not a regular file or a folder (fifo, socket, device). Nothing is skipped
-  silently; the user removes or replaces the entry and tries again.
+  silently; the user removes or replaces the entry and tries again. (Refused rather than
+  skipped: a folder that arrives without some of its files, silently, is worse than a clear
+  error before the offer; ``cp -r``/``rsync`` would copy the link itself, which the receiver
+  must never create.)
+- The walk itself follows nothing either: each folder is listed through a descriptor opened
+  relative to its parent's with O_NOFOLLOW, and checked to be the folder its ``lstat`` saw. A
+  folder swapped for a link to ``/etc`` while the scan runs is refused ("changed while it was
+  being read"), never listed, so no file outside the tree is ever stamped as offered.
+- The sources returned are real paths (arguments resolved once, here): the sender opens each
+  file later by walking that path without following any symlink (`ferry.files.nofollow`) and
+  checks the descriptor against the file's stamp before reading it.
 - Empty folders are not transferred (the manifest lists files only); if nothing at all is left to
   send, that is an error.
-- Every path must pass :func:`ferry.files.paths.sanitize_relative_path` and the set must pass
-  :func:`ferry.files.paths.check_manifest_paths`, so a sender never produces a manifest that an
-  honest receiver refuses (two arguments with the same name, ``A.txt`` next to ``a.txt``, ...).
+- Every name this machine can hold is sent as it is, also one the receiver cannot write as it
+  is (a control character, ``aux.c``, ``notes.``, ``Makefile`` beside ``makefile``): the
+  receiver maps it to a safe local name and shows the mapping
+  (:func:`ferry.files.paths.local_paths`).
+  The manifest carries names as UTF-8 text with ``/`` between them and no backslash (the
+  broker refuses one: it is a separator on Windows), so two things are written as ``%XX``
+  (their byte in hex) on the wire: a byte of a name that is not UTF-8 (``caf\xe9.txt`` from a
+  Latin-1 system is sent as ``caf%E9.txt``: a lossy substitute such as U+FFFD would make
+  different names equal, and refusing would fail a whole folder over one name), and a
+  backslash. Refused are only two arguments with the same name, and a path longer than the
+  protocol carries.
 
 A :class:`SourceStamp` is what the sender remembers of each file to notice that it changed
 after the offer: device, inode, size, mtime and ctime. What it catches: any write through the
 file system (it moves ctime, and a user cannot set ctime back: ``touch -r`` restores mtime
-only), a replacement by rename (a new inode), truncation. What it cannot: a change made while
-the clock is set back, by root editing the block device or a file system that fakes ctime, or
-a write within one timestamp tick of the offer on a file system with coarse timestamps. It
-also flags harmless changes: ``chmod``, ``chown`` or a new hard link move ctime too, and a
-remount of a file system whose inode numbers are not stable (FAT, some network file systems).
+only), a replacement by rename (a new inode, even with the size and mtime put back), a swap
+for a link to another file (opened without following, and that file's inode differs anyway),
+truncation. It is compared on the opened descriptor, never on a path, and after a restart the
+saved stamps are the only tie to the offer: there are no handles left from the first run.
+What it cannot: a change made while the clock is set back, by root editing the block device or
+a file system that fakes ctime, or a write within one timestamp tick of the offer on a file
+system with coarse timestamps. It also flags harmless changes: ``chmod``, ``chown`` or a new
+hard link move ctime too, and a remount of a file system whose inode numbers are not stable
+(FAT, some network file systems). That price is kept for ctime: without it, ``touch -r`` after
+an edit in place would let a sender vouch for bytes the receiver never agreed to.
 """
 
 from __future__ import annotations
@@ -38,7 +61,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ferry.errors import FerryError
 from ferry.files.display import escape_name
-from ferry.files.paths import UnsafePathError, check_manifest_paths, sanitize_relative_path
+from ferry.files.nofollow import Swapped, open_folder
+from ferry.files.paths import MAX_PATH_BYTES
 from ferry.v1 import broker_pb2
 
 __all__ = [
@@ -111,24 +135,90 @@ def _entry(rel: str, st: os.stat_result) -> broker_pb2.FileEntry:
     )
 
 
+def _wire_char(ch: str) -> str:
+    cp = ord(ch)
+    if 0xDC80 <= cp <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+        return f"%{cp - 0xDC00:02X}"
+    if ch == "\\":
+        return "%5C"
+    return ch
+
+
+def _wire_path(rel: str) -> str:
+    """The manifest's form of the local relative path ``rel``: itself, except that a byte that
+    is not UTF-8 and a backslash are written ``%XX`` (see the module docstring)."""
+    if rel.isascii() and "\\" not in rel:
+        return rel
+    return "".join(map(_wire_char, rel))
+
+
 def _check_name(rel: str, source: Path) -> None:
-    try:
-        sanitize_relative_path(rel)
-    except UnsafePathError as e:
-        raise ManifestError(f"cannot send {_shown(source)}: {e.reason}") from e
+    """Refuse only what the protocol cannot carry: the receiver makes every name safe."""
+    if len(_wire_path(rel)) > MAX_PATH_BYTES:
+        raise ManifestError(
+            f"cannot send {_shown(source)}: its path is longer than {MAX_PATH_BYTES} characters"
+        )
 
 
-def _walk(folder: Path, prefix: str, out: list[tuple[str, Path, os.stat_result]]) -> None:
+def _check_distinct(wires: Sequence[str], sources: Sequence[Path]) -> None:
+    """Two files may not be offered under one name (two arguments with the same name)."""
+    seen: dict[str, Path] = {}
+    for wire, source in zip(wires, sources, strict=True):
+        other = seen.setdefault(wire, source)
+        if other is not source:
+            raise ManifestError(
+                f"cannot send {_shown(source)}: {_shown(other)} is sent under the same name "
+                f"{_shown(wire)} (send one of them from another folder)"
+            )
+
+
+def _changed(source: Path) -> ManifestError:
+    return ManifestError(f"{_shown(source)} changed while it was being read; try again")
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _open_listed(name: str, dir_fd: int, source: Path, st: os.stat_result) -> int:
+    """Open sub-folder ``name`` of ``dir_fd`` to list it: the one ``st`` described.
+
+    A folder swapped for a symlink between its ``lstat`` and this open is not followed
+    (O_NOFOLLOW), and one swapped for another folder is caught by its inode.
+    """
     try:
-        with os.scandir(folder) as it:
+        fd = open_folder(Path(name), listed=True, dir_fd=dir_fd)
+    except Swapped:
+        raise _changed(source) from None
+    except OSError as e:
+        raise ManifestError(f"cannot read folder {_shown(source)}: {e.strerror}") from e
+    if not _same_inode(os.fstat(fd), st):
+        os.close(fd)
+        raise _changed(source)
+    return fd
+
+
+def _walk(
+    dir_fd: int, folder: Path, prefix: str, out: list[tuple[str, Path, os.stat_result]]
+) -> None:
+    """Add the files under ``folder`` (open as ``dir_fd``) to ``out``, following nothing.
+
+    Every entry is ``lstat``-ed relative to its folder's descriptor and every sub-folder
+    opened relative to it with O_NOFOLLOW: a folder swapped for a symlink while the walk
+    runs is never listed, so no stamp of a file outside the tree is ever taken.
+    """
+    try:
+        with os.scandir(dir_fd) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
         raise ManifestError(f"cannot read folder {_shown(folder)}: {e.strerror}") from e
     for entry in entries:
-        source = Path(entry.path)
+        source = folder / entry.name
         rel = f"{prefix}/{entry.name}"
         try:
             st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            raise _changed(source) from None
         except OSError as e:
             raise ManifestError(f"cannot read {_shown(source)}: {e.strerror}") from e
         if stat.S_ISLNK(st.st_mode):
@@ -138,7 +228,11 @@ def _walk(folder: Path, prefix: str, out: list[tuple[str, Path, os.stat_result]]
             )
         _check_name(rel, source)
         if stat.S_ISDIR(st.st_mode):
-            _walk(source, rel, out)
+            sub = _open_listed(entry.name, dir_fd, source, st)
+            try:
+                _walk(sub, source, rel, out)
+            finally:
+                os.close(sub)
         elif stat.S_ISREG(st.st_mode):
             out.append((rel, source, st))
         else:
@@ -153,12 +247,53 @@ def build_manifest(
     return scan.manifest, scan.sources
 
 
-def scan_sources(paths: Sequence[Path], chunk_size: int) -> Scan:
-    """Return the manifest for ``paths`` and the absolute source path of each of its files.
+def _open_real(real: Path, *, listed: bool) -> int:
+    """Open folder ``real`` (a real path, from `os.path.realpath`), following nothing."""
+    try:
+        return open_folder(real, listed=listed)
+    except Swapped:
+        raise _changed(real) from None
+    except OSError as e:
+        raise ManifestError(f"cannot read folder {_shown(real)}: {e.strerror}") from e
 
-    The two are in the same order. Raises ManifestError if an argument is missing, unreadable,
-    or not a file or folder; if a folder holds a symlink or a special file; if a name is unsafe or
-    two names collide; or if there is no file to send. Raises ValueError if ``chunk_size`` < 1.
+
+def _open_argument(real: Path, st: os.stat_result) -> int:
+    """Open folder argument ``real`` (its real path) to list it: the one ``st`` described.
+
+    The user's argument was followed once, to ``real``; walking that again without
+    following anything, and comparing inodes, makes sure nothing was swapped in between.
+    """
+    fd = _open_real(real, listed=True)
+    if not _same_inode(os.fstat(fd), st):
+        os.close(fd)
+        raise _changed(real)
+    return fd
+
+
+def _argument_file(real: Path, st: os.stat_result) -> tuple[Path, os.stat_result]:
+    """File argument ``real`` (its real path) and its stamp, taken through its folder."""
+    folder = _open_real(real.parent, listed=False)
+    try:
+        link_free = os.stat(real.name, dir_fd=folder, follow_symlinks=False)
+    except OSError:
+        raise _changed(real) from None
+    finally:
+        os.close(folder)
+    if not stat.S_ISREG(link_free.st_mode) or not _same_inode(link_free, st):
+        raise _changed(real)
+    return real, link_free
+
+
+def scan_sources(paths: Sequence[Path], chunk_size: int) -> Scan:
+    """Return the manifest for ``paths`` and the real path of each of its files.
+
+    The two are in the same order. A real path has no symlink on it (an argument that is
+    or goes through a symlink is resolved once, here): the sender opens each file later by
+    walking its real path without following anything (`ferry.files.nofollow`) and checks
+    what it opened against its stamp. Raises ManifestError if an argument is missing,
+    unreadable, or not a file or folder; if a folder holds a symlink or a special file; if
+    something changes while it is read; if a name is unsafe or two names collide; or if
+    there is no file to send. Raises ValueError if ``chunk_size`` < 1.
     """
     if chunk_size < 1:
         raise ValueError(f"the chunk size must be positive: {chunk_size}")
@@ -178,19 +313,23 @@ def scan_sources(paths: Sequence[Path], chunk_size: int) -> Scan:
             raise ManifestError(f"cannot read {_shown(arg)}: {e.strerror}") from e
         _check_name(name, source)
         if stat.S_ISDIR(st.st_mode):
-            _walk(source, name, found)
+            real = Path(os.path.realpath(source))
+            top = _open_argument(real, st)
+            try:
+                _walk(top, real, name, found)
+            finally:
+                os.close(top)
         elif stat.S_ISREG(st.st_mode):
-            found.append((name, source, st))
+            found.append((name, *_argument_file(Path(os.path.realpath(source)), st)))
         else:
             raise ManifestError(f"{_shown(arg)} is not a regular file or a folder")
     if not found:
         raise ManifestError("nothing to send: the folders given hold no files")
-    try:
-        check_manifest_paths([rel for rel, _, _ in found])
-    except UnsafePathError as e:
-        raise ManifestError(f"cannot send {_shown(e.path)}: {e.reason}") from e
+    wires = [_wire_path(rel) for rel, _, _ in found]
+    _check_distinct(wires, [source for _, source, _ in found])
     manifest = broker_pb2.Manifest(
-        files=[_entry(rel, st) for rel, _, st in found], chunk_size_bytes=chunk_size
+        files=[_entry(wire, st) for wire, (_, _, st) in zip(wires, found, strict=True)],
+        chunk_size_bytes=chunk_size,
     )
     return Scan(
         manifest,

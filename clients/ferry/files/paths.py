@@ -1,13 +1,27 @@
 """Receiver-side path safety: nothing is ever written outside the destination folder.
 
-A manifest path comes from the other peer and is untrusted. It goes through three gates:
+A manifest path comes from the other peer and is untrusted. The sender sends the names it
+has (a legal name on its side is never refused there); the receiver decides where each one may
+be written, in four steps:
 
-1. :func:`sanitize_relative_path` (pure) checks one path's text: relative, ``/``-separated, no
-   ``.``/``..``/empty segments, no backslash, colon, control character, Windows device
+0. :func:`local_paths` (pure) maps every manifest path to a safe local one, deterministically:
+   the same manifest always gives the same local paths (so a resumed transfer, whose journal
+   knows files by their index, finds its temporary files again). A safe path is kept as it
+   is; otherwise, per segment, a control character, DEL, a backslash or a colon becomes
+   ``%XX`` (its code in hex: ``a\x1bb`` -> ``a%1Bb``, ``c:x`` -> ``c%3Ax``), trailing dots and
+   spaces go (``notes.`` -> ``notes``), a Windows device name gets an underscore
+   (``aux.c`` -> ``aux_.c``), a segment over 255 bytes is cut (keeping its extension), and a
+   path that would land on an earlier one on a case-insensitive file system (``makefile``
+   after ``Makefile``, a file named like a folder) gets `` (2)``, `` (3)``... before its
+   extension. Only what has no safe form is refused: an empty or absolute path, an empty,
+   ``.`` or ``..`` segment, or a path too long even when mapped.
+1. :func:`sanitize_relative_path` (pure) checks one local path's text: relative, ``/``-separated,
+   no ``.``/``..``/empty segments, no backslash, colon, control character, Windows device
    name or trailing space/dot, bounded length, valid Unicode.
-2. :func:`check_manifest_paths` (pure) checks the manifest as a whole: no duplicates, also after
-   case folding and Unicode normalization (case-insensitive file systems), and no path that is both
-   a file and the folder of another path.
+2. :func:`check_manifest_paths` (pure) checks the local paths as a whole: no duplicates, also
+   after case folding and Unicode normalization (case-insensitive file systems), and no path
+   that is both a file and the folder of another path. What `local_paths` returns always
+   passes 1 and 2; they stay as the gate in front of the disk.
 3. :func:`resolve_destination`, :func:`make_parents` and :func:`check_no_overwrite` look at the
    destination on disk: no existing component may be a symlink, new folders are created one at a
    time and checked to be real folders, and existing files are not overwritten unless asked.
@@ -24,6 +38,7 @@ import os
 import stat
 import unicodedata
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ferry.errors import FerryError
@@ -36,6 +51,8 @@ __all__ = [
     "UnsafePathError",
     "check_manifest_paths",
     "check_no_overwrite",
+    "local_paths",
+    "local_segment",
     "make_parents",
     "resolve_destination",
     "sanitize_relative_path",
@@ -188,6 +205,149 @@ def check_manifest_paths(paths: Sequence[str]) -> list[PurePosixPath]:
             raise UnsafePathError(
                 raw, f'is a file but also the folder of "{escape_name(str(child))}"'
             )
+    return result
+
+
+# -- mapping manifest paths to safe local ones --------------------------------------------
+
+#: Characters that are legal in a POSIX name but unsafe to write or to show: written as %XX.
+_MAPPED_CHARS = frozenset({"\\", ":"})
+#: An extension longer than this is part of the stem (cut with it, suffixed after it).
+_MAX_EXTENSION_CHARS = 16
+
+
+def _map_char(ch: str) -> str:
+    cp = ord(ch)
+    if _is_control(ch) or ch in _MAPPED_CHARS:
+        return f"%{cp:02X}"
+    if 0xDC80 <= cp <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"%{cp - 0xDC00:02X}"
+    if 0xD800 <= cp <= 0xDFFF:  # any other lone surrogate cannot be written
+        return "\ufffd"
+    return ch
+
+
+def _split_extension(name: str) -> tuple[str, str]:
+    """``report.pdf`` -> (``report``, ``.pdf``); a hidden name or a long tail has none."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or len(ext) > _MAX_EXTENSION_CHARS:
+        return name, ""
+    return stem, dot + ext
+
+
+def _cut_utf8(text: str, max_bytes: int) -> str:
+    """The longest start of ``text`` that is at most ``max_bytes`` in UTF-8."""
+    return text.encode("utf-8")[: max(max_bytes, 0)].decode("utf-8", "ignore")
+
+
+def _fit(stem: str, suffix: str) -> str:
+    """``stem + suffix``, the stem cut so that the whole fits `MAX_SEGMENT_BYTES`; then made
+    a legal segment again (a cut may end on a space or dot)."""
+    room = MAX_SEGMENT_BYTES - len(suffix.encode("utf-8"))
+    stem = _cut_utf8(stem, room).rstrip(" .")
+    return (stem or "_") + suffix
+
+
+def _is_device(segment: str) -> bool:
+    return segment.split(".", 1)[0].rstrip(" ").lower() in _WINDOWS_DEVICE_NAMES
+
+
+def local_segment(segment: str) -> str:
+    """Return one name (a segment of a manifest path) made safe to write, or itself if it is.
+
+    Control characters, DEL, backslash and colon become ``%XX``, trailing dots and spaces
+    go, a Windows device name gets ``_`` after its stem, and a name over 255 bytes is cut,
+    keeping its extension. Deterministic: the same name always maps to the same result.
+    """
+    mapped = "".join(map(_map_char, segment)).rstrip(" .") or "_"
+    if _is_device(mapped):
+        stem, dot, rest = mapped.partition(".")
+        mapped = f"{stem}_{dot}{rest}"
+    if len(mapped.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        stem, ext = _split_extension(mapped)
+        mapped = _fit(stem, ext)
+    return mapped
+
+
+def _numbered(name: str, n: int) -> str:
+    """``name`` with `` (n)`` before its extension: ``a.txt`` -> ``a (2).txt``."""
+    stem, ext = _split_extension(name)
+    return _fit(stem, f" ({n}){ext}")
+
+
+def _check_structure(path: str) -> None:
+    """Refuse what no mapping can make safe: not a relative ``/``-separated path of names."""
+    if not isinstance(path, str):
+        raise TypeError(f"a path must be a str, not {type(path).__name__}")
+    if path == "":
+        raise UnsafePathError(path, "empty path")
+    if len(path) > MAX_PATH_BYTES:
+        raise UnsafePathError(path, f"longer than {MAX_PATH_BYTES} characters")
+    if path.startswith("/"):
+        raise UnsafePathError(path, "absolute path")
+    for segment in path.split("/"):
+        if segment == "":
+            raise UnsafePathError(path, "empty segment (double or trailing slash)")
+        if segment in (".", ".."):
+            raise UnsafePathError(path, f'"{segment}" segment')
+
+
+@dataclass
+class _Layout:
+    """The local names handed out so far, keyed as a case-insensitive file system would see
+    them; a folder is owned by the manifest folder it stands for, a file by its index.
+
+    ``tried`` remembers, per wanted name, the last number handed out for it, so that the
+    next file that wants it starts there: a manifest of 10,000 names that all fold to one
+    costs 10,000 steps, not 50 million.
+    """
+
+    taken: dict[str, tuple[str, str | int]] = field(default_factory=dict)
+    folders: dict[str, PurePosixPath] = field(default_factory=dict)
+    tried: dict[str, int] = field(default_factory=dict)
+
+    def place(
+        self, parent: PurePosixPath, name: str, owner: tuple[str, str | int]
+    ) -> PurePosixPath:
+        """The first of ``name``, ``name (2)``, ... under ``parent`` that nobody else owns."""
+        wanted = _fold(parent / name)
+        n = self.tried.get(wanted, 1)
+        candidate = parent / (name if n == 1 else _numbered(name, n))
+        while self.taken.setdefault(_fold(candidate), owner) != owner:
+            n += 1
+            candidate = parent / _numbered(name, n)
+        self.tried[wanted] = n
+        return candidate
+
+
+def local_paths(paths: Sequence[str]) -> list[PurePosixPath]:
+    """Return where each manifest path of ``paths`` is written, relative to the destination.
+
+    A safe path is returned as it is; an unsafe one is mapped to a safe one as the module
+    docstring describes, the same way every time. Distinct manifest folders stay distinct
+    local folders, and no two results collide, also on a case-insensitive file system.
+    Raises UnsafePathError only for a path with no safe form (empty, absolute, an empty,
+    ``.`` or ``..`` segment, or over `MAX_PATH_BYTES` even when mapped).
+    """
+    layout = _Layout()
+    result: list[PurePosixPath] = []
+    for index, path in enumerate(paths):
+        _check_structure(path)
+        *folders, name = path.split("/")
+        parent = PurePosixPath()
+        for depth, folder in enumerate(folders):
+            key = "/".join(folders[: depth + 1])
+            known = layout.folders.get(key)
+            if known is None:
+                known = layout.place(parent, local_segment(folder), ("folder", key))
+                layout.folders[key] = known
+            parent = known
+        local = layout.place(parent, local_segment(name), ("file", index))
+        if len(str(local).encode("utf-8")) > MAX_PATH_BYTES:
+            raise UnsafePathError(path, f"longer than {MAX_PATH_BYTES} bytes as a local path")
+        result.append(local)
+    # The gate in front of the disk checks what the mapping made (it always passes).
+    check_manifest_paths([str(p) for p in result])
     return result
 
 

@@ -144,3 +144,83 @@ def test_file_digest_refuses_a_changed_file_even_an_empty_one(tmp_path: Path) ->
 def test_a_stamp_per_file_is_needed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="one stamp per source"):
         Source([tmp_path / "a"], [], CHUNK)
+
+
+# --- Finding 11: nothing is followed between the offer and the read -----------------
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_file_swapped_for_a_symlink_is_refused_before_a_byte_is_read(tmp_path: Path) -> None:
+    secret = tmp_path / "outside"
+    secret.write_bytes(b"s" * 40)
+    source = offer(tmp_path, data(40))
+    source.paths[0].unlink()
+    source.paths[0].symlink_to(secret)
+    with pytest.raises(SourceChanged, match="changed since it was offered: it is now a symlink"):
+        source.fd(0)
+    assert source._fds == {}
+
+
+def test_a_symlink_to_a_fifo_neither_blocks_nor_is_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    source = offer(tmp_path, data(40))
+    source.paths[0].unlink()
+    source.paths[0].symlink_to(fifo)
+    with pytest.raises(SourceChanged, match="symlink"):
+        source.fd(0)
+    with pytest.raises(SourceChanged, match="symlink"):
+        source.fill_digests(SendSession([40], CHUNK), stamped=False)
+    # Nobody opened it for reading: a writer that does not wait finds no reader.
+    with pytest.raises(OSError, match="No such device or address"):
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+
+
+def test_a_fifo_in_place_of_the_file_is_not_read(tmp_path: Path) -> None:
+    source = offer(tmp_path, data(40))
+    source.paths[0].unlink()
+    os.mkfifo(source.paths[0])
+    with pytest.raises(SourceChanged, match="no longer a regular file"):
+        source.fill_digests(SendSession([40], CHUNK), stamped=False)
+    with pytest.raises(SourceChanged, match="no longer a regular file"):
+        source.fd(0)
+
+
+def test_a_folder_on_the_path_swapped_for_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    (tmp_path / "album" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    inside = tmp_path / "album" / "sub" / "b.txt"
+    inside.write_bytes(data(40))
+    source = Source([inside], [SourceStamp.of(os.stat(inside))], CHUNK)
+    # The same file, reached through a link: even its own inode is not read that way.
+    os.rename(tmp_path / "album" / "sub", tmp_path / "elsewhere" / "sub")
+    (tmp_path / "album" / "sub").symlink_to(tmp_path / "elsewhere" / "sub")
+    with pytest.raises(SourceChanged, match="a folder on its path is now a symlink"):
+        source.fd(0)
+
+
+def test_another_file_with_the_same_size_and_mtime_is_refused(tmp_path: Path) -> None:
+    source = offer(tmp_path, data(40))
+    st = os.stat(source.paths[0])
+    other = tmp_path / "other"
+    other.write_bytes(data(40, 9))
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, source.paths[0])
+    with pytest.raises(SourceChanged, match="changed since it was offered"):
+        source.fd(0)
+
+
+def test_one_folder_descriptor_is_kept_and_closed(tmp_path: Path) -> None:
+    before = open_fds()
+    source = offer(tmp_path, data(40), data(20), data(0))
+    for i in range(3):
+        source.fd(i)
+        source.release(i)
+    assert len(open_fds() - before) == 1  # the folder of the files, kept for the next open
+    source.close()
+    assert open_fds() == before
+    source.fill_digests(SendSession([40, 20, 0], CHUNK), stamped=False)
+    assert open_fds() == before

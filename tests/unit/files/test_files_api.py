@@ -23,10 +23,13 @@ def test_exported_names() -> None:
             "escape_name",
             "format_size",
             "free_space_ok",
+            "local_paths",
             "make_parents",
             "resolve_destination",
             "sanitize_relative_path",
             "scan_sources",
+            "shown",
+            "terminal_line",
             "total_size",
         ]
     )

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ferry.files.display import escape_name, format_size
+from ferry.files.display import escape_name, format_size, shown, terminal_line
 
 BIDI = {chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]}
 
@@ -80,6 +80,50 @@ def test_output_has_no_control_bidi_or_surrogate(s: str) -> None:
 @given(st.text(alphabet=st.characters(categories=["L", "M", "N", "P", "S", "Zs"])))
 def test_printable_text_is_unchanged(s: str) -> None:
     assert escape_name(s) == s.replace("\\", "\\\\")
+
+
+# --- shown, terminal_line: untrusted text, bounded ------------------------------------------
+
+
+def test_shown_escapes_like_a_name_and_keeps_short_text_whole() -> None:
+    assert shown("declined \x1b]52;c;eA==\x07") == "declined \\x1b]52;c;eA==\\x07"
+    assert shown("a\\b") == "a\\\\b"
+
+
+def test_shown_cuts_long_text_around_an_ellipsis() -> None:
+    out = shown("start " + "x" * 10_000 + " end", 40)
+    assert len(out) <= 40
+    assert out.startswith("start ")
+    assert out.endswith(" end")
+    assert "\u2026" in out
+
+
+def test_shown_never_cuts_an_escape_in_half() -> None:
+    out = shown("\x1b" * 1000, 41)
+    head, _, tail = out.partition("\u2026")
+    assert head == "\\x1b" * (len(head) // 4)
+    assert tail == "\\x1b" * (len(tail) // 4)
+
+
+def test_shown_costs_no_more_for_a_huge_string() -> None:
+    assert len(shown("\x1b" * (8 << 20))) <= 240
+
+
+def test_terminal_line_leaves_escaped_text_alone_but_escapes_the_rest() -> None:
+    line = "ferry: error: " + shown("a\\b") + " \x1b[2J\n\x9b"
+    assert terminal_line(line) == "ferry: error: a\\\\b \\x1b[2J\\x0a\\x9b"
+
+
+def test_limits_below_three_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        shown("abcdef", 2)
+
+
+@given(st.text(alphabet=st.characters(codec=None)), st.integers(min_value=3, max_value=300))
+def test_bounded_output_is_safe_and_bounded(s: str, limit: int) -> None:
+    for out in (shown(s, limit), terminal_line(s, limit)):
+        assert len(out) <= limit
+        assert not any(unicodedata.category(ch) in {"Cc", "Cs", "Zl", "Zp"} for ch in out)
 
 
 @pytest.mark.parametrize(

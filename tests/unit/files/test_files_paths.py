@@ -17,6 +17,8 @@ from ferry.files.paths import (
     UnsafePathError,
     check_manifest_paths,
     check_no_overwrite,
+    local_paths,
+    local_segment,
     make_parents,
     resolve_destination,
     sanitize_relative_path,
@@ -211,6 +213,74 @@ def test_manifest_paths_refused(paths: list[str], reason: str) -> None:
     with pytest.raises(UnsafePathError) as info:
         check_manifest_paths(paths)
     assert reason in str(info.value)
+
+
+# --- local_paths: unsafe names mapped, never refused ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [
+        ("plain.txt", "plain.txt"),
+        ("e\x1b[2Jsc", "e%1B[2Jsc"),
+        ("tab\there", "tab%09here"),
+        ("del\x7f\x9b", "del%7F%9B"),
+        ("c:x", "c%3Ax"),
+        ("back\\slash", "back%5Cslash"),
+        ("aux.c", "aux_.c"),
+        ("CON", "CON_"),
+        ("lpt1.tar.gz", "lpt1_.tar.gz"),
+        ("nul .txt", "nul _.txt"),
+        ("dot.", "dot"),
+        ("space ", "space"),
+        ("...", "_"),
+        ("caf\udce9", "caf%E9"),
+        ("x" * 300 + ".txt", "x" * 251 + ".txt"),
+    ],
+)
+def test_local_segment(name: str, local: str) -> None:
+    assert local_segment(name) == local
+    sanitize_relative_path(local)
+
+
+def test_local_segment_cuts_by_bytes_at_a_character() -> None:
+    out = local_segment("é" * 200)
+    assert len(out.encode()) <= MAX_SEGMENT_BYTES
+    assert out == "é" * 127
+
+
+@pytest.mark.parametrize(
+    ("paths", "local"),
+    [
+        (["Makefile", "makefile"], ["Makefile", "makefile (2)"]),
+        (["a.txt", "A.txt", "a (2).txt"], ["a.txt", "A (2).txt", "a (2) (2).txt"]),
+        (["a", "a/b"], ["a", "a (2)/b"]),
+        (["a/b", "a"], ["a/b", "a (2)"]),
+        (["Docs/x", "docs/x", "docs/y"], ["Docs/x", "docs (2)/x", "docs (2)/y"]),
+        (["dot./a", "dot/b"], ["dot/a", "dot (2)/b"]),
+        (["same", "same"], ["same", "same (2)"]),
+        (["aux/aux.c"], ["aux_/aux_.c"]),
+    ],
+)
+def test_local_paths_keep_every_file_apart(paths: list[str], local: list[str]) -> None:
+    assert local_paths(paths) == [PurePosixPath(p) for p in local]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("", "empty path"),
+        ("/etc/passwd", "absolute"),
+        ("a//b", "empty segment"),
+        ("a/../b", '".." segment'),
+        ("./a", '"." segment'),
+        ("a" * 5000, "longer than"),
+        ("/".join(["é" * 120] * 18), "longer than 4096 bytes as a local path"),
+    ],
+)
+def test_local_paths_refuse_what_has_no_safe_form(path: str, reason: str) -> None:
+    with pytest.raises(UnsafePathError, match=reason):
+        local_paths([path])
 
 
 # --- resolve_destination, make_parents (real folders) -----------------------------------------
