@@ -26,6 +26,7 @@ host's, ours refused, no TLS at all) raises `BrokerTLSError` at once.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
@@ -249,9 +250,33 @@ class BrokerLink:
             pake_message=pake_message,
             claim_verifier=claim_verifier,
         )
-        response = await self._call(self._stub.ClaimOffer, request, "code")
+        response = await self._claim_call(request)
         self.token = response.party_token
         return response
+
+    async def _claim_call(
+        self, request: broker_pb2.ClaimOfferRequest
+    ) -> broker_pb2.ClaimOfferResponse:
+        """ClaimOffer, tried again while the broker answers RATE_LIMITED.
+
+        The broker refuses every claim from an address (an IPv6 /64) that failed too many,
+        right or wrong, and gives the allowance back within seconds; someone guessing from
+        the same address (a NAT, a CGNAT) can empty it. So a refused claim waits, 1 s then
+        doubling to 8 s (with jitter, so that neighbours do not retry in step), for up to
+        CLAIM_RETRY_S seconds (never past ``patience``), and then fails with the broker's
+        message. Safe to repeat: nothing happened on the broker, and a claim that did
+        succeed is answered again for its request_id.
+        """
+        give_up = time.monotonic() + min(self.patience, CLAIM_RETRY_S)
+        pause = _CLAIM_FIRST_PAUSE
+        while True:
+            try:
+                return await self._call(self._stub.ClaimOffer, request, "code")
+            except BrokerError as exc:
+                if exc.reason != "RATE_LIMITED" or time.monotonic() + pause > give_up:
+                    raise
+            await asyncio.sleep(pause * (0.5 + random.random() / 2))
+            pause = min(pause * 2, _CLAIM_LONGEST_PAUSE)
 
     async def confirm_key(
         self, name: str, key_confirmation: bytes, certificate_mac: bytes = b""

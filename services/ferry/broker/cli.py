@@ -17,6 +17,26 @@ The flags with an environment variable::
     --tls-client-ca FILE  FERRY_TLS_CLIENT_CA   --s3-url-ttl S       FERRY_S3_URL_TTL
     --health-listen HOST:PORT  FERRY_HEALTH_LISTEN
 
+    --watches-per-party N          FERRY_WATCHES_PER_PARTY
+    --watches-per-address N        FERRY_WATCHES_PER_ADDRESS
+    --watches-total N              FERRY_WATCHES_TOTAL
+    --max-manifest-bytes BYTES     FERRY_MAX_MANIFEST_BYTES
+    --offer-burst-per-address N    FERRY_OFFER_BURST_PER_ADDRESS
+    --offer-rate-per-address N     FERRY_OFFER_RATE_PER_ADDRESS
+    --session-retention S          FERRY_SESSION_RETENTION
+    --min-free-disk BYTES          FERRY_MIN_FREE_DISK
+
+    --claim-ipv4-prefix BITS       FERRY_CLAIM_IPV4_PREFIX
+    --claim-ipv6-prefix BITS       FERRY_CLAIM_IPV6_PREFIX
+    --claim-flood-cost N           FERRY_CLAIM_FLOOD_COST
+    --claim-guesses-per-offer N    FERRY_CLAIM_GUESSES_PER_OFFER
+    --claim-confirm-timeout S      FERRY_CLAIM_CONFIRM_TIMEOUT
+    --leases-per-caller N          FERRY_LEASES_PER_CALLER
+    --store-forward on|off         FERRY_STORE_FORWARD
+    --store-max-bytes-per-offer BYTES    FERRY_STORE_MAX_BYTES_PER_OFFER
+    --store-max-bytes-per-address BYTES  FERRY_STORE_MAX_BYTES_PER_ADDRESS
+    --store-max-bytes BYTES              FERRY_STORE_MAX_BYTES
+
 ``--insecure-plaintext`` (plaintext gRPC on an address that is not loopback) is a flag only,
 never read from the environment: it has to be asked for where the broker is started.
 
@@ -115,6 +135,58 @@ _FLAGS: tuple[_Flag, ...] = (
           S3_ENVIRONMENT["s3_url_ttl_s"], _SECONDS),
     _Flag("--s3-stale-sweep-interval", "s3_stale_sweep_interval_s", float,
           "how often multipart uploads that no session knows are aborted", metavar=_SECONDS),
+    # Watches, offers and the data dir under attack (issue 10, findings 1 and 2).
+    _Flag("--watches-per-party", "watches_per_party", int,
+          "open WatchSession streams per party of a session", "FERRY_WATCHES_PER_PARTY", "N"),
+    _Flag("--watches-per-address", "watches_per_address", int,
+          "open WatchSession streams per client address (IPv6: per /64)",
+          "FERRY_WATCHES_PER_ADDRESS", "N"),
+    _Flag("--watches-total", "watches_total", int, "open WatchSession streams on the broker",
+          "FERRY_WATCHES_TOTAL", "N"),
+    _Flag("--max-manifest-bytes", "max_manifest_bytes", int,
+          "largest manifest an offer may carry, serialized", "FERRY_MAX_MANIFEST_BYTES", "BYTES"),
+    _Flag("--offer-burst-per-address", "offer_burst_per_address", float,
+          "new offers one address (IPv6: /64) may make in a burst",
+          "FERRY_OFFER_BURST_PER_ADDRESS", "N"),
+    _Flag("--offer-rate-per-address", "offer_refill_per_address_s", float,
+          "new offers one address (IPv6: /64) gets back per second",
+          "FERRY_OFFER_RATE_PER_ADDRESS", "N"),
+    _Flag("--session-retention", "session_retention_s", float,
+          "how long an ended session is kept before it is deleted", "FERRY_SESSION_RETENTION",
+          _SECONDS),
+    _Flag("--min-free-disk", "min_free_disk_bytes", int,
+          "refuse new offers while the data dir has less free space than this",
+          "FERRY_MIN_FREE_DISK", "BYTES"),
+    # Claims, port leases and the object store under attack (issue 10, findings 3 to 6).
+    _Flag("--claim-ipv4-prefix", "claim_ipv4_prefix", int,
+          "claim failures are counted per IPv4 network of this prefix length",
+          "FERRY_CLAIM_IPV4_PREFIX", "BITS"),
+    _Flag("--claim-ipv6-prefix", "claim_ipv6_prefix", int,
+          "claim failures are counted per IPv6 network of this prefix length",
+          "FERRY_CLAIM_IPV6_PREFIX", "BITS"),
+    _Flag("--claim-flood-cost", "claim_flood_cost", float,
+          "what one failed claim costs its source while the broker-wide bucket is empty",
+          "FERRY_CLAIM_FLOOD_COST", "N"),
+    _Flag("--claim-guesses-per-offer", "claim_guesses_per_offer", int,
+          "wrong-verifier claims a store-and-forward offer takes before it is given up",
+          "FERRY_CLAIM_GUESSES_PER_OFFER", "N"),
+    _Flag("--claim-confirm-timeout", "claim_confirm_timeout_s", float,
+          "a claimant that has not confirmed the key by then loses the offer to a new claim",
+          "FERRY_CLAIM_CONFIRM_TIMEOUT", _SECONDS),
+    _Flag("--leases-per-caller", "leases_per_caller", int,
+          "live port leases one receiver address (IPv6: /64) may hold on one sender host",
+          "FERRY_LEASES_PER_CALLER", "N"),
+    _Flag("--store-forward", "store_forward", str,
+          "on: senders may upload before the receiver accepts; off: only after",
+          "FERRY_STORE_FORWARD", "on|off"),
+    _Flag("--store-max-bytes-per-offer", "store_max_bytes_per_offer", int,
+          "bytes the object store may hold for one offer", "FERRY_STORE_MAX_BYTES_PER_OFFER",
+          "BYTES"),
+    _Flag("--store-max-bytes-per-address", "store_max_bytes_per_address", int,
+          "bytes the object store may hold for one sender address (IPv6: /64)",
+          "FERRY_STORE_MAX_BYTES_PER_ADDRESS", "BYTES"),
+    _Flag("--store-max-bytes", "store_max_bytes_total", int,
+          "bytes the object store may hold in all", "FERRY_STORE_MAX_BYTES", "BYTES"),
 )  # fmt: skip
 
 _DEFAULTS: Mapping[str, object] = {f.name: f.default for f in dataclasses.fields(BrokerConfig)}

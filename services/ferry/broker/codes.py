@@ -9,13 +9,29 @@ use a code nor guess one offline.
 
 Entropy and guessing math
 -------------------------
-A nameplate has 999 * N values, N = len(WORDS) = 748 today (at least 512 by test): about
-2**19.5 (747,000). Claims of unknown nameplates are rate limited (per peer IP 10 failures in a
-burst then 1/s; broker-wide 100 failures/s), so sweeping the space to find live offers takes
-the whole internet about two hours, against offers that live ten minutes by default. Finding
-one gains nothing but the chance of a single PAKE guess at its password (2**-19.1) and burns
-the offer, which both people see. A store-and-forward offer's claim must also present a
-verifier derived from its 110-bit secret: a found nameplate alone does not claim it.
+A nameplate has 999 * N values, N = len(WORDS) = 748 today (at least 512 by test): 747,252,
+about 2**19.5. A password has N**2 = 559,504 values, about 2**19.1.
+
+What one offer can lose, for any TTL: a live (PAKE) offer is claimed once; a claim with a
+wrong password fails both sides' key confirmation and the offer is burned. So a guesser who
+found a live nameplate gets exactly one online guess at its password: it succeeds with
+probability 1/559,504, whatever the offer's lifetime, and the sender sees the failure and
+offers again. A store-and-forward offer's claim must present the verifier of its 129-bit
+secret (password and 22 base32 characters); after ``claim_guesses_per_offer`` (default 100)
+wrong ones the offer is given up, so it falls with probability at most 100 * 2**-129, below
+2**-122, for any TTL. Nothing the broker stores allows an offline guess.
+
+What guessing can do beyond that is burn offers, not read them: finding a live nameplate
+takes claims of unknown ones, which are rate limited per source network (an IPv4 address, an
+IPv6 /64; per source 10 failures in a burst, then 1/s, and 1 per 10 s while the broker as a
+whole sees more than 100 failures/s). Each claim finds a given offer with probability
+1/747,252, so one source needs about 8.6 days on average to sweep the space, and an offer
+living T seconds is found by S sources with probability at most S * T / 747,252 (one source,
+10 minutes: 0.08 %; one source, 24 hours: 12 %). A claimant that never proves the code loses
+the offer to the next claim after ``claim_confirm_timeout_s``: the offer ends (its sender is
+told why and can offer again), so a stranger cannot hold the real receiver out for the
+offer's lifetime. An expired or used nameplate answers exactly as one that never existed,
+and costs the same.
 
 The store keys nameplates by HMAC-SHA256 under the broker's secret key (a file of mode 0600),
 so its database and backups hold no nameplate, and one copied without the key cannot be

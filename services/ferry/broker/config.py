@@ -72,7 +72,62 @@ class BrokerConfig:
     #: cannot speak TLS, such as Kubernetes' native gRPC probes). None: no such port.
     health_listen: str | None = None
 
+    # -- Watches, offers and the data dir under attack (issue 10, findings 1 and 2) --------
+    #: Open WatchSession streams one party of one session may hold at once. A client needs
+    #: one (two while it re-subscribes); the bound is per party so that neither side can take
+    #: the other's.
+    watches_per_party: int = 4
+    #: Open WatchSession streams from one address (an IPv6 address counts by its /64): 16
+    #: transfers at once with both sides behind it. An idle watcher of a session with a
+    #: manifest of max_manifest_bytes holds up to about 4 times that in gRPC buffers.
+    watches_per_address: int = 32
+    #: Open WatchSession streams on the whole broker.
+    watches_total: int = 4096
+    #: Largest manifest, serialized: it is stored with the session and sent with every watch
+    #: update. 1 MiB is 10,000 files with paths of about 90 characters.
+    max_manifest_bytes: int = 1 << 20
+    #: New offers one address (an IPv6 /64) may create in a burst, and gets back per second.
+    offer_burst_per_address: float = 60.0
+    offer_refill_per_address_s: float = 1.0
+    #: How long a session is kept after it ended (completed, declined, cancelled, failed or
+    #: expired) before it is deleted; a rerun of a side within it still finds its outcome.
+    session_retention_s: float = 24 * 3600.0
+    #: New offers are refused (RESOURCE_EXHAUSTED, STORAGE_FULL) while the data dir's file
+    #: system has less free space than this: the rest stays for the sessions already live.
+    min_free_disk_bytes: int = 64 << 20
+
+    # -- Claims, port leases and the object store under attack (issue 10, findings 3-6) ----
+    #: The claim limits above count failures per source network: an IPv4 address (or its
+    #: /claim_ipv4_prefix) and an IPv6 /claim_ipv6_prefix, since one IPv6 host picks any
+    #: address of its /64. The broker-wide bucket never refuses a claim; while it is empty,
+    #: each failure costs its source claim_flood_cost tokens instead of one.
+    claim_ipv4_prefix: int = 32
+    claim_ipv6_prefix: int = 64
+    claim_flood_cost: float = 10.0
+    #: Wrong-verifier claims a found store-and-forward offer takes before it is given up
+    #: (expired, its sender told why): its guess count stays bounded for any offer TTL.
+    claim_guesses_per_offer: int = 100
+    #: A claimed live offer whose claimant has not confirmed the key this long after its claim
+    #: is given up when someone else claims the code (the sender is told and can re-offer):
+    #: a stranger who claims first cannot hold the real receiver out for the offer's TTL.
+    claim_confirm_timeout_s: float = 60.0
+    #: Live port leases one caller (the receiver's address, an IPv6 /64) may hold on one
+    #: listener host. A lease counts until the plan's connect deadline, and after it only
+    #: while a peer has reported CONNECTING or TRANSFERRING.
+    leases_per_caller: int = 16
+    #: Whether senders may upload to the object store before the receiver accepted
+    #: (store-and-forward): "on" or "off". Senders are anonymous today, so this is "anonymous
+    #: senders may store". The fallback after acceptance is not affected.
+    store_forward: str = "on"
+    #: Bytes the object store may hold (sealed, reserved when a file's upload starts) for one
+    #: offer, for the offers of one sender address (an IPv6 /64), and in all.
+    store_max_bytes_per_offer: int = 8 << 30
+    store_max_bytes_per_address: int = 16 << 30
+    store_max_bytes_total: int = 128 << 30
+
     def __post_init__(self) -> None:
+        self._check_abuse_limits()
+        self._check_claim_lease_store_limits()
         if not 0 < self.offer_ttl_min_s <= self.offer_ttl_default_s <= self.offer_ttl_max_s:
             raise ValueError("need 0 < offer_ttl_min_s <= offer_ttl_default_s <= offer_ttl_max_s")
         if self.session_ttl_s <= 0 or self.connect_timeout_s <= 0 or self.sweep_interval_s <= 0:
@@ -97,6 +152,37 @@ class BrokerConfig:
             )
         if self.health_listen is not None and self.health_listen.rpartition(":")[1] != ":":
             raise ValueError("health_listen must be host:port")
+
+    def _check_abuse_limits(self) -> None:
+        """The limits of issue 10's findings 1 and 2 (watches, offers, retention, disk)."""
+        if min(self.watches_per_party, self.watches_per_address, self.watches_total) < 1:
+            raise ValueError(
+                "watches_per_party, watches_per_address and watches_total must be >= 1"
+            )
+        if self.max_manifest_bytes < 1024:
+            raise ValueError("max_manifest_bytes must be at least 1024")
+        if self.offer_burst_per_address < 1 or self.offer_refill_per_address_s <= 0:
+            raise ValueError("need offer_burst_per_address >= 1 and offer_refill_per_address_s > 0")
+        if self.session_retention_s < 0 or self.min_free_disk_bytes < 0:
+            raise ValueError("session_retention_s and min_free_disk_bytes must be >= 0")
+
+    def _check_claim_lease_store_limits(self) -> None:
+        """The limits of issue 10's findings 3 to 6 (claims, leases, object store)."""
+        if not (0 <= self.claim_ipv4_prefix <= 32 and 0 <= self.claim_ipv6_prefix <= 128):
+            raise ValueError("need 0 <= claim_ipv4_prefix <= 32 and 0 <= claim_ipv6_prefix <= 128")
+        if self.claim_flood_cost < 1 or self.claim_guesses_per_offer < 1:
+            raise ValueError("claim_flood_cost and claim_guesses_per_offer must be >= 1")
+        if self.claim_confirm_timeout_s <= 0 or self.leases_per_caller < 1:
+            raise ValueError("need claim_confirm_timeout_s > 0 and leases_per_caller >= 1")
+        if self.store_forward not in ("on", "off"):
+            raise ValueError("store_forward must be 'on' or 'off'")
+        quotas = (
+            self.store_max_bytes_per_offer,
+            self.store_max_bytes_per_address,
+            self.store_max_bytes_total,
+        )
+        if min(quotas) < 0:
+            raise ValueError("the store_max_bytes limits must be >= 0")
 
     @property
     def tls(self) -> bool:

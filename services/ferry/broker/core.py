@@ -25,6 +25,7 @@ gives the lease back to what the stored plan says.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -49,10 +50,10 @@ from ferry.broker.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from ferry.broker.hub import Hub
-from ferry.broker.ratelimit import ClaimLimiter
+from ferry.broker.hub import Hub, WatchLimits
+from ferry.broker.ratelimit import ClaimLimiter, OfferLimiter
 from ferry.broker.states import Event, Party
-from ferry.broker.store import SessionRecord, StaleRecord, Store
+from ferry.broker.store import SessionRecord, StaleRecord, StorageFull, Store
 from ferry.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ Clock = Callable[[], float]
 
 _IDEMPOTENCY_CACHE_SIZE = 10_000
 _SWEEP_BATCH = 500
+# Rough cost of an offer's row beside its manifest (peer info, tokens, times), for the disk check.
+_ROW_OVERHEAD_BYTES = 64 << 10
 _NAMEPLATE_TRIES = 20
 
 
@@ -113,19 +116,30 @@ class Broker:
         # Keys the tokens of repeated claims (codes.derived_token); persisted by the server.
         self.token_key = token_key or secrets.token_bytes(32)
         self.clock = clock
-        self.hub = hub or Hub()
+        self.hub = hub or Hub(
+            WatchLimits(config.watches_per_party, config.watches_per_address, config.watches_total)
+        )
+        self.offers = OfferLimiter(
+            config.offer_burst_per_address, config.offer_refill_per_address_s
+        )
         self.limiter = ClaimLimiter(
             config.claim_burst_per_ip,
             config.claim_refill_per_ip_s,
             config.claim_burst_global,
             config.claim_refill_global_s,
             clock(),
+            flood_cost=config.claim_flood_cost,
+            ipv4_prefix=config.claim_ipv4_prefix,
+            ipv6_prefix=config.claim_ipv6_prefix,
         )
-        # request_id -> (request fingerprint, response, expiry). Memory only, on purpose: the
-        # response holds the code and the sender's token, which the store never sees in clear.
-        self._replies: OrderedDict[str, tuple[str, broker_pb2.CreateOfferResponse, float]] = (
-            OrderedDict()
-        )
+        # session_id -> when its live offer was claimed, for claim_confirm_timeout_s. In
+        # memory: after a restart the clock starts again at the next claim of the nameplate.
+        self._claimed_at: OrderedDict[str, float] = OrderedDict()
+        # request_id -> what a retried CreateOffer needs to answer as the first time did. In
+        # memory only, on purpose: it holds the code and the sender's token, which the store
+        # never sees in clear. Never the response itself: the session (its manifest) is read
+        # back from the store, so an entry is a few hundred bytes, not the manifest's size.
+        self._replies: OrderedDict[str, _Reply] = OrderedDict()
 
     def broker_id(self) -> str:
         """This broker's stable id, kept in (and shared through) its store."""
@@ -136,10 +150,17 @@ class Broker:
     def create_offer(
         self, request: broker_pb2.CreateOfferRequest, peer_ip: str | None
     ) -> broker_pb2.CreateOfferResponse:
-        """Record an offer; a retried request_id gets the first response back."""
+        """Record an offer; a retried request_id gets the first response back.
+
+        A new offer (not a retry) is refused with RESOURCE_EXHAUSTED while the caller's
+        address has no offer allowance left (RATE_LIMITED) or the data dir is nearly full
+        (STORAGE_FULL, before anything is written: the space left serves the live sessions).
+        """
         now = self.clock()
-        validation.check_manifest(request.manifest)
+        validation.check_manifest(request.manifest, self.config.max_manifest_bytes)
         validation.check_peer(request.sender, "sender")
+        if request.HasField("ttl"):
+            validation.check_duration(request.ttl, "ttl")
         validation.check_key_field(request.claim_verifier, "claim_verifier")
         if bool(request.sender.pake_message) == bool(request.claim_verifier):
             raise InvalidArgument(
@@ -152,15 +173,13 @@ class Broker:
                 Reason.INVALID_ARGUMENT,
                 "a PAKE offer's key confirmation comes after the claim (ConfirmKey)",
             )
-        if len(request.request_id) > 128:
-            raise InvalidArgument(
-                Reason.INVALID_ARGUMENT, "request_id is longer than 128 characters"
-            )
+        validation.check_request_id(request.request_id)
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
         if request.request_id:
             replay = self._replay(request.request_id, fingerprint, now)
             if replay is not None:
                 return replay
+        self._check_offer_allowance(request, peer_ip, now)
 
         ttl = self.config.offer_ttl_default_s
         if request.HasField("ttl"):
@@ -188,9 +207,30 @@ class Broker:
         self.store.create_session(record)
         response = broker_pb2.CreateOfferResponse(session=session, code=code, party_token=token)
         if request.request_id:
-            self._remember(request.request_id, fingerprint, response, now + ttl)
+            reply = _Reply(fingerprint, record.session_id, code, token, now + ttl)
+            self._remember(request.request_id, reply)
         log.info("offer created", extra={"session": session.name})
         return response
+
+    def _check_offer_allowance(
+        self, request: broker_pb2.CreateOfferRequest, peer_ip: str | None, now: float
+    ) -> None:
+        """Refuse a new offer when the disk is nearly full or the caller's allowance is spent.
+
+        The disk first: an offer refused for space does not spend the caller's allowance.
+        """
+        free = self.store.free_bytes()
+        need = self.config.min_free_disk_bytes + request.ByteSize() + _ROW_OVERHEAD_BYTES
+        if free is not None and free < need:
+            log.warning("new offer refused: the data dir is nearly full", extra={"free": free})
+            raise StorageFull(
+                "the broker's storage is nearly full; it takes no new offers until sessions"
+                " end; try again later"
+            )
+        if not self.offers.take(validation.caller_key(peer_ip), now):
+            raise ResourceExhausted(
+                Reason.RATE_LIMITED, "too many new offers from this address; wait and try again"
+            )
 
     def _free_nameplate(self, now: float) -> tuple[str, str]:
         """A nameplate no offer that a claim could still find holds, and its hash."""
@@ -208,18 +248,18 @@ class Broker:
         self, request_id: str, fingerprint: str, now: float
     ) -> broker_pb2.CreateOfferResponse | None:
         cached = self._replies.get(request_id)
-        if cached is not None and cached[2] > now:
-            if cached[0] != fingerprint:
+        if cached is not None and cached.expire_s > now:
+            if cached.fingerprint != fingerprint:
                 raise AlreadyExists(
                     Reason.REQUEST_ID_REUSED,
                     "this request_id was already used for a different offer",
                 )
-            reply = broker_pb2.CreateOfferResponse()
-            reply.CopyFrom(cached[1])
-            current = self.store.get_session(reply.session.name.removeprefix("sessions/"))
+            current = self.store.get_session(cached.session_id)
             if current is not None:
-                reply.session.CopyFrom(current.session)
-            return reply
+                return broker_pb2.CreateOfferResponse(
+                    session=current.session, code=cached.code, party_token=cached.token
+                )
+            del self._replies[request_id]  # deleted after its retention: a new offer
         existing = self.store.find_by_request_id(request_id)
         if existing is not None and existing.expire_s > now:
             raise AlreadyExists(
@@ -229,19 +269,13 @@ class Broker:
             )
         return None
 
-    def _remember(
-        self,
-        request_id: str,
-        fingerprint: str,
-        response: broker_pb2.CreateOfferResponse,
-        expire_s: float,
-    ) -> None:
+    def _remember(self, request_id: str, reply: _Reply) -> None:
         now = self.clock()
-        for key in [k for k, v in self._replies.items() if v[2] <= now]:
+        for key in [k for k, v in self._replies.items() if v.expire_s <= now]:
             del self._replies[key]
         while len(self._replies) >= _IDEMPOTENCY_CACHE_SIZE:
             self._replies.popitem(last=False)
-        self._replies[request_id] = (fingerprint, response, expire_s)
+        self._replies[request_id] = reply
 
     def claim_offer(
         self,
@@ -252,12 +286,21 @@ class Broker:
         pake_message: bytes = b"",
         claim_verifier: bytes = b"",
     ) -> broker_pb2.ClaimOfferResponse:
-        """Redeem a nameplate; a second claim looks exactly like a wrong code.
+        """Redeem a nameplate; a second, expired or wrong claim all look like a wrong code.
 
         Unless it repeats the first claim's ``request_id``: then the claimant (which crashed
         before it saw the answer, say) gets the session and the same token again. A PAKE
         offer needs the receiver's ``pake_message`` (kept from the first claim); a
         store-and-forward offer the ``claim_verifier`` its sender gave, else it is not found.
+
+        Limits (issue 10, findings 3 and 4; see ratelimit.ClaimLimiter): a source network
+        out of failed claims is refused before the nameplate is looked up, so the refusal
+        says nothing about it; what other sources did never refuses a claim. Every failure,
+        an expired code included, is charged to its source. A found store-and-forward offer
+        is given up after ``claim_guesses_per_offer`` wrong verifiers, and a live offer
+        whose claimant never confirmed the key within ``claim_confirm_timeout_s`` is given
+        up at the next claim: either way its sender sees it end, with the reason, and can
+        offer again.
         """
         validation.check_key_field(pake_message, "pake_message")
         validation.check_key_field(claim_verifier, "claim_verifier")
@@ -272,11 +315,10 @@ class Broker:
                 "send only the code's nameplate (such as 7-orbit), never its password",
             )
         now = self.clock()
-        ip = peer_ip or "unknown"
-        if not self.limiter.allowed(ip, now):
+        if not self.limiter.allowed(peer_ip, now):
             raise ResourceExhausted(
                 Reason.RATE_LIMITED,
-                "too many failed code claims; wait a little and try again",
+                "too many failed code claims from this address; wait a little and try again",
             )
         normalized = codes.normalize(code)
         record = None
@@ -284,6 +326,7 @@ class Broker:
             record = self.store.find_by_code_hash(codes.hash_code(self.token_key, normalized))
         if record is not None and record.claim_verifier is not None:
             if not hmac.compare_digest(claim_verifier, record.claim_verifier):
+                self._guessed_at(record, now)
                 record = None  # a found nameplate alone does not claim a forwarded offer
         elif record is not None and not pake_message:
             record = None
@@ -296,15 +339,15 @@ class Broker:
                 return broker_pb2.ClaimOfferResponse(
                     session=view(record.session, Party.RECEIVER), party_token=token
                 )
-        if record is None or record.session.claimed:
-            self.limiter.failed(ip, now)
-            raise _not_found()
-        if record.session.state == states.EXPIRED or (
-            record.session.state == states.OFFERED and record.expire_s <= now
+        if record is not None and record.session.claimed:
+            self._end_if_squatted(record, now)
+        if (
+            record is None
+            or record.session.claimed
+            or record.session.state != states.OFFERED
+            or record.expire_s <= now  # expired answers as wrong, and is charged as wrong
         ):
-            raise NotFound(Reason.CODE_EXPIRED, "this code has expired")
-        if record.session.state != states.OFFERED:
-            self.limiter.failed(ip, now)
+            self.limiter.failed(peer_ip, now)
             raise _not_found()
         token = (
             codes.derived_token(self.token_key, record.session_id, request_id)
@@ -315,9 +358,63 @@ class Broker:
         if record.claim_verifier is None:
             record.session.receiver.pake_message = pake_message
         record = self._fire(record, Event.CLAIM, Party.RECEIVER)
+        self._remember_claim(record, now)
         return broker_pb2.ClaimOfferResponse(
             session=view(record.session, Party.RECEIVER), party_token=token
         )
+
+    def _remember_claim(self, record: SessionRecord, now: float) -> None:
+        """Note when a live (PAKE) offer was claimed, for claim_confirm_timeout_s."""
+        if record.claim_verifier is not None:
+            return
+        while len(self._claimed_at) >= _IDEMPOTENCY_CACHE_SIZE:
+            self._claimed_at.popitem(last=False)
+        self._claimed_at[record.session_id] = now
+
+    def _guessed_at(self, record: SessionRecord, now: float) -> None:
+        """A wrong verifier for a found store-and-forward offer: count it against the offer,
+        and give the offer up once it had claim_guesses_per_offer of them, so that its
+        guess count is bounded whatever its lifetime."""
+        session = record.session
+        if session.state != states.OFFERED or session.claimed or record.expire_s <= now:
+            return  # a claimed offer is its receiver's: guessing must not take it away
+        guesses = self.limiter.offer_failed(record.session_id)
+        if guesses >= self.config.claim_guesses_per_offer:
+            why = f"the code was guessed at {guesses} times, so it no longer works"
+            self._give_up(record, f"{why}; make a new offer")
+
+    def _end_if_squatted(self, record: SessionRecord, now: float) -> None:
+        """Give up a live offer whose claimant never proved the code in time.
+
+        Someone claimed the nameplate (a stranger, or a receiver that died before its key
+        confirmation) and did nothing for claim_confirm_timeout_s: another claim of the
+        same nameplate then ends the offer, so that its sender learns it and can offer
+        again, instead of waiting for the offer's whole lifetime. This claim still fails.
+        """
+        session = record.session
+        if (
+            record.claim_verifier is not None
+            or session.state != states.OFFERED
+            or session.receiver.key_confirmation
+        ):
+            return
+        claimed_at = self._claimed_at.setdefault(record.session_id, now)
+        if now - claimed_at >= self.config.claim_confirm_timeout_s:
+            self._give_up(
+                record,
+                "the code was claimed, but the claimant never proved it (someone else may"
+                " have claimed it); make a new offer",
+            )
+
+    def _give_up(self, record: SessionRecord, reason: str) -> None:
+        """End an offer that guessing made unsafe: EXPIRED, with why, for its sender."""
+        record.session.failure_reason = reason
+        try:
+            self._fire(record, Event.EXPIRE, Party.BROKER)
+        except (Aborted, states.LifecycleError):  # a call changed it meanwhile
+            return
+        self._claimed_at.pop(record.session_id, None)
+        log.info("offer given up", extra={"session": record.session.name, "why": reason})
 
     def confirm_key(
         self, name: str, token: str | None, key_confirmation: bytes, certificate_mac: bytes
@@ -362,6 +459,7 @@ class Broker:
 
     def authorize(self, name: str, token: str | None) -> tuple[SessionRecord, Party]:
         """The session `name` and the caller's party, from the caller's bearer token."""
+        validation.check_name(name)
         if not token:
             raise Unauthenticated(
                 Reason.TOKEN_MISSING,
@@ -452,6 +550,7 @@ class Broker:
         (no write, no new version, nothing published; bytes_done stays the completed one).
         """
         validation.check_reason(failure_reason)
+        validation.check_state(state)
         if bytes_done < 0:
             raise InvalidArgument(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
         record, party = self.authorize(name, token)
@@ -464,10 +563,18 @@ class Broker:
             session.failure_reason = failure_reason
         return self._commit(record, outcome)
 
-    async def watch(self, name: str, token: str | None) -> AsyncGenerator[broker_pb2.Session, None]:
-        """The session now, then each change, until a final state or the hub closes."""
+    async def watch(
+        self, name: str, token: str | None, caller: str | None = None
+    ) -> AsyncGenerator[broker_pb2.Session, None]:
+        """The session now, then its latest state after each change, until a final state or
+        the hub closes. A watcher that reads slowly skips states, never the last one.
+
+        ``caller`` is the caller's IP address; the hub bounds watches per party of the
+        session, per caller and in total (ResourceExhausted, TOO_MANY_WATCHES).
+        """
         record, party = self.authorize(name, token)
-        async with self.hub.subscribe(record.session_id) as watcher:
+        key = validation.caller_key(caller)
+        async with self.hub.subscribe(record.session_id, party.value, key) as watcher:
             record = self._reload(record)
             sent = record.version
             yield view(record.session, party)
@@ -488,8 +595,24 @@ class Broker:
     # -- expiry -----------------------------------------------------------------------------
 
     def sweep(self) -> int:
-        """Expire every live session past its expire_time; return how many."""
+        """Expire every live session past its expire_time, delete the sessions that ended
+        more than session_retention_s ago; return how many expired."""
         now = self.clock()
+        self._delete_ended(now)  # first: on a full disk, it frees what the rest may need
+        return self._expire_due(now)
+
+    def _delete_ended(self, now: float) -> int:
+        """Delete the sessions whose retention ran out, in batches; return how many."""
+        deleted = 0
+        while True:
+            batch = self.store.delete_ended(now - self.config.session_retention_s, _SWEEP_BATCH)
+            deleted += batch
+            if batch < _SWEEP_BATCH:
+                if deleted:
+                    log.info("ended sessions deleted", extra={"count": deleted})
+                return deleted
+
+    def _expire_due(self, now: float) -> int:
         expired = 0
         while True:
             due = self.store.due_for_expiry(now, _SWEEP_BATCH)
@@ -508,6 +631,8 @@ class Broker:
             await asyncio.sleep(self.config.sweep_interval_s)
             try:
                 self.sweep()
+            except StorageFull:
+                log.warning("expiry sweep deferred: the data dir is full")
             except Exception:
                 log.exception("expiry sweep failed")
 
@@ -534,16 +659,38 @@ class Broker:
             raise
 
     def _lease_listener(self, record: SessionRecord, expire_s: float, now: float) -> leases.Span:
-        """Lease the listener (the sender) stream_count + 2 ports, replacing any older lease."""
+        """Lease the listener (the sender) stream_count + 2 ports, replacing any older lease.
+
+        The lease is held until the plan's connect deadline, and after it only while a peer
+        has reported CONNECTING or TRANSFERRING (issue 10, finding 5): a session nobody
+        connects for gives its ports back by itself, and a resume leases again. It is owned
+        by the receiver's address (its source network), whose consent made it: one owner
+        holds at most leases_per_caller live leases on one listener host, so a flood of
+        self-accepted offers cannot take the range from the other senders behind an address.
+        """
         sender = record.session.sender
         allowed = (sender.allowed_ports.first_port, sender.allowed_ports.last_port)
         count = self.config.stream_count + 2
         try:
             return self.store.lease_ports(
-                _host_key(sender), allowed, count, record.session_id, expire_s, now
+                _host_key(sender),
+                allowed,
+                count,
+                record.session_id,
+                expire_s,
+                now,
+                owner=self._lease_owner(record.session),
+                hold_until=now + self.config.connect_timeout_s,
+                max_per_owner=self.config.leases_per_caller,
             )
+        except leases.TooManyLeases as exc:
+            raise ResourceExhausted(Reason.TOO_MANY_LEASES, str(exc)) from None
         except leases.NoPortsAvailable as exc:
             raise ResourceExhausted(Reason.NO_PORTS, str(exc)) from None
+
+    def _lease_owner(self, session: broker_pb2.Session) -> str:
+        """Whom a session's lease counts against: the receiver's source network."""
+        return self.limiter.source(reflexive_ip(session.receiver))
 
     def _plan(self, span: leases.Span, expire_s: float, now: float) -> broker_pb2.ConnectionPlan:
         """A plan for a new attempt: the sender listens on `span` until `expire_s`."""
@@ -579,6 +726,8 @@ class Broker:
                 session_id,
                 stored.expire_s,
                 now,
+                owner=self._lease_owner(stored.session),
+                hold_until=stored.session.plan.connect_deadline.ToNanoseconds() / 1e9,
             )
         except (leases.NoPortsAvailable, ValueError):
             self.store.release_lease(session_id)
@@ -620,6 +769,17 @@ class Broker:
         return session
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Reply:
+    """What a retried CreateOffer (same request_id) needs to answer as the first call did."""
+
+    fingerprint: str
+    session_id: str
+    code: str
+    token: str
+    expire_s: float
+
+
 def _update_peer(stored: broker_pb2.PeerInfo, peer: broker_pb2.PeerInfo, ip: str | None) -> None:
     """Replace a party's connection details with ``peer``'s (and the address the broker
     observed), keeping what is set once and never by a later call: its PAKE message and
@@ -640,6 +800,14 @@ def _with_reflexive(peer: broker_pb2.PeerInfo, ip: str | None) -> broker_pb2.Pee
     if ip is not None:
         out.candidates.append(broker_pb2.Candidate(ip=ip, kind=reflexive))
     return out
+
+
+def reflexive_ip(peer: broker_pb2.PeerInfo) -> str | None:
+    """The address the broker observed a party at (its server-reflexive candidate), if any."""
+    for candidate in peer.candidates:
+        if candidate.kind == broker_pb2.Candidate.KIND_SERVER_REFLEXIVE:
+            return candidate.ip
+    return None
 
 
 def _host_key(sender: broker_pb2.PeerInfo) -> str:

@@ -11,10 +11,11 @@ The tree (class: status code the servicer sends; the reasons raised with it)::
 
     BrokerRefusal
     ├── InvalidArgument        INVALID_ARGUMENT     INVALID_MANIFEST, INVALID_PEER, INVALID_ARGUMENT
-    ├── NotFound               NOT_FOUND            CODE_NOT_FOUND, CODE_EXPIRED, SESSION_NOT_FOUND
+    ├── NotFound               NOT_FOUND            CODE_NOT_FOUND, SESSION_NOT_FOUND
     ├── AlreadyExists          ALREADY_EXISTS       REQUEST_ID_REUSED
     ├── Unauthenticated        UNAUTHENTICATED      TOKEN_MISSING, TOKEN_INVALID
-    ├── PermissionDenied       PERMISSION_DENIED    WRONG_SESSION, WRONG_PARTY
+    ├── PermissionDenied       PERMISSION_DENIED    WRONG_SESSION, WRONG_PARTY,
+    │   │                                           STORE_FORWARD_DISABLED
     │   └── states.NotPermitted                     WRONG_PARTY
     ├── FailedPrecondition     FAILED_PRECONDITION  STORE_UNAVAILABLE, WRONG_STATE,
     │   │                                           UPLOAD_NOT_STARTED, UPLOAD_COMPLETED,
@@ -22,14 +23,18 @@ The tree (class: status code the servicer sends; the reasons raised with it)::
     │   │                                           KEY_ALREADY_CONFIRMED
     │   └── states.IllegalTransition                ILLEGAL_TRANSITION
     ├── ResourceExhausted      RESOURCE_EXHAUSTED   RATE_LIMITED, NO_PORTS,
-    │                                               NAMEPLATES_EXHAUSTED
+    │                                               NAMEPLATES_EXHAUSTED, TOO_MANY_WATCHES,
+    │                                               STORAGE_FULL, TOO_MANY_LEASES,
+    │                                               STORE_QUOTA_EXCEEDED
     ├── Aborted                ABORTED              CONFLICT
     ├── Unavailable            UNAVAILABLE          STORE_ERROR
     └── Internal               INTERNAL             INTERNAL
 
 ``states.LifecycleError`` is the common base of the two lifecycle errors (it derives from
 BrokerRefusal), so ``except states.LifecycleError`` still catches exactly those. The reason
-SHUTTING_DOWN is part of the API but not raised by the broker today.
+SHUTTING_DOWN is part of the API but not raised by the broker today, nor is CODE_EXPIRED:
+an expired code answers exactly as a wrong one (CODE_NOT_FOUND), so that a guesser cannot
+tell a nameplate that was in use from one that never was.
 """
 
 from __future__ import annotations
@@ -68,6 +73,16 @@ class Reason(enum.StrEnum):
     KEY_ALREADY_CONFIRMED = "KEY_ALREADY_CONFIRMED"
     NAMEPLATES_EXHAUSTED = "NAMEPLATES_EXHAUSTED"
     INTERNAL = "INTERNAL"
+    # Issue 10, finding 1: a watch limit (per session and party, per address, broker-wide).
+    TOO_MANY_WATCHES = "TOO_MANY_WATCHES"
+    # Issue 10, finding 2: the broker's disk is (nearly) full; new offers wait for space.
+    STORAGE_FULL = "STORAGE_FULL"
+    # Issue 10, finding 5: one caller holds its share of a listener host's port leases.
+    TOO_MANY_LEASES = "TOO_MANY_LEASES"
+    # Issue 10, finding 6: an object-store quota (per offer, per address, in all) is used up.
+    STORE_QUOTA_EXCEEDED = "STORE_QUOTA_EXCEEDED"
+    # Issue 10, finding 6: the operator turned store-and-forward (upload before consent) off.
+    STORE_FORWARD_DISABLED = "STORE_FORWARD_DISABLED"
 
 
 class BrokerRefusal(Exception):

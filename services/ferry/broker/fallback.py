@@ -17,6 +17,15 @@ Who may do what (the session's state is checked after its expiry is applied)::
 Errors: no bucket configured -> FailedPrecondition / STORE_UNAVAILABLE (a configuration
 fact: retrying does not help); S3 failing -> Unavailable / STORE_ERROR (retry later).
 
+Quotas (issue 10, finding 6: senders are anonymous, so the bucket must not be free hosting):
+StartStoreUpload reserves the file's sealed object and digests bytes against
+``store_max_bytes_per_offer``, ``store_max_bytes_per_address`` (the sender's address, an IPv6
+/64) and ``store_max_bytes_total``, atomically in the store (uploads table) before the first
+URL exists; beyond one -> ResourceExhausted / STORE_QUOTA_EXCEEDED. The bytes count until the
+cleaner deleted the objects. ``store_forward = "off"`` refuses uploads before the receiver
+accepted (PermissionDenied / STORE_FORWARD_DISABLED). The bucket's use is logged whenever it
+changes ("object store use: ..."): the broker has no metrics endpoint.
+
 Cleanup is driven by the store, so a restart loses none of it: every upload is recorded
 (uploads table) before its URLs leave the broker, and the cleaner deletes the objects and
 aborts the upload of every recorded file whose session is final. It runs once more after the
@@ -34,17 +43,18 @@ from collections.abc import Iterator, Sequence
 
 from ferry.broker import objectlayout as layout
 from ferry.broker import states
-from ferry.broker.core import Broker, timestamp
+from ferry.broker.core import Broker, reflexive_ip, timestamp
 from ferry.broker.errors import (
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
     Reason,
+    ResourceExhausted,
     Unavailable,
 )
 from ferry.broker.objectstore import ObjectStore, ObjectStoreError, Part, Unsupported
 from ferry.broker.states import Party
-from ferry.broker.store import SessionRecord, UploadRecord
+from ferry.broker.store import QuotaExceeded, SessionRecord, StoreQuota, UploadRecord
 from ferry.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,13 @@ def _s3() -> Iterator[None]:
         raise Unavailable(Reason.STORE_ERROR, str(exc)) from None
 
 
+def _over_quota(exc: QuotaExceeded) -> ResourceExhausted:
+    return ResourceExhausted(
+        Reason.STORE_QUOTA_EXCEEDED,
+        f"{exc}; send directly, or fewer bytes, or wait for stored transfers to end",
+    )
+
+
 class Fallback:
     """The Store* RPCs and the object cleaner of one broker."""
 
@@ -72,6 +89,13 @@ class Fallback:
         self.prefix = broker.config.s3_prefix
         self._last_stale_sweep = float("-inf")
         self._no_stale_sweep = False  # the server can't list uploads (said once in the log)
+        self._usage_logged: tuple[int, int] | None = None
+        config = broker.config
+        self.quota = StoreQuota(
+            config.store_max_bytes_per_offer,
+            config.store_max_bytes_per_address,
+            config.store_max_bytes_total,
+        )
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -107,6 +131,13 @@ class Fallback:
             raise InvalidArgument(
                 Reason.INVALID_ARGUMENT, f"file_index must be between 0 and {len(files) - 1}"
             )
+        if state == states.OFFERED and self.broker.config.store_forward == "off":
+            raise PermissionDenied(
+                Reason.STORE_FORWARD_DISABLED,
+                "this broker keeps no files for a receiver that has not accepted yet"
+                " (store-and-forward is off): send directly, or through the store after the"
+                " receiver accepts",
+            )
         return self.objects, record, files[file_index]
 
     def _upload(self, record: SessionRecord, file_index: int) -> UploadRecord:
@@ -140,20 +171,58 @@ class Fallback:
         upload = self.broker.store.get_upload(record.session_id, file_index)
         if upload is None:
             key, _ = self._keys(record, file_index)
-            with _s3():
-                upload_id = await objects.create_upload(key)
-            upload = self.broker.store.add_upload(
-                UploadRecord(record.session_id, file_index, upload_id, self.broker.clock())
+            reserved = UploadRecord(
+                record.session_id,
+                file_index,
+                "",
+                self.broker.clock(),
+                size_bytes=layout.object_size(size, chunk) + layout.digests_size(size, chunk),
+                owner=self.broker.limiter.source(reflexive_ip(record.session.sender)),
             )
-            if upload.upload_id != upload_id:  # a concurrent call recorded its upload first
+            self._check_quota(reserved)  # before S3 is asked for anything
+            with _s3():
+                reserved.upload_id = await objects.create_upload(key)
+            try:
+                upload = self.broker.store.add_upload(reserved, self.quota)
+            except QuotaExceeded as exc:  # concurrent uploads took the room meanwhile
+                with _s3(), contextlib.suppress(Unsupported):
+                    await objects.abort_upload(key, reserved.upload_id)
+                raise _over_quota(exc) from None
+            if upload.upload_id != reserved.upload_id:  # a concurrent call recorded it first
                 with _s3():
-                    await objects.abort_upload(key, upload_id)
+                    await objects.abort_upload(key, reserved.upload_id)
         return broker_pb2.StartStoreUploadResponse(
             part_size_bytes=layout.part_size(size, chunk),
             part_count=layout.part_count(size, chunk),
             digests_size_bytes=layout.digests_size(size, chunk),
             completed=upload.completed,
         )
+
+    def _check_quota(self, upload: UploadRecord) -> None:
+        """RESOURCE_EXHAUSTED (STORE_QUOTA_EXCEEDED) if the upload's bytes would not fit.
+
+        A first check, before S3 makes an upload; add_upload checks again atomically.
+        """
+        store = self.broker.store
+        used, _ = store.store_usage()
+        if used + upload.size_bytes > self.quota.total:
+            raise _over_quota(
+                QuotaExceeded(
+                    f"the object store would hold {used + upload.size_bytes} bytes for the"
+                    f" whole broker, over the broker's limit of {self.quota.total}"
+                )
+            )
+        if upload.size_bytes > min(self.quota.per_offer, self.quota.per_owner):
+            raise _over_quota(
+                QuotaExceeded(
+                    f"this file takes {upload.size_bytes} bytes in the object store, over the"
+                    f" broker's limit of {min(self.quota.per_offer, self.quota.per_owner)}"
+                )
+            )
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, uploads) the object store holds or has reserved for recorded uploads."""
+        return self.broker.store.store_usage()
 
     async def presign_parts(
         self,
@@ -411,6 +480,19 @@ class Fallback:
             log.info("aborted %d stale multipart uploads", aborted)
         return aborted
 
+    def _log_usage(self) -> None:
+        """Log the bucket's use when it changed: the broker has no metrics endpoint yet."""
+        usage = self.usage()
+        if usage != self._usage_logged:
+            self._usage_logged = usage
+            log.info(
+                "object store use: %d bytes in %d uploads (limit %d)",
+                usage[0],
+                usage[1],
+                self.quota.total,
+                extra={"store_bytes": usage[0], "store_uploads": usage[1]},
+            )
+
     async def run_cleaner(self) -> None:
         """Clean every sweep interval and abort stale uploads every stale-sweep interval."""
         if self.objects is None:
@@ -419,6 +501,7 @@ class Fallback:
         while True:
             try:
                 await self.clean()
+                self._log_usage()
                 now = self.broker.clock()
                 if now - self._last_stale_sweep >= config.s3_stale_sweep_interval_s:
                     self._last_stale_sweep = now

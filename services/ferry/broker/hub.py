@@ -1,33 +1,67 @@
 """In-process fan-out of session changes to WatchSession streams (asyncio, no polling).
 
-Each watcher owns a bounded deque of (version, snapshot) and an asyncio.Event. Publishing
-appends and sets the event; a slow watcher loses its oldest snapshots, never the newest, so
-memory per watcher is bounded and the final state always arrives. Subscriptions are removed in
-`finally`, so cancelled calls leave nothing behind.
+Each watcher holds one slot: the latest (version, snapshot) it has not taken yet, and an
+asyncio.Event. Publishing copies the session once, into a snapshot that every watcher of the
+session shares (nobody changes it after), and puts it in each watcher's slot, replacing
+whatever was there: a slow watcher gets the latest state, never a backlog, and the final state
+always arrives. So an update costs one copy of the session whatever the number of watchers,
+and a watcher holds at most one snapshot that others share too (issue 10, finding 1: with a
+copy per watcher in a 64-deep queue, 20 idle watchers and a loop of ResumeSession calls grew
+the broker by 1.5 GiB in 3 s).
+
+How many watchers there may be is bounded three ways, checked when one subscribes (each a
+:class:`WatchLimits` field; a subscription over a limit is refused with RESOURCE_EXHAUSTED,
+reason TOO_MANY_WATCHES, before it holds anything):
+
+- per party of a session: a client needs one watch (two while it re-subscribes), and the bound
+  is per party so that neither side can take the other's watches;
+- per caller (its address; an IPv6 address by its /64): bounds what one client can hold over
+  many sessions;
+- in total: bounds the broker.
+
+Subscriptions are removed in `finally`, so cancelled calls leave nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
+from ferry.broker.errors import Reason, ResourceExhausted
 from ferry.v1 import broker_pb2
 
 Snapshot = tuple[int, broker_pb2.Session]
+K = TypeVar("K")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WatchLimits:
+    """How many watchers the hub admits (BrokerConfig's watches_* settings)."""
+
+    per_party: int = 4
+    per_caller: int = 32
+    total: int = 4096
 
 
 class Watcher:
-    """One subscriber's mailbox."""
+    """One subscriber's mailbox: the latest snapshot not yet taken (coalesced)."""
 
-    def __init__(self, depth: int) -> None:
-        self._items: collections.deque[Snapshot] = collections.deque(maxlen=depth)
+    __slots__ = ("_latest", "_ready", "caller", "closed", "party_key")
+
+    def __init__(self, party_key: tuple[str, str], caller: str) -> None:
+        self._latest: Snapshot | None = None
         self._ready = asyncio.Event()
         self.closed = False
+        self.party_key = party_key
+        self.caller = caller
 
     def push(self, item: Snapshot) -> None:
-        self._items.append(item)
+        """Make `item` the next snapshot, replacing one not taken yet."""
+        self._latest = item
         self._ready.set()
 
     def close(self) -> None:
@@ -35,48 +69,91 @@ class Watcher:
         self._ready.set()
 
     async def next(self) -> Snapshot | None:
-        """The next snapshot, or None once the hub is closed."""
-        while not self._items:
+        """The latest snapshot, or None once the hub is closed and none is left.
+
+        The snapshot is shared with the session's other watchers: read it, never change it.
+        """
+        while self._latest is None:
             if self.closed:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        return self._items.popleft()
+        item, self._latest = self._latest, None
+        return item
 
 
 class Hub:
-    """Session id -> watchers."""
+    """Session id -> watchers, within :class:`WatchLimits`."""
 
-    def __init__(self, depth: int = 64) -> None:
-        self._depth = depth
+    def __init__(self, limits: WatchLimits | None = None) -> None:
+        self._limits = limits or WatchLimits()
         self._watchers: dict[str, set[Watcher]] = {}
+        self._per_party: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._per_caller: collections.Counter[str] = collections.Counter()
+        self._total = 0
         self._closed = False
 
     def publish(self, session_id: str, version: int, session: broker_pb2.Session) -> None:
-        """Hand a snapshot of the session to everyone watching it."""
-        for watcher in self._watchers.get(session_id, ()):
-            snapshot = broker_pb2.Session()
-            snapshot.CopyFrom(session)
+        """Hand a snapshot of the session to everyone watching it (one copy for all)."""
+        watchers = self._watchers.get(session_id)
+        if not watchers:
+            return
+        snapshot = broker_pb2.Session()
+        snapshot.CopyFrom(session)
+        for watcher in watchers:
             watcher.push((version, snapshot))
 
+    def _admit(self, party_key: tuple[str, str], caller: str) -> None:
+        """Refuse a subscription over a limit (ResourceExhausted, TOO_MANY_WATCHES)."""
+        limits = self._limits
+        if self._per_party[party_key] >= limits.per_party:
+            raise ResourceExhausted(
+                Reason.TOO_MANY_WATCHES,
+                f"the {party_key[1]} of this session already has {limits.per_party} open"
+                " watches; end one first",
+            )
+        if self._per_caller[caller] >= limits.per_caller:
+            raise ResourceExhausted(
+                Reason.TOO_MANY_WATCHES,
+                f"{limits.per_caller} watches are open from this address already; end one first",
+            )
+        if self._total >= limits.total:
+            raise ResourceExhausted(
+                Reason.TOO_MANY_WATCHES, "the broker has too many open watches; try again later"
+            )
+
     @asynccontextmanager
-    async def subscribe(self, session_id: str) -> AsyncIterator[Watcher]:
-        """Watch a session for the duration of the block."""
-        watcher = Watcher(self._depth)
+    async def subscribe(
+        self, session_id: str, party: str = "", caller: str = "unknown"
+    ) -> AsyncIterator[Watcher]:
+        """Watch a session for the duration of the block, as `party` of it, for `caller`.
+
+        Raises ResourceExhausted (TOO_MANY_WATCHES) when a limit is reached.
+        """
+        party_key = (session_id, party)
+        self._admit(party_key, caller)
+        watcher = Watcher(party_key, caller)
         if self._closed:
             watcher.close()
         watchers = self._watchers.setdefault(session_id, set())
         watchers.add(watcher)
+        self._count(watcher, +1)
         try:
             yield watcher
         finally:
             watchers.discard(watcher)
+            self._count(watcher, -1)
             if not watchers and self._watchers.get(session_id) is watchers:
                 del self._watchers[session_id]
 
+    def _count(self, watcher: Watcher, delta: int) -> None:
+        self._total += delta
+        _add(self._per_party, watcher.party_key, delta)
+        _add(self._per_caller, watcher.caller, delta)
+
     def watcher_count(self) -> int:
         """How many watchers are subscribed (for tests and metrics)."""
-        return sum(len(w) for w in self._watchers.values())
+        return self._total
 
     def close(self) -> None:
         """End every watch (on shutdown)."""
@@ -84,3 +161,10 @@ class Hub:
         for watchers in self._watchers.values():
             for watcher in watchers:
                 watcher.close()
+
+
+def _add(counter: collections.Counter[K], key: K, delta: int) -> None:
+    """Count `delta` more for `key`, dropping keys that reach zero (the counter stays small)."""
+    counter[key] += delta
+    if counter[key] <= 0:
+        del counter[key]

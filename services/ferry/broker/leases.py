@@ -3,6 +3,10 @@
 The caller passes the live leases of one host (expired ones filtered out, or passed with their
 expiry and `now`); the result never overlaps any of them and lies inside the allowed range.
 First fit from the low end keeps allocation deterministic and leases packed.
+
+What counts as live is the store's business: a lease lives until its session's expiry, but
+past its plan's connect deadline only while a peer has reported connecting or transferring,
+and one owner (the receiver's address) may hold only so many on a host (TooManyLeases).
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ Span = tuple[int, int]
 
 class NoPortsAvailable(Exception):
     """No free range of the wanted size is left in the ports this host allows."""
+
+
+class TooManyLeases(Exception):
+    """The caller already holds its share of this host's leases (issue 10, finding 5)."""
 
 
 def allocate(allowed: Span, count: int, leases: Iterable[Span]) -> Span:

@@ -34,10 +34,10 @@ from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker, Clock
 from ferry.broker.fallback import Fallback
 from ferry.broker.objectstore import ObjectStore
-from ferry.broker.service import BrokerService
-from ferry.broker.store import SqliteStore, Store
+from ferry.broker.service import BrokerService, add_to_server
+from ferry.broker.store import SqliteStore, StorageFull, Store
 from ferry.broker.tls import CertificateFiles, describe
-from ferry.v1 import broker_pb2, broker_pb2_grpc
+from ferry.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ async def start_server(
         else None
     )
     fallback = Fallback(broker, objects)
-    broker_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerService(broker, fallback), server)
+    add_to_server(BrokerService(broker, fallback), server)  # undecodable requests: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -231,7 +231,10 @@ async def start_server(
             config.listen,
         )
     log.info("broker id %s", broker.broker_id())  # made here on a new store
-    broker.sweep()  # expire what ran out while the broker was down
+    try:
+        broker.sweep()  # expire what ran out while the broker was down
+    except StorageFull:  # a full disk must not keep the live sessions' broker down
+        log.warning("start-up sweep deferred: the data dir is full")
     sweeper = asyncio.create_task(broker.run_sweeper(), name="ferry-broker-sweeper")
     cleaner = asyncio.create_task(fallback.run_cleaner(), name="ferry-broker-object-cleaner")
     return RunningBroker(

@@ -4,6 +4,10 @@ The only module that knows both the domain's refusals (errors.py) and gRPC. Ever
 leaves as the status code of its class (:data:`STATUS_CODES`, looked up along the class's MRO)
 plus a google.rpc.ErrorInfo(domain="ferry.v1", reason=...) in the `grpc-status-details-bin`
 trailer. Unexpected exceptions are logged and become INTERNAL, never a bare UNKNOWN.
+
+Requests whose bytes do not parse (a corrupt wire format, bad UTF-8 in a string field) are
+refused with INVALID_ARGUMENT by :func:`add_to_server`'s handlers, before the servicer: left to
+gRPC, each would be an UNKNOWN and a logged traceback (issue 10, finding 7's sibling).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
 
@@ -121,15 +126,19 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.ClaimOfferRequest, context: Context
     ) -> broker_pb2.ClaimOfferResponse:
         ip = validation.peer_ip(context.peer())
-        return await _call(
-            context,
-            lambda: self._broker.claim_offer(
-                request.code,
-                ip,
-                request.request_id,
-                pake_message=request.pake_message,
-                claim_verifier=request.claim_verifier,
-            ),
+        return await _call(context, lambda: self._claim(request, ip))
+
+    def _claim(
+        self, request: broker_pb2.ClaimOfferRequest, ip: str | None
+    ) -> broker_pb2.ClaimOfferResponse:
+        validation.check_length(request.code, validation.MAX_CODE_CHARS, "code")
+        validation.check_request_id(request.request_id)
+        return self._broker.claim_offer(
+            request.code,
+            ip,
+            request.request_id,
+            pake_message=request.pake_message,
+            claim_verifier=request.claim_verifier,
         )
 
     async def ConfirmKey(
@@ -256,11 +265,93 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.WatchSessionRequest, context: Context
     ) -> AsyncIterator[broker_pb2.WatchSessionResponse]:
         token = bearer_token(context)
+        ip = validation.peer_ip(context.peer())
         try:
-            async with contextlib.aclosing(self._broker.watch(request.name, token)) as updates:
+            async with contextlib.aclosing(self._broker.watch(request.name, token, ip)) as updates:
                 async for session in updates:
                     yield broker_pb2.WatchSessionResponse(session=session)
             return
         except Exception as exc:
             refusal = as_refusal(exc)
         await abort(context, refusal)
+
+
+class _Undecodable:
+    """What a request's bytes that do not parse deserialize to: the servicer never sees it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
+def _undecodable(request: _Undecodable) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        Reason.INVALID_ARGUMENT, f"the request does not parse: {request.error}"
+    )
+
+
+def _guard_unary(behaviour: Callable[[Any, Context], Awaitable[Any]]) -> Any:
+    async def handle(request: Any, context: Context) -> Any:
+        if isinstance(request, _Undecodable):
+            await abort(context, _undecodable(request))
+        return await behaviour(request, context)
+
+    return handle
+
+
+def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]]) -> Any:
+    """A server-streaming handler that writes ``behaviour``'s responses itself.
+
+    A write fails only when the call is over (the client cancelled or went away while a
+    response was on its way, as an idle watcher does): then there is nobody left to answer,
+    and the handler just ends. Left to gRPC, each such write logged a traceback.
+    """
+
+    async def handle(request: Any, context: Context) -> None:
+        if isinstance(request, _Undecodable):
+            await abort(context, _undecodable(request))
+        async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
+            async for response in responses:
+                try:
+                    await context.write(response)
+                except Exception as exc:  # grpc raises its private ExecuteBatchError
+                    log.debug("watch ended mid-write: the client is gone (%s)", type(exc).__name__)
+                    return
+
+    return handle
+
+
+def add_to_server(servicer: BrokerService, server: grpc.aio.Server) -> None:
+    """Serve ``servicer`` on ``server``, as broker_pb2_grpc.add_BrokerServiceServicer_to_server
+    does, except that a request that does not parse is refused with INVALID_ARGUMENT."""
+    service = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_class = getattr(broker_pb2, method.input_type.name)
+        response_class = getattr(broker_pb2, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        make, guard = (
+            (grpc.unary_stream_rpc_method_handler, _guard_stream)
+            if method.server_streaming
+            else (grpc.unary_unary_rpc_method_handler, _guard_unary)
+        )
+        handlers[method.name] = make(
+            guard(behaviour),
+            request_deserializer=_lenient(request_class.FromString),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

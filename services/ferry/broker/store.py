@@ -19,19 +19,33 @@ Its calls take microseconds, so the servicer calls them on the event loop direct
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sqlite3
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ferry.broker import leases
-from ferry.broker.states import FINAL_STATES, LIVE_STATES, Party
+from ferry.broker.errors import Reason, ResourceExhausted
+from ferry.broker.states import CONNECTING, FINAL_STATES, LIVE_STATES, TRANSFERRING, Party
 from ferry.v1 import broker_pb2
 
 
 class StaleRecord(Exception):
     """The session changed since it was read; read it again and retry."""
+
+
+class StorageFull(ResourceExhausted):
+    """The store's disk is full (SQLite's "database or disk is full", ENOSPC, EDQUOT).
+
+    A refusal of its own (RESOURCE_EXHAUSTED, reason STORAGE_FULL), raised by the store for
+    any call that needed to write, so that a full disk is a clear answer to whoever called
+    and never an INTERNAL with a traceback (issue 10, finding 2).
+    """
+
+    def __init__(self, message: str = "the broker's storage is full; try again later") -> None:
+        super().__init__(Reason.STORAGE_FULL, message)
 
 
 @dataclasses.dataclass(slots=True)
@@ -74,6 +88,23 @@ class UploadRecord:
     completed: bool = False
     urls_expire_s: float = 0.0
     clean_after_s: float = 0.0
+    #: Bytes reserved in the object store for the file (sealed object and digests), and the
+    #: sender's source network they count against (issue 10, finding 6: store quotas).
+    size_bytes: int = 0
+    owner: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoreQuota:
+    """Bytes the object store may hold: for one offer, for one owner (address), in all."""
+
+    per_offer: int
+    per_owner: int
+    total: int
+
+
+class QuotaExceeded(Exception):
+    """Recording an upload would take the object store past a quota; str() says which."""
 
 
 class Store(Protocol):
@@ -111,17 +142,31 @@ class Store(Protocol):
         session_id: str,
         expire_s: float,
         now: float,
+        *,
+        owner: str = "",
+        hold_until: float | None = None,
+        max_per_owner: int | None = None,
     ) -> leases.Span:
         """Atomically find and record `count` free ports on `host_id` for the session.
 
-        Raises leases.NoPortsAvailable when the host's range is full.
+        A lease is live until `expire_s`; one with `hold_until` only until then, unless its
+        session is CONNECTING or TRANSFERRING. Raises leases.NoPortsAvailable when the
+        host's range is full, leases.TooManyLeases when `owner` holds `max_per_owner` live
+        leases on the host already (the session's own lease, being replaced, not counted).
         """
 
     def release_lease(self, session_id: str) -> None:
         """Forget the session's lease, if any."""
 
-    def add_upload(self, record: UploadRecord) -> UploadRecord:
-        """Record the upload unless the file has one already; return the one that is stored."""
+    def add_upload(self, record: UploadRecord, quota: StoreQuota | None = None) -> UploadRecord:
+        """Record the upload unless the file has one already; return the one that is stored.
+
+        With `quota`, a new record whose size_bytes would take its session, its owner or
+        the whole store past the quota is not recorded: QuotaExceeded.
+        """
+
+    def store_usage(self) -> tuple[int, int]:
+        """(bytes reserved, uploads) the object store holds for recorded uploads."""
 
     def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
         """The upload of this file of this session, or None."""
@@ -145,6 +190,13 @@ class Store(Protocol):
 
     def delete_upload(self, session_id: str, file_index: int) -> None:
         """Forget the upload (its objects are gone)."""
+
+    def free_bytes(self) -> int | None:
+        """Free space left to the store's file system, in bytes; None if it has no disk."""
+
+    def delete_ended(self, before_s: float, limit: int) -> int:
+        """Delete up to `limit` sessions in a final state since at or before `before_s`
+        (their leases with them); return how many. Their uploads stay for the cleaner."""
 
     def broker_id(self) -> str:
         """The id of the broker this store belongs to: random, made on the first call ever.
@@ -200,13 +252,23 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+# The live leases of a host, other than the session's own (parameters: session_id, host_id,
+# now, now, CONNECTING, TRANSFERRING): past their connect deadline (hold_until) a lease
+# holds only while its session reports connecting or transferring (issue 10, finding 5).
+_HELD_LEASES = (
+    "leases l LEFT JOIN sessions s ON s.id = l.session_id"
+    " WHERE l.session_id != ? AND l.host_id = ? AND l.expire_time > ?"
+    " AND (l.hold_until IS NULL OR l.hold_until > ? OR s.state IN (?, ?))"
+)
+
 _UPLOAD_COLUMNS = (
-    "session_id, file_index, upload_id, create_time, completed, urls_expire_time, clean_after"
+    "session_id, file_index, upload_id, create_time, completed, urls_expire_time, clean_after,"
+    " size_bytes, owner"
 )
 
 
-def _upload(row: tuple[str, int, str, float, int, float, float]) -> UploadRecord:
-    session_id, file_index, upload_id, create_s, completed, urls_expire_s, clean_after_s = row
+def _upload(row: tuple[str, int, str, float, int, float, float, int, str]) -> UploadRecord:
+    session_id, file_index, upload_id, create_s, completed, urls_expire_s, clean_after_s = row[:7]
     return UploadRecord(
         session_id=session_id,
         file_index=file_index,
@@ -215,6 +277,8 @@ def _upload(row: tuple[str, int, str, float, int, float, float]) -> UploadRecord
         completed=bool(completed),
         urls_expire_s=urls_expire_s,
         clean_after_s=clean_after_s,
+        size_bytes=row[7],
+        owner=row[8],
     )
 
 
@@ -223,7 +287,48 @@ _COLUMNS = (
 )
 _Row = tuple[bytes, str | None, str, str | None, str | None, int, bytes | None]
 # Columns added after the first release, each with its type, added to older files on open.
-_ADDED_COLUMNS = {"sessions": {"claim_verifier": "BLOB"}}
+_ADDED_COLUMNS = {
+    "sessions": {"claim_verifier": "BLOB", "update_time": "REAL"},
+    # Issue 10, finding 5: who a lease counts against, and until when it holds unconnected.
+    "leases": {"owner": "TEXT NOT NULL DEFAULT ''", "hold_until": "REAL"},
+    # Issue 10, finding 6: the bytes an upload reserves, and whose address they count for.
+    "uploads": {"size_bytes": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''"},
+}
+# Indexes on added columns: made after the columns are there.
+_ADDED_INDEXES = (
+    # Finding the ended sessions whose retention ran out (delete_ended).
+    "CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (state, update_time)",
+    # Counting an address's bytes in the object store (add_upload's quota).
+    "CREATE INDEX IF NOT EXISTS uploads_owner ON uploads (owner)",
+)
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk is full: SQLite's SQLITE_FULL, or ENOSPC/EDQUOT."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose statements raise StorageFull when the disk is full."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except (sqlite3.Error, OSError) as exc:
+            if storage_full(exc):
+                raise StorageFull() from None
+            raise
+
+    def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
+        try:
+            return super().executescript(sql_script)
+        except (sqlite3.Error, OSError) as exc:
+            if storage_full(exc):
+                raise StorageFull() from None
+            raise
 
 
 def _record(row: _Row) -> SessionRecord:
@@ -252,7 +357,8 @@ class SqliteStore:
             # database file's mode.
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             os.chmod(path, 0o600)
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self._path = path
+        self._db = sqlite3.connect(path, isolation_level=None, factory=_Connection)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
@@ -262,13 +368,16 @@ class SqliteStore:
             for column, kind in columns.items():
                 if column not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        for index in _ADDED_INDEXES:
+            self._db.execute(index)
 
     def create_session(self, record: SessionRecord) -> None:
         s = record.session
         self._db.execute(
             "INSERT INTO sessions (id, state, code_hash, expire_time, create_time,"
-            " sender_token_hash, receiver_token_hash, request_id, version, data, claim_verifier)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " sender_token_hash, receiver_token_hash, request_id, version, data, claim_verifier,"
+            " update_time)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.session_id,
                 int(s.state),
@@ -281,6 +390,7 @@ class SqliteStore:
                 record.version,
                 s.SerializeToString(deterministic=True),
                 record.claim_verifier,
+                s.update_time.ToNanoseconds() / 1e9,
             ),
         )
 
@@ -315,7 +425,7 @@ class SqliteStore:
         s = record.session
         cursor = self._db.execute(
             "UPDATE sessions SET state = ?, code_hash = ?, expire_time = ?,"
-            " receiver_token_hash = ?, version = version + 1, data = ?"
+            " receiver_token_hash = ?, version = version + 1, data = ?, update_time = ?"
             " WHERE id = ? AND version = ?",
             (
                 int(s.state),
@@ -323,6 +433,7 @@ class SqliteStore:
                 record.expire_s,
                 record.receiver_token_hash,
                 s.SerializeToString(deterministic=True),
+                s.update_time.ToNanoseconds() / 1e9,
                 record.session_id,
                 record.version,
             ),
@@ -348,20 +459,35 @@ class SqliteStore:
         session_id: str,
         expire_s: float,
         now: float,
+        *,
+        owner: str = "",
+        hold_until: float | None = None,
+        max_per_owner: int | None = None,
     ) -> leases.Span:
+        held = (session_id, host_id, now, now, int(CONNECTING), int(TRANSFERRING))
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if max_per_owner is not None:
+                (mine,) = self._db.execute(
+                    f"SELECT COUNT(*) FROM {_HELD_LEASES} AND l.owner = ?",  # noqa: S608
+                    (*held, owner),
+                ).fetchone()
+                if mine >= max_per_owner:
+                    raise leases.TooManyLeases(
+                        f"the receiving address holds {mine} port leases on this sender's host"
+                        f" already (at most {max_per_owner}): let a transfer connect or end,"
+                        " or cancel one, then try again"
+                    )
             taken = self._db.execute(
-                "SELECT first_port, last_port FROM leases"
-                " WHERE host_id = ? AND expire_time > ? AND session_id != ?",
-                (host_id, now, session_id),
+                f"SELECT l.first_port, l.last_port FROM {_HELD_LEASES}",  # noqa: S608
+                held,
             ).fetchall()
             span = leases.allocate(allowed, count, taken)
             self._db.execute(
                 "INSERT OR REPLACE INTO leases"
-                " (session_id, host_id, first_port, last_port, expire_time)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (session_id, host_id, span[0], span[1], expire_s),
+                " (session_id, host_id, first_port, last_port, expire_time, owner, hold_until)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (session_id, host_id, span[0], span[1], expire_s, owner, hold_until),
             )
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -372,23 +498,57 @@ class SqliteStore:
     def release_lease(self, session_id: str) -> None:
         self._db.execute("DELETE FROM leases WHERE session_id = ?", (session_id,))
 
-    def add_upload(self, record: UploadRecord) -> UploadRecord:
-        self._db.execute(
-            f"INSERT OR IGNORE INTO uploads ({_UPLOAD_COLUMNS})"  # noqa: S608 - fixed columns
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.session_id,
-                record.file_index,
-                record.upload_id,
-                record.create_s,
-                int(record.completed),
-                record.urls_expire_s,
-                record.clean_after_s,
-            ),
-        )
+    def add_upload(self, record: UploadRecord, quota: StoreQuota | None = None) -> UploadRecord:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if quota is not None and self.get_upload(record.session_id, record.file_index) is None:
+                self._check_quota(record, quota)
+            self._db.execute(
+                f"INSERT OR IGNORE INTO uploads ({_UPLOAD_COLUMNS})"  # noqa: S608 - fixed columns
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.session_id,
+                    record.file_index,
+                    record.upload_id,
+                    record.create_s,
+                    int(record.completed),
+                    record.urls_expire_s,
+                    record.clean_after_s,
+                    record.size_bytes,
+                    record.owner,
+                ),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
         stored = self.get_upload(record.session_id, record.file_index)
         assert stored is not None
         return stored
+
+    def _check_quota(self, record: UploadRecord, quota: StoreQuota) -> None:
+        """QuotaExceeded if `record`'s bytes do not fit its offer's, owner's or the total quota."""
+        checks = (
+            ("this offer", "session_id = ?", (record.session_id,), quota.per_offer),
+            ("this sender's address", "owner = ?", (record.owner,), quota.per_owner),
+            ("the whole broker", "1 = ?", (1,), quota.total),
+        )
+        for who, where, args, limit in checks:
+            (used,) = self._db.execute(
+                f"SELECT COALESCE(SUM(size_bytes), 0) FROM uploads WHERE {where}",  # noqa: S608
+                args,
+            ).fetchone()
+            if used + record.size_bytes > limit:
+                raise QuotaExceeded(
+                    f"the object store would hold {used + record.size_bytes} bytes for {who},"
+                    f" over the broker's limit of {limit}"
+                )
+
+    def store_usage(self) -> tuple[int, int]:
+        used, count = self._db.execute(
+            "SELECT COALESCE(SUM(size_bytes), 0), COUNT(*) FROM uploads"
+        ).fetchone()
+        return int(used), int(count)
 
     def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
         row = self._db.execute(
@@ -443,6 +603,41 @@ class SqliteStore:
             "DELETE FROM uploads WHERE session_id = ? AND file_index = ?",
             (session_id, file_index),
         )
+
+    def free_bytes(self) -> int | None:
+        if str(self._path) == ":memory:":
+            return None
+        st = os.statvfs(self._path.parent)
+        return st.f_bavail * st.f_frsize
+
+    def delete_ended(self, before_s: float, limit: int) -> int:
+        marks = ", ".join("?" for _ in FINAL_STATES)
+        finals = sorted(int(s) for s in FINAL_STATES)
+        # An ended session's update_time is when it ended; rows written before the column
+        # existed have none, and count from their expiry instead.
+        ids = [
+            str(row[0])
+            for row in self._db.execute(
+                f"SELECT id FROM sessions WHERE state IN ({marks})"  # noqa: S608 - placeholders
+                " AND COALESCE(update_time, expire_time) <= ? LIMIT ?",
+                (*finals, before_s, limit),
+            ).fetchall()
+        ]
+        if not ids:
+            return 0
+        id_marks = ", ".join("?" for _ in ids)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(f"DELETE FROM leases WHERE session_id IN ({id_marks})", ids)  # noqa: S608
+            cursor = self._db.execute(
+                f"DELETE FROM sessions WHERE id IN ({id_marks}) AND state IN ({marks})",  # noqa: S608
+                (*ids, *finals),
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return cursor.rowcount
 
     def broker_id(self) -> str:
         select = "SELECT value FROM meta WHERE key = 'broker_id'"

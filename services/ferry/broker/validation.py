@@ -1,8 +1,19 @@
-"""Checks on what clients send, pure: each raises errors.InvalidArgument with a reason."""
+"""Checks on what clients send, pure: each raises errors.InvalidArgument with a reason.
+
+Everything a request carries is checked here before the domain looks at it, so that nothing a
+client sends reaches code that could fail on it (a log line with a traceback, an INTERNAL): every
+enum value must be one the schema defines (proto3 keeps unknown numbers as plain ints), every
+int its range, every string and byte field its length, every repeated field its count, and a
+manifest its serialized size.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+
+from google.protobuf.descriptor import EnumDescriptor
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ferry.broker.errors import InvalidArgument, Reason
 from ferry.v1 import broker_pb2
@@ -17,6 +28,15 @@ MAX_CANDIDATES = 32
 MAX_HOST_ID_CHARS = 256
 MAX_REASON_CHARS = 1024
 MAX_KEY_FIELD_BYTES = 64  # a SPAKE2 message is 33 bytes, a MAC or verifier 32
+MAX_REQUEST_ID_CHARS = 128
+MAX_NAME_CHARS = 256  # `sessions/` and a 32-character hex id
+MAX_CODE_CHARS = 256  # a nameplate is a number and a word
+MAX_MODE = 0o7777  # permission bits only: no file type bits
+# google.protobuf.Timestamp's range, 0001-01-01 to 9999-12-31 (what every reader can convert).
+_MIN_TIMESTAMP_S = -62_135_596_800
+_MAX_TIMESTAMP_S = 253_402_300_799
+# google.protobuf.Duration's range, about +-10,000 years.
+_MAX_DURATION_S = 315_576_000_000
 
 
 def _manifest_error(message: str) -> InvalidArgument:
@@ -38,8 +58,19 @@ def check_path(path: str) -> None:
             raise _manifest_error(f"file path {path!r} has an empty, '.' or '..' segment")
 
 
-def check_manifest(manifest: broker_pb2.Manifest) -> None:
-    """1..10000 files with safe distinct paths, sizes >= 0, total <= 1 TiB, sane chunk size."""
+def check_manifest(manifest: broker_pb2.Manifest, max_bytes: int | None = None) -> None:
+    """1..10000 files with safe distinct paths, sizes >= 0, total <= 1 TiB, sane chunk size,
+    permission bits only, valid times, and (given ``max_bytes``) at most that many bytes
+    serialized.
+
+    The byte bound is what a manifest costs the broker: it is stored with the session and sent
+    in every update of every watch, so its size, not only its file count, is what is limited.
+    """
+    if max_bytes is not None and manifest.ByteSize() > max_bytes:
+        raise _manifest_error(
+            f"the manifest is {manifest.ByteSize()} bytes, more than this broker's limit of"
+            f" {max_bytes}; offer fewer files at once (or shorter paths)"
+        )
     if not 1 <= len(manifest.files) <= MAX_FILES:
         raise _manifest_error(f"a manifest needs 1 to {MAX_FILES} files")
     if not MIN_CHUNK_BYTES <= manifest.chunk_size_bytes <= MAX_CHUNK_BYTES:
@@ -55,6 +86,10 @@ def check_manifest(manifest: broker_pb2.Manifest) -> None:
         seen.add(entry.path)
         if entry.size_bytes < 0:
             raise _manifest_error(f"file {entry.path!r} has a negative size")
+        if entry.mode > MAX_MODE:
+            raise _manifest_error(f"file {entry.path!r} has a mode beyond permission bits")
+        if entry.HasField("modify_time") and not timestamp_in_range(entry.modify_time):
+            raise _manifest_error(f"file {entry.path!r} has a modify_time out of range")
         total += entry.size_bytes
     if total > MAX_TOTAL_BYTES:
         raise _manifest_error(f"the files add up to more than {MAX_TOTAL_BYTES} bytes")
@@ -79,6 +114,9 @@ def check_peer(peer: broker_pb2.PeerInfo, side: str) -> None:
             Reason.INVALID_PEER, f"the {side} lists more than {MAX_CANDIDATES} addresses"
         )
     for candidate in peer.candidates:
+        check_enum(
+            candidate.kind, broker_pb2.Candidate.Kind.DESCRIPTOR, f"the {side}'s candidate kind"
+        )
         try:
             ipaddress.ip_address(candidate.ip)
         except ValueError:
@@ -97,6 +135,50 @@ def check_key_field(value: bytes, what: str) -> None:
         raise InvalidArgument(
             Reason.INVALID_ARGUMENT, f"{what} is longer than {MAX_KEY_FIELD_BYTES} bytes"
         )
+
+
+def check_enum(value: int, enum: EnumDescriptor, what: str) -> None:
+    """A value the enum defines: proto3 keeps any other number as it came, so check it here."""
+    if enum.values_by_number.get(value) is None:
+        raise InvalidArgument(Reason.INVALID_ARGUMENT, f"{what} is not a known value ({value})")
+
+
+def check_state(state: int) -> None:
+    """A Session.State the schema defines (which ones a call may name is the lifecycle's say)."""
+    check_enum(state, broker_pb2.Session.State.DESCRIPTOR, "state")
+
+
+def check_length(value: str | bytes, limit: int, what: str) -> None:
+    """A string or byte field of at most ``limit`` characters (or bytes)."""
+    if len(value) > limit:
+        raise InvalidArgument(Reason.INVALID_ARGUMENT, f"{what} is longer than {limit}")
+
+
+def check_name(name: str) -> None:
+    """A session name of sane length (whether it exists is for the store to say)."""
+    check_length(name, MAX_NAME_CHARS, "name")
+
+
+def check_request_id(request_id: str) -> None:
+    """A client-chosen request id of at most 128 characters."""
+    check_length(request_id, MAX_REQUEST_ID_CHARS, "request_id")
+
+
+def timestamp_in_range(ts: Timestamp) -> bool:
+    """Whether ``ts`` is within google.protobuf.Timestamp's documented range."""
+    return _MIN_TIMESTAMP_S <= ts.seconds <= _MAX_TIMESTAMP_S and 0 <= ts.nanos <= 999_999_999
+
+
+def check_duration(duration: Duration, what: str) -> None:
+    """A google.protobuf.Duration within its documented range, seconds and nanos of one sign."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if (
+        abs(seconds) > _MAX_DURATION_S
+        or abs(nanos) > 999_999_999
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+    ):
+        raise InvalidArgument(Reason.INVALID_ARGUMENT, f"{what} is not a valid duration")
 
 
 def check_reason(text: str) -> None:
@@ -120,3 +202,23 @@ def peer_ip(peer: str) -> str | None:
         return str(ipaddress.ip_address(host.partition("%")[0]))
     except ValueError:
         return None
+
+
+def caller_key(ip: str | None) -> str:
+    """Whom a per-caller limit counts a call against: its IPv4 address, or its IPv6 /64.
+
+    One host usually holds a whole IPv6 /64, so counting its addresses one by one would give
+    it 2**64 allowances. A caller whose address is unknown (a Unix socket, an in-process
+    call) counts as one caller, "unknown".
+    """
+    if ip is None:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

@@ -47,6 +47,29 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "--s3-prefix": ("s3_prefix", "FERRY_S3_PREFIX"),
     "--s3-url-ttl": ("s3_url_ttl_s", "FERRY_S3_URL_TTL"),
     "--s3-stale-sweep-interval": ("s3_stale_sweep_interval_s", None),
+    # Issue 10, findings 1 and 2: watches, offers, retention, disk.
+    "--watches-per-party": ("watches_per_party", "FERRY_WATCHES_PER_PARTY"),
+    "--watches-per-address": ("watches_per_address", "FERRY_WATCHES_PER_ADDRESS"),
+    "--watches-total": ("watches_total", "FERRY_WATCHES_TOTAL"),
+    "--max-manifest-bytes": ("max_manifest_bytes", "FERRY_MAX_MANIFEST_BYTES"),
+    "--offer-burst-per-address": ("offer_burst_per_address", "FERRY_OFFER_BURST_PER_ADDRESS"),
+    "--offer-rate-per-address": ("offer_refill_per_address_s", "FERRY_OFFER_RATE_PER_ADDRESS"),
+    "--session-retention": ("session_retention_s", "FERRY_SESSION_RETENTION"),
+    "--min-free-disk": ("min_free_disk_bytes", "FERRY_MIN_FREE_DISK"),
+    # Issue 10, findings 3 to 6: claims, port leases, object-store quotas.
+    "--claim-ipv4-prefix": ("claim_ipv4_prefix", "FERRY_CLAIM_IPV4_PREFIX"),
+    "--claim-ipv6-prefix": ("claim_ipv6_prefix", "FERRY_CLAIM_IPV6_PREFIX"),
+    "--claim-flood-cost": ("claim_flood_cost", "FERRY_CLAIM_FLOOD_COST"),
+    "--claim-guesses-per-offer": ("claim_guesses_per_offer", "FERRY_CLAIM_GUESSES_PER_OFFER"),
+    "--claim-confirm-timeout": ("claim_confirm_timeout_s", "FERRY_CLAIM_CONFIRM_TIMEOUT"),
+    "--leases-per-caller": ("leases_per_caller", "FERRY_LEASES_PER_CALLER"),
+    "--store-forward": ("store_forward", "FERRY_STORE_FORWARD"),
+    "--store-max-bytes-per-offer": ("store_max_bytes_per_offer", "FERRY_STORE_MAX_BYTES_PER_OFFER"),
+    "--store-max-bytes-per-address": (
+        "store_max_bytes_per_address",
+        "FERRY_STORE_MAX_BYTES_PER_ADDRESS",
+    ),
+    "--store-max-bytes": ("store_max_bytes_total", "FERRY_STORE_MAX_BYTES"),
 }
 ENVIRONMENT = sorted(env for _, env in FLAGS.values() if env)
 

@@ -120,7 +120,13 @@ def test_request_id_after_restart(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_cancelled_watches_do_not_leak(tmp_path: Path) -> None:
-    config = BrokerConfig(listen="127.0.0.1:0", data_dir=tmp_path, sweep_interval_s=0.1)
+    config = BrokerConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path,
+        sweep_interval_s=0.1,
+        watches_per_party=50,
+        watches_per_address=50,
+    )
     running = await ferry.broker.start_server(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

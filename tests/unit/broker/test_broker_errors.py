@@ -56,6 +56,11 @@ REASONS = [
     "KEY_ALREADY_CONFIRMED",
     "NAMEPLATES_EXHAUSTED",
     "INTERNAL",
+    "TOO_MANY_WATCHES",  # issue 10, finding 1
+    "STORAGE_FULL",  # issue 10, finding 2
+    "TOO_MANY_LEASES",  # issue 10, finding 5
+    "STORE_QUOTA_EXCEEDED",  # issue 10, finding 6
+    "STORE_FORWARD_DISABLED",  # issue 10, finding 6
 ]
 
 

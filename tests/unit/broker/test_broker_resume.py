@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,18 +255,24 @@ async def test_watchers_see_the_new_attempt(env: Env) -> None:
     s = env.accepted()
     env.broker.report(s.name, s.sender, states.TRANSFERRING, 5, "")
     seen: list[broker_pb2.Session] = []
+    got = asyncio.Event()  # the watcher took an update (it keeps only the latest one)
 
     async def watch() -> None:
         async for session in env.broker.watch(s.name, s.sender):
             seen.append(session)
+            got.set()
             if session.state in states.FINAL_STATES:
                 return
 
+    async def then(action: Callable[[], object]) -> None:
+        await asyncio.wait_for(got.wait(), 5)
+        got.clear()
+        action()
+
     task = asyncio.create_task(watch())
-    await asyncio.sleep(0)
-    env.broker.resume(s.name, s.receiver, _peer(b"receiver-2", 1, 2), None)
-    env.broker.resume(s.name, s.sender, _peer(b"sender-2"), None)
-    env.broker.cancel(s.name, s.sender, "")
+    await then(lambda: env.broker.resume(s.name, s.receiver, _peer(b"receiver-2", 1, 2), None))
+    await then(lambda: env.broker.resume(s.name, s.sender, _peer(b"sender-2"), None))
+    await then(lambda: env.broker.cancel(s.name, s.sender, ""))
     await asyncio.wait_for(task, 5)
     assert [(x.state, x.attempt) for x in seen] == [
         (states.TRANSFERRING, 1),
