@@ -296,12 +296,14 @@ async def test_the_client_waits_out_a_rate_limited_claim(broker_factory: BrokerF
             except grpc.aio.AioRpcError as error:
                 last = _reason(error)
         assert last == "RATE_LIMITED"
-    link = BrokerLink(broker.address, patience=20.0)
+    told: list[BrokerError] = []
+    link = BrokerLink(broker.address, patience=20.0, on_wait=told.append)
     try:
         claim = await link.claim_offer(offer.code, "rid-1", pake_message=RECEIVER_PAKE)
     finally:
         await link.close()
     assert claim.session.name == offer.session.name
+    assert [e.reason for e in told] == ["RATE_LIMITED"]  # said once, so the CLI can say why
 
 
 @pytest.mark.asyncio

@@ -129,6 +129,10 @@ def _assert_refused(
     assert rlines[-1]["event"] == "failed"
     assert "Traceback" not in rerr
     assert _holds_outside_bytes(tree.dest) == []
+    # What the receiver is told names no folder of the sender's machine.
+    told = rerr + "".join(str(line) for line in rlines)
+    assert "nothing to resume" not in told, told  # it says how the session ended
+    assert str(tree.album.parent) not in told, told
 
 
 def _link_file(tree: Tree) -> None:
@@ -195,37 +199,57 @@ def test_a_swap_after_the_offer_sends_nothing_from_outside(
     _assert_refused(tree, sent, received, name)
 
 
-def test_resumed_sender_refuses_a_tree_changed_while_it_was_down(
-    ferry: FerryFactory, tmp_path: Path
-) -> None:
-    """After a restart there is no handle from the first run: the saved stamps (device and
-    inode) are what tie the files to the offer, and the folders are walked again without
-    following anything."""
-    tree = _tree(tmp_path)
+def _offer_then_stop(ferry: FerryFactory, tree: Tree) -> str:
+    """Offer the folder, then kill the sender: the offer and its state stay, and `ferry send`
+    again resumes it. The code."""
     first = ferry("send", str(tree.album), "--json")
     offered = first.line()
     assert offered["event"] == "offered"
-    first.kill()  # the offer and its state stay: `ferry send` again resumes it
-    _link_folder(tree)
-    rc, lines, err = ferry("send", str(tree.album), "--json").finish(FINISH)
-    assert rc == 1, err
-    assert "symlink" in lines[-1]["error"]
-    assert err.count("\n") == 1, err
-    assert "Traceback" not in err
-    # Put a folder back, with a file of the same size and mtime but another inode.
-    (tree.album / "sub").unlink()
-    _write(tree.album / "sub" / "b.txt", b"b" * SIZE)
-    rc, lines, err = ferry("send", str(tree.album), "--json").finish(FINISH)
-    assert rc == 1, err
-    assert "changed since they were offered" in lines[-1]["error"]
-    assert "Traceback" not in err
-    # The offer was withdrawn: its code gives the receiver nothing.
-    receiver = ferry("receive", offered["code"], "--dest", str(tree.dest), "--yes", "--json")
+    first.kill()
+    return str(offered["code"])
+
+
+def _assert_withdrawn(ferry: FerryFactory, tree: Tree, code: str) -> None:
+    """The offer was withdrawn: its code gives the receiver nothing."""
+    receiver = ferry("receive", code, "--dest", str(tree.dest), "--yes", "--json")
     rrc, rlines, _ = receiver.finish(FINISH)
     assert rrc == 1
     assert rlines[-1]["event"] == "failed"
     assert _holds_outside_bytes(tree.dest) == []
     assert not (tree.dest / "album").exists()
+
+
+def test_resumed_sender_refuses_a_folder_swapped_for_a_link_while_it_was_down(
+    ferry: FerryFactory, tmp_path: Path
+) -> None:
+    """After a restart there is no handle from the first run: the folders are walked again
+    without following anything, and a tree that cannot be walked so has changed."""
+    tree = _tree(tmp_path)
+    code = _offer_then_stop(ferry, tree)
+    _link_folder(tree)
+    rc, lines, err = ferry("send", str(tree.album), "--json").finish(FINISH)
+    assert rc == 1, err
+    assert "changed since they were offered" in lines[-1]["error"]
+    assert "symlink" in lines[-1]["error"]
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    _assert_withdrawn(ferry, tree, code)
+
+
+def test_resumed_sender_refuses_a_file_replaced_while_it_was_down(
+    ferry: FerryFactory, tmp_path: Path
+) -> None:
+    """The saved stamps (device and inode) tie the files to the offer: a file of the same
+    size and mtime but another inode is another file."""
+    tree = _tree(tmp_path)
+    code = _offer_then_stop(ferry, tree)
+    (tree.album / "sub" / "b.txt").unlink()
+    _write(tree.album / "sub" / "b.txt", b"b" * SIZE)
+    rc, lines, err = ferry("send", str(tree.album), "--json").finish(FINISH)
+    assert rc == 1, err
+    assert "changed since they were offered" in lines[-1]["error"]
+    assert "Traceback" not in err
+    _assert_withdrawn(ferry, tree, code)
 
 
 class _SwapAfterLstat:

@@ -169,6 +169,12 @@ def _client(ns: argparse.Namespace, **options: Any) -> Client:
         now = time.monotonic()
         if now - said[0] >= 30:
             said[0] = now
+            if exc.reason == "RATE_LIMITED":
+                _say(
+                    "ferry: the broker is limiting code claims from this address (someone"
+                    " here may be guessing codes); trying again for up to a minute"
+                )
+                return
             _say(
                 f"ferry: waiting for the broker at {escape_name(ns.broker)} ({exc}); "
                 f"up to {ns.broker_wait:g} s (--broker-wait)"

@@ -275,6 +275,8 @@ class BrokerLink:
             except BrokerError as exc:
                 if exc.reason != "RATE_LIMITED" or time.monotonic() + pause > give_up:
                     raise
+                if pause == _CLAIM_FIRST_PAUSE and self.on_wait is not None:
+                    self.on_wait(exc)  # once: the CLI says why it waits
             await asyncio.sleep(pause * (0.5 + random.random() / 2))
             pause = min(pause * 2, _CLAIM_LONGEST_PAUSE)
 

@@ -63,6 +63,7 @@ from ferry.client._session import (
 )
 from ferry.client._tls import Identity
 from ferry.files import (
+    ManifestError,
     SourceStamp,
     scan_sources,
 )
@@ -265,12 +266,18 @@ class Client:
             session = await link.get(name)
             if session.state in FINAL and session.state != State.STATE_COMPLETED:
                 raise TransferOver(f"that transfer is over ({ended(session)})")
-            scan = scan_sources([Path(p) for p in paths], session.manifest.chunk_size_bytes)
-            same = scan.manifest.SerializeToString(
-                deterministic=True
-            ) == session.manifest.SerializeToString(deterministic=True)
-            if stamps is not None and list(stamps) != scan.stamps:
+            why = ""
+            try:
+                scan = scan_sources([Path(p) for p in paths], session.manifest.chunk_size_bytes)
+            except ManifestError as exc:  # gone, unreadable, a symlink now: changed as well
+                why = f": {exc}"
                 same = False
+            else:
+                same = scan.manifest.SerializeToString(
+                    deterministic=True
+                ) == session.manifest.SerializeToString(deterministic=True)
+                if stamps is not None and list(stamps) != scan.stamps:
+                    same = False
             if not same:
                 reason = "the files changed since they were offered"
                 if session.state == State.STATE_OFFERED:  # not accepted yet: withdraw it
@@ -278,7 +285,7 @@ class Client:
                         await link.cancel(name, reason)
                 elif session.state != State.STATE_COMPLETED:
                     await link.report_failed(name, reason)
-                raise SourceChangedError(f"{reason}; send them again for a new code")
+                raise SourceChangedError(f"{reason}{why}; send them again for a new code")
             exchange, key = await self._sender_key(link, session, code, pake_state)
             identity = Identity.generate()
             if session.state != State.STATE_COMPLETED:  # else: only the result is left to show

@@ -519,7 +519,14 @@ class Incoming:
                     f"{lost}; the partial transfer is kept: run the same command again to resume"
                 )
             await asyncio.sleep(0.2)
-            session = await self._link.resume(self.name, me)
+            try:
+                session = await self._link.resume(self.name, me)
+            except BrokerError:
+                # Ended meanwhile (the sender failed it, say): say how, not "nothing to resume".
+                current = await self._link.get(self.name)
+                if current.state in FINAL:
+                    raise over(current) from None
+                raise
 
     async def _from_store_only(
         self,

@@ -18,6 +18,7 @@ from ferry.client._errors import (
     TamperedError,
     TransferError,
     TransferOver,
+    for_peer,
     told,
 )
 from ferry.client._events import (
@@ -180,10 +181,15 @@ class Outgoing:
         """Cancel the offer or the transfer."""
         await self._link.cancel(self.name, reason)
 
-    async def _failed(self, kind: type[TransferError], reason: str) -> TransferError:
-        """Tell the broker this side failed (best effort); the error to raise."""
-        await self._link.report_failed(self.name, reason)
-        return kind(reason)
+    async def _failed(
+        self, kind: type[TransferError], what: str, exc: BaseException
+    ) -> TransferError:
+        """Tell the broker this side failed (best effort); the error to raise.
+
+        The error says what went wrong here, paths of this machine included; the report,
+        which the receiver reads, says only what `for_peer` lets through."""
+        await self._link.report_failed(self.name, f"{what}: {for_peer(exc)}")
+        return kind(f"{what}: {told(exc)}")
 
     async def _next_attempt(self, served: int) -> broker_pb2.Session:
         """The session once it has a connection attempt newer than ``served`` (or is over)."""
@@ -202,6 +208,8 @@ class Outgoing:
             if session.state == State.STATE_COMPLETED:
                 return session
             if session.state == State.STATE_EXPIRED:
+                if session.failure_reason:  # the broker gave the offer up, and says why
+                    raise TransferOver(f"the offer ended: {shown(session.failure_reason)}")
                 if served == 0 and not session.receiver.certificate_der:
                     raise TransferOver("the offer expired before it was accepted")
                 raise TransferOver("the transfer expired before it completed")
@@ -316,9 +324,9 @@ class Outgoing:
                 "to resume the upload"
             ) from exc
         except SourceChanged as exc:
-            raise await self._failed(SourceChangedError, f"uploading failed: {exc}") from exc
+            raise await self._failed(SourceChangedError, "uploading failed", exc) from exc
         except (ProtocolError, OSError) as exc:
-            raise await self._failed(TransferError, f"uploading failed: {exc}") from exc
+            raise await self._failed(TransferError, "uploading failed", exc) from exc
         finally:
             cancel.set()
             pump_task.cancel()
@@ -347,7 +355,8 @@ class Outgoing:
     def _hash_all(self, uploader: StoreUploader) -> None:
         """Only the digests are left to show (the receiver completed already)."""
         session = SendSession([f.size for f in self.files], self.session.manifest.chunk_size_bytes)
-        self._source().fill_digests(session, stamped=False)
+        with contextlib.suppress(SourceChanged, OSError):  # as at the end of `send`
+            self._source().fill_digests(session, stamped=False)
         uploader.digests = [session.digest(i) or b"" for i in range(len(self.files))]
 
     async def _transfer(self, on_event: EventHandler | None) -> TransferResult:
@@ -403,17 +412,22 @@ class Outgoing:
                     continue
                 await self._serve(peer, served, session)
         except SourceChanged as exc:
-            raise await self._failed(SourceChangedError, f"sending failed: {exc}") from exc
+            raise await self._failed(SourceChangedError, "sending failed", exc) from exc
         except (ProtocolError, PeerAborted) as exc:
-            raise await self._failed(PeerProtocolError, f"sending failed: {told(exc)}") from exc
+            raise await self._failed(PeerProtocolError, "sending failed", exc) from exc
         except OSError as exc:
-            raise await self._failed(TransferError, f"sending failed: {exc}") from exc
+            raise await self._failed(TransferError, "sending failed", exc) from exc
         finally:
             pump_task.cancel()
             await asyncio.gather(pump_task, return_exceptions=True)
         seconds = time.monotonic() - started
-        # Chunks the receiver had from an earlier run were not read here: hash them now.
-        await asyncio.to_thread(functools.partial(source.fill_digests, send_session, stamped=False))
+        # Chunks the receiver had from an earlier run were not read here: hash them now. The
+        # receiver checked every chunk already: a file changed since then only leaves its
+        # digest out of what is shown here, it does not undo the transfer.
+        with contextlib.suppress(SourceChanged, OSError):
+            await asyncio.to_thread(
+                functools.partial(source.fill_digests, send_session, stamped=False)
+            )
         digests = [send_session.digest(i) for i in range(len(self.files))]
         uploaded = self._uploader.bytes_uploaded if self._uploader is not None else 0
         result = TransferResult(

@@ -18,6 +18,7 @@ import ssl
 import threading
 from collections.abc import Callable
 
+from ferry.client._errors import for_peer
 from ferry.client._gate import Gate, GateLimits
 from ferry.client._source import Source, SourceChanged, digest_file
 from ferry.client._tls import PeerAuthError, verify_peer
@@ -186,18 +187,25 @@ class SendPeer:
             pass  # the receiver re-requests this stream's chunks on its other streams
         except PeerAborted as exc:
             if not exc.retryable:
-                self.error = exc
+                self._fail(exc)
             elif self.on_pause is not None:  # it keeps its data and comes back: wait for it
                 self.on_pause(str(exc))
         except (ProtocolError, SourceChanged, OSError) as exc:
             if not self.finished.is_set():
-                self.error = exc
+                self._fail(exc)
                 with contextlib.suppress(PeerGone, ProtocolError):
-                    wire.send_bytes(conn.send_abort(str(exc)))
+                    wire.send_bytes(conn.send_abort(for_peer(exc)))  # no local paths
         finally:
             with self._lock:
                 self._conns.discard(wire)
             wire.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Keep the attempt's first error: the receiver's Abort that answers ours on another
+        stream says less about what went wrong."""
+        with self._lock:
+            if self.error is None:
+                self.error = exc
 
     def _converse(self, wire: PeerConnection, conn: SenderConnection, stream: int) -> None:
         wire.read_event(conn)  # Greeted, or it raised

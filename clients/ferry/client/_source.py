@@ -44,7 +44,13 @@ __all__ = ["Source", "SourceChanged", "digest_file"]
 
 
 class SourceChanged(Exception):
-    """A file being sent changed since it was offered."""
+    """A file being sent changed since it was offered.
+
+    Its message names the file by its path on this machine, for the user; the receiver is
+    told only :attr:`for_peer` (`ferry.client._errors.for_peer`).
+    """
+
+    for_peer = "a file being sent changed on the sender's side since it was offered"
 
 
 class Source:

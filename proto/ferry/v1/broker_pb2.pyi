@@ -414,7 +414,10 @@ class ConnectionPlan(_message.Message):
 
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the port lease ends unless the session ends first."""
+        """When the port lease ends unless the session ends first. Until then it is held only to
+        connect_deadline, and past it only while a peer reports CONNECTING or TRANSFERRING
+        (ReportProgress): ports nobody connects to go back at the connect deadline.
+        """
 
     def __init__(
         self,

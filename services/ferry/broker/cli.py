@@ -26,8 +26,8 @@ The flags with an environment variable::
     --session-retention S          FERRY_SESSION_RETENTION
     --min-free-disk BYTES          FERRY_MIN_FREE_DISK
 
-    --claim-ipv4-prefix BITS       FERRY_CLAIM_IPV4_PREFIX
-    --claim-ipv6-prefix BITS       FERRY_CLAIM_IPV6_PREFIX
+    --caller-ipv4-prefix BITS      FERRY_CALLER_IPV4_PREFIX
+    --caller-ipv6-prefix BITS      FERRY_CALLER_IPV6_PREFIX
     --claim-flood-cost N           FERRY_CLAIM_FLOOD_COST
     --claim-guesses-per-offer N    FERRY_CLAIM_GUESSES_PER_OFFER
     --claim-confirm-timeout S      FERRY_CLAIM_CONFIRM_TIMEOUT
@@ -158,12 +158,12 @@ _FLAGS: tuple[_Flag, ...] = (
           "refuse new offers while the data dir has less free space than this",
           "FERRY_MIN_FREE_DISK", "BYTES"),
     # Claims, port leases and the object store under attack (issue 10, findings 3 to 6).
-    _Flag("--claim-ipv4-prefix", "claim_ipv4_prefix", int,
-          "claim failures are counted per IPv4 network of this prefix length",
-          "FERRY_CLAIM_IPV4_PREFIX", "BITS"),
-    _Flag("--claim-ipv6-prefix", "claim_ipv6_prefix", int,
-          "claim failures are counted per IPv6 network of this prefix length",
-          "FERRY_CLAIM_IPV6_PREFIX", "BITS"),
+    _Flag("--caller-ipv4-prefix", "caller_ipv4_prefix", int,
+          "per-address limits count IPv4 callers per network of this prefix length",
+          "FERRY_CALLER_IPV4_PREFIX", "BITS"),
+    _Flag("--caller-ipv6-prefix", "caller_ipv6_prefix", int,
+          "per-address limits count IPv6 callers per network of this prefix length",
+          "FERRY_CALLER_IPV6_PREFIX", "BITS"),
     _Flag("--claim-flood-cost", "claim_flood_cost", float,
           "what one failed claim costs its source while the broker-wide bucket is empty",
           "FERRY_CLAIM_FLOOD_COST", "N"),

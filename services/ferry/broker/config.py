@@ -97,12 +97,13 @@ class BrokerConfig:
     min_free_disk_bytes: int = 64 << 20
 
     # -- Claims, port leases and the object store under attack (issue 10, findings 3-6) ----
-    #: The claim limits above count failures per source network: an IPv4 address (or its
-    #: /claim_ipv4_prefix) and an IPv6 /claim_ipv6_prefix, since one IPv6 host picks any
-    #: address of its /64. The broker-wide bucket never refuses a claim; while it is empty,
+    #: Every per-address limit (claims, offers, watches, leases, bucket bytes) counts a
+    #: caller by its source network: an IPv4 address (or its /caller_ipv4_prefix) and an
+    #: IPv6 /caller_ipv6_prefix, since one IPv6 host picks any address of its /64.
+    caller_ipv4_prefix: int = 32
+    caller_ipv6_prefix: int = 64
+    #: The broker-wide bucket of failed claims never refuses a claim; while it is empty,
     #: each failure costs its source claim_flood_cost tokens instead of one.
-    claim_ipv4_prefix: int = 32
-    claim_ipv6_prefix: int = 64
     claim_flood_cost: float = 10.0
     #: Wrong-verifier claims a found store-and-forward offer takes before it is given up
     #: (expired, its sender told why): its guess count stays bounded for any offer TTL.
@@ -168,8 +169,8 @@ class BrokerConfig:
 
     def _check_claim_lease_store_limits(self) -> None:
         """The limits of issue 10's findings 3 to 6 (claims, leases, object store)."""
-        if not (0 <= self.claim_ipv4_prefix <= 32 and 0 <= self.claim_ipv6_prefix <= 128):
-            raise ValueError("need 0 <= claim_ipv4_prefix <= 32 and 0 <= claim_ipv6_prefix <= 128")
+        if not (0 <= self.caller_ipv4_prefix <= 32 and 0 <= self.caller_ipv6_prefix <= 128):
+            raise ValueError("need 0 <= caller_ipv4_prefix <= 32, 0 <= caller_ipv6_prefix <= 128")
         if self.claim_flood_cost < 1 or self.claim_guesses_per_offer < 1:
             raise ValueError("claim_flood_cost and claim_guesses_per_offer must be >= 1")
         if self.claim_confirm_timeout_s <= 0 or self.leases_per_caller < 1:

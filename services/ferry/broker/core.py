@@ -129,8 +129,8 @@ class Broker:
             config.claim_refill_global_s,
             clock(),
             flood_cost=config.claim_flood_cost,
-            ipv4_prefix=config.claim_ipv4_prefix,
-            ipv6_prefix=config.claim_ipv6_prefix,
+            ipv4_prefix=config.caller_ipv4_prefix,
+            ipv6_prefix=config.caller_ipv6_prefix,
         )
         # session_id -> when its live offer was claimed, for claim_confirm_timeout_s. In
         # memory: after a restart the clock starts again at the next claim of the nameplate.
@@ -227,7 +227,7 @@ class Broker:
                 "the broker's storage is nearly full; it takes no new offers until sessions"
                 " end; try again later"
             )
-        if not self.offers.take(validation.caller_key(peer_ip), now):
+        if not self.offers.take(self.limiter.source(peer_ip), now):
             raise ResourceExhausted(
                 Reason.RATE_LIMITED, "too many new offers from this address; wait and try again"
             )
@@ -573,7 +573,7 @@ class Broker:
         session, per caller and in total (ResourceExhausted, TOO_MANY_WATCHES).
         """
         record, party = self.authorize(name, token)
-        key = validation.caller_key(caller)
+        key = self.limiter.source(caller)
         async with self.hub.subscribe(record.session_id, party.value, key) as watcher:
             record = self._reload(record)
             sent = record.version

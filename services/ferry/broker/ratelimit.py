@@ -151,7 +151,7 @@ class OfferLimiter:
 
     Every new offer spends a token (a retried request_id that gets its first answer back does
     not come here); an empty bucket refuses. The key is the caller's address, an IPv6 one by
-    its /64 (validation.caller_key), so one host cannot spread a flood over its own subnet.
+    its /64 (:func:`source_of`), so one host cannot spread a flood over its own subnet.
     There is no broker-wide bucket on purpose: it would let one flooder lock out everyone.
     At most `max_keys` buckets are kept; full buckets are dropped first, then the oldest.
     """

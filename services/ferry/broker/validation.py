@@ -202,23 +202,3 @@ def peer_ip(peer: str) -> str | None:
         return str(ipaddress.ip_address(host.partition("%")[0]))
     except ValueError:
         return None
-
-
-def caller_key(ip: str | None) -> str:
-    """Whom a per-caller limit counts a call against: its IPv4 address, or its IPv6 /64.
-
-    One host usually holds a whole IPv6 /64, so counting its addresses one by one would give
-    it 2**64 allowances. A caller whose address is unknown (a Unix socket, an in-process
-    call) counts as one caller, "unknown".
-    """
-    if ip is None:
-        return "unknown"
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return "unknown"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)

@@ -57,8 +57,8 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "--session-retention": ("session_retention_s", "FERRY_SESSION_RETENTION"),
     "--min-free-disk": ("min_free_disk_bytes", "FERRY_MIN_FREE_DISK"),
     # Issue 10, findings 3 to 6: claims, port leases, object-store quotas.
-    "--claim-ipv4-prefix": ("claim_ipv4_prefix", "FERRY_CLAIM_IPV4_PREFIX"),
-    "--claim-ipv6-prefix": ("claim_ipv6_prefix", "FERRY_CLAIM_IPV6_PREFIX"),
+    "--caller-ipv4-prefix": ("caller_ipv4_prefix", "FERRY_CALLER_IPV4_PREFIX"),
+    "--caller-ipv6-prefix": ("caller_ipv6_prefix", "FERRY_CALLER_IPV6_PREFIX"),
     "--claim-flood-cost": ("claim_flood_cost", "FERRY_CLAIM_FLOOD_COST"),
     "--claim-guesses-per-offer": ("claim_guesses_per_offer", "FERRY_CLAIM_GUESSES_PER_OFFER"),
     "--claim-confirm-timeout": ("claim_confirm_timeout_s", "FERRY_CLAIM_CONFIRM_TIMEOUT"),
