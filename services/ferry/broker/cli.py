@@ -25,6 +25,10 @@ The flags with an environment variable::
     --offer-rate-per-address N     FERRY_OFFER_RATE_PER_ADDRESS
     --session-retention S          FERRY_SESSION_RETENTION
     --min-free-disk BYTES          FERRY_MIN_FREE_DISK
+    --max-connections N            FERRY_MAX_CONNECTIONS
+    --handshake-timeout S          FERRY_HANDSHAKE_TIMEOUT
+    --connection-idle S            FERRY_CONNECTION_IDLE
+    --max-concurrent-calls N       FERRY_MAX_CONCURRENT_CALLS
 
     --caller-ipv4-prefix BITS      FERRY_CALLER_IPV4_PREFIX
     --caller-ipv6-prefix BITS      FERRY_CALLER_IPV6_PREFIX
@@ -157,6 +161,19 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--min-free-disk", "min_free_disk_bytes", int,
           "refuse new offers while the data dir has less free space than this",
           "FERRY_MIN_FREE_DISK", "BYTES"),
+    # Connections (the broker's side of issue 10, finding 8).
+    _Flag("--max-connections", "max_connections", int,
+          "connections held at once; more are closed as they come", "FERRY_MAX_CONNECTIONS",
+          "N"),
+    _Flag("--handshake-timeout", "handshake_timeout_s", float,
+          "time a new connection has for its TLS handshake and HTTP/2 preface",
+          "FERRY_HANDSHAKE_TIMEOUT", _SECONDS),
+    _Flag("--connection-idle", "connection_idle_s", float,
+          "close a connection without calls after this long", "FERRY_CONNECTION_IDLE",
+          _SECONDS),
+    _Flag("--max-concurrent-calls", "max_concurrent_calls", int,
+          "calls served at once (watches included); beyond: RESOURCE_EXHAUSTED",
+          "FERRY_MAX_CONCURRENT_CALLS", "N"),
     # Claims, port leases and the object store under attack (issue 10, findings 3 to 6).
     _Flag("--caller-ipv4-prefix", "caller_ipv4_prefix", int,
           "per-address limits count IPv4 callers per network of this prefix length",

@@ -96,6 +96,20 @@ class BrokerConfig:
     #: system has less free space than this: the rest stays for the sessions already live.
     min_free_disk_bytes: int = 64 << 20
 
+    # -- Connections (a sibling of finding 8, on the broker) ------------------------------
+    #: Connections the broker holds at once (each costs about 10 KiB and a descriptor); more
+    #: are closed as they come. A per-address cap belongs in front (the ingress, a firewall):
+    #: gRPC has none, and this one is to keep the broker alive, not fair.
+    max_connections: int = 10_000
+    #: Seconds a new connection has for its TLS handshake and HTTP/2 preface (gRPC's
+    #: default is 120 s: a stranger's silent connections would be held that long).
+    handshake_timeout_s: float = 10.0
+    #: A connection with no call for this long is closed (clients reconnect when they need
+    #: to; a watch is a call, so a waiting peer's connection stays).
+    connection_idle_s: float = 300.0
+    #: Calls served at once, watches included; beyond, RESOURCE_EXHAUSTED.
+    max_concurrent_calls: int = 8192
+
     # -- Claims, port leases and the object store under attack (issue 10, findings 3-6) ----
     #: Every per-address limit (claims, offers, watches, leases, bucket bytes) counts a
     #: caller by its source network: an IPv4 address (or its /caller_ipv4_prefix) and an
@@ -166,6 +180,10 @@ class BrokerConfig:
             raise ValueError("need offer_burst_per_address >= 1 and offer_refill_per_address_s > 0")
         if self.session_retention_s < 0 or self.min_free_disk_bytes < 0:
             raise ValueError("session_retention_s and min_free_disk_bytes must be >= 0")
+        if min(self.max_connections, self.max_concurrent_calls) < 1:
+            raise ValueError("max_connections and max_concurrent_calls must be >= 1")
+        if self.handshake_timeout_s <= 0 or self.connection_idle_s <= 0:
+            raise ValueError("handshake_timeout_s and connection_idle_s must be > 0")
 
     def _check_claim_lease_store_limits(self) -> None:
         """The limits of issue 10's findings 3 to 6 (claims, leases, object store)."""

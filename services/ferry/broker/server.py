@@ -47,6 +47,19 @@ _HEALTH_NAME = "grpc.health.v1.Health"
 _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 
 
+def _limits(config: BrokerConfig) -> list[tuple[str, int]]:
+    """gRPC's own bounds on what a caller holds before any Ferry code runs: connections,
+    the time to handshake, idle connections, and the size of a request (a manifest of
+    max_manifest_bytes and its offer's other fields fit with room to spare)."""
+    return [
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000)),
+        ("grpc.max_receive_message_length", config.max_manifest_bytes + (256 << 10)),
+        ("grpc.max_concurrent_streams", 128),
+    ]
+
+
 @dataclasses.dataclass
 class RunningBroker:
     """A started broker; `address` is `host:port` with the port actually bound."""
@@ -189,7 +202,10 @@ async def start_server(
         if clock is None
         else Broker(config, store, clock=clock, token_key=key)
     )
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server = grpc.aio.server(
+        options=[*_SERVER_OPTIONS, *_limits(config)],
+        maximum_concurrent_rpcs=config.max_concurrent_calls,
+    )
     objects = (
         ObjectStore(config.s3_bucket, endpoint=config.s3_endpoint, region=config.s3_region)
         if config.s3_bucket

@@ -56,6 +56,10 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "--offer-rate-per-address": ("offer_refill_per_address_s", "FERRY_OFFER_RATE_PER_ADDRESS"),
     "--session-retention": ("session_retention_s", "FERRY_SESSION_RETENTION"),
     "--min-free-disk": ("min_free_disk_bytes", "FERRY_MIN_FREE_DISK"),
+    "--max-connections": ("max_connections", "FERRY_MAX_CONNECTIONS"),
+    "--handshake-timeout": ("handshake_timeout_s", "FERRY_HANDSHAKE_TIMEOUT"),
+    "--connection-idle": ("connection_idle_s", "FERRY_CONNECTION_IDLE"),
+    "--max-concurrent-calls": ("max_concurrent_calls", "FERRY_MAX_CONCURRENT_CALLS"),
     # Issue 10, findings 3 to 6: claims, port leases, object-store quotas.
     "--caller-ipv4-prefix": ("caller_ipv4_prefix", "FERRY_CALLER_IPV4_PREFIX"),
     "--caller-ipv6-prefix": ("caller_ipv6_prefix", "FERRY_CALLER_IPV6_PREFIX"),
