@@ -264,3 +264,46 @@ async def test_watches_are_bounded_per_party_and_per_address(
         await asyncio.sleep(0.02)  # the broker sees the cancellations asynchronously
     assert reason == ""
     assert _tracebacks(broker) == 0
+
+
+async def test_watched_bytes_are_bounded_in_all(
+    broker_factory: BrokerFactory, channel_for: StubFactory
+) -> None:
+    """A watcher that does not read pins about its session's size in gRPC's buffers; many
+    addresses with big sessions could pin watches_total x max_manifest_bytes (4 GiB). Each
+    watch counts its session's bytes against --watch-bytes-total: big sessions' watches are
+    refused first, small ones still fit, and an ended watch gives its bytes back."""
+    budget = 3 * MANIFEST_BYTES
+    broker = broker_factory("--watch-bytes-total", str(budget), "--watches-per-party", "8")
+    stub = channel_for(broker)
+    big = await stub.CreateOffer(_big_offer(), timeout=T)
+    small = await stub.CreateOffer(
+        broker_pb2.CreateOfferRequest(
+            manifest=broker_pb2.Manifest(
+                files=[broker_pb2.FileEntry(path="a.bin", size_bytes=1)], chunk_size_bytes=1 << 20
+            ),
+            sender=_peer(),
+        ),
+        timeout=T,
+    )
+    calls = []
+    reasons = []
+    for _ in range(4):
+        call, reason = await _open_watch(stub, big.session.name, big.party_token)
+        calls.append(call)
+        reasons.append(reason)
+    assert reasons == ["", "", "", "TOO_MANY_WATCHES"]  # before: all four served
+    call, reason = await _open_watch(stub, small.session.name, small.party_token)
+    calls.append(call)
+    assert reason == ""  # a small session still fits in what is left
+    calls[0].cancel()
+    for _ in range(200):
+        call, reason = await _open_watch(stub, big.session.name, big.party_token)
+        calls.append(call)
+        if reason == "":
+            break
+        await asyncio.sleep(0.02)  # the broker sees the cancellation asynchronously
+    assert reason == ""
+    for call in calls:
+        call.cancel()
+    assert _tracebacks(broker) == 0

@@ -20,6 +20,7 @@ The flags with an environment variable::
     --watches-per-party N          FERRY_WATCHES_PER_PARTY
     --watches-per-address N        FERRY_WATCHES_PER_ADDRESS
     --watches-total N              FERRY_WATCHES_TOTAL
+    --watch-bytes-total BYTES      FERRY_WATCH_BYTES_TOTAL
     --max-manifest-bytes BYTES     FERRY_MAX_MANIFEST_BYTES
     --offer-burst-per-address N    FERRY_OFFER_BURST_PER_ADDRESS
     --offer-rate-per-address N     FERRY_OFFER_RATE_PER_ADDRESS
@@ -147,6 +148,9 @@ _FLAGS: tuple[_Flag, ...] = (
           "FERRY_WATCHES_PER_ADDRESS", "N"),
     _Flag("--watches-total", "watches_total", int, "open WatchSession streams on the broker",
           "FERRY_WATCHES_TOTAL", "N"),
+    _Flag("--watch-bytes-total", "watch_bytes_total", int,
+          "bytes of the sessions watched, summed over all watches", "FERRY_WATCH_BYTES_TOTAL",
+          "BYTES"),
     _Flag("--max-manifest-bytes", "max_manifest_bytes", int,
           "largest manifest an offer may carry, serialized", "FERRY_MAX_MANIFEST_BYTES", "BYTES"),
     _Flag("--offer-burst-per-address", "offer_burst_per_address", float,

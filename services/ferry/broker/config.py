@@ -83,6 +83,9 @@ class BrokerConfig:
     watches_per_address: int = 32
     #: Open WatchSession streams on the whole broker.
     watches_total: int = 4096
+    #: Bytes of the sessions watched, summed over all watches (a watch counts its session's
+    #: size): what watchers that do not read can pin in gRPC's buffers, in all.
+    watch_bytes_total: int = 256 << 20
     #: Largest manifest, serialized: it is stored with the session and sent with every watch
     #: update. 1 MiB is 10,000 files with paths of about 90 characters.
     max_manifest_bytes: int = 1 << 20
@@ -170,9 +173,12 @@ class BrokerConfig:
 
     def _check_abuse_limits(self) -> None:
         """The limits of issue 10's findings 1 and 2 (watches, offers, retention, disk)."""
-        if min(self.watches_per_party, self.watches_per_address, self.watches_total) < 1:
+        if min(self.watches_per_party, self.watches_per_address, self.watches_total) < 1 or (
+            self.watch_bytes_total < self.max_manifest_bytes
+        ):
             raise ValueError(
-                "watches_per_party, watches_per_address and watches_total must be >= 1"
+                "watches_per_party, watches_per_address and watches_total must be >= 1, and"
+                " watch_bytes_total at least max_manifest_bytes"
             )
         if self.max_manifest_bytes < 1024:
             raise ValueError("max_manifest_bytes must be at least 1024")

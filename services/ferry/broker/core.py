@@ -117,7 +117,12 @@ class Broker:
         self.token_key = token_key or secrets.token_bytes(32)
         self.clock = clock
         self.hub = hub or Hub(
-            WatchLimits(config.watches_per_party, config.watches_per_address, config.watches_total)
+            WatchLimits(
+                config.watches_per_party,
+                config.watches_per_address,
+                config.watches_total,
+                config.watch_bytes_total,
+            )
         )
         self.offers = OfferLimiter(
             config.offer_burst_per_address, config.offer_refill_per_address_s
@@ -574,7 +579,8 @@ class Broker:
         """
         record, party = self.authorize(name, token)
         key = self.limiter.source(caller)
-        async with self.hub.subscribe(record.session_id, party.value, key) as watcher:
+        weight = record.session.ByteSize()
+        async with self.hub.subscribe(record.session_id, party.value, key, weight) as watcher:
             record = self._reload(record)
             sent = record.version
             yield view(record.session, party)

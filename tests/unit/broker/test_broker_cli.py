@@ -51,6 +51,7 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "--watches-per-party": ("watches_per_party", "FERRY_WATCHES_PER_PARTY"),
     "--watches-per-address": ("watches_per_address", "FERRY_WATCHES_PER_ADDRESS"),
     "--watches-total": ("watches_total", "FERRY_WATCHES_TOTAL"),
+    "--watch-bytes-total": ("watch_bytes_total", "FERRY_WATCH_BYTES_TOTAL"),
     "--max-manifest-bytes": ("max_manifest_bytes", "FERRY_MAX_MANIFEST_BYTES"),
     "--offer-burst-per-address": ("offer_burst_per_address", "FERRY_OFFER_BURST_PER_ADDRESS"),
     "--offer-rate-per-address": ("offer_refill_per_address_s", "FERRY_OFFER_RATE_PER_ADDRESS"),
