@@ -140,10 +140,7 @@ class ClaimLimiter:
         return count
 
     def _evict(self, now: float) -> None:
-        for key in [k for k, b in self._ips.items() if b.is_full(now)]:
-            del self._ips[key]
-        while len(self._ips) >= self._max_ips:
-            self._ips.popitem(last=False)
+        _make_room(self._ips, self._max_ips, now)
 
 
 class OfferLimiter:
@@ -176,7 +173,16 @@ class OfferLimiter:
         return True
 
     def _evict(self, now: float) -> None:
-        for key in [k for k, b in self._buckets.items() if b.is_full(now)]:
-            del self._buckets[key]
-        while len(self._buckets) >= self._max_keys:
-            self._buckets.popitem(last=False)
+        _make_room(self._buckets, self._max_keys, now)
+
+
+def _make_room(buckets: OrderedDict[str, TokenBucket], max_keys: int, now: float) -> None:
+    """Drop the full buckets (they remember nothing), then the least recently used, down to
+    nine tenths of `max_keys`: a pass over all of them, so it must not run on every new key
+    once the table is full (100,000 keys, each new source paying a full pass, would let a
+    botnet buy tens of milliseconds of the broker's time per call)."""
+    for key in [k for k, b in buckets.items() if b.is_full(now)]:
+        del buckets[key]
+    keep = max_keys * 9 // 10
+    while len(buckets) > keep:
+        buckets.popitem(last=False)

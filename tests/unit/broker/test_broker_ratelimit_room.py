@@ -1,0 +1,53 @@
+"""The rate limiters' tables stay cheap when an attacker fills them with many sources.
+
+Once a table held `max_keys` buckets that were all spent (none full, so none can simply be
+forgotten), every new source paid a pass over all of them: with 100,000 sources, about 95 ms
+of the broker's single event loop per call (measured: 1,000 new sources took 94.6 s). Now a
+full table is cut to nine tenths at once, so the next tenth of new sources costs no pass.
+"""
+
+from __future__ import annotations
+
+from ferry.broker.ratelimit import ClaimLimiter, OfferLimiter
+
+MAX = 1000
+
+
+def _spent_offer_limiter() -> OfferLimiter:
+    limiter = OfferLimiter(burst=1, rate=0.001, max_keys=MAX)
+    for i in range(MAX):
+        assert limiter.take(f"attacker-{i}", 1.0)
+    return limiter
+
+
+def test_a_full_table_of_spent_buckets_is_cut_to_nine_tenths_at_once() -> None:
+    limiter = _spent_offer_limiter()
+    assert len(limiter._buckets) == MAX
+    limiter.take("newcomer", 1.0)
+    assert len(limiter._buckets) == MAX * 9 // 10 + 1
+
+
+def test_the_next_tenth_of_new_sources_needs_no_pass() -> None:
+    limiter = _spent_offer_limiter()
+    limiter.take("newcomer-0", 1.0)
+    sizes = []
+    for i in range(1, MAX // 10):
+        limiter.take(f"newcomer-{i}", 1.0)
+        sizes.append(len(limiter._buckets))
+    assert sizes == sorted(sizes)  # it only grew: nothing was evicted, no pass was made
+    assert sizes[-1] == MAX
+
+
+def test_the_most_recent_sources_are_kept() -> None:
+    limiter = _spent_offer_limiter()
+    limiter.take("newcomer", 1.0)
+    assert not limiter.take(f"attacker-{MAX - 1}", 1.0)  # still spent: remembered
+    assert limiter.take("attacker-0", 1.0)  # the oldest was forgotten
+
+
+def test_the_claim_limiter_cuts_its_table_the_same_way() -> None:
+    limiter = ClaimLimiter(1, 0.001, 100, 100, 0.0, max_ips=MAX)
+    for i in range(MAX):
+        limiter.failed(f"10.0.{i >> 8}.{i & 255}", 1.0)
+    limiter.failed("192.0.2.1", 1.0)
+    assert len(limiter._ips) == MAX * 9 // 10 + 1
