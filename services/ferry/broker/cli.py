@@ -30,6 +30,8 @@ The flags with an environment variable::
     --handshake-timeout S          FERRY_HANDSHAKE_TIMEOUT
     --connection-idle S            FERRY_CONNECTION_IDLE
     --max-concurrent-calls N       FERRY_MAX_CONCURRENT_CALLS
+    --calls-burst-per-address N    FERRY_CALLS_BURST_PER_ADDRESS
+    --calls-rate-per-address N     FERRY_CALLS_RATE_PER_ADDRESS
 
     --caller-ipv4-prefix BITS      FERRY_CALLER_IPV4_PREFIX
     --caller-ipv6-prefix BITS      FERRY_CALLER_IPV6_PREFIX
@@ -178,6 +180,11 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--max-concurrent-calls", "max_concurrent_calls", int,
           "calls served at once (watches included); beyond: RESOURCE_EXHAUSTED",
           "FERRY_MAX_CONCURRENT_CALLS", "N"),
+    _Flag("--calls-burst-per-address", "calls_burst_per_address", float,
+          "calls of any kind one address (IPv6: /64) may make in a burst",
+          "FERRY_CALLS_BURST_PER_ADDRESS", "N"),
+    _Flag("--calls-rate-per-address", "calls_rate_per_address", float,
+          "calls one address gets back per second", "FERRY_CALLS_RATE_PER_ADDRESS", "N"),
     # Claims, port leases and the object store under attack (issue 10, findings 3 to 6).
     _Flag("--caller-ipv4-prefix", "caller_ipv4_prefix", int,
           "per-address limits count IPv4 callers per network of this prefix length",

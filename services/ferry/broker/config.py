@@ -112,6 +112,12 @@ class BrokerConfig:
     connection_idle_s: float = 300.0
     #: Calls served at once, watches included; beyond, RESOURCE_EXHAUSTED.
     max_concurrent_calls: int = 8192
+    #: Calls of any kind one address (an IPv6 /64) may make in a burst, and gets back per
+    #: second (RESOURCE_EXHAUSTED, RATE_LIMITED beyond). A transfer makes a few dozen calls
+    #: in all, progress reports included; a loop of cheap calls from one address (each a
+    #: write to the store) cannot take more than this share of the broker.
+    calls_burst_per_address: float = 1000.0
+    calls_rate_per_address: float = 200.0
 
     # -- Claims, port leases and the object store under attack (issue 10, findings 3-6) ----
     #: Every per-address limit (claims, offers, watches, leases, bucket bytes) counts a
@@ -188,6 +194,8 @@ class BrokerConfig:
             raise ValueError("session_retention_s and min_free_disk_bytes must be >= 0")
         if min(self.max_connections, self.max_concurrent_calls) < 1:
             raise ValueError("max_connections and max_concurrent_calls must be >= 1")
+        if self.calls_burst_per_address < 1 or self.calls_rate_per_address <= 0:
+            raise ValueError("need calls_burst_per_address >= 1 and calls_rate_per_address > 0")
         if self.handshake_timeout_s <= 0 or self.connection_idle_s <= 0:
             raise ValueError("handshake_timeout_s and connection_idle_s must be > 0")
 

@@ -51,7 +51,7 @@ from ferry.broker.errors import (
     Unauthenticated,
 )
 from ferry.broker.hub import Hub, WatchLimits
-from ferry.broker.ratelimit import ClaimLimiter, OfferLimiter
+from ferry.broker.ratelimit import ClaimLimiter, SourceLimiter
 from ferry.broker.states import Event, Party
 from ferry.broker.store import SessionRecord, StaleRecord, StorageFull, Store
 from ferry.v1 import broker_pb2
@@ -124,7 +124,9 @@ class Broker:
                 config.watch_bytes_total,
             )
         )
-        self.offers = OfferLimiter(
+        # Calls of any kind per source (checked by the servicer before a call is handled).
+        self.calls = SourceLimiter(config.calls_burst_per_address, config.calls_rate_per_address)
+        self.offers = SourceLimiter(
             config.offer_burst_per_address, config.offer_refill_per_address_s
         )
         self.limiter = ClaimLimiter(

@@ -143,11 +143,12 @@ class ClaimLimiter:
         _make_room(self._ips, self._max_ips, now)
 
 
-class OfferLimiter:
-    """New offers per caller (issue 10, finding 2): a token bucket per address key.
+class SourceLimiter:
+    """A token bucket per source: new offers per caller (issue 10, finding 2), and calls of
+    any kind per caller.
 
-    Every new offer spends a token (a retried request_id that gets its first answer back does
-    not come here); an empty bucket refuses. The key is the caller's address, an IPv6 one by
+    Every new offer (or call) spends a token (a retried request_id that gets its first answer
+    back is no new offer); an empty bucket refuses. The key is the caller's address, an IPv6 one by
     its /64 (:func:`source_of`), so one host cannot spread a flood over its own subnet.
     There is no broker-wide bucket on purpose: it would let one flooder lock out everyone.
     At most `max_keys` buckets are kept; full buckets are dropped first, then the oldest.

@@ -110,6 +110,17 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self._broker = broker
         self._fallback = fallback or Fallback(broker, None)
 
+    def admit(self, context: Context) -> BrokerRefusal | None:
+        """The refusal of a call from an address out of calls (per source: an IPv4 address,
+        an IPv6 /64), checked before the request is looked at; None if it may go on."""
+        broker = self._broker
+        source = broker.limiter.source(validation.peer_ip(context.peer()))
+        if broker.calls.take(source, broker.clock()):
+            return None
+        return errors.ResourceExhausted(
+            Reason.RATE_LIMITED, "too many calls from this address; slow down and try again"
+        )
+
     async def GetBrokerInfo(
         self, request: broker_pb2.GetBrokerInfoRequest, context: Context
     ) -> broker_pb2.GetBrokerInfoResponse:
@@ -301,8 +312,14 @@ def _undecodable(request: _Undecodable) -> errors.InvalidArgument:
     )
 
 
-def _guard_unary(behaviour: Callable[[Any, Context], Awaitable[Any]]) -> Any:
+Admit = Callable[[Context], BrokerRefusal | None]
+
+
+def _guard_unary(behaviour: Callable[[Any, Context], Awaitable[Any]], admit: Admit) -> Any:
     async def handle(request: Any, context: Context) -> Any:
+        refusal = admit(context)
+        if refusal is not None:
+            await abort(context, refusal)
         if isinstance(request, _Undecodable):
             await abort(context, _undecodable(request))
         return await behaviour(request, context)
@@ -310,7 +327,7 @@ def _guard_unary(behaviour: Callable[[Any, Context], Awaitable[Any]]) -> Any:
     return handle
 
 
-def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]]) -> Any:
+def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]], admit: Admit) -> Any:
     """A server-streaming handler that writes ``behaviour``'s responses itself.
 
     A write fails only when the call is over (the client cancelled or went away while a
@@ -319,6 +336,9 @@ def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]]) -> An
     """
 
     async def handle(request: Any, context: Context) -> None:
+        refusal = admit(context)
+        if refusal is not None:
+            await abort(context, refusal)
         if isinstance(request, _Undecodable):
             await abort(context, _undecodable(request))
         async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
@@ -334,7 +354,8 @@ def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]]) -> An
 
 def add_to_server(servicer: BrokerService, server: grpc.aio.Server) -> None:
     """Serve ``servicer`` on ``server``, as broker_pb2_grpc.add_BrokerServiceServicer_to_server
-    does, except that a request that does not parse is refused with INVALID_ARGUMENT."""
+    does, except that a call from an address out of calls is refused first (RATE_LIMITED,
+    `BrokerService.admit`) and a request that does not parse with INVALID_ARGUMENT."""
     service = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
@@ -347,7 +368,7 @@ def add_to_server(servicer: BrokerService, server: grpc.aio.Server) -> None:
             else (grpc.unary_unary_rpc_method_handler, _guard_unary)
         )
         handlers[method.name] = make(
-            guard(behaviour),
+            guard(behaviour, servicer.admit),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=response_class.SerializeToString,
         )

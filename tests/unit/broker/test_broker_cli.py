@@ -61,6 +61,8 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "--handshake-timeout": ("handshake_timeout_s", "FERRY_HANDSHAKE_TIMEOUT"),
     "--connection-idle": ("connection_idle_s", "FERRY_CONNECTION_IDLE"),
     "--max-concurrent-calls": ("max_concurrent_calls", "FERRY_MAX_CONCURRENT_CALLS"),
+    "--calls-burst-per-address": ("calls_burst_per_address", "FERRY_CALLS_BURST_PER_ADDRESS"),
+    "--calls-rate-per-address": ("calls_rate_per_address", "FERRY_CALLS_RATE_PER_ADDRESS"),
     # Issue 10, findings 3 to 6: claims, port leases, object-store quotas.
     "--caller-ipv4-prefix": ("caller_ipv4_prefix", "FERRY_CALLER_IPV4_PREFIX"),
     "--caller-ipv6-prefix": ("caller_ipv6_prefix", "FERRY_CALLER_IPV6_PREFIX"),

@@ -8,13 +8,13 @@ full table is cut to nine tenths at once, so the next tenth of new sources costs
 
 from __future__ import annotations
 
-from ferry.broker.ratelimit import ClaimLimiter, OfferLimiter
+from ferry.broker.ratelimit import ClaimLimiter, SourceLimiter
 
 MAX = 1000
 
 
-def _spent_offer_limiter() -> OfferLimiter:
-    limiter = OfferLimiter(burst=1, rate=0.001, max_keys=MAX)
+def _spent_offer_limiter() -> SourceLimiter:
+    limiter = SourceLimiter(burst=1, rate=0.001, max_keys=MAX)
     for i in range(MAX):
         assert limiter.take(f"attacker-{i}", 1.0)
     return limiter
