@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import grpc
 import psutil
 import pytest
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.support.processes import FAST_BROKER, BrokerProcess
+from tests.support.rpc import reason_of
 
 if TYPE_CHECKING:
     from ferry.v1.broker_pb2_grpc import BrokerServiceAsyncStub as Stub
@@ -28,16 +28,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.timeout(60)]
 
 CALLS = 400
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.reason)
-    return ""
 
 
 async def _flood(stub: Stub, calls: int) -> list[str]:
@@ -49,7 +39,7 @@ async def _flood(stub: Stub, calls: int) -> list[str]:
             await stub.GetSession(request, metadata=(("authorization", "Bearer x"),), timeout=10)
             reasons.append("")
         except grpc.aio.AioRpcError as error:
-            reasons.append(_reason(error))
+            reasons.append(reason_of(error))
     return reasons
 
 

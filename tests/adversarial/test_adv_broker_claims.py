@@ -29,8 +29,6 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ferry.broker import states
 from ferry.broker.config import BrokerConfig
@@ -47,6 +45,7 @@ from tests.support.broker_flow import (
     store_and_forward,
 )
 from tests.support.processes import FAST_BROKER, BrokerProcess
+from tests.support.rpc import reason_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -200,15 +199,6 @@ def test_ipv6_addresses_of_one_64_share_one_allowance(env: Env) -> None:
     assert isinstance(env.refusal(WRONG, "2001:db8:5:7::1"), NotFound)
 
 
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
-
-
 def _broker_on_both_loopbacks(factory: BrokerFactory, tmp_path: Path, *args: str) -> BrokerProcess:
     """A broker on `localhost`: 127.0.0.1 and ::1 on one port, two sources of claims."""
     broker = BrokerProcess(data_dir=tmp_path / "data", args=[*FAST_BROKER, *args])
@@ -250,7 +240,7 @@ async def test_the_real_receiver_claims_through_a_flood_from_another_address(
                     try:
                         await attacker.ClaimOffer(wrong, timeout=T)
                     except grpc.aio.AioRpcError as error:
-                        key = _reason(error)
+                        key = reason_of(error)
                         flood_answers[key] = flood_answers.get(key, 0) + 1
                         if sum(flood_answers.values()) >= 200:
                             flooded.set()
@@ -294,7 +284,7 @@ async def test_the_client_waits_out_a_rate_limited_claim(broker_factory: BrokerF
             try:
                 await stub.ClaimOffer(wrong, timeout=T)
             except grpc.aio.AioRpcError as error:
-                last = _reason(error)
+                last = reason_of(error)
         assert last == "RATE_LIMITED"
     told: list[BrokerError] = []
     link = BrokerLink(broker.address, patience=20.0, on_wait=told.append)

@@ -18,8 +18,6 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ferry.broker import states
 from ferry.broker.config import BrokerConfig
@@ -30,6 +28,7 @@ from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.support.broker_flow import RECEIVER_PAKE, auth, claim_confirmed, confirm_keys_rpc
 from tests.support.broker_flow import pake_sender as _pake
 from tests.support.processes import FAST_BROKER, BrokerProcess
+from tests.support.rpc import reason_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -158,15 +157,6 @@ def test_a_session_that_connects_keeps_its_lease_past_the_deadline(env: Env) -> 
     assert env.held_ports("ip:192.0.2.20") == 0
 
 
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
-
-
 async def _accepted(
     stub: broker_pb2_grpc.BrokerServiceAsyncStub,
     receiver: broker_pb2_grpc.BrokerServiceAsyncStub,
@@ -213,7 +203,7 @@ async def test_a_real_broker_under_a_lease_flood(tmp_path: Path) -> None:
                     await _accepted(attacker, attacker)
                     answers.append("OK")
                 except grpc.aio.AioRpcError as error:
-                    answers.append(_reason(error))
+                    answers.append(reason_of(error))
             flood_s = time.monotonic() - started
             print(
                 f"flood: {answers.count('OK')} of 225 accepted in {flood_s:.1f} s,"
@@ -233,7 +223,7 @@ async def test_a_real_broker_under_a_lease_flood(tmp_path: Path) -> None:
                 try:
                     again = await _accepted(attacker, attacker)
                 except grpc.aio.AioRpcError as error:
-                    reason = _reason(error)
+                    reason = reason_of(error)
                     await asyncio.sleep(0.25)  # a deadline passing: nothing to wait on
                 assert reason in ("", "TOO_MANY_LEASES")
             assert again is not None, "the leases never came back"

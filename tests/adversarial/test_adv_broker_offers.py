@@ -27,12 +27,12 @@ import grpc
 import psutil
 import pytest
 import pytest_asyncio
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
 from tests.support.broker_flow import RECEIVER_PAKE, auth, confirm_keys_rpc, pake_sender
 from tests.support.processes import FAST_BROKER, BrokerProcess
+from tests.support.rpc import reason_of
 
 if TYPE_CHECKING:
     from ferry.v1.broker_pb2_grpc import BrokerServiceAsyncStub as Stub
@@ -71,22 +71,12 @@ def _offer(manifest_bytes: int = 0, request_id: str = "") -> broker_pb2.CreateOf
     )
 
 
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.reason)
-    return ""
-
-
 async def _outcome(call: asyncio.Future[object] | object) -> str:
     """'OK', or 'STATUS/REASON' of the refusal."""
     try:
         await call  # type: ignore[misc]
     except grpc.aio.AioRpcError as error:
-        return f"{error.code().name}/{_reason(error)}"
+        return f"{error.code().name}/{reason_of(error)}"
     return "OK"
 
 

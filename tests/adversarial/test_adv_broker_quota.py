@@ -21,8 +21,6 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.support.broker_flow import (
@@ -33,6 +31,7 @@ from tests.support.broker_flow import (
     store_and_forward,
 )
 from tests.support.processes import FAST_BROKER, BrokerProcess
+from tests.support.rpc import reason_of
 from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -82,15 +81,6 @@ def _broker(
     return broker
 
 
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
-
-
 def _request(*sizes: int) -> broker_pb2.CreateOfferRequest:
     files = [
         broker_pb2.FileEntry(path=f"f{i}", size_bytes=size, mode=0o644)
@@ -124,7 +114,7 @@ async def _presign_all(
                 timeout=T,
             )
         except grpc.aio.AioRpcError as error:
-            refused.append(_reason(error))
+            refused.append(reason_of(error))
             continue
         numbers = list(range(1, min(layout.part_count, 1000) + 1))
         urls = await stub.PresignStoreParts(
@@ -189,7 +179,7 @@ async def test_anonymous_storage_is_bounded_per_offer_address_and_in_all(
                     timeout=T,
                 )
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert _reason(info.value) == "STORE_QUOTA_EXCEEDED"
+            assert reason_of(info.value) == "STORE_QUOTA_EXCEEDED"
             assert "over the broker's limit of" in (info.value.details() or "")
         grown = process.memory_info().rss - rss
         print(f"broker RSS +{grown / MiB:.1f} MiB, fds {fds} -> {process.num_fds()}")

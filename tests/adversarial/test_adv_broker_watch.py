@@ -19,12 +19,12 @@ import grpc
 import psutil
 import pytest
 import pytest_asyncio
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
 from tests.support.broker_flow import RECEIVER_PAKE, auth, pake_sender
 from tests.support.processes import BrokerProcess
+from tests.support.rpc import reason_of
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio]
 
@@ -59,16 +59,6 @@ def _big_offer() -> broker_pb2.CreateOfferRequest:
     manifest = broker_pb2.Manifest(files=files, chunk_size_bytes=1 << 20)
     assert 0.9 * MANIFEST_BYTES < manifest.ByteSize() <= MANIFEST_BYTES
     return broker_pb2.CreateOfferRequest(manifest=manifest, sender=_peer())
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.reason)
-    return ""
 
 
 def _rss(broker: BrokerProcess) -> int:
@@ -119,7 +109,7 @@ async def _open_watch(
         assert isinstance(first, broker_pb2.WatchSessionResponse)
         return call, ""
     assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
-    return call, _reason(refused)
+    return call, reason_of(refused)
 
 
 async def _resume_loop(

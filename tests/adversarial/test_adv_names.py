@@ -18,11 +18,9 @@ system layout never reaches the sender.
 from __future__ import annotations
 
 import os
-import threading
 import unicodedata
 from pathlib import Path, PurePosixPath
 
-import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,6 +32,7 @@ from tests.conftest import FerryFactory
 from tests.support.files import random_file, sha256
 from tests.support.hostile import HostileFile, HostileSender, Mode
 from tests.support.processes import BrokerProcess
+from tests.support.sampling import Peak
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -51,30 +50,6 @@ LEGAL = {
 }
 RSS_BOUND = 200 << 20
 FDS_BOUND = 64
-
-
-class Peak:
-    """The largest RSS and descriptor count of a process, sampled until it exits."""
-
-    def __init__(self, pid: int) -> None:
-        self._proc = psutil.Process(pid)
-        self.rss = 0
-        self.fds = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            try:
-                self.rss = max(self.rss, self._proc.memory_info().rss)
-                self.fds = max(self.fds, self._proc.num_fds())
-            except psutil.Error:  # exited
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def _no_control(text: str) -> bool:

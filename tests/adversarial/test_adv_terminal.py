@@ -17,7 +17,6 @@ import asyncio
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ferry.client import Client
@@ -30,6 +29,7 @@ from tests.conftest import FerryFactory
 from tests.support.files import random_file
 from tests.support.hostile import HostileFile, HostileSender, Mode
 from tests.support.processes import BrokerProcess, FerryProcess
+from tests.support.sampling import Peak
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -44,30 +44,6 @@ ABORT_REASON = EVIL + "A" * ((1 << 20) - 4096)
 #: How much a `ferry` process may grow, and how many descriptors it may hold, meanwhile.
 RSS_BOUND = 200 << 20
 FDS_BOUND = 64
-
-
-class Peak:
-    """The largest RSS and descriptor count of a process, sampled until it exits."""
-
-    def __init__(self, pid: int) -> None:
-        self._proc = psutil.Process(pid)
-        self.rss = 0
-        self.fds = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            try:
-                self.rss = max(self.rss, self._proc.memory_info().rss)
-                self.fds = max(self.fds, self._proc.num_fds())
-            except psutil.Error:  # exited
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def assert_terminal_safe(text: str) -> None:

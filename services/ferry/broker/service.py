@@ -315,13 +315,19 @@ def _undecodable(request: _Undecodable) -> errors.InvalidArgument:
 Admit = Callable[[Context], BrokerRefusal | None]
 
 
+async def _screen(request: Any, context: Context, admit: Admit) -> None:
+    """End the call before its handler runs: a caller out of calls, or bytes that do not
+    parse."""
+    refusal = admit(context)
+    if refusal is not None:
+        await abort(context, refusal)
+    if isinstance(request, _Undecodable):
+        await abort(context, _undecodable(request))
+
+
 def _guard_unary(behaviour: Callable[[Any, Context], Awaitable[Any]], admit: Admit) -> Any:
     async def handle(request: Any, context: Context) -> Any:
-        refusal = admit(context)
-        if refusal is not None:
-            await abort(context, refusal)
-        if isinstance(request, _Undecodable):
-            await abort(context, _undecodable(request))
+        await _screen(request, context, admit)
         return await behaviour(request, context)
 
     return handle
@@ -336,11 +342,7 @@ def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]], admit
     """
 
     async def handle(request: Any, context: Context) -> None:
-        refusal = admit(context)
-        if refusal is not None:
-            await abort(context, refusal)
-        if isinstance(request, _Undecodable):
-            await abort(context, _undecodable(request))
+        await _screen(request, context, admit)
         async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
             async for response in responses:
                 try:
