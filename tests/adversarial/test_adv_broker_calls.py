@@ -18,6 +18,8 @@ import grpc
 import psutil
 import pytest
 
+from ferry.client import BrokerError
+from ferry.client._broker import BrokerLink
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.support.processes import FAST_BROKER, BrokerProcess
 from tests.support.rpc import reason_of
@@ -76,5 +78,29 @@ async def test_a_call_loop_is_limited_per_address_and_others_are_served(tmp_path
         assert broker.proc is not None
         assert psutil.Process(broker.proc.pid).num_fds() < 64
         assert "Traceback" not in broker.log[-1].read_text()
+    finally:
+        broker.kill()
+
+
+@pytest.mark.asyncio
+async def test_the_client_waits_out_a_call_limit(tmp_path: Path) -> None:
+    """A neighbour behind the same address spent its calls: the client's call waits for the
+    bucket to refill (saying so once) instead of failing."""
+    broker = BrokerProcess(
+        data_dir=tmp_path / "data",
+        args=[*FAST_BROKER, "--calls-burst-per-address", "20", "--calls-rate-per-address", "1"],
+    )
+    broker.start()
+    try:
+        async with grpc.aio.insecure_channel(broker.address) as channel:
+            reasons = await _flood(_stub(channel), 30)  # the neighbour
+        assert "RATE_LIMITED" in reasons
+        told: list[BrokerError] = []
+        link = BrokerLink(broker.address, patience=20.0, on_wait=told.append)
+        try:
+            assert await link.broker_id()
+        finally:
+            await link.close()
+        assert [e.reason for e in told] == ["RATE_LIMITED"]
     finally:
         broker.kill()

@@ -171,8 +171,8 @@ def _client(ns: argparse.Namespace, **options: Any) -> Client:
             said[0] = now
             if exc.reason == "RATE_LIMITED":
                 _say(
-                    "ferry: the broker is limiting code claims from this address (someone"
-                    " here may be guessing codes); trying again for up to a minute"
+                    "ferry: the broker is limiting calls from this address (someone here may"
+                    " be guessing codes, or flooding it); trying again for up to a minute"
                 )
                 return
             _say(

@@ -49,10 +49,10 @@ DEFAULT_PATIENCE = 300.0
 COMPLETE_TIMEOUT = 120.0
 _FIRST_PAUSE = 0.2
 _LONGEST_PAUSE = 5.0
-#: How long a claim refused as RATE_LIMITED is tried again, in all (issue 10, finding 3).
-CLAIM_RETRY_S = 60.0
-_CLAIM_FIRST_PAUSE = 1.0
-_CLAIM_LONGEST_PAUSE = 8.0
+#: How long a call refused as RATE_LIMITED is tried again, in all (issue 10, finding 3).
+RATE_LIMIT_RETRY_S = 60.0
+_SLOW_FIRST_PAUSE = 1.0
+_SLOW_LONGEST_PAUSE = 8.0
 #: How much of a refusal's text (the broker's, or gRPC's) an error message quotes.
 _DETAILS_CHARS = 1000
 #: Codes that say nothing about the call itself: the broker was not there, or not in time.
@@ -183,9 +183,17 @@ class BrokerLink:
         ``patience`` seconds in all: the first try fails fast on a broker that is down (so
         that ``on_wait`` can say so at once), later ones wait for it to come back within
         their deadline. The others make one fail-fast try.
+
+        A patient call the broker refuses as RATE_LIMITED (too many calls, or failed claims,
+        from this address: someone behind the same NAT may be flooding or guessing) waits
+        too, 1 s then doubling to 8 s with jitter (so that neighbours do not retry in step),
+        for up to RATE_LIMIT_RETRY_S (never past ``patience``). Safe to repeat: the broker
+        refuses such a call before it does anything.
         """
         give_up = time.monotonic() + (self.patience if patient else 0.0)
+        slowed_until = time.monotonic() + (min(self.patience, RATE_LIMIT_RETRY_S) if patient else 0)
         pause = _FIRST_PAUSE
+        slow_pause = _SLOW_FIRST_PAUSE
         tries = 0
         while True:
             tries += 1
@@ -201,6 +209,14 @@ class BrokerLink:
                 )
             except grpc.aio.AioRpcError as err:
                 error = BrokerError.from_rpc(err, what, retried=tries > 1)
+                if error.reason == "RATE_LIMITED":
+                    if time.monotonic() + slow_pause > slowed_until:
+                        raise error from None
+                    if slow_pause == _SLOW_FIRST_PAUSE and self.on_wait is not None:
+                        self.on_wait(error)  # once: the CLI says why it waits
+                    await asyncio.sleep(slow_pause * (0.5 + random.random() / 2))
+                    slow_pause = min(slow_pause * 2, _SLOW_LONGEST_PAUSE)
+                    continue
                 if error.code in TRANSIENT:
                     await self._raise_tls_problem()
                 if error.code not in TRANSIENT or time.monotonic() + pause > give_up:
@@ -250,35 +266,9 @@ class BrokerLink:
             pake_message=pake_message,
             claim_verifier=claim_verifier,
         )
-        response = await self._claim_call(request)
+        response = await self._call(self._stub.ClaimOffer, request, "code")
         self.token = response.party_token
         return response
-
-    async def _claim_call(
-        self, request: broker_pb2.ClaimOfferRequest
-    ) -> broker_pb2.ClaimOfferResponse:
-        """ClaimOffer, tried again while the broker answers RATE_LIMITED.
-
-        The broker refuses every claim from an address (an IPv6 /64) that failed too many,
-        right or wrong, and gives the allowance back within seconds; someone guessing from
-        the same address (a NAT, a CGNAT) can empty it. So a refused claim waits, 1 s then
-        doubling to 8 s (with jitter, so that neighbours do not retry in step), for up to
-        CLAIM_RETRY_S seconds (never past ``patience``), and then fails with the broker's
-        message. Safe to repeat: nothing happened on the broker, and a claim that did
-        succeed is answered again for its request_id.
-        """
-        give_up = time.monotonic() + min(self.patience, CLAIM_RETRY_S)
-        pause = _CLAIM_FIRST_PAUSE
-        while True:
-            try:
-                return await self._call(self._stub.ClaimOffer, request, "code")
-            except BrokerError as exc:
-                if exc.reason != "RATE_LIMITED" or time.monotonic() + pause > give_up:
-                    raise
-                if pause == _CLAIM_FIRST_PAUSE and self.on_wait is not None:
-                    self.on_wait(exc)  # once: the CLI says why it waits
-            await asyncio.sleep(pause * (0.5 + random.random() / 2))
-            pause = min(pause * 2, _CLAIM_LONGEST_PAUSE)
 
     async def confirm_key(
         self, name: str, key_confirmation: bytes, certificate_mac: bytes = b""
