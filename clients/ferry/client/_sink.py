@@ -186,9 +186,31 @@ class FileSink:
         done = set(finished)
         self.dest.mkdir(parents=True, exist_ok=True)
         todo = [f.rel for i, f in enumerate(self.files) if i not in done]
+        for rel in todo:
+            self._undo_own_link(rel)
         check_no_overwrite(self.dest, todo, self.overwrite)
         for index, f in enumerate(self.files):
             self._final[index] = resolve_destination(self.dest, f.rel)
+
+    def _undo_own_link(self, rel: PurePosixPath) -> None:
+        """Take back a final name that an earlier run linked to its temporary file.
+
+        A run killed between `_finish`'s link and its unlink leaves both names on one inode,
+        and its journal never recorded the file as done: the final name is then ours, not
+        someone else's file to keep. Going back to before the link (the temporary file holds
+        every verified byte) lets this run finish the file again instead of refusing it as
+        a file that already exists.
+        """
+        found = _part(self.dest, rel, self._tag)
+        if found is None:
+            return
+        try:
+            final = resolve_destination(self.dest, rel)
+            st = os.lstat(final)
+        except (OSError, ValueError):
+            return
+        if (st.st_dev, st.st_ino) == (found[1].st_dev, found[1].st_ino):
+            os.unlink(final)
 
     def final_ok(self, index: int) -> bool:
         """Whether file ``index`` is in place with its size (finished by an earlier run)."""
