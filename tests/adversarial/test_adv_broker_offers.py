@@ -31,6 +31,7 @@ import pytest_asyncio
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
 from tests.support.broker_flow import RECEIVER_PAKE, auth, confirm_keys_rpc, pake_sender
+from tests.support.files import tmpfs
 from tests.support.processes import FAST_BROKER, BrokerProcess
 from tests.support.rpc import reason_of
 
@@ -190,13 +191,8 @@ async def test_ended_sessions_are_deleted_after_the_retention(
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB tmpfs for the broker's data dir (the tests run as root)."""
-    disk = tmp_path / "volume"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32M", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "volume") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 async def _claimed(stub: Stub, offer: broker_pb2.CreateOfferResponse) -> str:

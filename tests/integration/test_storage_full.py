@@ -9,7 +9,6 @@ receiver stops, keeps what it verified, and the sender waits for it instead of f
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import FerryFactory
-from tests.support.files import random_file, sha256
+from tests.support.files import random_file, sha256, tmpfs
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -29,13 +28,8 @@ RECORD = 49  # bytes per journal record
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB tmpfs of this test's own."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32M", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "disk") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def _fill(path: Path, size: int) -> None:

@@ -1,12 +1,16 @@
-"""Test files: random contents written in pieces, and digests to compare copies by."""
+"""Test files: random contents written in pieces, digests to compare copies by, and small
+volumes of their own (a real tmpfs, to fill up)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["random_file", "sha256"]
+__all__ = ["random_file", "sha256", "tmpfs"]
 
 
 def random_file(path: Path, size: int) -> Path:
@@ -28,3 +32,14 @@ def sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "32M") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (created) for the block (the tests run as root)."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
