@@ -161,12 +161,16 @@ class Lab:
             _run("ip", "-n", inside, "addr", "add", f"{prefix}.10/24", "dev", "eth0")
             _run("ip", "-n", inside, "route", "add", "default", "via", f"{prefix}.1")
             _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            if self.nats[host] == "open":
-                # Routed, not translated: the public side reaches the LAN through the router.
-                _run("ip", "-n", broker, "route", "add", f"{prefix}.0/24", "via", public_ip)
-            else:
+            if self.nats[host] != "open":
                 _run("ip", "netns", "exec", router, "nft", "-f", "-",
                      stdin=_nat_rules(self.nats[host]))  # fmt: skip
+        for host, (prefix, public_ip) in LANS.items():
+            if self.nats[host] != "open":
+                continue
+            # Routed, not translated: the public side reaches the LAN through its router.
+            others = [self.ns(f"nat_{h}") for h in LANS if h != host]
+            for ns in [broker, *others]:
+                _run("ip", "-n", ns, "route", "add", f"{prefix}.0/24", "via", public_ip)
 
     def teardown(self) -> None:
         """Delete every namespace (their links and rules go with them)."""

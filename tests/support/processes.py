@@ -64,6 +64,8 @@ class BrokerProcess:
     listen: str = "127.0.0.1:0"
     #: The last start's `{"event": "listening", ...}` line (tls, health_address, ...).
     listening: dict[str, Any] = field(default_factory=dict)
+    #: What the command runs inside, e.g. `ip netns exec NS` (tests/support/netlab.py).
+    prefix: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         """Start it (again) and wait for its listening line."""
@@ -73,6 +75,7 @@ class BrokerProcess:
         with log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "ferry.broker",
@@ -124,13 +127,15 @@ class FerryProcess:
     cwd: Path
     proc: subprocess.Popen[bytes] | None = None
     stderr_path: Path | None = None
+    #: What the command runs inside, e.g. `ip netns exec NS` (tests/support/netlab.py).
+    prefix: list[str] = field(default_factory=list)
 
     def start(self) -> FerryProcess:
         """Start the command."""
         self.stderr_path = self.cwd / f"ferry-{os.getpid()}-{time.monotonic_ns()}.err"
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ferry.cli", *self.args],
+                [*self.prefix, sys.executable, "-m", "ferry.cli", *self.args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
