@@ -64,8 +64,12 @@ class BrokerProcess:
     listen: str = "127.0.0.1:0"
     #: The last start's `{"event": "listening", ...}` line (tls, health_address, ...).
     listening: dict[str, Any] = field(default_factory=dict)
+    #: Where its reflexive responder listens (the line's reflexive_address); "" if none.
+    reflexive_address: str = ""
     #: What the command runs inside, e.g. `ip netns exec NS` (tests/support/netlab.py).
     prefix: list[str] = field(default_factory=list)
+    #: More environment for it (e.g. the S3 server's credentials).
+    env: dict[str, str] | None = None
 
     def start(self) -> None:
         """Start it (again) and wait for its listening line."""
@@ -84,10 +88,16 @@ class BrokerProcess:
                     "--data-dir",
                     str(self.data_dir),
                     *self.args,
+                    # a restart comes back on the same responder port too
+                    *(
+                        ["--reflexive-listen", self.reflexive_address]
+                        if self.reflexive_address
+                        else []
+                    ),
                 ],
                 stdout=subprocess.PIPE,
                 stderr=log_file,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})},
             )
         try:
             event = read_json_line(self.proc, 20, "broker")
@@ -98,6 +108,7 @@ class BrokerProcess:
         self.listening = event
         self.address = event["address"]
         self.listen = self.address  # a restart comes back on the same port
+        self.reflexive_address = event.get("reflexive_address", "")
 
     def restart(self) -> None:
         """Stop it gracefully and start it again on the same address and data."""

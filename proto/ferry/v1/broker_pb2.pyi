@@ -93,6 +93,7 @@ class Session(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     CLAIMED_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `sessions/{session_id}`."""
     state: Global___Session.State.ValueType
@@ -135,6 +136,12 @@ class Session(_message.Message):
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the offer (before acceptance) or the session (after) expires."""
 
+    @_builtins.property
+    def path(self) -> Global___PathReport:
+        """How the receiver last reported the peers connected (or why they could
+        not); unset until it does.
+        """
+
     def __init__(
         self,
         *,
@@ -151,14 +158,64 @@ class Session(_message.Message):
         failure_reason: _builtins.str = ...,
         claimed: _builtins.bool = ...,
         attempt: _builtins.int = ...,
+        path: Global___PathReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "manifest", b"manifest", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "manifest", b"manifest", "path", b"path", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_done", b"bytes_done", "claimed", b"claimed", "create_time", b"create_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "manifest", b"manifest", "name", b"name", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_done", b"bytes_done", "claimed", b"claimed", "create_time", b"create_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "manifest", b"manifest", "name", b"name", "path", b"path", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class PathReport(_message.Message):
+    """PathReport says which way a transfer's bytes went, for people and logs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTE_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
+    REMOTE_FIELD_NUMBER: _builtins.int
+    SETUP_FIELD_NUMBER: _builtins.int
+    TRIES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    route: _builtins.str
+    """"host" (a host address of the sender answered), "punched" (a public
+    address the NATs let through, TCP simultaneous open), or "store" (no pair
+    worked; the object store carried the bytes).
+    """
+    local: _builtins.str
+    """The receiver's side of the pair that won ("ip:port"); empty for "store"."""
+    remote: _builtins.str
+    """The sender's side of the pair that won ("ip:port"); empty for "store"."""
+    tries: _builtins.int
+    """Connection attempts made (every dial of every pair, retries included)."""
+    reason: _builtins.str
+    """Why the direct path was given up, for "store"."""
+    @_builtins.property
+    def setup(self) -> _duration_pb2.Duration:
+        """From the start of the checks to the first authenticated connection (or
+        to giving up on the direct path).
+        """
+
+    def __init__(
+        self,
+        *,
+        route: _builtins.str = ...,
+        local: _builtins.str = ...,
+        remote: _builtins.str = ...,
+        setup: _duration_pb2.Duration | None = ...,
+        tries: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["setup", b"setup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local", b"local", "reason", b"reason", "remote", b"remote", "route", b"route", "setup", b"setup", "tries", b"tries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PathReport: _TypeAlias = PathReport  # noqa: Y015
 
 @_typing.final
 class Manifest(_message.Message):
@@ -258,19 +315,31 @@ class Candidate(_message.Message):
 
     IP_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    PORTS_FIELD_NUMBER: _builtins.int
     ip: _builtins.str
     """An IPv4 or IPv6 address in text form, without port."""
     kind: Global___Candidate.Kind.ValueType
     """Where the address comes from."""
+    @_builtins.property
+    def ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """For a candidate published for a connection attempt (PublishCandidates):
+        the ports at this address. The sender has one (its data socket, from the
+        plan's listener_ports); the receiver one per stream it will open, in
+        order (the k-th stream comes from the k-th port). A server-reflexive
+        candidate lists the ports as the reflexive responder saw them, which a
+        NAT may have changed. Empty in PeerInfo.candidates.
+        """
+
     def __init__(
         self,
         *,
         ip: _builtins.str = ...,
         kind: Global___Candidate.Kind.ValueType = ...,
+        ports: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "kind", b"kind", "ports", b"ports"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,6 +469,8 @@ class ConnectionPlan(_message.Message):
     STREAM_COUNT_FIELD_NUMBER: _builtins.int
     CONNECT_DEADLINE_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SENDER_CANDIDATES_FIELD_NUMBER: _builtins.int
+    RECEIVER_CANDIDATES_FIELD_NUMBER: _builtins.int
     listener: Global___ConnectionPlan.Role.ValueType
     """Which side listens; the other dials."""
     stream_count: _builtins.int
@@ -419,6 +490,16 @@ class ConnectionPlan(_message.Message):
         (ReportProgress): ports nobody connects to go back at the connect deadline.
         """
 
+    @_builtins.property
+    def sender_candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
+        """Where the sender can be reached on this attempt, as it published them
+        (PublishCandidates); empty until it does.
+        """
+
+    @_builtins.property
+    def receiver_candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
+        """Where the receiver can be reached on this attempt, likewise."""
+
     def __init__(
         self,
         *,
@@ -427,10 +508,12 @@ class ConnectionPlan(_message.Message):
         stream_count: _builtins.int = ...,
         connect_deadline: _timestamp_pb2.Timestamp | None = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        sender_candidates: _abc.Iterable[Global___Candidate] | None = ...,
+        receiver_candidates: _abc.Iterable[Global___Candidate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_deadline", b"connect_deadline", "lease_expire_time", b"lease_expire_time", "listener_ports", b"listener_ports"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_deadline", b"connect_deadline", "lease_expire_time", b"lease_expire_time", "listener", b"listener", "listener_ports", b"listener_ports", "stream_count", b"stream_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_deadline", b"connect_deadline", "lease_expire_time", b"lease_expire_time", "listener", b"listener", "listener_ports", b"listener_ports", "receiver_candidates", b"receiver_candidates", "sender_candidates", b"sender_candidates", "stream_count", b"stream_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,19 +543,28 @@ class GetBrokerInfoResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BROKER_ID_FIELD_NUMBER: _builtins.int
+    REFLEXIVE_ADDRESS_FIELD_NUMBER: _builtins.int
     broker_id: _builtins.str
     """The broker's id: random, made when the broker's store is first created,
     and the same for every replica sharing that store. It changes only if the
     store is lost, and with it every session the broker knew.
     """
+    reflexive_address: _builtins.str
+    """Where the broker's reflexive responder listens, "host:port" (host may be
+    empty: the broker's own host, as the client reached it). It answers a
+    STUN Binding request (RFC 8489) over TCP with the address and port the
+    connection came from, which is how a client behind a NAT learns the
+    public side of its data socket. Empty: this broker has none.
+    """
     def __init__(
         self,
         *,
         broker_id: _builtins.str = ...,
+        reflexive_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_id", b"broker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broker_id", b"broker_id", "reflexive_address", b"reflexive_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -940,6 +1032,7 @@ class ReportProgressRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     BYTES_DONE_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The session's name."""
     state: Global___Session.State.ValueType
@@ -953,6 +1046,10 @@ class ReportProgressRequest(_message.Message):
     """Bytes the receiver holds verified (or the sender has sent)."""
     failure_reason: _builtins.str
     """Why, when state is STATE_FAILED."""
+    @_builtins.property
+    def path(self) -> Global___PathReport:
+        """How the peers connected (receiver only), kept as Session.path."""
+
     def __init__(
         self,
         *,
@@ -960,10 +1057,11 @@ class ReportProgressRequest(_message.Message):
         state: Global___Session.State.ValueType = ...,
         bytes_done: _builtins.int = ...,
         failure_reason: _builtins.str = ...,
+        path: Global___PathReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["path", b"path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "failure_reason", b"failure_reason", "name", b"name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "failure_reason", b"failure_reason", "name", b"name", "path", b"path", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -992,6 +1090,62 @@ class ReportProgressResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportProgressResponse: _TypeAlias = ReportProgressResponse  # noqa: Y015
+
+@_typing.final
+class PublishCandidatesRequest(_message.Message):
+    """PublishCandidatesRequest publishes the caller's candidates for one attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    attempt: _builtins.int
+    """The attempt the candidates belong to (Session.attempt)."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___Candidate]:
+        """The candidates, each with its ports (at most 32)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        candidates: _abc.Iterable[Global___Candidate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "candidates", b"candidates", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishCandidatesRequest: _TypeAlias = PublishCandidatesRequest  # noqa: Y015
+
+@_typing.final
+class PublishCandidatesResponse(_message.Message):
+    """PublishCandidatesResponse returns the session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session with the caller's candidates in its plan."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishCandidatesResponse: _TypeAlias = PublishCandidatesResponse  # noqa: Y015
 
 @_typing.final
 class ResumeSessionRequest(_message.Message):

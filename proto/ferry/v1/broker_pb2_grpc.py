@@ -117,6 +117,11 @@ class BrokerServiceStub:
                 request_serializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.SerializeToString,
                 response_deserializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.FromString,
                 _registered_method=True)
+        self.PublishCandidates = channel.unary_unary(
+                '/ferry.v1.BrokerService/PublishCandidates',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.PublishCandidatesRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.PublishCandidatesResponse.FromString,
+                _registered_method=True)
         self.StartStoreUpload = channel.unary_unary(
                 '/ferry.v1.BrokerService/StartStoreUpload',
                 request_serializer=ferry_dot_v1_dot_broker__pb2.StartStoreUploadRequest.SerializeToString,
@@ -266,6 +271,21 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishCandidates(self, request, context):
+        """PublishCandidates records where the caller can be reached for the
+        session's current connection attempt (its plan): its data socket's port
+        on each of its addresses, and the public address and port the broker's
+        reflexive responder saw that socket come from (GetBrokerInfo). The other
+        party reads them in the plan and both run connectivity checks, dialing
+        each other at once (TCP simultaneous open gets through most NATs). Only
+        while the session is live and only for its current attempt: a late call
+        for an attempt that is over fails with FAILED_PRECONDITION, reason
+        ATTEMPT_MOVED. Publishing again replaces the caller's candidates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartStoreUpload(self, request, context):
         """StartStoreUpload begins the object-store fallback for one file (sender
         only; the session must be offered, accepted, connecting or transferring,
@@ -379,6 +399,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.ResumeSession,
                     request_deserializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.FromString,
                     response_serializer=ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.SerializeToString,
+            ),
+            'PublishCandidates': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishCandidates,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.PublishCandidatesRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.PublishCandidatesResponse.SerializeToString,
             ),
             'StartStoreUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.StartStoreUpload,
@@ -731,6 +756,33 @@ class BrokerService:
             '/ferry.v1.BrokerService/ResumeSession',
             ferry_dot_v1_dot_broker__pb2.ResumeSessionRequest.SerializeToString,
             ferry_dot_v1_dot_broker__pb2.ResumeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishCandidates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/PublishCandidates',
+            ferry_dot_v1_dot_broker__pb2.PublishCandidatesRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.PublishCandidatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,6 +103,17 @@ class BrokerServiceStub:
     (a restarted party has a new certificate) and, once the offer is
     accepted, negotiates a new connection attempt (new lease, new deadline).
     """
+    PublishCandidates: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PublishCandidatesRequest, _broker_pb2.PublishCandidatesResponse]
+    """PublishCandidates records where the caller can be reached for the
+    session's current connection attempt (its plan): its data socket's port
+    on each of its addresses, and the public address and port the broker's
+    reflexive responder saw that socket come from (GetBrokerInfo). The other
+    party reads them in the plan and both run connectivity checks, dialing
+    each other at once (TCP simultaneous open gets through most NATs). Only
+    while the session is live and only for its current attempt: a late call
+    for an attempt that is over fails with FAILED_PRECONDITION, reason
+    ATTEMPT_MOVED. Publishing again replaces the caller's candidates.
+    """
     StartStoreUpload: _grpc.UnaryUnaryMultiCallable[_broker_pb2.StartStoreUploadRequest, _broker_pb2.StartStoreUploadResponse]
     """StartStoreUpload begins the object-store fallback for one file (sender
     only; the session must be offered, accepted, connecting or transferring,
@@ -214,6 +225,17 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     or lost its data connection: it replaces the caller's connection details
     (a restarted party has a new certificate) and, once the offer is
     accepted, negotiates a new connection attempt (new lease, new deadline).
+    """
+    PublishCandidates: _aio.UnaryUnaryMultiCallable[_broker_pb2.PublishCandidatesRequest, _broker_pb2.PublishCandidatesResponse]  # type: ignore[assignment]
+    """PublishCandidates records where the caller can be reached for the
+    session's current connection attempt (its plan): its data socket's port
+    on each of its addresses, and the public address and port the broker's
+    reflexive responder saw that socket come from (GetBrokerInfo). The other
+    party reads them in the plan and both run connectivity checks, dialing
+    each other at once (TCP simultaneous open gets through most NATs). Only
+    while the session is live and only for its current attempt: a late call
+    for an attempt that is over fails with FAILED_PRECONDITION, reason
+    ATTEMPT_MOVED. Publishing again replaces the caller's candidates.
     """
     StartStoreUpload: _aio.UnaryUnaryMultiCallable[_broker_pb2.StartStoreUploadRequest, _broker_pb2.StartStoreUploadResponse]  # type: ignore[assignment]
     """StartStoreUpload begins the object-store fallback for one file (sender
@@ -389,6 +411,23 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         or lost its data connection: it replaces the caller's connection details
         (a restarted party has a new certificate) and, once the offer is
         accepted, negotiates a new connection attempt (new lease, new deadline).
+        """
+
+    @_abc_1.abstractmethod
+    def PublishCandidates(
+        self,
+        request: _broker_pb2.PublishCandidatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.PublishCandidatesResponse, _abc.Awaitable[_broker_pb2.PublishCandidatesResponse]]:
+        """PublishCandidates records where the caller can be reached for the
+        session's current connection attempt (its plan): its data socket's port
+        on each of its addresses, and the public address and port the broker's
+        reflexive responder saw that socket come from (GetBrokerInfo). The other
+        party reads them in the plan and both run connectivity checks, dialing
+        each other at once (TCP simultaneous open gets through most NATs). Only
+        while the session is live and only for its current attempt: a late call
+        for an attempt that is over fails with FAILED_PRECONDITION, reason
+        ATTEMPT_MOVED. Publishing again replaces the caller's candidates.
         """
 
     @_abc_1.abstractmethod

@@ -44,6 +44,12 @@ The flags with an environment variable::
     --store-max-bytes-per-address BYTES  FERRY_STORE_MAX_BYTES_PER_ADDRESS
     --store-max-bytes BYTES              FERRY_STORE_MAX_BYTES
 
+    --reflexive-listen HOST:PORT|auto|off  FERRY_REFLEXIVE_LISTEN
+    --reflexive-advertise HOST:PORT        FERRY_REFLEXIVE_ADVERTISE
+    --reflexive-max-connections N          FERRY_REFLEXIVE_MAX_CONNECTIONS
+    --reflexive-per-address N              FERRY_REFLEXIVE_PER_ADDRESS
+    --reflexive-hold S                     FERRY_REFLEXIVE_HOLD
+
 ``--insecure-plaintext`` (plaintext gRPC on an address that is not loopback) is a flag only,
 never read from the environment: it has to be asked for where the broker is started.
 
@@ -215,6 +221,24 @@ _FLAGS: tuple[_Flag, ...] = (
           "FERRY_STORE_MAX_BYTES_PER_ADDRESS", "BYTES"),
     _Flag("--store-max-bytes", "store_max_bytes_total", int,
           "bytes the object store may hold in all", "FERRY_STORE_MAX_BYTES", "BYTES"),
+    # The reflexive responder: STUN Binding over TCP for clients behind NATs (issue 11).
+    _Flag("--reflexive-listen", "reflexive_listen", str,
+          "where the reflexive responder (STUN over TCP) listens; auto: the --listen host, "
+          "its port + 1 (0 if it is 0); off or empty: no responder",
+          "FERRY_REFLEXIVE_LISTEN", "HOST:PORT"),
+    _Flag("--reflexive-advertise", "reflexive_advertise", str,
+          "the responder's host:port that GetBrokerInfo gives clients (an empty host: the "
+          "broker's, as the client reached it); unset: ':' and the port bound",
+          "FERRY_REFLEXIVE_ADVERTISE", "HOST:PORT"),
+    _Flag("--reflexive-max-connections", "reflexive_max_connections", int,
+          "responder connections held at once; more are closed as they come",
+          "FERRY_REFLEXIVE_MAX_CONNECTIONS", "N"),
+    _Flag("--reflexive-per-address", "reflexive_per_address", int,
+          "responder connections held at once from one address (IPv6: /64)",
+          "FERRY_REFLEXIVE_PER_ADDRESS", "N"),
+    _Flag("--reflexive-hold", "reflexive_hold_s", float,
+          "a responder connection is closed this long after it opened", "FERRY_REFLEXIVE_HOLD",
+          _SECONDS),
 )  # fmt: skip
 
 _DEFAULTS: Mapping[str, object] = {f.name: f.default for f in dataclasses.fields(BrokerConfig)}

@@ -149,9 +149,29 @@ class BrokerConfig:
     store_max_bytes_per_address: int = 16 << 30
     store_max_bytes_total: int = 128 << 30
 
+    # -- The reflexive responder (issue 11) -----------------------------------------------
+    #: host:port of the reflexive responder: STUN Binding over TCP, answered with the address
+    #: and port a connection came from (how a client behind a NAT learns the public side of
+    #: its data socket). "auto": listen's host, on port 0 when listen's port is 0, else on
+    #: listen's port + 1 (+ 2 when that is health_listen's port). "off", "" or None: none.
+    reflexive_listen: str | None = "auto"
+    #: What GetBrokerInfo tells clients to dial for it, host:port; an empty host (":3478")
+    #: is the broker's host as each client reached it. None: ":" and the bound port while
+    #: the responder runs, nothing when it is off. Give it when clients reach the broker
+    #: through a proxy or a port mapping (a responder behind a proxy that hides the
+    #: callers' addresses would answer with the proxy's, uselessly).
+    reflexive_advertise: str | None = None
+    #: Responder connections held at once, in all and from one address (an IPv6 /64).
+    reflexive_max_connections: int = 1024
+    reflexive_per_address: int = 32
+    #: A responder connection is closed this long after it opened (a client holds it while
+    #: it punches holes through its NAT, a few seconds).
+    reflexive_hold_s: float = 30.0
+
     def __post_init__(self) -> None:
         self._check_abuse_limits()
         self._check_claim_lease_store_limits()
+        self._check_reflexive()
         if not 0 < self.offer_ttl_min_s <= self.offer_ttl_default_s <= self.offer_ttl_max_s:
             raise ValueError("need 0 < offer_ttl_min_s <= offer_ttl_default_s <= offer_ttl_max_s")
         if self.session_ttl_s <= 0 or self.connect_timeout_s <= 0 or self.sweep_interval_s <= 0:
@@ -217,6 +237,44 @@ class BrokerConfig:
         if min(quotas) < 0:
             raise ValueError("the store_max_bytes limits must be >= 0")
 
+    def _check_reflexive(self) -> None:
+        """The reflexive responder's address, what is advertised, and its limits."""
+        listen = self.reflexive_listen
+        if listen not in (None, "", "off", "auto") and _port_of(listen, 0) is None:
+            raise ValueError("reflexive_listen must be host:port, 'auto' or 'off'")
+        if listen == "auto" and _port_of(self.listen, 0, brackets=False) is None:
+            raise ValueError("reflexive_listen 'auto' needs listen as host:port; give it")
+        bind = self.reflexive_bind
+        if bind is not None and _port_of(bind, 0, brackets=False) is None:
+            raise ValueError(
+                f"reflexive_listen 'auto' would be {bind}, past port 65535; give reflexive_listen"
+            )
+        if self.reflexive_advertise and _port_of(self.reflexive_advertise, 1) is None:
+            raise ValueError(
+                "reflexive_advertise must be host:port (port 1-65535; the host may be empty)"
+            )
+        if min(self.reflexive_max_connections, self.reflexive_per_address) < 1:
+            raise ValueError("reflexive_max_connections and reflexive_per_address must be >= 1")
+        if self.reflexive_hold_s <= 0:
+            raise ValueError("reflexive_hold_s must be > 0")
+
+    @property
+    def reflexive_bind(self) -> str | None:
+        """The host:port the reflexive responder binds ("auto" worked out); None: no responder."""
+        listen = self.reflexive_listen
+        if listen in (None, "", "off"):
+            return None
+        if listen != "auto":
+            return listen
+        host, _, port_text = self.listen.rpartition(":")
+        port = int(port_text)
+        if port == 0:
+            return f"{host}:0"
+        port += 1
+        if self.health_listen is not None and port == _port_of(self.health_listen, 1):
+            port += 1
+        return f"{host}:{port}"
+
     @property
     def tls(self) -> bool:
         """Whether the gRPC port speaks TLS."""
@@ -231,6 +289,17 @@ class BrokerConfig:
     def token_key_path(self) -> Path:
         """The broker's secret for repeatable claim tokens (made on first start, mode 0600)."""
         return Path(self.data_dir) / "token.key"
+
+
+def _port_of(address: str, lowest: int, *, brackets: bool = True) -> int | None:
+    """The port of ``host:port`` if it is one in lowest-65535, else None. The host may be
+    empty; an IPv6 one must be in brackets unless ``brackets`` is False."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit()) or not lowest <= int(port) <= 65535:
+        return None
+    if brackets and ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return None
+    return int(port)
 
 
 def is_loopback(listen: str) -> bool:

@@ -10,6 +10,12 @@ allows only a loopback address, or any with ``insecure_plaintext`` (logged as a 
 optional second port, ``health_listen``, is plaintext and serves grpc.health.v1 alone (the
 same health status), for probes that cannot speak TLS such as Kubernetes' gRPC probes: it
 answers SERVING or NOT_SERVING and nothing else, no token or code ever crosses it.
+
+The reflexive responder (ferry.broker.reflexive, ``reflexive_listen``; on by default, next
+to the gRPC port) is bound right after the gRPC port, so a port that is taken fails the
+start the same way, and it starts answering with the server. What GetBrokerInfo advertises
+for it, ``reflexive_advertise``, defaults to ":" and the port bound: start_server fills it
+in, and the RunningBroker's config has it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker, Clock
 from ferry.broker.fallback import Fallback
 from ferry.broker.objectstore import ObjectStore
+from ferry.broker.reflexive import ReflexiveLimits, ReflexiveResponder
 from ferry.broker.service import BrokerService, add_to_server
 from ferry.broker.store import SqliteStore, StorageFull, Store
 from ferry.broker.tls import CertificateFiles, describe
@@ -78,6 +85,9 @@ class RunningBroker:
     #: The plaintext health-only server (``health_listen``) and its `host:port`, if any.
     health_server: grpc.aio.Server | None = None
     health_address: str = ""
+    #: The reflexive responder (``reflexive_listen``) and its bound `host:port`, if any.
+    reflexive: ReflexiveResponder | None = None
+    reflexive_address: str = ""
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, end watches, drain calls for `grace` seconds, close the store."""
@@ -90,6 +100,8 @@ class RunningBroker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.broker.hub.close()
+        if self.reflexive is not None:
+            await self.reflexive.close()
         await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -182,13 +194,46 @@ async def _start_health_only(
     return server, f"{listen.rpartition(':')[0]}:{port}"
 
 
+def _bind_reflexive(config: BrokerConfig) -> tuple[ReflexiveResponder | None, str]:
+    """The reflexive responder bound (not started yet) and its `host:port`, if configured
+    (else None, ""); OSError if the port cannot be bound, worded like the gRPC port's."""
+    listen = config.reflexive_bind
+    if listen is None:
+        return None, ""
+    host, _, port = listen.rpartition(":")
+    limits = ReflexiveLimits(
+        max_connections=config.reflexive_max_connections,
+        per_address=config.reflexive_per_address,
+        hold_s=config.reflexive_hold_s,
+        ipv4_prefix=config.caller_ipv4_prefix,
+        ipv6_prefix=config.caller_ipv6_prefix,
+    )
+    try:
+        responder = ReflexiveResponder(host, int(port), limits)
+    except OSError as exc:  # socket.create_server's strerror names the address again
+        code = 0 if isinstance(exc, socket.gaierror) else (exc.errno or 0)
+        reason = os.strerror(code) if code > 0 else (exc.strerror or str(exc))
+        raise OSError(f"cannot listen on {listen}: {reason.lower()}") from exc
+    return responder, f"{host}:{responder.port}"
+
+
+async def _let_go(server: grpc.aio.Server) -> None:
+    """Release the port of a server that never started: gRPC lets go of it only once it
+    has started."""
+    await server.start()
+    await server.stop(0)
+
+
 async def start_server(
     config: BrokerConfig, *, store: Store | None = None, clock: Clock | None = None
 ) -> RunningBroker:
-    """Open the store, bind `config.listen` (port 0 allowed) and start serving.
+    """Open the store, bind `config.listen` (port 0 allowed) and the reflexive responder's
+    port, and start serving.
 
     With TLS the certificate files are read first: a broker whose certificate or key is
-    missing or does not match fails to start (OSError) before it opens its store.
+    missing or does not match fails to start (OSError) before it opens its store. The
+    RunningBroker's config is `config` with ``reflexive_advertise`` filled in (":" and the
+    bound port) when the responder runs and `config` leaves it unset.
     """
     tls = (
         CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -197,14 +242,27 @@ async def start_server(
     )
     store = store if store is not None else SqliteStore(config.database_path)
     key = load_token_key(config.token_key_path)
+    server = grpc.aio.server(
+        options=[*_SERVER_OPTIONS, *_limits(config)],
+        maximum_concurrent_rpcs=config.max_concurrent_calls,
+    )
+    try:
+        port = _bind(server, config.listen, tls)
+    except OSError:
+        store.close()
+        raise
+    try:
+        reflexive, reflexive_address = _bind_reflexive(config)
+    except OSError:
+        await _let_go(server)
+        store.close()
+        raise
+    if reflexive is not None and config.reflexive_advertise is None:
+        config = dataclasses.replace(config, reflexive_advertise=f":{reflexive.port}")
     broker = (
         Broker(config, store, token_key=key)
         if clock is None
         else Broker(config, store, clock=clock, token_key=key)
-    )
-    server = grpc.aio.server(
-        options=[*_SERVER_OPTIONS, *_limits(config)],
-        maximum_concurrent_rpcs=config.max_concurrent_calls,
     )
     objects = (
         ObjectStore(config.s3_bucket, endpoint=config.s3_endpoint, region=config.s3_region)
@@ -218,23 +276,22 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server
     )
-    try:
-        port = _bind(server, config.listen, tls)
-    except OSError:
-        store.close()
-        raise
     host = config.listen.rpartition(":")[0]
     await server.start()
     health_server, health_address = None, ""
-    if config.health_listen:
-        try:
+    try:
+        if reflexive is not None:
+            await reflexive.start()
+        if config.health_listen:
             health_server, health_address = await _start_health_only(
                 config.health_listen, health_servicer
             )
-        except OSError:
-            await server.stop(0)
-            store.close()
-            raise
+    except OSError:
+        if reflexive is not None:
+            await reflexive.close()
+        await server.stop(0)
+        store.close()
+        raise
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if tls is not None:
@@ -266,12 +323,15 @@ async def start_server(
         tls=tls,
         health_server=health_server,
         health_address=health_address,
+        reflexive=reflexive,
+        reflexive_address=reflexive_address,
     )
 
 
 async def serve(config: BrokerConfig) -> None:
     """Start, print `{"event": "listening", "address": ..., "tls": ...}` on stdout (and
-    `"health_address"` with a health port), run until SIGTERM/SIGINT."""
+    `"health_address"` with a health port, `"reflexive_address"` with a reflexive
+    responder), run until SIGTERM/SIGINT."""
     running = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -285,13 +345,18 @@ async def serve(config: BrokerConfig) -> None:
         }
         if running.health_address:
             line["health_address"] = running.health_address
+        if running.reflexive_address:
+            line["reflexive_address"] = running.reflexive_address
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         log.info(
-            "broker listening on %s (%s)%s",
+            "broker listening on %s (%s)%s%s",
             running.address,
             "TLS" if running.tls is not None else "plaintext",
             f", health only on {running.health_address}" if running.health_address else "",
+            f", reflexive responder on {running.reflexive_address}"
+            if running.reflexive_address
+            else "",
         )
         await stop.wait()
         log.info("broker shutting down")

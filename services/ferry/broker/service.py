@@ -125,7 +125,10 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.GetBrokerInfoRequest, context: Context
     ) -> broker_pb2.GetBrokerInfoResponse:
         broker_id = await _call(context, self._broker.broker_id)  # no token: public facts
-        return broker_pb2.GetBrokerInfoResponse(broker_id=broker_id)
+        # What start_server filled in (":" and the responder's port), or the operator's
+        # address; unset: this broker has no reflexive responder.
+        reflexive = self._broker.config.reflexive_advertise or ""
+        return broker_pb2.GetBrokerInfoResponse(broker_id=broker_id, reflexive_address=reflexive)
 
     async def CreateOffer(
         self, request: broker_pb2.CreateOfferRequest, context: Context

@@ -77,6 +77,15 @@ FLAGS: dict[str, tuple[str, str | None]] = {
         "FERRY_STORE_MAX_BYTES_PER_ADDRESS",
     ),
     "--store-max-bytes": ("store_max_bytes_total", "FERRY_STORE_MAX_BYTES"),
+    # Issue 11: the reflexive responder.
+    "--reflexive-listen": ("reflexive_listen", "FERRY_REFLEXIVE_LISTEN"),
+    "--reflexive-advertise": ("reflexive_advertise", "FERRY_REFLEXIVE_ADVERTISE"),
+    "--reflexive-max-connections": (
+        "reflexive_max_connections",
+        "FERRY_REFLEXIVE_MAX_CONNECTIONS",
+    ),
+    "--reflexive-per-address": ("reflexive_per_address", "FERRY_REFLEXIVE_PER_ADDRESS"),
+    "--reflexive-hold": ("reflexive_hold_s", "FERRY_REFLEXIVE_HOLD"),
 }
 ENVIRONMENT = sorted(env for _, env in FLAGS.values() if env)
 
@@ -104,6 +113,11 @@ EVERY_FLAG = [
     "--s3-prefix", "t/",
     "--s3-url-ttl", "60",
     "--s3-stale-sweep-interval", "30",
+    "--reflexive-listen", "0.0.0.0:3478",
+    "--reflexive-advertise", "stun.example.net:3478",
+    "--reflexive-max-connections", "100",
+    "--reflexive-per-address", "4",
+    "--reflexive-hold", "12.5",
     "--log-level", "warning",
 ]  # fmt: skip
 EVERY_FLAG_CONFIG = BrokerConfig(
@@ -130,6 +144,11 @@ EVERY_FLAG_CONFIG = BrokerConfig(
     s3_prefix="t/",
     s3_url_ttl_s=60.0,
     s3_stale_sweep_interval_s=30.0,
+    reflexive_listen="0.0.0.0:3478",
+    reflexive_advertise="stun.example.net:3478",
+    reflexive_max_connections=100,
+    reflexive_per_address=4,
+    reflexive_hold_s=12.5,
 )
 
 
@@ -240,6 +259,35 @@ def test_an_empty_flag_turns_an_optional_setting_off(
     assert (config.s3_bucket, config.s3_prefix) == (None, "")
 
 
+@pytest.mark.parametrize("parse", ENTRY_POINTS)
+def test_the_reflexive_responder_from_the_environment_and_off(
+    parse: Parse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert parse([]).reflexive_listen == "auto"  # on by default, next to --listen
+    env = {
+        "FERRY_REFLEXIVE_LISTEN": "[::]:3478",
+        "FERRY_REFLEXIVE_ADVERTISE": ":3478",
+        "FERRY_REFLEXIVE_MAX_CONNECTIONS": "10",
+        "FERRY_REFLEXIVE_PER_ADDRESS": "2",
+        "FERRY_REFLEXIVE_HOLD": "5",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    expected = BrokerConfig(
+        reflexive_listen="[::]:3478",
+        reflexive_advertise=":3478",
+        reflexive_max_connections=10,
+        reflexive_per_address=2,
+        reflexive_hold_s=5.0,
+    )
+    assert parse([]) == expected
+    assert expected.reflexive_bind == "[::]:3478"
+    off = parse(["--reflexive-listen", "", "--reflexive-advertise", ""])
+    assert (off.reflexive_listen, off.reflexive_advertise, off.reflexive_bind) == ("", None, None)
+    monkeypatch.setenv("FERRY_REFLEXIVE_LISTEN", "off")  # a blank variable is unset: "off"
+    assert parse([]).reflexive_bind is None
+
+
 def test_blank_environment_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ENVIRONMENT:
         monkeypatch.setenv(name, "  ")
@@ -269,6 +317,16 @@ def test_a_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (["--stream-count", "0"], "bad broker settings: --stream-count must be between 1 and 64"),
         (["--s3-prefix", "/abs"], "bad broker settings: --s3-prefix must not start with '/'"),
+        (
+            ["--reflexive-listen", "3478"],
+            "bad broker settings: --reflexive-listen must be host:port, 'auto' or 'off'",
+        ),
+        (
+            ["--reflexive-per-address", "0"],
+            "bad broker settings: --reflexive-max-connections and --reflexive-per-address "
+            "must be >= 1",
+        ),
+        (["--reflexive-hold", "0"], "bad broker settings: --reflexive-hold must be > 0"),
     ],
 )
 def test_bad_settings_name_the_flags(argv: list[str], message: str) -> None:
