@@ -109,7 +109,7 @@ def _size(text: str) -> int:
 
 
 def _completed_line(result: TransferResult) -> dict[str, Any]:
-    return {
+    line: dict[str, Any] = {
         "event": "completed",
         "session": result.session,
         "bytes": result.bytes,
@@ -123,6 +123,13 @@ def _completed_line(result: TransferResult) -> dict[str, Any]:
             for f in result.files
         ],
     }
+    if result.connection is not None:
+        # "host", "punched" or "store" (then "connection" says why no pair worked).
+        line["route"] = result.connection.route
+        line["connection"] = result.connection.to_json()
+    if result.first_chunk_seconds is not None:
+        line["first_chunk_seconds"] = round(result.first_chunk_seconds, 6)
+    return line
 
 
 class _Events:

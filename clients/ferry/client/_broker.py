@@ -160,6 +160,7 @@ class BrokerLink:
         self._channel = channel
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
         self.token = ""
+        self._reflexive: str | None = None  # GetBrokerInfo's reflexive_address, once asked
 
     async def close(self) -> None:
         """Close the channel."""
@@ -243,6 +244,26 @@ class BrokerLink:
         response = await self._call(self._stub.GetBrokerInfo, request, "broker info")
         return response.broker_id
 
+    async def reflexive_target(self) -> tuple[str, int] | None:
+        """Where the broker's reflexive responder listens (GetBrokerInfo): ``(host, port)``,
+        the broker's own host where it names none; None if it has none (or the host is not
+        known, for a link handed a channel)."""
+        if self._reflexive is None:
+            request = broker_pb2.GetBrokerInfoRequest()
+            response = await self._call(self._stub.GetBrokerInfo, request, "broker info")
+            self._reflexive = response.reflexive_address
+        host, _, port_text = self._reflexive.rpartition(":")
+        host = host.strip("[]")
+        if not host and self._target is not None:
+            host = self._target.host
+        try:
+            port = int(port_text)
+        except ValueError:
+            return None
+        if not host or not 1 <= port <= 65535:
+            return None
+        return host, port
+
     async def create_offer(
         self, request: broker_pb2.CreateOfferRequest
     ) -> broker_pb2.CreateOfferResponse:
@@ -300,16 +321,22 @@ class BrokerLink:
         return (await self._call(self._stub.GetSession, request, "status")).session
 
     async def report(
-        self, name: str, state: int, bytes_done: int, failure_reason: str = ""
+        self,
+        name: str,
+        state: int,
+        bytes_done: int,
+        failure_reason: str = "",
+        path: broker_pb2.PathReport | None = None,
     ) -> broker_pb2.Session:
         """ReportProgress. Only a completion waits for a restarting broker (it must arrive);
         any other report makes one try (progress is reported again soon, a failure is best
-        effort)."""
+        effort). ``path``: how the peers connected (the receiver's)."""
         request = broker_pb2.ReportProgressRequest(
             name=name,
             state=state,  # type: ignore[arg-type]
             bytes_done=bytes_done,
             failure_reason=failure_reason[:1000],
+            path=path,
         )
         patient = state == broker_pb2.Session.STATE_COMPLETED
         call = self._stub.ReportProgress
@@ -330,6 +357,15 @@ class BrokerLink:
         """ResumeSession: come back with new connection details; a new attempt."""
         request = broker_pb2.ResumeSessionRequest(name=name, peer=me)
         return (await self._call(self._stub.ResumeSession, request, "resume")).session
+
+    async def publish_candidates(
+        self, name: str, attempt: int, candidates: Sequence[broker_pb2.Candidate]
+    ) -> broker_pb2.Session:
+        """PublishCandidates: where this side can be reached on ``attempt``."""
+        request = broker_pb2.PublishCandidatesRequest(
+            name=name, attempt=attempt, candidates=candidates
+        )
+        return (await self._call(self._stub.PublishCandidates, request, "candidates")).session
 
     async def watch(self, name: str, seconds: float) -> AsyncIterator[broker_pb2.Session]:
         """WatchSession: the session now, then after every change, for at most ``seconds``."""

@@ -14,14 +14,21 @@ __all__ = ["local_candidates", "peer_info"]
 
 
 def local_candidates() -> list[broker_pb2.Candidate]:
-    """The addresses this host offers its peer: every interface's (IPv4 and IPv6, no
-    link-local), or exactly those listed in FERRY_ADDRESSES (comma-separated), which keeps a
+    """The addresses this host offers its peer: every interface's that is up (IPv4 and IPv6,
+    no link-local), or exactly those listed in FERRY_ADDRESSES (comma-separated), which keeps a
     multi-homed host (or a test) to the networks it means."""
     chosen = os.environ.get("FERRY_ADDRESSES", "").strip()
     if chosen:
         texts = [t.strip() for t in chosen.split(",") if t.strip()]
     else:
-        texts = [a.address for v in psutil.net_if_addrs().values() for a in v]
+        # Interfaces that are down lead nowhere (their addresses stay listed): not offered.
+        stats = psutil.net_if_stats()
+        texts = [
+            a.address
+            for name, addresses in psutil.net_if_addrs().items()
+            if name not in stats or stats[name].isup
+            for a in addresses
+        ]
     seen: list[broker_pb2.Candidate] = []
     for text in texts:
         try:

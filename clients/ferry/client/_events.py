@@ -23,6 +23,7 @@ __all__ = [
     "EventHandler",
     "FileResult",
     "OfferedFile",
+    "PathInfo",
     "Paused",
     "Progress",
     "TransferResult",
@@ -40,6 +41,63 @@ DEFAULT_STALL_TIMEOUT = 30.0
 #: store when no direct connection is up by the plan's deadline).
 Via = Literal["auto", "direct", "store"]
 VIAS: tuple[str, ...] = ("auto", "direct", "store")
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """How the peers connected on the attempt that moved the bytes (or why they did not).
+
+    ``route``: "host" (a host address of the sender answered: same LAN, or no NAT on its
+    side), "punched" (its public address, through the NATs: TCP simultaneous open) or
+    "store" (no pair worked; ``reason`` says why). ``local`` and ``remote`` are the
+    receiver's and the sender's end of the pair ("ip:port"), ``setup_seconds`` the time from
+    the start of the checks to the first authenticated connection (or to giving up), and
+    ``tries`` the connection attempts that took."""
+
+    route: str
+    local: str = ""
+    remote: str = ""
+    setup_seconds: float = 0.0
+    tries: int = 0
+    reason: str = ""
+
+    def to_report(self) -> broker_pb2.PathReport:
+        """The broker's form of it (ReportProgress)."""
+        report = broker_pb2.PathReport(
+            route=self.route,
+            local=self.local,
+            remote=self.remote,
+            tries=self.tries,
+            reason=self.reason[:1000],
+        )
+        report.setup.FromNanoseconds(round(self.setup_seconds * 1e9))
+        return report
+
+    @classmethod
+    def from_report(cls, report: broker_pb2.PathReport) -> PathInfo | None:
+        """What the receiver reported (None if it did not)."""
+        if not report.route:
+            return None
+        return cls(
+            report.route,
+            report.local,
+            report.remote,
+            report.setup.ToNanoseconds() / 1e9,
+            report.tries,
+            report.reason,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "route": self.route,
+            "setup_seconds": round(self.setup_seconds, 3),
+            "tries": self.tries,
+        }
+        if self.local or self.remote:
+            out["local"], out["remote"] = self.local, self.remote
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
 
 @dataclass(frozen=True)
@@ -67,6 +125,10 @@ class TransferResult:
     #: The sender's side of a store-and-forward: every file is in the object store, and the
     #: receiver may fetch it until the offer expires (nobody has received it yet).
     stored: bool = False
+    #: How the peers connected (the sender knows it from the receiver's report), if known.
+    connection: PathInfo | None = None
+    #: The receiver's: seconds from its acceptance (or resume) to its first verified chunk.
+    first_chunk_seconds: float | None = None
 
 
 def path_of(direct: int, store: int, default: str = "direct") -> str:

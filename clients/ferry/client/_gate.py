@@ -29,6 +29,7 @@ import errno
 import os
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ _MIN_PENDING = 4
 _PAUSE = 0.1  # seconds without accepting when out of descriptors and nothing is pending
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+_WAKE = object()  # the selector key of the wake-up socket (`adopt`)
 
 
 class GateSettingError(TransferError):
@@ -134,15 +136,35 @@ class Gate:
         self._selector = selectors.DefaultSelector()
         self._paused_until = 0.0
         self._listening = False
+        # Connections made by dialing out (hole punching, `adopt`), waiting to be sorted.
+        self._inbox: list[socket.socket] = []
+        self._inbox_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closed = False
 
     @property
     def pending(self) -> int:
         """Connections accepted and not yet knocked."""
         return len(self._pending)
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Sort a connection this side dialed (a punched hole) like an accepted one: it too
+        must knock within the timeout. Any thread may call this; after `run` ended the
+        socket is closed."""
+        with self._inbox_lock:
+            if self._closed:
+                sock.close()
+                return
+            self._inbox.append(sock)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
     def run(self, stop: Callable[[], bool], poll: float = 0.2) -> None:
         """Accept and sort connections until ``stop()`` is true (checked every ``poll`` s)."""
         self._listener.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         try:
             while not stop():
                 self._listen_unless_paused(time.monotonic())
@@ -152,16 +174,33 @@ class Gate:
                     timeout = min(poll, max(first.deadline - time.monotonic(), 0.0))
                 events = self._selector.select(timeout)
                 # Knocks first: a burst of new connections must not push out one that knocked.
-                for key, _ in sorted(events, key=lambda e: e[0].data is None):
+                for key, _ in sorted(events, key=lambda e: not isinstance(e[0].data, _Pending)):
                     if key.data is None:
                         self._accept_some()
+                    elif key.data is _WAKE:
+                        self._take_inbox()
                     else:
                         self._read_knock(key.data)
                 self._expire(time.monotonic())
         finally:
+            with self._inbox_lock:
+                self._closed = True
+                inbox, self._inbox = self._inbox, []
+            for sock in inbox:
+                sock.close()
             for pending in list(self._pending.values()):
                 self._close(pending)
             self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _take_inbox(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(4096)
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        for sock in inbox:
+            self._enqueue(sock)
 
     # -- accepting ----------------------------------------------------------------------
 
@@ -187,17 +226,21 @@ class Gate:
                 if exc.errno in _ACCEPT_TRANSIENT:
                     continue
                 raise
-            while len(self._pending) >= self._cap:
-                self._drop_oldest()
-            pending = _Pending(sock, time.monotonic() + self.limits.knock_timeout)
-            try:
-                sock.setblocking(False)
-                self._selector.register(sock, selectors.EVENT_READ, pending)
-            except (OSError, ValueError):
-                sock.close()
-                continue
-            self._pending[sock] = pending
-            self._read_knock(pending)  # a real receiver's knock is usually there already
+            self._enqueue(sock)
+
+    def _enqueue(self, sock: socket.socket) -> None:
+        """Wait for ``sock``'s knock (the oldest waiting connection makes room if needed)."""
+        while len(self._pending) >= self._cap:
+            self._drop_oldest()
+        pending = _Pending(sock, time.monotonic() + self.limits.knock_timeout)
+        try:
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ, pending)
+        except (OSError, ValueError):
+            sock.close()
+            return
+        self._pending[sock] = pending
+        self._read_knock(pending)  # a real receiver's knock is usually there already
 
     def _out_of_descriptors(self) -> None:
         """EMFILE/ENFILE: hold fewer pending connections from now on, keep serving."""

@@ -27,6 +27,7 @@ from ferry.client._events import (
     Completed,
     EventHandler,
     FileResult,
+    PathInfo,
     TransferResult,
     Via,
     check_via,
@@ -36,14 +37,15 @@ from ferry.client._events import (
 from ferry.client._intake import Intake
 from ferry.client._journal import Journal, journal_path
 from ferry.client._keys import check_certificate, over, sign
+from ferry.client._punch import lease_targets, reserve_ports, targets_of
 from ferry.client._receive import ReceivePeer
+from ferry.client._reflexive import Gathered, gather
 from ferry.client._resume import resume_from_journal
 from ferry.client._session import (
     FINAL,
     LIVE,
     Pump,
     State,
-    dial_order,
     ended,
     follow,
     in_thread_while,
@@ -105,8 +107,18 @@ class Incoming:
         self.files = files_of(session.manifest, self.local_paths)
         self.total_size = sum(f.size for f in self.files)
         self._store_bytes = 0  # verified bytes the object store gave this run
+        self._peer: ReceivePeer | None = None  # the current attempt's data path
+        self._path: PathInfo | None = None  # why the current attempt went to the store
+        self._path_reported: PathInfo | None = None
         #: The key the code gave (its ``secret``: keep it, mode 0600, for `resume_claim`).
         self.key = key
+
+    @property
+    def connection(self) -> PathInfo | None:
+        """How the current (or last) attempt connected, or why it went to the store."""
+        if self._peer is not None and self._peer.path is not None:
+            return self._peer.path
+        return self._path
 
     @property
     def store_key(self) -> bytes:
@@ -233,6 +245,7 @@ class Incoming:
         except StorageError as exc:
             raise self._storage_failed(exc, dest) from exc
         started = time.monotonic()
+        first_chunk: float | None = None
         if not receive.done:
             await self._reserve(sink, receive, journal, dest)
             identity = Identity.generate()
@@ -250,8 +263,11 @@ class Incoming:
                 sink.discard()
                 raise over(self.session) from None
             # One intake for every path (direct, store) of this transfer.
+            accepted_at = time.monotonic()
             intake = Intake(receive, sink, journal)
             await self._receive(session, identity, me, intake, via, on_event)
+            if intake.first_chunk_at is not None:
+                first_chunk = intake.first_chunk_at - accepted_at
         result = TransferResult(
             session=self.name,
             files=[
@@ -263,6 +279,8 @@ class Incoming:
             bytes_resumed=receive.bytes_resumed,
             seconds=time.monotonic() - started,
             chunks_retried=receive.retries,
+            connection=self.connection,
+            first_chunk_seconds=first_chunk,
             path=path_of(
                 receive.bytes_verified - receive.bytes_resumed - self._store_bytes,
                 self._store_bytes,
@@ -317,7 +335,11 @@ class Incoming:
         sink, journal = intake.sink, intake.journal
 
         async def report(done: int) -> None:
-            await self._link.report(self.name, State.STATE_TRANSFERRING, done)
+            path = self.connection
+            fresh = path if path is not None and path != self._path_reported else None
+            report = fresh.to_report() if fresh is not None else None
+            await self._link.report(self.name, State.STATE_TRANSFERRING, done, path=report)
+            self._path_reported = fresh or self._path_reported
 
         pump = Pump(self.total_size, on_event, lambda: intake.bytes_verified, report)
         pump_task = asyncio.create_task(pump.run())
@@ -375,7 +397,13 @@ class Incoming:
         (expired, cancelled) changes nothing here: the files are verified and in place.
         """
         try:
-            await self._link.report(self.name, State.STATE_COMPLETED, done)
+            path = self.connection
+            await self._link.report(
+                self.name,
+                State.STATE_COMPLETED,
+                done,
+                path=path.to_report() if path is not None else None,
+            )
         except BrokerError as exc:
             if exc.reason != "ILLEGAL_TRANSITION":
                 journal.close()
@@ -483,21 +511,40 @@ class Incoming:
             )
             with contextlib.suppress(BrokerError):
                 await self._link.report(self.name, State.STATE_CONNECTING, intake.bytes_verified)
-            candidates = dial_order(session.sender.candidates)
+            holders = reserve_ports(max(plan.stream_count, 1), avoid=ports)
+            slots = [sock.getsockname()[1] for sock in holders]
+            # At once: the addresses the sender offered from, on its leased ports (a LAN, a
+            # sender reachable as it is); then what it publishes for this attempt.
+            peer.add_targets(lease_targets(session.sender.candidates, ports, slots[0]))
+            attempt = session.attempt
+
+            trickle = functools.partial(_sender_candidates, peer, slots[0])
+            trickle(session)
+            self._peer, self._path = peer, None
+            gathered: list[Gathered] = []
             try:
                 await in_thread_while(
-                    functools.partial(peer.run, candidates, ports, deadline, cancel),
+                    functools.partial(peer.run, slots, deadline, cancel),
                     cancel,
-                    follow(self._link, self.name, session.attempt, cancel, latest),
+                    follow(self._link, self.name, attempt, cancel, latest, trickle),
+                    self._publish(attempt, slots, gathered),
                 )
                 return
             except PeerGone as exc:
                 lost: Exception = exc
+            finally:
+                for sock in holders:
+                    sock.close()
+                for each in gathered:
+                    each.close()
             current = latest[0]
             if current.state in FINAL:
                 raise over(current)
             never_connected = intake.next_stream == stream_id
             if store_ok and never_connected:
+                self._path = PathInfo(
+                    "store", setup_seconds=peer.elapsed(), tries=peer.tries, reason=str(lost)
+                )
                 try:
                     await self._from_store(intake, time.monotonic() + patience, session.attempt)
                     return
@@ -527,6 +574,18 @@ class Incoming:
                 if current.state in FINAL:
                     raise over(current) from None
                 raise
+
+    async def _publish(self, attempt: int, slots: list[int], gathered: list[Gathered]) -> None:
+        """Gather this side's candidates for ``attempt`` and publish them (the sender
+        punches toward them); a broker that cannot take them only costs those pairs."""
+        server: tuple[str, int] | None = None
+        with contextlib.suppress(BrokerError):
+            server = await self._link.reflexive_target()
+        found = await asyncio.to_thread(gather, slots, server)
+        gathered.append(found)
+        with contextlib.suppress(BrokerError):
+            await self._link.publish_candidates(self.name, attempt, found.candidates)
+        await asyncio.Event().wait()  # hold the probe connections until the attempt ends
 
     async def _from_store_only(
         self,
@@ -579,6 +638,11 @@ class Incoming:
             )
         finally:
             self._store_bytes += downloader.bytes_downloaded
+
+
+def _sender_candidates(peer: ReceivePeer, port: int, session: broker_pb2.Session) -> None:
+    """Check the candidates the sender published for the attempt from data port ``port``."""
+    peer.add_targets(targets_of(session.plan.sender_candidates, port))
 
 
 def remove_partial(dest: Path | str, session: str, paths: Sequence[str]) -> None:

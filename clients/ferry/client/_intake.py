@@ -58,6 +58,8 @@ class Intake:
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
         self._next_stream = 0
+        #: When (time.monotonic()) this run verified its first chunk, by any path.
+        self.first_chunk_at: float | None = None
         self._synced = time.monotonic()
 
     @property
@@ -119,6 +121,8 @@ class Intake:
             self.sink.write(file_index, offset, payload)
             self.journal.chunk(file_index, chunk_index, digest)
         with self.wake:
+            if ok and self.first_chunk_at is None:
+                self.first_chunk_at = time.monotonic()
             finished = verdict(ok)
             self.wake.notify_all()
         return finished

@@ -25,6 +25,7 @@ from ferry.client._events import (
     Completed,
     EventHandler,
     FileResult,
+    PathInfo,
     Paused,
     TransferResult,
     Via,
@@ -41,6 +42,8 @@ from ferry.client._keys import (
     receiver_key,
     tampered,
 )
+from ferry.client._punch import targets_of
+from ferry.client._reflexive import Gathered, gather
 from ferry.client._send import (
     SendCounter,
     SendPeer,
@@ -441,6 +444,7 @@ class Outgoing:
             bytes_resumed=max(0, self.total_size - counter.bytes_sent - uploaded),
             seconds=seconds,
             path=path_of(counter.bytes_sent, uploaded),
+            connection=PathInfo.from_report(self.session.path),  # as the receiver reported
         )
         if on_event is not None:
             on_event(Completed(result))
@@ -454,13 +458,36 @@ class Outgoing:
         store at that same deadline); this attempt keeps listening meanwhile.
         """
         cancel = threading.Event()
-        with contextlib.suppress(PeerGone):
-            await in_thread_while(
-                functools.partial(peer.run, cancel),
-                cancel,
-                follow(self._link, self.name, attempt, cancel, []),
-                self._fallback_at_deadline(peer, session),
-            )
+        left = session.plan.connect_deadline.ToDatetime().timestamp() - time.time()
+        punch_until = time.monotonic() + max(left, 1.0)
+        trickle = functools.partial(_receiver_candidates, peer)
+        trickle(session)
+        gathered: list[Gathered] = []
+        try:
+            with contextlib.suppress(PeerGone):
+                await in_thread_while(
+                    functools.partial(peer.run, cancel, punch_until),
+                    cancel,
+                    follow(self._link, self.name, attempt, cancel, [], trickle),
+                    self._fallback_at_deadline(peer, session),
+                    self._publish(attempt, peer.port, gathered),
+                )
+        finally:
+            for each in gathered:
+                each.close()
+
+    async def _publish(self, attempt: int, port: int, gathered: list[Gathered]) -> None:
+        """Gather the data port's candidates for ``attempt`` (host, and reflexive through
+        the broker's responder) and publish them; a broker that cannot take them only costs
+        the receiver those pairs (it dials the offer's addresses on the lease meanwhile)."""
+        server: tuple[str, int] | None = None
+        with contextlib.suppress(BrokerError):
+            server = await self._link.reflexive_target()
+        found = await asyncio.to_thread(gather, [port], server)
+        gathered.append(found)
+        with contextlib.suppress(BrokerError):
+            await self._link.publish_candidates(self.name, attempt, found.candidates)
+        await asyncio.Event().wait()  # hold the probe connection until the attempt ends
 
     async def _fallback_at_deadline(self, peer: SendPeer, session: broker_pb2.Session) -> None:
         if self.via != "auto" or self._upload is not None:
@@ -469,3 +496,8 @@ class Outgoing:
         await asyncio.sleep(max(deadline - time.time(), 0.0))
         if not peer.connected.is_set():
             self._start_upload("no direct connection by the deadline")
+
+
+def _receiver_candidates(peer: SendPeer, session: broker_pb2.Session) -> None:
+    """Punch toward every port of every candidate the receiver published for the attempt."""
+    peer.add_punch_targets(targets_of(session.plan.receiver_candidates, peer.port, every_port=True))

@@ -24,10 +24,19 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ferry.client._errors import for_peer
+from ferry.client._events import PathInfo
 from ferry.client._intake import Intake
+from ferry.client._punch import (
+    MAX_TARGETS,
+    Dialer,
+    Target,
+    endpoint,
+    path_timeout,
+    watch_path,
+)
 from ferry.client._sink import StorageError
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
@@ -43,6 +52,8 @@ from ferry.protocol.knock import NONCE_SIZE, Knocker
 __all__ = ["ReceivePeer"]
 
 _CONNECT_TIMEOUT = 2.0
+_HANDSHAKERS = 8  # connections made by the checks, knocked and handshaken at once
+_MORE_STREAMS = 5.0  # seconds the other streams get to connect once the first pair won
 _IO_TIMEOUT = 60.0
 _RETRY_PAUSE = 0.05
 _LINGER = 2.0  # how long a paused receiver waits for the sender to read its Abort
@@ -73,21 +84,44 @@ class ReceivePeer:
         self.knocker = knocker
         self.streams = max(1, streams)
         self.stall_timeout = stall_timeout
+        self.path_timeout = path_timeout()  # a dead path fails its streams this soon
         self.events = 0  # frames received: the stall watchdog's measure of progress
         self._lock = intake.lock  # guards the session and the connections below
         self._wake = intake.wake
         self._conns: dict[int, tuple[PeerConnection, ReceiverConnection]] = {}
         self.error: BaseException | None = None
+        self._targets: set[Target] = set()  # the sender's candidates, as pairs to check
+        self._targets_lock = threading.Lock()
+        self._dialer: Dialer | None = None  # the first port's checks, while they run
+        self._slot0 = 0
+        self._last: BaseException | None = None  # why the last pair failed
+        self._impostor = False  # something answered, but without the pinned certificate
+        #: Connection attempts made, how long until the first pair won, and that pair.
+        self.tries = 0
+        self.started = 0.0
+        self.setup_seconds = 0.0
+        self.path: PathInfo | None = None
 
-    # -- connecting -------------------------------------------------------------------
+    # -- connecting -----------------------------------------------------------------
 
-    def _dial(
-        self, address: tuple[str, int], stream: int, timeout: float = _CONNECT_TIMEOUT
+    def add_targets(self, targets: Iterable[Target]) -> None:
+        """Candidates of the sender to check too (they trickle in while the checks run)."""
+        targets = list(targets)
+        with self._targets_lock:
+            room = MAX_TARGETS - len(self._targets)  # a sender that keeps publishing new ones
+            self._targets.update(targets[: max(room, 0)])
+            dialer = self._dialer
+        if dialer is not None:
+            dialer.add(t for t in targets if t.local_port == self._slot0)
+
+    def _handshake(
+        self, raw: socket.socket, stream: int, timeout: float = _CONNECT_TIMEOUT
     ) -> tuple[PeerConnection, ReceiverConnection]:
-        """Connect, knock, handshake and exchange Hello, each step within ``timeout``."""
-        raw = socket.create_connection(address, timeout=timeout)
+        """Knock, handshake and exchange Hello on a connected socket, each within ``timeout``."""
         try:
+            raw.settimeout(timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            watch_path(raw, self.path_timeout)
             raw.sendall(self.knocker.knock(stream, os.urandom(NONCE_SIZE)))
             sock = self.context.wrap_socket(raw, server_side=False)
             try:
@@ -110,59 +144,138 @@ class ReceivePeer:
         with self._lock:
             self._conns[stream] = pair
 
-    def connect(
-        self, candidates: Sequence[str], ports: range, deadline: float, cancel: threading.Event
-    ) -> tuple[str, int]:
-        """Find the sender: try every (address, port) at once until one proves itself."""
-        targets = [(ip, port) for ip in candidates for port in ports]
-        if not targets:
-            raise PeerGone("the sender has no candidate address")
-        last: BaseException | None = None
-        impostor = False  # something answered, but without the pinned certificate
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
-            while (remaining := deadline - time.monotonic()) > 0 and not cancel.is_set():
-                step = min(_CONNECT_TIMEOUT, max(remaining, 0.1))
-                stream = self.intake.next_stream
-                futures = {pool.submit(self._dial, t, stream, step): t for t in targets}
-                winner: tuple[str, int] | None = None
-                for future in concurrent.futures.as_completed(futures):
-                    try:
-                        pair = future.result()
-                    except PeerAborted:
-                        raise
-                    except (OSError, ssl.SSLError, PeerAuthError, ProtocolError) as exc:
-                        last = exc
-                        impostor = impostor or isinstance(
-                            exc, PeerAuthError | ssl.SSLCertVerificationError
-                        )
-                        continue
-                    if winner is None:
-                        winner = futures[future]
-                        self._adopt(pair)
-                    else:
-                        pair[0].close()
-                if winner is not None:
-                    return winner
-                time.sleep(_RETRY_PAUSE)
-        if impostor:
-            raise PeerGone(
-                "could not reach the sender before the deadline: the peer that answered did "
-                "not present the certificate the broker introduced"
+    def _check(
+        self,
+        targets: Callable[[], Iterable[Target]],
+        streams: dict[int, int],
+        deadline: float,
+        cancel: threading.Event,
+        *,
+        trickle: bool,
+    ) -> dict[int, Target]:
+        """Dial ``targets()`` until one per local port (``streams``: local port -> stream id)
+        proves itself, ``deadline`` or ``cancel``: the pairs that won, by local port.
+
+        Each connection made gets the knock, TLS and Hello of its port's stream in a worker;
+        one that fails there is dialed again. ``trickle``: candidates that `add_targets`
+        brings meanwhile are dialed too.
+        """
+        won: dict[int, Target] = {}
+        lock = threading.Lock()
+        over = threading.Event()
+        fatal: list[BaseException] = []
+
+        def handshake(raw: socket.socket, target: Target) -> None:
+            if cancel.is_set() or target.local_port in won or fatal:
+                raw.close()
+                return
+            try:
+                pair = self._handshake(raw, streams[target.local_port])
+            except PeerAborted as exc:
+                fatal.append(exc)
+                return
+            except (OSError, ssl.SSLError, PeerAuthError, ProtocolError) as exc:
+                self._last = exc
+                self._impostor = self._impostor or isinstance(
+                    exc, PeerAuthError | ssl.SSLCertVerificationError
+                )
+                dialer.retry(target)
+                return
+            with lock:
+                first = target.local_port not in won and not over.is_set()
+                if first:
+                    won[target.local_port] = target
+            if not first:
+                pair[0].close()
+                return
+            self._adopt(pair)
+            dialer.forget(lambda t: t.local_port not in won)
+
+        # Not waited for at the end: a losing pair's handshake may still be under way; it
+        # sees the pair that won and closes its connection.
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=_HANDSHAKERS)
+        dialer = Dialer(lambda raw, target: pool.submit(handshake, raw, target))
+        dialer.add(t for t in targets() if t.local_port in streams)
+        if trickle:
+            with self._targets_lock:
+                self._dialer = dialer
+            dialer.add(t for t in targets() if t.local_port in streams)
+        try:
+            stats = dialer.run(
+                lambda: cancel.is_set() or bool(fatal) or len(won) == len(streams),
+                deadline,
             )
-        raise PeerGone(f"could not reach the sender directly before the deadline ({last})")
+        finally:
+            with lock:
+                over.set()  # a handshake that ends now closes its connection
+            with self._targets_lock:
+                self._dialer = None
+            pool.shutdown(wait=False)
+        self.tries += stats.tries
+        if fatal:
+            raise fatal[0]
+        return won
+
+    def elapsed(self) -> float:
+        """Seconds since the checks started (0 before)."""
+        return time.monotonic() - self.started if self.started else 0.0
+
+    def connect(self, slots: Sequence[int], deadline: float, cancel: threading.Event) -> Target:
+        """Find the sender: check every pair from the first data port at once (host
+        candidates first) until one proves itself; the pair that won."""
+        self.started = time.monotonic()
+        self._slot0 = slots[0]
+
+        def targets() -> list[Target]:
+            with self._targets_lock:
+                return [t for t in self._targets if t.local_port == slots[0]]
+
+        won = self._check(
+            targets, {slots[0]: self.intake.next_stream}, deadline, cancel, trickle=True
+        )
+        if not won:
+            if self._impostor:
+                raise PeerGone(
+                    "could not reach the sender before the deadline: the peer that answered "
+                    "did not present the certificate the broker introduced"
+                )
+            with self._targets_lock:
+                where = _tried(self._targets) or "no candidate of the sender's arrived"
+            raise PeerGone(
+                f"could not reach the sender directly before the deadline (tried {where}; "
+                f"{self._last or 'no answer'})"
+            )
+        target = won[slots[0]]
+        self.setup_seconds = self.elapsed()
+        with self._lock:
+            local = next(iter(self._conns.values()))[0].sock.getsockname()
+        self.path = PathInfo(
+            route="host" if target.kind == "host" else "punched",
+            local=endpoint(local),
+            remote=target.remote,
+            setup_seconds=self.setup_seconds,
+            tries=self.tries,
+        )
+        return target
 
     # -- transferring -----------------------------------------------------------------
 
-    def run(
-        self, candidates: Sequence[str], ports: range, deadline: float, cancel: threading.Event
-    ) -> None:
-        """Connect, receive everything still missing, finish every file; raise on failure."""
-        address = self.connect(candidates, ports, deadline, cancel)
-        for _ in range(1, self.streams):
-            try:
-                self._adopt(self._dial(address, self.intake.next_stream))
-            except (OSError, ssl.SSLError, PeerAuthError, ProtocolError):
-                break  # fewer streams is still a transfer
+    def run(self, slots: Sequence[int], deadline: float, cancel: threading.Event) -> None:
+        """Connect, receive everything still missing, finish every file; raise on failure.
+
+        ``slots``: this side's data ports, one per stream; the first finds the sender, the
+        others then dial the pair that won (the sender punches toward each of them)."""
+        target = self.connect(slots, deadline, cancel)
+        if len(slots) > 1:
+            first = self.intake.next_stream
+            streams = {port: first + k for k, port in enumerate(slots[1:])}
+            more = [
+                Target(target.priority, target.ip, target.port, port, target.kind)
+                for port in slots[1:]
+            ]
+            budget = min(deadline, time.monotonic() + _MORE_STREAMS)
+            with contextlib.suppress(OSError, ssl.SSLError, PeerAuthError, ProtocolError):
+                self._check(lambda: more, streams, budget, cancel, trickle=False)
         with self._lock:
             conns = dict(self._conns)
         threads = [
@@ -293,3 +406,18 @@ class ReceivePeer:
 def _close_all(wires: Sequence[PeerConnection]) -> None:
     for wire in wires:
         wire.close()
+
+
+def _tried(targets: Iterable[Target]) -> str:
+    """The pairs tried, for a message: each address of the sender's with its ports, host
+    ones first, e.g. "192.0.2.10:47100-47103 (host), 203.0.113.1:47100 (reflexive)"."""
+    ports: dict[tuple[int, str, str], set[int]] = {}
+    for t in targets:
+        ports.setdefault((t.priority, t.ip, t.kind), set()).add(t.port)
+    parts = []
+    for (_, ip, kind), found in sorted(ports.items())[:12]:
+        low, high = min(found), max(found)
+        span = str(low) if low == high else f"{low}-{high}"
+        host = f"[{ip}]" if ":" in ip else ip
+        parts.append(f"{host}:{span} ({kind})")
+    return ", ".join(parts)

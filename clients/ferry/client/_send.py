@@ -16,10 +16,21 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 from ferry.client._errors import for_peer
 from ferry.client._gate import Gate, GateLimits
+from ferry.client._punch import (
+    MAX_TARGETS,
+    Dialer,
+    Target,
+    data_socket,
+    dual_stack,
+    endpoint,
+    path_timeout,
+    watch_path,
+)
 from ferry.client._source import Source, SourceChanged, digest_file
 from ferry.client._tls import PeerAuthError, verify_peer
 from ferry.client._wire import PeerConnection, PeerGone
@@ -91,6 +102,7 @@ class SendPeer:
         self.peer_der = peer_der
         self.knocker = knocker
         self.limits = limits or GateLimits.from_env()
+        self.path_timeout = path_timeout()
         self.session = session
         self.counter = counter
         self.finished = threading.Event()
@@ -99,6 +111,11 @@ class SendPeer:
         self._lock = threading.Lock()
         self._conns: set[PeerConnection] = set()
         self._listener: socket.socket | None = None
+        self._gate: Gate | None = None
+        self._threads: list[threading.Thread] = []
+        self._dialer: Dialer | None = None  # the punches, while they run
+        self._reached_from: set[str] = set()  # "ip:port" of every knocked connection
+        self._punch_targets: set[Target] = set()  # at most MAX_TARGETS
         self.port = 0
 
     def session_digests(self) -> list[bytes | None]:
@@ -109,7 +126,8 @@ class SendPeer:
     # -- listening --------------------------------------------------------------------
 
     def bind(self, first_port: int, last_port: int) -> int:
-        """Listen on the first free port of the leased range (all interfaces)."""
+        """Listen on the first free port of the leased range (all interfaces): the data
+        port, which the reflexive probe and the punches share (`ferry.client._punch`)."""
         last_error: OSError | None = None
         for port in range(first_port, last_port + 1):
             try:
@@ -118,45 +136,108 @@ class SendPeer:
                 last_error = exc
                 continue
             self.port = port
+            self._gate = Gate(self._listener, self.knocker, self._admit, self.limits)
             return port
         raise OSError(f"no free port in the leased range {first_port}-{last_port}: {last_error}")
 
-    def run(self, cancel: threading.Event) -> None:
+    def _over(self, cancel: threading.Event) -> bool:
+        return self.finished.is_set() or cancel.is_set() or self.error is not None
+
+    def _admit(self, raw: socket.socket, stream: int) -> None:
+        """A connection knocked (the gate's thread): serve it in a thread of its own."""
+        self._threads[:] = [t for t in self._threads if t.is_alive()]
+        if len(self._threads) >= MAX_SERVED:
+            raw.close()
+            return
+        with contextlib.suppress(OSError):
+            self._reached(raw.getpeername())
+        t = threading.Thread(target=self._serve, args=(raw, stream), daemon=True)
+        try:
+            t.start()
+        except RuntimeError:  # no thread to be had now: the receiver dials again
+            raw.close()
+            return
+        self._threads.append(t)
+
+    # -- punching ---------------------------------------------------------------------
+
+    def add_punch_targets(self, targets: Sequence[Target]) -> None:
+        """The receiver's candidates (published for this attempt) to punch toward; any
+        thread may call this, before `run` or while it punches."""
+        with self._lock:
+            room = MAX_TARGETS - len(self._punch_targets)
+            self._punch_targets.update(list(targets)[: max(room, 0)])
+            dialer = self._dialer
+            reached = set(self._reached_from)
+        if dialer is not None:
+            dialer.add(targets)
+            self._forget_reached(dialer, reached)
+
+    def _punch(self, until: float, stop: Callable[[], bool]) -> None:
+        """Dial the receiver's candidates from the data port until each of its streams has
+        reached us, ``until`` (time.monotonic()) or the attempt ends: the SYNs that open our
+        NAT for the receiver's, and that cross its own (TCP simultaneous open). What
+        connects is sorted by the gate like an accepted connection: it must knock."""
+        gate = self._gate
+        assert gate is not None, "bind() first"
+        dialer = Dialer(lambda sock, _target: gate.adopt(sock))
+        with self._lock:
+            self._dialer = dialer
+            targets = list(self._punch_targets)
+            reached = set(self._reached_from)
+        dialer.add(targets)
+        self._forget_reached(dialer, reached)
+        try:
+            dialer.run(stop, until)
+        finally:
+            with self._lock:
+                self._dialer = None
+
+    def _reached(self, address: tuple[str, int] | tuple[str, int, int, int]) -> None:
+        """A knocked connection came from ``address``: its stream needs no more punches."""
+        remote = endpoint(address)
+        with self._lock:
+            self._reached_from.add(remote)
+            dialer = self._dialer
+        if dialer is not None:
+            self._forget_reached(dialer, {remote})
+
+    @staticmethod
+    def _forget_reached(dialer: Dialer, reached: set[str]) -> None:
+        if not reached:
+            return
+        dialer.forget(lambda t: t.remote not in reached)
+
+    def run(self, cancel: threading.Event, punch_until: float = 0.0) -> None:
         """Accept and serve until the receiver says Done, a final error, or ``cancel``.
 
         A receiver that goes away is not an error here: it may come back on this attempt
         or a later one; the caller ends the attempt (``cancel``) when the session moves on.
         """
-        listener = self._listener
+        listener, gate = self._listener, self._gate
         assert listener is not None, "bind() first"
-        threads: list[threading.Thread] = []
-
-        def admit(raw: socket.socket, stream: int) -> None:
-            threads[:] = [t for t in threads if t.is_alive()]
-            if len(threads) >= MAX_SERVED:
-                raw.close()
-                return
-            t = threading.Thread(target=self._serve, args=(raw, stream), daemon=True)
-            try:
-                t.start()
-            except RuntimeError:  # no thread to be had now: the receiver dials again
-                raw.close()
-                return
-            threads.append(t)
-
-        gate = Gate(listener, self.knocker, admit, self.limits)
+        assert gate is not None
+        served = threading.Event()  # the gate is done: so are the punches
+        puncher = threading.Thread(
+            target=self._punch,
+            args=(punch_until, lambda: served.is_set() or self._over(cancel)),
+            name="ferry-punch",
+            daemon=True,
+        )
         try:
-            gate.run(
-                lambda: self.finished.is_set() or cancel.is_set() or self.error is not None,
-                _ACCEPT_POLL,
-            )
+            if punch_until > time.monotonic():
+                puncher.start()
+            gate.run(lambda: self._over(cancel), _ACCEPT_POLL)
         finally:
+            served.set()
+            if puncher.is_alive():
+                puncher.join(timeout=5)
             listener.close()
             with self._lock:
                 conns = list(self._conns)
             for conn in conns:
                 conn.close()
-            for t in threads:
+            for t in self._threads:
                 t.join(timeout=5)
             self.source.close()
         if self.error is not None and not self.finished.is_set():
@@ -171,6 +252,7 @@ class SendPeer:
         try:
             raw.settimeout(_HANDSHAKE_TIMEOUT)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            watch_path(raw, self.path_timeout)
             sock = self.context.wrap_socket(raw, server_side=True)
             verify_peer(sock, self.peer_der)
         except (OSError, ssl.SSLError, PeerAuthError):
@@ -248,9 +330,25 @@ class SendPeer:
 
 
 def _listen(port: int) -> socket.socket:
-    """A listening socket on ``port`` of every interface, IPv6 and IPv4 where possible."""
-    if socket.has_dualstack_ipv6():
-        return socket.create_server(
-            ("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=64
-        )
-    return socket.create_server(("0.0.0.0", port), backlog=64)  # noqa: S104 - candidates are every interface
+    """A listening data socket on ``port`` of every interface, IPv6 and IPv4 where possible.
+
+    It shares the port (SO_REUSEPORT) with the reflexive probe and the punches, so a port
+    is first checked to be free the ordinary way: another process's listener there (even
+    one that allows sharing) makes it taken, as it would without SO_REUSEPORT."""
+    probe = socket.socket(socket.AF_INET6 if dual_stack() else socket.AF_INET)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dual_stack():
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind(("::", port))
+        else:
+            probe.bind(("0.0.0.0", port))  # noqa: S104 - candidates are every interface
+    finally:
+        probe.close()
+    sock = data_socket(port)
+    try:
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

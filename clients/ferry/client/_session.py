@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,6 @@ __all__ = [
     "RESUBSCRIBE",
     "Pump",
     "State",
-    "dial_order",
     "ended",
     "follow",
     "in_thread_while",
@@ -129,14 +128,18 @@ async def follow(
     attempt: int,
     cancel: threading.Event,
     latest: list[broker_pb2.Session],
+    on_session: Callable[[broker_pb2.Session], object] | None = None,
 ) -> None:
-    """Set ``cancel`` once the session leaves ``attempt`` or ends; keep ``latest[0]`` current."""
+    """Set ``cancel`` once the session leaves ``attempt`` or ends; keep ``latest[0]`` current;
+    show ``on_session`` every state of ``attempt`` (the other side's candidates come so)."""
     async for session in watch(link, name, 86400.0):
         if latest:
             latest[0] = session
         if session.attempt != attempt or session.state in FINAL:
             cancel.set()
             return
+        if on_session is not None:
+            on_session(session)
 
 
 async def until_final(
@@ -154,14 +157,6 @@ async def until_final(
         if session.state in FINAL:
             cancel.set()
             return
-
-
-def dial_order(candidates: Sequence[broker_pb2.Candidate]) -> list[str]:
-    out: list[str] = []
-    for c in candidates:
-        if c.ip not in out:
-            out.append(c.ip)
-    return out
 
 
 def ended(session: broker_pb2.Session) -> str:

@@ -33,7 +33,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -65,6 +65,7 @@ _SWEEP_BATCH = 500
 # Rough cost of an offer's row beside its manifest (peer info, tokens, times), for the disk check.
 _ROW_OVERHEAD_BYTES = 64 << 10
 _NAMEPLATE_TRIES = 20
+_CONNECTABLE = frozenset({states.ACCEPTED, states.CONNECTING, states.TRANSFERRING})
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -88,12 +89,16 @@ def view(session: broker_pb2.Session, party: Party) -> broker_pb2.Session:
 
     Before the sender confirmed the key, the receiver (who may be a guesser holding only a
     nameplate) sees the session's name, state and times and the sender's PAKE message:
-    no manifest, no address, no certificate.
+    no manifest, no address, no certificate. Until the offer is accepted it sees no address
+    of the sender's either: candidates are revealed only to a receiver that consented.
     """
-    if party is not Party.RECEIVER or confirmed(session):
+    if party is not Party.RECEIVER or (confirmed(session) and session.state != states.OFFERED):
         return session
     out = broker_pb2.Session()
     out.CopyFrom(session)
+    if confirmed(session):
+        del out.sender.candidates[:]
+        return out
     out.ClearField("manifest")
     out.ClearField("sender")
     out.sender.pake_message = session.sender.pake_message
@@ -550,6 +555,7 @@ class Broker:
         state: states.State,
         bytes_done: int,
         failure_reason: str,
+        path: broker_pb2.PathReport | None = None,
     ) -> broker_pb2.Session:
         """Move a session through connecting/transferring/outcome and record bytes_done.
 
@@ -558,6 +564,8 @@ class Broker:
         """
         validation.check_reason(failure_reason)
         validation.check_state(state)
+        if path is not None:
+            validation.check_path_report(path)
         if bytes_done < 0:
             raise InvalidArgument(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
         record, party = self.authorize(name, token)
@@ -566,9 +574,50 @@ class Broker:
         if session.state in states.FINAL_STATES:  # a final state accepts only the no-op
             return session
         session.bytes_done = bytes_done
+        if path is not None and party is Party.RECEIVER:
+            session.path.CopyFrom(path)
         if outcome.state == states.FAILED:
             session.failure_reason = failure_reason
         return self._commit(record, outcome)
+
+    def publish_candidates(
+        self,
+        name: str,
+        token: str | None,
+        attempt: int,
+        candidates: Sequence[broker_pb2.Candidate],
+    ) -> broker_pb2.Session:
+        """Put the caller's candidates for ``attempt`` in the plan, for the other party.
+
+        Only while the session has a plan (accepted, connecting, transferring) and only for
+        its current attempt: candidates of an attempt that is over would send the other party
+        to ports nobody listens on any more (ATTEMPT_MOVED). The state does not change.
+        """
+        record, party = self.authorize(name, token)
+        validation.check_candidates(candidates, party.value, ported=True)
+        session = record.session
+        if session.state not in _CONNECTABLE or not session.HasField("plan"):
+            state = broker_pb2.Session.State.Name(session.state)
+            raise FailedPrecondition(
+                Reason.WRONG_STATE, f"candidates are published once accepted, not in {state}"
+            )
+        if attempt != session.attempt:
+            raise FailedPrecondition(
+                Reason.ATTEMPT_MOVED,
+                f"attempt {attempt} is over: the session is on attempt {session.attempt}",
+            )
+        plan = session.plan
+        mine = plan.sender_candidates if party is Party.SENDER else plan.receiver_candidates
+        del mine[:]
+        mine.extend(candidates)
+        session.update_time.CopyFrom(timestamp(self.clock()))
+        try:
+            stored = self.store.update_session(record)
+        except StaleRecord:
+            raise Aborted(Reason.CONFLICT, "the session changed meanwhile; retry") from None
+        record.version = stored.version
+        self.hub.publish(record.session_id, record.version, session)
+        return view(session, party)
 
     async def watch(
         self, name: str, token: str | None, caller: str | None = None

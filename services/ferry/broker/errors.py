@@ -83,6 +83,8 @@ class Reason(enum.StrEnum):
     STORE_QUOTA_EXCEEDED = "STORE_QUOTA_EXCEEDED"
     # Issue 10, finding 6: the operator turned store-and-forward (upload before consent) off.
     STORE_FORWARD_DISABLED = "STORE_FORWARD_DISABLED"
+    # Issue 11: candidates published for a connection attempt that is no longer the current one.
+    ATTEMPT_MOVED = "ATTEMPT_MOVED"
 
 
 class BrokerRefusal(Exception):

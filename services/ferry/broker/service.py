@@ -206,13 +206,31 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.ReportProgressRequest, context: Context
     ) -> broker_pb2.ReportProgressResponse:
         token = bearer_token(context)
+        path = request.path if request.HasField("path") else None
         session = await _call(
             context,
             lambda: self._broker.report(
-                request.name, token, request.state, request.bytes_done, request.failure_reason
+                request.name,
+                token,
+                request.state,
+                request.bytes_done,
+                request.failure_reason,
+                path,
             ),
         )
         return broker_pb2.ReportProgressResponse(session=session)
+
+    async def PublishCandidates(
+        self, request: broker_pb2.PublishCandidatesRequest, context: Context
+    ) -> broker_pb2.PublishCandidatesResponse:
+        token = bearer_token(context)
+        session = await _call(
+            context,
+            lambda: self._broker.publish_candidates(
+                request.name, token, request.attempt, request.candidates
+            ),
+        )
+        return broker_pb2.PublishCandidatesResponse(session=session)
 
     async def ResumeSession(
         self, request: broker_pb2.ResumeSessionRequest, context: Context

@@ -10,6 +10,7 @@ manifest its serialized size.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.duration_pb2 import Duration
@@ -25,6 +26,8 @@ MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 64 << 20
 MAX_CERTIFICATE_BYTES = 16 << 10
 MAX_CANDIDATES = 32
+#: Ports of one published candidate: the receiver's one per stream (stream_count <= 64).
+MAX_CANDIDATE_PORTS = 64
 MAX_HOST_ID_CHARS = 256
 MAX_REASON_CHARS = 1024
 MAX_KEY_FIELD_BYTES = 64  # a SPAKE2 message is 33 bytes, a MAC or verifier 32
@@ -109,11 +112,23 @@ def check_peer(peer: broker_pb2.PeerInfo, side: str) -> None:
             Reason.INVALID_PEER,
             f"the {side}'s allowed_ports must satisfy 1 <= first_port <= last_port <= 65535",
         )
-    if len(peer.candidates) > MAX_CANDIDATES:
+    check_candidates(peer.candidates, side)
+    if len(peer.host_id) > MAX_HOST_ID_CHARS:
+        raise InvalidArgument(Reason.INVALID_PEER, f"the {side}'s host_id is too long")
+    for field in ("pake_message", "key_confirmation", "certificate_mac"):
+        check_key_field(getattr(peer, field), f"the {side}'s {field}")
+
+
+def check_candidates(
+    candidates: Sequence[broker_pb2.Candidate], side: str, *, ported: bool = False
+) -> None:
+    """At most MAX_CANDIDATES, each an IP address of a known kind; ``ported`` (published for
+    an attempt): each with 1 to MAX_CANDIDATE_PORTS ports in 1-65535, else with none."""
+    if len(candidates) > MAX_CANDIDATES:
         raise InvalidArgument(
             Reason.INVALID_PEER, f"the {side} lists more than {MAX_CANDIDATES} addresses"
         )
-    for candidate in peer.candidates:
+    for candidate in candidates:
         check_enum(
             candidate.kind, broker_pb2.Candidate.Kind.DESCRIPTOR, f"the {side}'s candidate kind"
         )
@@ -123,10 +138,21 @@ def check_peer(peer: broker_pb2.PeerInfo, side: str) -> None:
             raise InvalidArgument(
                 Reason.INVALID_PEER, f"the {side}'s candidate {candidate.ip!r} is not an IP address"
             ) from None
-    if len(peer.host_id) > MAX_HOST_ID_CHARS:
-        raise InvalidArgument(Reason.INVALID_PEER, f"the {side}'s host_id is too long")
-    for field in ("pake_message", "key_confirmation", "certificate_mac"):
-        check_key_field(getattr(peer, field), f"the {side}'s {field}")
+        ports = candidate.ports
+        if not ported and ports:
+            raise InvalidArgument(
+                Reason.INVALID_PEER, f"the {side}'s candidate {candidate.ip} has ports here"
+            )
+        if ported and not 1 <= len(ports) <= MAX_CANDIDATE_PORTS:
+            raise InvalidArgument(
+                Reason.INVALID_PEER,
+                f"the {side}'s candidate {candidate.ip} needs 1 to {MAX_CANDIDATE_PORTS} ports",
+            )
+        if any(not 1 <= port <= 65535 for port in ports):
+            raise InvalidArgument(
+                Reason.INVALID_PEER,
+                f"the {side}'s candidate {candidate.ip} has a port not in 1-65535",
+            )
 
 
 def check_key_field(value: bytes, what: str) -> None:
@@ -202,3 +228,21 @@ def peer_ip(peer: str) -> str | None:
         return str(ipaddress.ip_address(host.partition("%")[0]))
     except ValueError:
         return None
+
+
+#: The routes a PathReport may name.
+PATH_ROUTES = frozenset({"", "host", "punched", "store"})
+MAX_ENDPOINT_CHARS = 64  # "[v6 address]:port"
+
+
+def check_path_report(path: broker_pb2.PathReport) -> None:
+    """A receiver's PathReport: a known route, short endpoints and reason, a valid duration."""
+    if path.route not in PATH_ROUTES:
+        raise InvalidArgument(
+            Reason.INVALID_ARGUMENT,
+            f"path route {path.route[:16]!r} is not one of host, punched, store",
+        )
+    check_length(path.local, MAX_ENDPOINT_CHARS, "path local")
+    check_length(path.remote, MAX_ENDPOINT_CHARS, "path remote")
+    check_reason(path.reason)
+    check_duration(path.setup, "path setup")

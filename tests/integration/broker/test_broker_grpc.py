@@ -585,11 +585,16 @@ def _assert_hidden(session: broker_pb2.Session) -> None:
     assert session.sender == broker_pb2.PeerInfo(pake_message=SENDER_PAKE)
 
 
-def _assert_shown(session: broker_pb2.Session, offer: broker_pb2.CreateOfferResponse) -> None:
-    """The whole offer, as its sender made it."""
+def _assert_shown(
+    session: broker_pb2.Session, offer: broker_pb2.CreateOfferResponse, *, to_receiver: bool
+) -> None:
+    """The whole offer, as its sender made it; to the receiver without the sender's
+    addresses, which only a receiver that accepted sees (issue 11)."""
     assert session.manifest == offer.session.manifest
     assert len(session.manifest.files) == 1
-    assert list(session.sender.candidates) == list(offer.session.sender.candidates)
+    assert offer.session.sender.candidates  # the sender gave some
+    expected = [] if to_receiver else list(offer.session.sender.candidates)
+    assert list(session.sender.candidates) == expected
     assert session.sender.certificate_der == _peer().certificate_der
     assert session.sender.allowed_ports == offer.session.sender.allowed_ports
 
@@ -618,7 +623,7 @@ async def test_the_receiver_sees_the_offer_once_the_sender_confirms(
         _assert_hidden(await _next(watch))
         # the sender sees it all, the receiver's PAKE message included
         mine = (await stub.GetSession(get, metadata=sa, timeout=T)).session
-        _assert_shown(mine, offer)
+        _assert_shown(mine, offer, to_receiver=False)
         assert mine.receiver.pake_message == RECEIVER_PAKE
 
         confirmed = await stub.ConfirmKey(
@@ -633,9 +638,9 @@ async def test_the_receiver_sees_the_offer_once_the_sender_confirms(
         confirmed = await stub.ConfirmKey(
             _confirm(name, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC), metadata=sa, timeout=T
         )
-        _assert_shown(confirmed.session, offer)
+        _assert_shown(confirmed.session, offer, to_receiver=False)
         seen = await _next(watch)
-        _assert_shown(seen, offer)
+        _assert_shown(seen, offer, to_receiver=True)
         assert seen.sender.key_confirmation == SENDER_CONFIRMATION
         assert seen.sender.certificate_mac == SENDER_CERTIFICATE_MAC
         assert seen.sender.pake_message == SENDER_PAKE

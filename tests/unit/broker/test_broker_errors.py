@@ -61,6 +61,7 @@ REASONS = [
     "TOO_MANY_LEASES",  # issue 10, finding 5
     "STORE_QUOTA_EXCEEDED",  # issue 10, finding 6
     "STORE_FORWARD_DISABLED",  # issue 10, finding 6
+    "ATTEMPT_MOVED",  # issue 11: candidates for an attempt that is over
 ]
 
 

@@ -159,14 +159,15 @@ def _assert_hidden(session: broker_pb2.Session) -> None:
     assert not session.sender.certificate_der
 
 
-def _assert_shown(session: broker_pb2.Session) -> None:
-    """The whole offer: manifest, the sender's addresses, ports and certificate."""
+def _assert_shown(session: broker_pb2.Session, *, receiver: bool = False) -> None:
+    """The whole offer: manifest, the sender's addresses, ports and certificate; to the
+    receiver without the addresses until it accepted (issue 11)."""
     assert session.manifest == MANIFEST
     sender = session.sender
-    assert [(c.ip, c.kind) for c in sender.candidates] == [
-        ("192.0.2.1", HOST),
-        ("10.0.0.1", REFLEXIVE),
-    ]
+    hidden = receiver and session.state == broker_pb2.Session.STATE_OFFERED
+    assert [(c.ip, c.kind) for c in sender.candidates] == (
+        [] if hidden else [("192.0.2.1", HOST), ("10.0.0.1", REFLEXIVE)]
+    )
     assert (sender.allowed_ports.first_port, sender.allowed_ports.last_port) == (9000, 9100)
     assert sender.certificate_der == b"sender-cert"
     assert sender.host_id == "laptop"
@@ -359,7 +360,7 @@ def test_store_and_forward_claim_checks_the_verifier(env: Env) -> None:
     env.clock.now += 2  # refilled: the offer is still claimable with the right verifier
     claim = env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
     assert claim.session.claimed
-    _assert_shown(claim.session)  # its sender confirmed in the offer: shown at once
+    _assert_shown(claim.session, receiver=True)  # its sender confirmed in the offer: shown at once
     assert not claim.session.receiver.pake_message
 
 
@@ -421,11 +422,15 @@ def test_the_receiver_sees_only_the_pake_message_until_the_sender_confirms(env: 
     )
     _assert_shown(confirmed)
     seen = env.broker.get(name, receiver)
-    _assert_shown(seen)
+    _assert_shown(seen, receiver=True)
     assert seen.sender.key_confirmation == SENDER_CONFIRMATION
     assert seen.sender.certificate_mac == SENDER_CERTIFICATE_MAC
     assert seen.sender.pake_message == SENDER_PAKE
-    assert seen == env.broker.get(name, offer.party_token)
+    # The sender's own view differs only in its addresses, which the receiver sees once it
+    # accepted.
+    mine = env.broker.get(name, offer.party_token)
+    del mine.sender.candidates[:]
+    assert seen == mine
 
 
 @pytest.mark.asyncio
@@ -448,7 +453,7 @@ async def test_the_receivers_watch_shows_the_offer_once_confirmed(env: Env) -> N
         _assert_shown(await asyncio.wait_for(anext(sender_watch), 5))
         env.broker.confirm_key(name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
         shown = await asyncio.wait_for(anext(watch), 5)
-        _assert_shown(shown)
+        _assert_shown(shown, receiver=True)
         assert shown.sender.key_confirmation == SENDER_CONFIRMATION
     finally:
         await watch.aclose()
@@ -484,7 +489,7 @@ def test_a_store_and_forward_offer_is_shown_once_its_sender_confirmed(env: Env) 
     # its sender may confirm before anyone claims
     env.broker.confirm_key(name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
     claim = env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
-    _assert_shown(claim.session)
+    _assert_shown(claim.session, receiver=True)
     assert claim.session.sender.certificate_mac == SENDER_CERTIFICATE_MAC
 
     unconfirmed = env.offer(_forward_request())
@@ -497,7 +502,7 @@ def test_a_store_and_forward_offer_is_shown_once_its_sender_confirmed(env: Env) 
     env.broker.confirm_key(
         unconfirmed.session.name, unconfirmed.party_token, SENDER_CONFIRMATION, b""
     )
-    _assert_shown(env.broker.get(unconfirmed.session.name, claim.party_token))
+    _assert_shown(env.broker.get(unconfirmed.session.name, claim.party_token), receiver=True)
     accepted = env.broker.accept(unconfirmed.session.name, claim.party_token, _receiver(), None)
     assert accepted.state == states.ACCEPTED
 
