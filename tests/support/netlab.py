@@ -29,6 +29,7 @@ provisions them too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -105,6 +106,8 @@ class Lab:
     tag: str
     nats: dict[str, NatKind]
     names: list[str] = field(default_factory=list)
+    #: Every host (a, b and those `add_host` adds) and its LAN address.
+    hosts: dict[str, str] = field(default_factory=dict)
 
     def ns(self, role: str) -> str:
         """The namespace name of ``role`` (broker, a, b, nat_a, nat_b, public)."""
@@ -114,12 +117,11 @@ class Lab:
         """The address of host ``broker``, ``a`` or ``b`` (a LAN address behind a NAT)."""
         if host == "broker":
             return BROKER_IP
-        prefix, _ = LANS[host]
-        return f"{prefix}.10"
+        return self.hosts[host]
 
     def public_ip(self, host: str) -> str:
         """The address others see ``a`` or ``b`` come from (its NAT's, or its own)."""
-        return self.ip(host) if self.nats[host] == "open" else LANS[host][1]
+        return self.ip(host) if self.nats[host] == "open" else LANS[self.lan_of(host)][1]
 
     def command(self, host: str, args: Sequence[str]) -> list[str]:
         """``args`` to run inside ``host``'s namespace."""
@@ -152,14 +154,14 @@ class Lab:
         _run("ip", "-n", broker, "addr", "add", f"{BROKER_IP}/24", "dev", "wan")
         for host, (prefix, public_ip) in LANS.items():
             router = self._add(f"nat_{host}")
-            inside = self._add(host)
             self._veth(public, f"p-{host}", router, "wan")
             _run("ip", "-n", public, "link", "set", f"p-{host}", "master", "br0")
             _run("ip", "-n", router, "addr", "add", f"{public_ip}/24", "dev", "wan")
-            self._veth(router, "lan", inside, "eth0")
+            # The LAN is a bridge in the router, so that more hosts can join it (`add_host`).
+            _run("ip", "-n", router, "link", "add", "lan", "type", "bridge")
+            _run("ip", "-n", router, "link", "set", "lan", "up")
             _run("ip", "-n", router, "addr", "add", f"{prefix}.1/24", "dev", "lan")
-            _run("ip", "-n", inside, "addr", "add", f"{prefix}.10/24", "dev", "eth0")
-            _run("ip", "-n", inside, "route", "add", "default", "via", f"{prefix}.1")
+            self._join(host, host, 10)
             _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             if self.nats[host] != "open":
                 _run("ip", "netns", "exec", router, "nft", "-f", "-",
@@ -171,6 +173,62 @@ class Lab:
             others = [self.ns(f"nat_{h}") for h in LANS if h != host]
             for ns in [broker, *others]:
                 _run("ip", "-n", ns, "route", "add", f"{prefix}.0/24", "via", public_ip)
+
+    def _join(self, host: str, lan: str, number: int) -> None:
+        """Make namespace ``host`` a host of ``lan``'s LAN at address prefix.``number``."""
+        prefix, _ = LANS[lan]
+        router, inside = self.ns(f"nat_{lan}"), self._add(host)
+        self._veth(router, f"l-{host}", inside, "eth0")
+        _run("ip", "-n", router, "link", "set", f"l-{host}", "master", "lan")
+        _run("ip", "-n", inside, "addr", "add", f"{prefix}.{number}/24", "dev", "eth0")
+        _run("ip", "-n", inside, "route", "add", "default", "via", f"{prefix}.1")
+        self.hosts[host] = f"{prefix}.{number}"
+
+    def add_host(self, host: str, lan: str) -> str:
+        """Another host on ``lan``'s LAN (behind the same NAT), e.g. ``add_host("a2", "a")``;
+        its address."""
+        self._join(host, lan, 10 + len([h for h in self.hosts if self.lan_of(h) == lan]))
+        self.nats[host] = self.nats[lan]
+        return self.hosts[host]
+
+    def lan_of(self, host: str) -> str:
+        """The LAN (``a`` or ``b``) ``host`` is on."""
+        prefix = self.hosts[host].rpartition(".")[0]
+        return next(lan for lan, (p, _) in LANS.items() if p == prefix)
+
+    def add_uplink(self, host: str, address: str, *, reach: Sequence[str] = ()) -> None:
+        """A second interface ``eth1`` on ``host`` with public ``address`` (203.0.113.x, a
+        /32), straight onto the public segment: a multi-homed host. Only traffic to the
+        addresses in ``reach`` leaves through it (the rest keeps the LAN's default route);
+        with none, the link is down on the public side: an interface that is up on the host
+        but leads nowhere."""
+        public, inside = self.ns("public"), self.ns(host)
+        self._veth(public, f"u-{host}", inside, "eth1")
+        _run("ip", "-n", inside, "addr", "add", f"{address}/32", "dev", "eth1")
+        if not reach:
+            _run("ip", "-n", public, "link", "set", f"u-{host}", "down")
+            return
+        _run("ip", "-n", public, "link", "set", f"u-{host}", "master", "br0")
+        for target in reach:
+            _run("ip", "-n", inside, "route", "add", f"{target}/32", "dev", "eth1",
+                 "src", address)  # fmt: skip
+
+    def limit(self, host: str, interface: str, rate: str) -> None:
+        """Shape what ``host`` sends out of ``interface`` to ``rate`` (tbf, e.g. "40mbit")."""
+        _run("ip", "netns", "exec", self.ns(host), "tc", "qdisc", "add", "dev", interface,
+             "root", "tbf", "rate", rate, "burst", "64kb", "latency", "200ms")  # fmt: skip
+
+    def sent_bytes(self, host: str, interface: str) -> int:
+        """Bytes ``host`` has sent out of ``interface`` so far."""
+        out = subprocess.run(
+            ["ip", "-n", self.ns(host), "-s", "-j", "link", "show", "dev", interface],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(json.loads(out.stdout)[0]["stats64"]["tx"]["bytes"])
+
+    def cut(self, host: str, interface: str) -> None:
+        """Take ``host``'s ``interface`` down (its routes go with it): a path dies."""
+        _run("ip", "-n", self.ns(host), "link", "set", interface, "down")
 
     def teardown(self) -> None:
         """Delete every namespace (their links and rules go with them)."""

@@ -197,11 +197,15 @@ class S3Server:
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
     _missing: list[str] | None = None
+    #: Where it listens; with ``prefix`` (e.g. ``ip netns exec NS``, moto only) it runs, is
+    #: waited for and gets its bucket inside that namespace (the network lab's broker host).
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
-        """http://127.0.0.1:PORT"""
-        return f"http://127.0.0.1:{self.port}"
+        """http://HOST:PORT"""
+        return f"http://{self.host}:{self.port}"
 
     @property
     def access_key(self) -> str:
@@ -222,6 +226,8 @@ class S3Server:
             "AWS_DEFAULT_REGION": REGION,
             "AWS_EC2_METADATA_DISABLED": "true",
         }
+        if self.prefix:
+            return self._start_in_namespace()
         if self.kind == "moto":
             command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
             ready = "/moto-api/"
@@ -249,6 +255,48 @@ class S3Server:
                 raise TimeoutError(f"{self.kind} did not answer within 20 s")
             time.sleep(0.1)
         self.client().create_bucket(Bucket=self.bucket)
+        return self
+
+    def _start_in_namespace(self) -> S3Server:
+        """moto inside ``prefix``'s namespace on ``host``: waited for, bucket made, there."""
+        if self.kind != "moto":
+            raise ValueError("only moto runs in a lab namespace")
+        command = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*self.prefix, *command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
+        setup = f"""
+import time, urllib.request, boto3
+from botocore.config import Config
+deadline = time.monotonic() + 20
+while True:
+    try:
+        urllib.request.urlopen("{self.endpoint}/moto-api/", timeout=1).read()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+boto3.session.Session().client(
+    "s3", endpoint_url="{self.endpoint}", region_name="{REGION}",
+    config=Config(signature_version="s3v4", s3={{"addressing_style": "path"}}),
+).create_bucket(Bucket="{self.bucket}")
+"""
+        done = subprocess.run(
+            [*self.prefix, sys.executable, "-c", setup],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"moto in the lab did not start: {done.stderr[-2000:]}")
         return self
 
     def missing_operations(self) -> list[str]:

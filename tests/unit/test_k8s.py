@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ["dev", "prod"]
 GRPC_PORT = 50051
 HEALTH_PORT = 50052
+REFLEXIVE_PORT = 3478
 TLS_DIR = "/etc/ferry/tls"
 TLS_SECRET = "ferry-broker-tls"
 SELECTOR = {
@@ -57,10 +58,14 @@ def render(overlay: str | Path) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def one(objs: list[Obj], kind: str) -> Obj:
-    found = [o for o in objs if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def one(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+    found = [o for o in objs if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
+
+
+def grpc_service(objs: list[Obj]) -> Obj:
+    return one(objs, "Service", "ferry-broker")
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -80,6 +85,7 @@ def test_expected_objects(objs: list[Obj]) -> None:
             "NetworkPolicy",
             "PersistentVolumeClaim",
             "PodDisruptionBudget",
+            "Service",
             "Service",
         ]
     )
@@ -134,6 +140,8 @@ def test_broker_container(objs: list[Obj]) -> None:
         assert container[probe]["grpc"] == {"port": HEALTH_PORT, "service": ""}, probe
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= container["resources"][kind].keys(), kind
+    reflexive = {"name": "reflexive", "containerPort": REFLEXIVE_PORT, "protocol": "TCP"}
+    assert reflexive in container["ports"]
     config = one(objs, "ConfigMap")
     assert config["data"]["FERRY_LISTEN"] == f"0.0.0.0:{GRPC_PORT}"
     assert config["data"]["FERRY_DATA_DIR"] == "/var/lib/ferry"
@@ -150,6 +158,7 @@ def test_broker_container(objs: list[Obj]) -> None:
     assert full.tls_cert == Path(TLS_DIR) / "tls.crt"
     assert full.tls_key == Path(TLS_DIR) / "tls.key"
     assert full.health_listen == f"0.0.0.0:{HEALTH_PORT}"
+    assert full.reflexive_listen == f"0.0.0.0:{REFLEXIVE_PORT}"
     assert not full.insecure_plaintext
     for key in env:
         without = {k: v for k, v in env.items() if k != key}
@@ -183,10 +192,11 @@ def test_tls_certificate_from_a_secret(objs: list[Obj]) -> None:
     assert data["FERRY_TLS_KEY"] == f"{TLS_DIR}/tls.key"
     assert data["FERRY_HEALTH_LISTEN"] == f"0.0.0.0:{HEALTH_PORT}"
     assert not [o for o in objs if o["kind"] == "Secret"]  # no key material in the manifests
-    # Only the TLS port is a Service port and open to other pods.
-    assert [p["port"] for p in one(objs, "Service")["spec"]["ports"]] == [GRPC_PORT]
+    # Only the TLS port and the reflexive responder are Service ports and open to others.
+    assert [p["port"] for p in grpc_service(objs)["spec"]["ports"]] == [GRPC_PORT]
     policy = one(objs, "NetworkPolicy")
-    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [GRPC_PORT]
+    ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert ports == [GRPC_PORT, REFLEXIVE_PORT]
 
 
 @pytest.mark.timeout(60)
@@ -212,7 +222,7 @@ def test_cert_manager_component_issues_the_mounted_secret(tmp_path: Path) -> Non
     assert certificate["spec"]["secretName"] == TLS_SECRET
     assert certificate["spec"]["usages"] == ["server auth"]
     assert LABELS.items() <= certificate["metadata"].get("labels", {}).items()
-    service = one(objs, "Service")["metadata"]["name"]
+    service = grpc_service(objs)["metadata"]["name"]
     assert service in certificate["spec"]["dnsNames"]
 
 
@@ -233,7 +243,7 @@ def test_selectors_match_the_pods(objs: list[Obj]) -> None:
     assert deployment["spec"]["selector"]["matchLabels"] == SELECTOR
     assert LABELS.items() <= pod_labels.items()
 
-    service = one(objs, "Service")
+    service = grpc_service(objs)
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"] == SELECTOR
     assert service["spec"]["ports"] == [
@@ -244,6 +254,16 @@ def test_selectors_match_the_pods(objs: list[Obj]) -> None:
             "protocol": "TCP",
             "appProtocol": "grpc",
         }
+    ]
+
+    # The reflexive responder must see the clients' own addresses and ports: a load balancer
+    # straight to the pods, no SNAT on the way (externalTrafficPolicy: Local).
+    reflexive = one(objs, "Service", "ferry-broker-reflexive")
+    assert reflexive["spec"]["type"] == "LoadBalancer"
+    assert reflexive["spec"]["externalTrafficPolicy"] == "Local"
+    assert reflexive["spec"]["selector"] == SELECTOR
+    assert reflexive["spec"]["ports"] == [
+        {"name": "reflexive", "port": REFLEXIVE_PORT, "targetPort": "reflexive", "protocol": "TCP"}
     ]
 
     pdb = one(objs, "PodDisruptionBudget")
