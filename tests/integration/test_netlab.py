@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -151,3 +152,18 @@ except OSError:
             net.python("a", code), capture_output=True, text=True, timeout=20, check=True
         )
         assert done.stdout.strip() == "refused"
+
+
+def test_the_lab_script_builds_holds_and_tears_down() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.netlab", "--nat-b", "reset"],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    tag = done.stdout.split()[1].rstrip(":")
+    assert f"ip netns exec fl{tag}-a" in done.stdout
+    assert lab_namespaces(tag) == []

@@ -254,3 +254,30 @@ def lab(nat_a: NatKind = "cone", nat_b: NatKind = "cone") -> Iterator[Lab]:
         yield built
     finally:
         built.teardown()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``sudo python -m tests.support.netlab [--nat-a KIND] [--nat-b KIND]``: build a lab,
+    print how to use it, hold it until Enter (or Ctrl-C), tear it down."""
+    import argparse
+
+    kinds = ["cone", "reset", "symmetric", "open"]
+    parser = argparse.ArgumentParser(description="Build a network lab for trying Ferry by hand.")
+    parser.add_argument("--nat-a", choices=kinds, default="cone")
+    parser.add_argument("--nat-b", choices=kinds, default="cone")
+    ns = parser.parse_args(argv)
+    with lab(ns.nat_a, ns.nat_b) as net:
+        print(f"lab {net.tag}: broker {BROKER_IP}, a {net.ip('a')} ({ns.nat_a}), "
+              f"b {net.ip('b')} ({ns.nat_b})")  # fmt: skip
+        for host in ("broker", "a", "b"):
+            print(f"  {host:<6} ip netns exec {net.ns(host)} ...")
+        print(f"e.g. ip netns exec {net.ns('broker')} ferry serve --listen {BROKER_IP}:50051 "
+              "--insecure-plaintext")  # fmt: skip
+        print(f"     ip netns exec {net.ns('a')} env FERRY_BROKER=grpc://{BROKER_IP}:50051 "
+              "FERRY_INSECURE_PLAINTEXT=1 ferry send FILE")  # fmt: skip
+        with contextlib.suppress(KeyboardInterrupt, EOFError):
+            input("Enter tears the lab down. ")
+
+
+if __name__ == "__main__":
+    main()
