@@ -68,6 +68,9 @@ RETRY_PAUSE = (0.02, 0.1)
 RESET_PAUSE = (0.001, 0.003)
 #: ICE's pacing: targets of the next priority start this much later.
 PACING = 0.02
+#: connect() calls one dialer makes per second at most, after a burst of `MAX_TARGETS`:
+#: a peer's candidates may name anyone's address, and our SYNs must not become a flood.
+MAX_TRIES_PER_SECOND = 1000
 
 
 def dual_stack() -> bool:
@@ -177,6 +180,8 @@ class Dialer:
         self._targets: set[Target] = set()
         self._due: dict[Target, float] = {}  # targets waiting to be dialed, and when
         self._wake_w: socket.socket | None = None  # wakes `run` (which owns the pair)
+        self._tokens = float(max_targets)  # tries allowed now (MAX_TRIES_PER_SECOND)
+        self._filled = time.monotonic()
         self.stats = DialStats()
         self.started = time.monotonic()
 
@@ -235,6 +240,8 @@ class Dialer:
                 with self._lock:
                     if self._due:
                         timeout = min(timeout, max(min(self._due.values()) - now, 0.0))
+                if self._tokens < 1:  # out of tries for now: wait for the next one
+                    timeout = max(timeout, (1 - self._tokens) / MAX_TRIES_PER_SECOND)
                 for key, _ in selector.select(timeout):
                     if key.data is None:
                         with contextlib.suppress(OSError):
@@ -256,10 +263,16 @@ class Dialer:
     def _start_due(
         self, now: float, trying: dict[socket.socket, _Try], selector: selectors.BaseSelector
     ) -> None:
+        self._tokens = min(
+            float(self._max_targets),
+            self._tokens + (now - self._filled) * MAX_TRIES_PER_SECOND,
+        )
+        self._filled = now
         with self._lock:
-            due = sorted(t for t, at in self._due.items() if at <= now)
+            due = sorted(t for t, at in self._due.items() if at <= now)[: int(self._tokens)]
             for target in due:
                 del self._due[target]
+        self._tokens -= len(due)
         for target in due:
             address = sock_address(target.ip, target.port)
             if address is None:
@@ -318,26 +331,31 @@ class Dialer:
 
 
 def reserve_ports(count: int, avoid: range = range(0)) -> list[socket.socket]:
-    """``count`` data sockets on free ports outside ``avoid`` (the sender's leased range,
-    which on one machine must not meet ours: a port dialing itself connects to itself).
-    They hold their ports for the attempt; the caller closes them."""
+    """``count`` data sockets on distinct free ports outside ``avoid`` (the sender's leased
+    range, which on one machine must not meet ours: a port dialing itself connects to
+    itself). They hold their ports for the attempt; the caller closes them.
+
+    A port is found by binding a plain socket to port 0 (with SO_REUSEADDR the kernel may
+    hand out a port such sockets already share), then taken by a data socket."""
     held: list[socket.socket] = []
-    skipped: list[socket.socket] = []
     try:
         for _ in range(count * 8 + 8):
             if len(held) == count:
                 break
-            sock = data_socket(0)
-            (skipped if sock.getsockname()[1] in avoid else held).append(sock)
+            family = socket.AF_INET6 if dual_stack() else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104
+                port = probe.getsockname()[1]
+            if port in avoid or any(s.getsockname()[1] == port for s in held):
+                continue
+            with contextlib.suppress(OSError):  # taken meanwhile: another one
+                held.append(data_socket(port))
         if len(held) < count:
             raise OSError(f"no {count} free local ports outside {avoid.start}-{avoid.stop - 1}")
     except BaseException:
         for sock in held:
             sock.close()
         raise
-    finally:
-        for sock in skipped:
-            sock.close()
     return held
 
 

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from ferry.broker.reflexive import ReflexiveLimits, start_reflexive
 from ferry.client._gate import Gate, GateLimits, GateSettingError
 from ferry.client._punch import (
     MAX_TARGETS,
+    MAX_TRIES_PER_SECOND,
     Dialer,
     Target,
     data_socket,
@@ -136,16 +138,20 @@ def test_targets_from_published_candidates_and_from_the_lease() -> None:
 
 def test_reserved_ports_avoid_the_sender_s_range() -> None:
     held = reserve_ports(3)
-    ports = [s.getsockname()[1] for s in held]
     try:
-        assert len(set(ports)) == 3
-        again = reserve_ports(2, avoid=range(min(ports), max(ports) + 1))
-        assert not {s.getsockname()[1] for s in again} & set(range(min(ports), max(ports) + 1))
-        for sock in again:
-            sock.close()
+        assert len({s.getsockname()[1] for s in held}) == 3
     finally:
         for sock in held:
             sock.close()
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    avoid = range(low, (low + high) // 2)  # half of where the kernel picks free ports
+    for _ in range(5):
+        again = reserve_ports(2, avoid=avoid)
+        try:
+            assert not {s.getsockname()[1] for s in again} & set(avoid)
+        finally:
+            for sock in again:
+                sock.close()
 
 
 def test_the_path_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,3 +231,22 @@ def test_gathering_finds_the_reflexive_twin_of_every_data_port() -> None:
             await server.close()
 
     asyncio.run(go())
+
+
+def test_a_peer_s_candidates_cannot_turn_the_dialer_into_a_syn_flood() -> None:
+    """A hostile peer may publish anyone's address as its candidates, as reflexive ones
+    whose resets make us retry within milliseconds: the dialer still makes at most
+    MAX_TRIES_PER_SECOND connect() calls a second (after a burst of MAX_TARGETS)."""
+    victim = "127.0.0.1"  # every port closed: every SYN answered by a reset at once
+    closed = [_free_port() for _ in range(MAX_TARGETS)]
+    local = reserve_ports(1)
+    dialer = Dialer(lambda sock, target: sock.close())
+    dialer.add(Target(1, victim, port, local[0].getsockname()[1], "reflexive") for port in closed)
+    seconds = 1.5
+    try:
+        stats = dialer.run(lambda: False, time.monotonic() + seconds)
+    finally:
+        local[0].close()
+    assert stats.connected == 0
+    assert stats.tries <= MAX_TARGETS + MAX_TRIES_PER_SECOND * (seconds + 0.1)
+    assert stats.tries > MAX_TARGETS  # it did keep trying, as fast as allowed
