@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import psutil
@@ -24,6 +24,7 @@ import pytest
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
 from tests.support.processes import BrokerProcess
+from tests.support.sampling import wait_for
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -33,14 +34,6 @@ FLOOD = 300
 def _fds(broker: BrokerProcess) -> int:
     assert broker.proc is not None
     return psutil.Process(broker.proc.pid).num_fds()
-
-
-def _wait_for(what: str, check: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {within} s: {what}")
-        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -70,9 +63,9 @@ def test_silent_connections_are_dropped_at_the_handshake_timeout(
     broker = broker_factory("--handshake-timeout", "1")
     base = _fds(broker)
     with _silent_connections(broker, FLOOD):
-        _wait_for("the broker holds the flood", lambda: _fds(broker) >= base + FLOOD // 2, 10)
+        wait_for("the broker holds the flood", lambda: _fds(broker) >= base + FLOOD // 2, 10)
         # Before: still held 25 s later (gRPC's default gives them up to 120 s).
-        _wait_for("the broker dropped them", lambda: _fds(broker) <= base + 5, 10)
+        wait_for("the broker dropped them", lambda: _fds(broker) <= base + 5, 10)
         assert asyncio.run(_broker_id(broker.address))
 
 
@@ -85,7 +78,7 @@ def test_the_broker_holds_at_most_max_connections(broker_factory: BrokerFactory)
         print(f"{FLOOD} silent connections: the broker holds {held} descriptors more")
         assert held <= 50 + 5  # before: all 300
     # Once they are gone, clients are served again.
-    _wait_for("the flood's descriptors are freed", lambda: _fds(broker) <= base + 5, 10)
+    wait_for("the flood's descriptors are freed", lambda: _fds(broker) <= base + 5, 10)
     assert asyncio.run(_broker_id(broker.address))
 
 

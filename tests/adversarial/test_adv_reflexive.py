@@ -16,16 +16,16 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
-from ferry.protocol.stun import HEADER_SIZE, binding_request, message_size
-from ferry.protocol.stun import parse_binding_response as parse
+from ferry.client._reflexive import ask
+from ferry.protocol.stun import binding_request
 from tests.conftest import BrokerFactory
 from tests.support.processes import BrokerProcess
-from tests.support.sampling import Peak
+from tests.support.sampling import Peak, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,23 +41,6 @@ def _target(broker: BrokerProcess) -> tuple[str, int]:
 
 def _connect(broker: BrokerProcess, source: str = "127.0.0.1") -> socket.socket:
     return socket.create_connection(_target(broker), timeout=T, source_address=(source, 0))
-
-
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        piece = sock.recv(size - len(data))
-        if not piece:
-            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
-        data += piece
-    return data
-
-
-def _ask(sock: socket.socket) -> tuple[str, int]:
-    tid = secrets.token_bytes(12)
-    sock.sendall(binding_request(tid))
-    header = _exactly(sock, HEADER_SIZE)
-    return parse(header + _exactly(sock, message_size(header) - HEADER_SIZE), tid)
 
 
 def _closed_after(sock: socket.socket, within: float = T) -> float:
@@ -76,19 +59,11 @@ def _answers(broker: BrokerProcess, source: str = "127.0.0.1") -> bool:
     """Whether a new connection from ``source`` is answered (not closed at once)."""
     with _connect(broker, source) as sock:
         try:
-            answer = _ask(sock)
+            answer = ask(sock)
         except ConnectionError:
             return False
         assert answer == sock.getsockname()
         return True
-
-
-def _wait_for(what: str, check: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {within} s: {what}")
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -98,7 +73,7 @@ def _held(broker: BrokerProcess, source: str, count: int) -> Iterator[list[socke
     try:
         for _ in range(count):
             socks.append(_connect(broker, source))
-            assert _ask(socks[-1]) == socks[-1].getsockname()
+            assert ask(socks[-1]) == socks[-1].getsockname()
         yield socks
     finally:
         for sock in socks:
@@ -127,7 +102,7 @@ def test_garbage_is_closed_at_once(broker: BrokerProcess, payload: bytes) -> Non
     with _connect(broker) as sock:
         sock.sendall(payload)
         if payload.startswith(binding_request(b"x" * 12)):
-            _exactly(sock, 32)  # the request is answered, then the garbage closes it
+            assert len(sock.recv(32, socket.MSG_WAITALL)) == 32  # answered; garbage closes
         assert _closed_after(sock) < 1.0
     assert _answers(broker)  # and the responder answers on
 
@@ -146,7 +121,7 @@ def test_a_connection_is_closed_after_hold(broker_factory: BrokerFactory) -> Non
     broker = broker_factory("--reflexive-hold", "1")
     with _connect(broker) as sock:
         started = time.monotonic()
-        assert _ask(sock) == sock.getsockname()
+        assert ask(sock) == sock.getsockname()
         _closed_after(sock)
         assert 0.8 < time.monotonic() - started < 2.5
 
@@ -154,7 +129,7 @@ def test_a_connection_is_closed_after_hold(broker_factory: BrokerFactory) -> Non
 def test_at_most_eight_requests_on_one_connection(broker: BrokerProcess) -> None:
     with _connect(broker) as sock:
         for _ in range(8):
-            assert _ask(sock) == sock.getsockname()
+            assert ask(sock) == sock.getsockname()
         sock.sendall(binding_request(secrets.token_bytes(12)))
         assert _closed_after(sock) < 1.0  # the ninth: no answer
 
@@ -166,10 +141,10 @@ def test_per_address_and_total_limits(broker_factory: BrokerFactory) -> None:
         with _held(broker, "127.0.0.2", 3):  # another address is served
             assert not _answers(broker, "127.0.0.3")  # six in all: a seventh is not
             for sock in first:  # those held are answered on
-                assert _ask(sock) == sock.getsockname()
+                assert ask(sock) == sock.getsockname()
             first[0].close()  # one goes: there is room for someone else
-            _wait_for("a place freed", lambda: _answers(broker, "127.0.0.3"), 3)
-    _wait_for("every place freed", lambda: _answers(broker, "127.0.0.1"), 3)
+            wait_for("a place freed", lambda: _answers(broker, "127.0.0.3"), 3)
+    wait_for("every place freed", lambda: _answers(broker, "127.0.0.1"), 3)
 
 
 def _one_of_a_flood(broker: BrokerProcess, n: int) -> socket.socket:
@@ -195,21 +170,21 @@ def test_a_flood_holds_at_most_max_connections(broker_factory: BrokerFactory) ->
     process = psutil.Process(broker.proc.pid)
     base = process.num_fds()
     assert _answers(broker)
-    _wait_for("the probe's descriptor freed", lambda: process.num_fds() <= base, 5)
+    wait_for("the probe's descriptor freed", lambda: process.num_fds() <= base, 5)
     socks: list[socket.socket] = []
     try:
         for n in range(300):
             socks.append(_connect(broker, f"127.0.0.{1 + n % 20}"))
             with contextlib.suppress(OSError):  # refused: it may be closed already
                 socks[-1].sendall(binding_request(secrets.token_bytes(12)))
-        _wait_for("the refused closed", lambda: process.num_fds() <= base + limit, 5)
+        wait_for("the refused closed", lambda: process.num_fds() <= base + limit, 5)
         time.sleep(0.2)
         assert base + limit // 2 < process.num_fds() <= base + limit  # and it stays there
         assert not _answers(broker, "127.0.0.99")  # full: a newcomer is closed at once
     finally:
         for sock in socks:
             sock.close()
-    _wait_for("every descriptor freed", lambda: process.num_fds() <= base, 5)
+    wait_for("every descriptor freed", lambda: process.num_fds() <= base, 5)
     assert _answers(broker)
 
 
@@ -232,7 +207,7 @@ def test_floods_do_not_grow_memory_or_descriptors(broker_factory: BrokerFactory)
         finally:
             for sock in socks:
                 sock.close()
-        _wait_for("the flood's descriptors freed", lambda: process.num_fds() <= base, 5)
+        wait_for("the flood's descriptors freed", lambda: process.num_fds() <= base, 5)
         peak.stop()
         peaks.append(peak)
     assert peaks[1].rss <= peaks[0].rss + (4 << 20), (peaks[0].rss, peaks[1].rss)

@@ -1,10 +1,22 @@
-"""Resource figures of a process under attack, for bounds in tests."""
+"""Resource figures of a process under attack, for bounds in tests; and waiting for them."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import psutil
+import pytest
+
+
+def wait_for(what: str, check: Callable[[], bool], within: float, poll: float = 0.05) -> None:
+    """Poll ``check`` until it is true; fail the test, naming ``what``, after ``within`` s."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {within} s: {what}")
+        time.sleep(poll)
 
 
 class Peak:

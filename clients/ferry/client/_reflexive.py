@@ -25,7 +25,7 @@ from ferry.client._punch import data_socket, sock_address
 from ferry.protocol import stun
 from ferry.v1 import broker_pb2
 
-__all__ = ["PROBE_TIMEOUT", "Gathered", "gather", "probe"]
+__all__ = ["PROBE_TIMEOUT", "Gathered", "ask", "gather", "probe"]
 
 #: Seconds one reflexive probe may take (connect, ask, answer).
 PROBE_TIMEOUT = 2.0
@@ -50,17 +50,23 @@ def probe(
         try:
             sock.settimeout(timeout)
             sock.connect(address)
-            transaction = os.urandom(stun.TRANSACTION_ID_SIZE)
-            sock.sendall(stun.binding_request(transaction))
-            header = _read(sock, stun.HEADER_SIZE)
-            body = _read(sock, stun.message_size(header) - stun.HEADER_SIZE)
-            mapped = stun.parse_binding_response(header + body, transaction)
+            mapped = ask(sock)
         except (OSError, stun.StunError) as exc:
             sock.close()
             last = exc
             continue
         return sock, mapped
     raise OSError(f"the reflexive responder at {host}:{server_port} did not answer: {last}")
+
+
+def ask(sock: socket.socket) -> tuple[str, int]:
+    """One Binding request on a connection to a responder: the ``(ip, port)`` it saw the
+    connection come from (OSError, StunError)."""
+    transaction = os.urandom(stun.TRANSACTION_ID_SIZE)
+    sock.sendall(stun.binding_request(transaction))
+    header = _read(sock, stun.HEADER_SIZE)
+    body = _read(sock, stun.message_size(header) - stun.HEADER_SIZE)
+    return stun.parse_binding_response(header + body, transaction)
 
 
 def _read(sock: socket.socket, n: int) -> bytes:

@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from ferry.broker.reflexive import ReflexiveLimits, ReflexiveResponder, start_reflexive
+from ferry.client._reflexive import ask
 from ferry.protocol.stun import HEADER_SIZE, binding_request, message_size
 from ferry.protocol.stun import parse_binding_response as parse
 from ferry.v1 import broker_pb2, broker_pb2_grpc
@@ -77,24 +78,6 @@ def _reusing(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        piece = sock.recv(size - len(data))
-        if not piece:
-            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
-        data += piece
-    return data
-
-
-def _ask(sock: socket.socket) -> tuple[str, int]:
-    """One Binding request on the connection; the address and port it maps."""
-    tid = secrets.token_bytes(12)
-    sock.sendall(binding_request(tid))
-    header = _exactly(sock, HEADER_SIZE)
-    return parse(header + _exactly(sock, message_size(header) - HEADER_SIZE), tid)
-
-
 def _ipv6_loopback() -> str | None:
     """Why ::1 cannot be used here, or None if it can."""
     if not socket.has_ipv6:
@@ -119,20 +102,20 @@ def test_the_responder_answers_the_data_sockets_port(broker: BrokerProcess) -> N
         local = listener.getsockname()[1]
         with _from_port("127.0.0.1", local, (host, port)) as sock:
             assert sock.getsockname()[1] == local
-            assert _ask(sock) == ("127.0.0.1", local)
+            assert ask(sock) == ("127.0.0.1", local)
 
 
 def test_two_requests_on_one_connection_and_it_stays_open(broker: BrokerProcess) -> None:
     target = _target(broker.reflexive_address)
     with _from_port("127.0.0.1", 0, target) as sock:
         local = sock.getsockname()
-        assert _ask(sock) == local
-        assert _ask(sock) == local
+        assert ask(sock) == local
+        assert ask(sock) == local
         sock.settimeout(0.3)
         with pytest.raises(TimeoutError):  # held open (a client holds it while it punches)
             sock.recv(1)
         sock.settimeout(T)
-        assert _ask(sock) == local
+        assert ask(sock) == local
 
 
 def test_the_auto_port_is_the_grpc_port_plus_one(broker_factory: BrokerFactory) -> None:
@@ -142,7 +125,7 @@ def test_the_auto_port_is_the_grpc_port_plus_one(broker_factory: BrokerFactory) 
     assert broker.reflexive_address == f"127.0.0.1:{port + 1}"
     assert _info(broker).reflexive_address == f":{port + 1}"
     with _from_port("127.0.0.1", 0, _target(broker.reflexive_address)) as sock:
-        assert _ask(sock) == sock.getsockname()
+        assert ask(sock) == sock.getsockname()
 
 
 def _free_pair() -> int:
@@ -167,7 +150,7 @@ def test_a_restart_comes_back_on_the_same_responder_port(broker: BrokerProcess) 
     broker.restart()
     assert broker.reflexive_address == before
     with _from_port("127.0.0.1", 0, _target(before)) as sock:
-        assert _ask(sock) == sock.getsockname()
+        assert ask(sock) == sock.getsockname()
 
 
 def test_ipv6_and_ipv4_on_a_dual_stack_responder(broker_factory: BrokerFactory) -> None:
@@ -179,9 +162,9 @@ def test_ipv6_and_ipv4_on_a_dual_stack_responder(broker_factory: BrokerFactory) 
     assert host == "::"
     assert _info(broker).reflexive_address == f":{port}"
     with _from_port("::1", 0, ("::1", port)) as sock:
-        assert _ask(sock) == ("::1", sock.getsockname()[1])
+        assert ask(sock) == ("::1", sock.getsockname()[1])
     with _from_port("127.0.0.1", 0, ("127.0.0.1", port)) as sock:  # a v4 peer: v4, not ::ffff:
-        assert _ask(sock) == ("127.0.0.1", sock.getsockname()[1])
+        assert ask(sock) == ("127.0.0.1", sock.getsockname()[1])
 
 
 def test_ipv6_loopback_only(broker_factory: BrokerFactory) -> None:
@@ -191,7 +174,7 @@ def test_ipv6_loopback_only(broker_factory: BrokerFactory) -> None:
     broker = broker_factory("--reflexive-listen", "[::1]:0")
     assert broker.reflexive_address.startswith("[::1]:")
     with _from_port("::1", 0, _target(broker.reflexive_address)) as sock:
-        assert _ask(sock) == ("::1", sock.getsockname()[1])
+        assert ask(sock) == ("::1", sock.getsockname()[1])
 
 
 def test_off(broker_factory: BrokerFactory) -> None:
@@ -205,7 +188,7 @@ def test_an_advertised_address_is_what_clients_are_told(broker_factory: BrokerFa
     broker = broker_factory("--reflexive-advertise", "stun.example.net:3478")
     assert _info(broker).reflexive_address == "stun.example.net:3478"
     with _from_port("127.0.0.1", 0, _target(broker.reflexive_address)) as sock:
-        assert _ask(sock) == sock.getsockname()  # it still listens where it was told to
+        assert ask(sock) == sock.getsockname()  # it still listens where it was told to
 
 
 def test_a_taken_responder_port_fails_the_start(
@@ -236,7 +219,7 @@ def test_a_taken_responder_port_fails_the_start(
     # the first broker answers on, both ways
     assert _info(first).reflexive_address == f":{_target(taken)[1]}"
     with _from_port("127.0.0.1", 0, _target(taken)) as sock:
-        assert _ask(sock) == sock.getsockname()
+        assert ask(sock) == sock.getsockname()
 
 
 # -- start_reflexive in this process: every kind of host, and close ------------------------
