@@ -144,7 +144,7 @@ class Code:
             secret = parts.pop()
         if (
             len(parts) != 2 + PASSWORD_WORDS
-            or not parts[0].isdigit()
+            or not (parts[0].isascii() and parts[0].isdigit())
             or not 1 <= int(parts[0]) <= MAX_NAMEPLATE_NUMBER
             or not _words_ok(parts[1:])
         ):

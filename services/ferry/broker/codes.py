@@ -58,11 +58,16 @@ def generate() -> str:
     return f"{secrets.randbelow(MAX_NUMBER) + 1}-{secrets.choice(WORDS)}"
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "¹" or "٣", which int() refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
 def normalize(nameplate: str) -> str:
     """Lower-case, drop surrounding space, treat runs of space/`-`/`_` as one `-`, and
     drop leading zeros of the number."""
     parts = [p for p in _SEPARATORS.split(nameplate.strip().lower()) if p]
-    if parts and parts[0].isdigit():
+    if parts and _decimal(parts[0]):
         parts[0] = str(int(parts[0]))
     return "-".join(parts)
 
@@ -72,7 +77,7 @@ def is_well_formed(nameplate: str) -> bool:
     parts = nameplate.split("-")
     return (
         len(parts) == 2
-        and parts[0].isdigit()
+        and _decimal(parts[0])
         and 1 <= int(parts[0]) <= MAX_NUMBER
         and parts[1].isalpha()
         and parts[1].isascii()

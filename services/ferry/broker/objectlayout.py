@@ -114,6 +114,6 @@ def parse_key(prefix: str, key: str) -> tuple[str, int] | None:
     if not key.startswith(prefix):
         return None
     session_id, sep, index = key[len(prefix) :].partition("/")
-    if not sep or not session_id or not index.isdigit():
+    if not sep or not session_id or not (index.isascii() and index.isdigit()):
         return None
     return session_id, int(index)

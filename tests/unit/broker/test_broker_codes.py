@@ -46,7 +46,12 @@ def test_normalize_and_keyed_hash() -> None:
     assert codes.hash_code(KEY, "7-orbit") != hashlib.sha256(b"7-orbit").hexdigest()
 
 
-@pytest.mark.parametrize("bad", ["", "orbit", "0-a", "1000-a", "7", "7-a-b", "7-1"])
+@pytest.mark.parametrize(
+    "bad",
+    # Non-ASCII digits: "¹".isdigit() is true but int() refuses it (it made a claim INTERNAL,
+    # found by the fuzz test); "٣" (Arabic-Indic three) int() would read as 3.
+    ["", "orbit", "0-a", "1000-a", "7", "7-a-b", "7-1", "¹-orbit", "٣-orbit", "7\u00b2-orbit"],
+)
 def test_malformed(bad: str) -> None:
     assert not codes.is_well_formed(codes.normalize(bad))
 

@@ -71,8 +71,9 @@ def test_a_store_and_forward_code_carries_a_long_secret() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "orbit-lantern-quiet", "7-orbit-lantern", "0-a-b-c", "7-a-b-c-d", "7-a-b-1", "x-a-b-c"],
-)
+    ["", "orbit-lantern-quiet", "7-orbit-lantern", "0-a-b-c", "7-a-b-c-d", "7-a-b-1", "x-a-b-c",
+     "¹-orbit-lantern-quiet", "٣-orbit-lantern-quiet"],
+)  # fmt: skip
 def test_malformed_codes_are_refused(bad: str) -> None:
     with pytest.raises(CodeError, match="not a Ferry code"):
         Code.parse(bad)
