@@ -26,6 +26,7 @@ def test_exported_names() -> None:
             "Incoming",
             "OfferedFile",
             "Outgoing",
+            "PathInfo",
             "Paused",
             "PeerProtocolError",
             "Progress",
