@@ -16,6 +16,7 @@ The flags with an environment variable::
     --tls-key FILE        FERRY_TLS_KEY         --s3-prefix TEXT     FERRY_S3_PREFIX
     --tls-client-ca FILE  FERRY_TLS_CLIENT_CA   --s3-url-ttl S       FERRY_S3_URL_TTL
     --health-listen HOST:PORT  FERRY_HEALTH_LISTEN
+    --store sqlite|URL         FERRY_STORE
 
     --watches-per-party N          FERRY_WATCHES_PER_PARTY
     --watches-per-address N        FERRY_WATCHES_PER_ADDRESS
@@ -53,11 +54,17 @@ The flags with an environment variable::
 ``--insecure-plaintext`` (plaintext gRPC on an address that is not loopback) is a flag only,
 never read from the environment: it has to be asked for where the broker is started.
 
+``--store`` is ``sqlite`` (the default, also when empty: broker.sqlite3 in the data dir) or
+the URL of a Redis that broker replicas share (``redis://host:6379/0``, ``rediss://`` for TLS,
+``unix:///path/redis.sock?db=0``). A URL with a password is taken from FERRY_STORE only: on
+the command line every user of the host could read it.
+
 The environment is read by config_from_arguments, not when the parser is built, so a command
 that runs no broker (`ferry send`) neither reads nor checks these variables. This module
-imports neither gRPC nor boto3, since `ferry` builds its parser, these flags included, on
-every run. No secret comes from a flag: S3 credentials are found the usual boto3 way
-(AWS_ACCESS_KEY_ID, ...), and the TLS flags name files, the key's never its content.
+imports neither gRPC nor boto3 nor redis-py, since `ferry` builds its parser, these flags
+included, on every run. No secret comes from a flag: S3 credentials are found the usual boto3
+way (AWS_ACCESS_KEY_ID, ...), the TLS flags name files, the key's never its content, and a
+Redis password comes from FERRY_STORE.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ import dataclasses
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -99,7 +107,12 @@ _SECONDS = "S"
 _FLAGS: tuple[_Flag, ...] = (
     _Flag("--listen", "listen", str, "host:port; port 0 picks a free one", "FERRY_LISTEN",
           "HOST:PORT"),
-    _Flag("--data-dir", "data_dir", Path, "where broker.sqlite3 lives", "FERRY_DATA_DIR", "DIR"),
+    _Flag("--data-dir", "data_dir", Path, "where broker.sqlite3 and the token key live",
+          "FERRY_DATA_DIR", "DIR"),
+    _Flag("--store", "store_url", str,
+          "sqlite: broker.sqlite3 in --data-dir; or the redis://, rediss:// or unix:// URL of a "
+          "Redis that broker replicas share (with a password: FERRY_STORE only)",
+          "FERRY_STORE", "sqlite|URL"),
     _Flag("--tls-cert", "tls_cert", Path,
           "TLS certificate chain (PEM) of the gRPC port, re-read when it changes",
           "FERRY_TLS_CERT", "FILE"),
@@ -320,11 +333,28 @@ def config_from_arguments(
         elif value == "" and _DEFAULTS[f.field] is None:
             value = None  # an empty flag turns an optional setting off
         settings[f.field] = value
+    if _has_password(ns.store_url):
+        raise ValueError(
+            "bad broker settings: --store must not carry a password (every user of the host"
+            " can read a command line): give that URL in FERRY_STORE"
+        )
     try:
         return BrokerConfig(**settings)  # type: ignore[arg-type]
     except ValueError as exc:
         message = re.sub(r"\w+", lambda m: _FLAG_OF.get(m[0], m[0]), str(exc))
         raise ValueError(f"bad broker settings: {message}") from None
+
+
+def _has_password(url: str | None) -> bool:
+    """Whether a store URL carries a password (in its user part, or as a query option)."""
+    if not url:
+        return False
+    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        password = parts.password
+    except ValueError:  # a malformed port: BrokerConfig or the store says what is wrong
+        password = None
+    return password is not None or "password" in urllib.parse.parse_qs(parts.query)
 
 
 def configure_logging(ns: argparse.Namespace) -> None:

@@ -15,6 +15,9 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+#: The URL schemes of store_url: a Redis server over TCP, TLS or a Unix socket.
+STORE_SCHEMES = ("redis", "rediss", "unix")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class BrokerConfig:
@@ -22,8 +25,13 @@ class BrokerConfig:
 
     #: host:port to listen on; port 0 picks a free port (the bound one is reported).
     listen: str = "127.0.0.1:50051"
-    #: Directory of the SQLite database (`broker.sqlite3`); created if missing.
+    #: Directory of the SQLite database (`broker.sqlite3`) and of the token key; created if
+    #: missing.
     data_dir: Path = Path("ferry-data")
+    #: Where sessions, leases and uploads live: None (or "sqlite") for the SQLite database in
+    #: data_dir, or the URL of a Redis that broker replicas share: redis://, rediss:// (TLS)
+    #: or unix://. It may carry a password, so it is left out of the repr.
+    store_url: str | None = dataclasses.field(default=None, repr=False)
     #: Offer lifetime when the request gives none.
     offer_ttl_default_s: float = 600.0
     #: Shortest offer lifetime a request may ask for (shorter asks are raised to it).
@@ -169,6 +177,7 @@ class BrokerConfig:
     reflexive_hold_s: float = 30.0
 
     def __post_init__(self) -> None:
+        self._check_store_url()
         self._check_abuse_limits()
         self._check_claim_lease_store_limits()
         self._check_reflexive()
@@ -196,6 +205,14 @@ class BrokerConfig:
             )
         if self.health_listen is not None and self.health_listen.rpartition(":")[1] != ":":
             raise ValueError("health_listen must be host:port")
+
+    def _check_store_url(self) -> None:
+        """None, "" and "sqlite" all mean the SQLite file; anything else is a Redis URL."""
+        url = self.store_url
+        if url is not None and url.strip().lower() in ("", "sqlite"):
+            object.__setattr__(self, "store_url", None)  # one spelling of the default
+        elif url is not None and url.partition("://")[0].lower() not in STORE_SCHEMES:
+            raise ValueError("store_url must be sqlite or a redis://, rediss:// or unix:// URL")
 
     def _check_abuse_limits(self) -> None:
         """The limits of issue 10's findings 1 and 2 (watches, offers, retention, disk)."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -97,9 +97,26 @@ class Hub:
         self._total = 0
         self._bytes = 0
         self._closed = False
+        #: Where this replica's own changes go besides its watchers (session id, version).
+        self.forward: Callable[[str, int], None] | None = None
 
     def publish(self, session_id: str, version: int, session: broker_pb2.Session) -> None:
-        """Hand a snapshot of the session to everyone watching it (one copy for all)."""
+        """A change committed here: to this hub's watchers, and to `forward` (the other
+        replicas, ferry.broker.relay) if set."""
+        self.deliver(session_id, version, session)
+        if self.forward is not None:
+            self.forward(session_id, version)
+
+    def watched(self, session_id: str) -> bool:
+        """Whether anyone here watches the session."""
+        return bool(self._watchers.get(session_id))
+
+    def watched_sessions(self) -> list[str]:
+        """The sessions someone here watches."""
+        return [sid for sid, watchers in self._watchers.items() if watchers]
+
+    def deliver(self, session_id: str, version: int, session: broker_pb2.Session) -> None:
+        """Hand a snapshot of the session to everyone watching it here (one copy for all)."""
         watchers = self._watchers.get(session_id)
         if not watchers:
             return

@@ -11,6 +11,14 @@ optional second port, ``health_listen``, is plaintext and serves grpc.health.v1 
 same health status), for probes that cannot speak TLS such as Kubernetes' gRPC probes: it
 answers SERVING or NOT_SERVING and nothing else, no token or code ever crosses it.
 
+The store is SqliteStore on ``data_dir/broker.sqlite3``, or with ``store_url`` RedisStore
+(ferry.broker.redis_store, imported only then, so that a broker on SQLite and `ferry send`
+never load redis-py) on a Redis that replicas share. The token key (it keys the code hashes
+the store keeps and the tokens of repeated claims) is then the store's, made once in Redis, so
+that every replica finds the codes the others made; on SQLite it is token.key in ``data_dir``.
+On Redis each replica also runs a `RedisRelay` (ferry.broker.relay): a change made through one
+replica reaches the watchers connected to the others at once.
+
 The reflexive responder (ferry.broker.reflexive, ``reflexive_listen``; on by default, next
 to the gRPC port) is bound right after the gRPC port, so a port that is taken fails the
 start the same way, and it starts answering with the server. What GetBrokerInfo advertises
@@ -30,6 +38,7 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -41,6 +50,7 @@ from ferry.broker.core import Broker, Clock
 from ferry.broker.fallback import Fallback
 from ferry.broker.objectstore import ObjectStore
 from ferry.broker.reflexive import ReflexiveLimits, ReflexiveResponder
+from ferry.broker.relay import RedisRelay
 from ferry.broker.service import BrokerService, add_to_server
 from ferry.broker.store import SqliteStore, StorageFull, Store
 from ferry.broker.tls import CertificateFiles, describe
@@ -88,6 +98,8 @@ class RunningBroker:
     #: The reflexive responder (``reflexive_listen``) and its bound `host:port`, if any.
     reflexive: ReflexiveResponder | None = None
     reflexive_address: str = ""
+    #: The other replicas' changes, for this one's watchers (a store on Redis only).
+    relay: RedisRelay | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, end watches, drain calls for `grace` seconds, close the store."""
@@ -100,12 +112,33 @@ class RunningBroker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self.broker.hub.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self.reflexive is not None:
             await self.reflexive.close()
         await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
         self.store.close()
+
+
+def _loader(store: Store) -> Callable[[str], tuple[int, broker_pb2.Session] | None]:
+    """How the relay reads a session another replica changed."""
+
+    def load(session_id: str) -> tuple[int, broker_pb2.Session] | None:
+        record = store.get_session(session_id)
+        return None if record is None else (record.version, record.session)
+
+    return load
+
+
+def open_store(config: BrokerConfig) -> Store:
+    """The store `config` names: RedisStore on ``store_url``, else SqliteStore in data_dir."""
+    if config.store_url is None:
+        return SqliteStore(config.database_path)
+    from ferry.broker.redis_store import RedisStore  # redis-py only when a broker uses it
+
+    return RedisStore.from_url(config.store_url)
 
 
 def load_token_key(path: Path) -> bytes:
@@ -240,8 +273,8 @@ async def start_server(
         if config.tls_cert is not None and config.tls_key is not None
         else None
     )
-    store = store if store is not None else SqliteStore(config.database_path)
-    key = load_token_key(config.token_key_path)
+    store = store if store is not None else open_store(config)
+    key = store.token_key() or load_token_key(config.token_key_path)
     server = grpc.aio.server(
         options=[*_SERVER_OPTIONS, *_limits(config)],
         maximum_concurrent_rpcs=config.max_concurrent_calls,
@@ -308,9 +341,20 @@ async def start_server(
         broker.sweep()  # expire what ran out while the broker was down
     except StorageFull:  # a full disk must not keep the live sessions' broker down
         log.warning("start-up sweep deferred: the data dir is full")
+    relay = None
+    if config.store_url is not None:
+        relay = RedisRelay(config.store_url, broker.hub, _loader(store))
+        try:
+            await relay.start()
+        except BaseException:
+            await relay.close()
+            await server.stop(0)
+            store.close()
+            raise
     sweeper = asyncio.create_task(broker.run_sweeper(), name="ferry-broker-sweeper")
     cleaner = asyncio.create_task(fallback.run_cleaner(), name="ferry-broker-object-cleaner")
     return RunningBroker(
+        relay=relay,
         config=config,
         address=f"{host}:{port}",
         port=port,

@@ -205,6 +205,11 @@ class Store(Protocol):
         it is atomic, so replicas starting together agree on one.
         """
 
+    def token_key(self) -> bytes | None:
+        """The secret key that keys code hashes and derived tokens, if the store keeps one
+        that every broker sharing it uses (Redis: made once, atomically); None: each broker
+        process keeps its own (SQLite: token.key beside the database)."""
+
     def close(self) -> None:
         """Release the store's resources."""
 
@@ -649,6 +654,9 @@ class SqliteStore:
             )
             row = self._db.execute(select).fetchone()
         return str(row[0])
+
+    def token_key(self) -> bytes | None:
+        return None  # one process per SQLite file: its token.key file
 
     def close(self) -> None:
         self._db.close()

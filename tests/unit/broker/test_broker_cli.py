@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 FLAGS: dict[str, tuple[str, str | None]] = {
     "--listen": ("listen", "FERRY_LISTEN"),
     "--data-dir": ("data_dir", "FERRY_DATA_DIR"),
+    "--store": ("store_url", "FERRY_STORE"),
     "--tls-cert": ("tls_cert", "FERRY_TLS_CERT"),
     "--tls-key": ("tls_key", "FERRY_TLS_KEY"),
     "--tls-client-ca": ("tls_client_ca", "FERRY_TLS_CLIENT_CA"),
@@ -92,6 +93,7 @@ ENVIRONMENT = sorted(env for _, env in FLAGS.values() if env)
 EVERY_FLAG = [
     "--listen", "0.0.0.0:6000",
     "--data-dir", "/var/lib/ferry",
+    "--store", "rediss://ferry@redis.example:6380/2",
     "--tls-cert", "/etc/ferry/tls/tls.crt",
     "--tls-key", "/etc/ferry/tls/tls.key",
     "--tls-client-ca", "/etc/ferry/tls/ca.crt",
@@ -123,6 +125,7 @@ EVERY_FLAG = [
 EVERY_FLAG_CONFIG = BrokerConfig(
     listen="0.0.0.0:6000",
     data_dir=Path("/var/lib/ferry"),
+    store_url="rediss://ferry@redis.example:6380/2",
     tls_cert=Path("/etc/ferry/tls/tls.crt"),
     tls_key=Path("/etc/ferry/tls/tls.key"),
     tls_client_ca=Path("/etc/ferry/tls/ca.crt"),
@@ -288,6 +291,47 @@ def test_the_reflexive_responder_from_the_environment_and_off(
     assert parse([]).reflexive_bind is None
 
 
+@pytest.mark.parametrize("parse", ENTRY_POINTS)
+def test_the_store(parse: Parse, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse([]).store_url is None  # SQLite in --data-dir
+    for sqlite in ("sqlite", "SQLite", ""):
+        assert parse(["--store", sqlite]) == BrokerConfig()
+    url = "redis://127.0.0.1:6379/0"
+    assert parse(["--store", url]).store_url == url
+    assert parse(["--store", "unix:///run/redis.sock?db=1"]).store_url == (
+        "unix:///run/redis.sock?db=1"
+    )
+    # from the environment, where a password may be; the flag wins, "sqlite" too
+    secret = "rediss://ferry:s3cret@redis.example:6380/0"
+    monkeypatch.setenv("FERRY_STORE", secret)
+    config = parse([])
+    assert config.store_url == secret
+    assert "s3cret" not in repr(config)
+    assert parse(["--store", url]).store_url == url
+    assert parse(["--store", "sqlite"]).store_url is None
+    monkeypatch.setenv("FERRY_STORE", "sqlite")
+    assert parse([]) == BrokerConfig()
+
+
+@pytest.mark.parametrize(
+    "store",
+    [
+        "redis://:s3cret@127.0.0.1:6379/0",
+        "rediss://ferry:s3cret@redis.example/0",
+        "unix:///run/redis.sock?db=0&password=s3cret",
+    ],
+)
+def test_no_store_password_on_the_command_line(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = (
+        "bad broker settings: --store must not carry a password (every user of the host can"
+        " read a command line): give that URL in FERRY_STORE"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        _pair(["--store", store])
+    monkeypatch.setenv("FERRY_STORE", store)
+    assert _pair([]).store_url == store
+
+
 def test_blank_environment_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ENVIRONMENT:
         monkeypatch.setenv(name, "  ")
@@ -327,6 +371,14 @@ def test_a_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
             "must be >= 1",
         ),
         (["--reflexive-hold", "0"], "bad broker settings: --reflexive-hold must be > 0"),
+        (
+            ["--store", "/var/lib/ferry/broker.sqlite3"],
+            "bad broker settings: --store must be sqlite or a redis://, rediss:// or unix:// URL",
+        ),
+        (
+            ["--store", "http://redis:6379"],
+            "bad broker settings: --store must be sqlite or a redis://, rediss:// or unix:// URL",
+        ),
     ],
 )
 def test_bad_settings_name_the_flags(argv: list[str], message: str) -> None:
@@ -360,11 +412,12 @@ def test_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
     assert levels == ["ERROR"]
 
 
-def test_the_command_line_costs_no_grpc_or_boto3() -> None:
+def test_the_command_line_costs_no_grpc_boto3_or_redis() -> None:
     """`ferry` builds its parser, with these flags, on every run: keep that import light."""
     code = (
         "import sys, ferry.broker.cli, ferry.broker\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'boto3', 'botocore'})\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules}\n"
+        "               & {'grpc', 'boto3', 'botocore', 'redis'})\n"
         "assert not heavy and 'ferry.broker.server' not in sys.modules, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)

@@ -1,8 +1,10 @@
-"""The Broker domain with an injected clock, and the in-process server's watch bookkeeping."""
+"""The Broker domain with an injected clock, and the in-process server's watch bookkeeping:
+each on both stores (SqliteStore, and RedisStore on a real redis-server)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,11 +15,30 @@ from ferry.broker import states
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker
 from ferry.broker.errors import AlreadyExists, Reason
-from ferry.broker.store import SqliteStore
+from ferry.broker.store import Store
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.support.broker_flow import claim_confirmed, pake_sender
+from tests.support.redis import STORE_KINDS, RedisServer, StoreFactory
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=STORE_KINDS)
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+    with StoreFactory(request.param, tmp_path, url) as factory:
+        yield factory
+
+
+@pytest.fixture
+def store(stores: StoreFactory) -> Store:
+    return stores()
 
 
 class FakeClock:
@@ -65,70 +86,63 @@ def test_public_surface() -> None:
         _ = ferry.broker.nothing_of_that_name
 
 
-def test_ttl_clamped_and_sweep(tmp_path: Path) -> None:
+def test_ttl_clamped_and_sweep(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
-    store = SqliteStore(tmp_path / "b.sqlite3")
     broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-    try:
-        offer = broker.create_offer(_request(), "10.0.0.1")
-        assert offer.session.expire_time.seconds == int(clock.now) + 600
-        claim = claim_confirmed(broker, offer, "10.0.0.2")
-        accepted = broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
-        assert accepted.plan.listener_ports.first_port == 9000
-        assert accepted.expire_time.seconds == int(clock.now) + 24 * 3600
-        clock.now += 24 * 3600 + 1
-        assert broker.sweep() == 1
-        got = broker.get(offer.session.name, offer.party_token)
-        assert got.state == states.EXPIRED
-        # the lease was released: a new session gets the same ports again
-        second = broker.create_offer(_request(), "10.0.0.1")
-        claim2 = claim_confirmed(broker, second, "10.0.0.2")
-        plan = broker.accept(second.session.name, claim2.party_token, _receiver(), None).plan
-        assert plan.listener_ports.first_port == 9000
-    finally:
-        store.close()
+    offer = broker.create_offer(_request(), "10.0.0.1")
+    assert offer.session.expire_time.seconds == int(clock.now) + 600
+    claim = claim_confirmed(broker, offer, "10.0.0.2")
+    accepted = broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
+    assert accepted.plan.listener_ports.first_port == 9000
+    assert accepted.expire_time.seconds == int(clock.now) + 24 * 3600
+    clock.now += 24 * 3600 + 1
+    assert broker.sweep() == 1
+    got = broker.get(offer.session.name, offer.party_token)
+    assert got.state == states.EXPIRED
+    # the lease was released: a new session gets the same ports again
+    second = broker.create_offer(_request(), "10.0.0.1")
+    claim2 = claim_confirmed(broker, second, "10.0.0.2")
+    plan = broker.accept(second.session.name, claim2.party_token, _receiver(), None).plan
+    assert plan.listener_ports.first_port == 9000
 
 
-def test_expired_before_sweep(tmp_path: Path) -> None:
+def test_expired_before_sweep(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
-    store = SqliteStore(tmp_path / "b.sqlite3")
     broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-    try:
-        offer = broker.create_offer(_request(), None)
-        claim = claim_confirmed(broker, offer)
-        clock.now += 601
-        with pytest.raises(states.IllegalTransition, match="expired"):
-            broker.accept(offer.session.name, claim.party_token, _receiver(), None)
-    finally:
-        store.close()
+    offer = broker.create_offer(_request(), None)
+    claim = claim_confirmed(broker, offer)
+    clock.now += 601
+    with pytest.raises(states.IllegalTransition, match="expired"):
+        broker.accept(offer.session.name, claim.party_token, _receiver(), None)
 
 
-def test_request_id_after_restart(tmp_path: Path) -> None:
+def test_request_id_after_restart(stores: StoreFactory, tmp_path: Path) -> None:
     clock = FakeClock()
-    store = SqliteStore(tmp_path / "b.sqlite3")
-    try:
-        first = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-        offer = first.create_offer(_request("r1"), None)
-        assert first.create_offer(_request("r1"), None).code == offer.code
-        restarted = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-        with pytest.raises(AlreadyExists) as info:
-            restarted.create_offer(_request("r1"), None)
-        assert info.value.reason == Reason.REQUEST_ID_REUSED
-    finally:
-        store.close()
+    first = Broker(BrokerConfig(data_dir=tmp_path), stores(), clock=clock)
+    offer = first.create_offer(_request("r1"), None)
+    assert first.create_offer(_request("r1"), None).code == offer.code
+    restarted = Broker(BrokerConfig(data_dir=tmp_path), stores(), clock=clock)  # its own store
+    with pytest.raises(AlreadyExists) as info:
+        restarted.create_offer(_request("r1"), None)
+    assert info.value.reason == Reason.REQUEST_ID_REUSED
 
 
 @pytest.mark.asyncio
-async def test_cancelled_watches_do_not_leak(tmp_path: Path) -> None:
+async def test_cancelled_watches_do_not_leak(stores: StoreFactory, tmp_path: Path) -> None:
     config = BrokerConfig(
         listen="127.0.0.1:0",
         data_dir=tmp_path,
+        store_url=stores.url,  # None: SQLite in data_dir
         sweep_interval_s=0.1,
         watches_per_party=50,
         watches_per_address=50,
     )
     running = await ferry.broker.start_server(config)
     try:
+        assert (
+            type(running.store).__name__
+            == {"sqlite": "SqliteStore", "redis": "RedisStore"}[stores.kind]
+        )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = broker_pb2_grpc.BrokerServiceStub(channel)
             offer = await stub.CreateOffer(_request(), timeout=5)

@@ -1,9 +1,11 @@
-"""ResumeSession in the Broker domain: new PeerInfo, attempts, leases and watchers."""
+"""ResumeSession in the Broker domain: new PeerInfo, attempts, leases and watchers.
+
+Every test runs on both stores: SqliteStore, and RedisStore on a real redis-server.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +16,10 @@ from ferry.broker import states
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker
 from ferry.broker.errors import Aborted, InvalidArgument, Reason, ResourceExhausted, Unauthenticated
-from ferry.broker.store import SessionRecord, SqliteStore, StaleRecord
+from ferry.broker.store import SessionRecord, StaleRecord
 from ferry.v1 import broker_pb2
 from tests.support.broker_flow import claim_confirmed, pake_sender
+from tests.support.redis import STORE_KINDS, RedisServer, StoreFactory
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -54,7 +57,7 @@ class Session:
 class Env:
     broker: Broker
     clock: FakeClock
-    db: Path
+    stores: StoreFactory
 
     def offer(self, host: str = "laptop", claim: bool = True) -> Session:
         request = broker_pb2.CreateOfferRequest(
@@ -74,22 +77,22 @@ class Env:
         return s
 
     def leases(self) -> list[tuple[str, int, int]]:
-        with sqlite3.connect(self.db) as db:
-            rows = db.execute("SELECT session_id, first_port, last_port FROM leases").fetchall()
-        return sorted((f"sessions/{r[0]}", int(r[1]), int(r[2])) for r in rows)
+        return [(f"sessions/{sid}", first, last) for sid, first, last in self.stores.leases()]
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=STORE_KINDS)
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
     clock = FakeClock()
-    db = tmp_path / "b.sqlite3"
-    store = SqliteStore(db)
-    try:
-        yield Env(
-            Broker(BrokerConfig(data_dir=tmp_path, stream_count=4), store, clock=clock), clock, db
-        )
-    finally:
-        store.close()
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+    with StoreFactory(request.param, tmp_path, url) as stores:
+        config = BrokerConfig(data_dir=tmp_path, stream_count=4)
+        yield Env(Broker(config, stores(), clock=clock), clock, stores)
 
 
 def _reflexive(peer: broker_pb2.PeerInfo) -> list[str]:
