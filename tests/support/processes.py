@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,10 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FAST_BROKER", "BrokerProcess", "FerryProcess", "read_json_line"]
+__all__ = ["FAST_BROKER", "BrokerProcess", "FerryProcess", "free_port", "read_json_line"]
 
 # Broker flags that make expiry observable within a test's time.
 FAST_BROKER = ["--sweep-interval", "0.2", "--offer-ttl-min", "0.5", "--log-level", "WARNING"]
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[str, Any]:

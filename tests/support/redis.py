@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import time
@@ -35,6 +34,7 @@ from ferry.broker.core import timestamp
 from ferry.broker.redis_store import RedisStore
 from ferry.broker.store import SessionRecord, SqliteStore, Store
 from ferry.v1 import broker_pb2
+from tests.support.processes import free_port
 
 __all__ = [
     "STORE_KINDS",
@@ -71,13 +71,6 @@ def ensure_redis() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class RedisServer:
     """One redis-server process on 127.0.0.1, its files in `dir`."""
@@ -102,7 +95,7 @@ class RedisServer:
         binary = ensure_redis()
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
-            self.port = _free_port()
+            self.port = free_port()
         if self.tls is None:
             ports = ["--port", str(self.port)]
         else:

@@ -40,7 +40,6 @@ import hmac
 import http.client
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -53,6 +52,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
+from tests.support.processes import free_port
 
 __all__ = [
     "S3RVER_VERSION",
@@ -179,13 +180,6 @@ def _run(command: list[str], timeout: float) -> str:
     return done.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class S3Server:
     """One S3-protocol server process ("moto" or "s3rver") and its bucket."""
@@ -219,7 +213,7 @@ class S3Server:
         """Start the server, wait until it answers (<= 20 s), create the bucket."""
         if self.kind not in S3_KINDS:
             raise ValueError(f"unknown S3 server kind {self.kind!r}")
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,

@@ -4,7 +4,6 @@ each on both stores (SqliteStore, and RedisStore on a real redis-server)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,27 +17,9 @@ from ferry.broker.errors import AlreadyExists, Reason
 from ferry.broker.store import Store
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.support.broker_flow import claim_confirmed, pake_sender
-from tests.support.redis import STORE_KINDS, RedisServer, StoreFactory
+from tests.support.redis import StoreFactory
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(params=STORE_KINDS)
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    with StoreFactory(request.param, tmp_path, url) as factory:
-        yield factory
-
-
-@pytest.fixture
-def store(stores: StoreFactory) -> Store:
-    return stores()
 
 
 class FakeClock:

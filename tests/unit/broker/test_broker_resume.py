@@ -19,7 +19,7 @@ from ferry.broker.errors import Aborted, InvalidArgument, Reason, ResourceExhaus
 from ferry.broker.store import SessionRecord, StaleRecord
 from ferry.v1 import broker_pb2
 from tests.support.broker_flow import claim_confirmed, pake_sender
-from tests.support.redis import STORE_KINDS, RedisServer, StoreFactory
+from tests.support.redis import STORE_KINDS, StoreFactory
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -78,12 +78,6 @@ class Env:
 
     def leases(self) -> list[tuple[str, int, int]]:
         return [(f"sessions/{sid}", first, last) for sid, first, last in self.stores.leases()]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(params=STORE_KINDS)

@@ -41,12 +41,6 @@ from tests.support.tls import TestPKI
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture
 def stores(redis_server: RedisServer, tmp_path: Path) -> Iterator[StoreFactory]:
     with StoreFactory("redis", tmp_path, redis_server.url) as factory:

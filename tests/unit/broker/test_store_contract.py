@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,32 +28,13 @@ from ferry.broker.store import (
     StoreQuota,
     UploadRecord,
 )
-from tests.support.redis import STORE_KINDS, RedisServer, StoreFactory, session_record
+from tests.support.redis import StoreFactory, session_record
 
 pytestmark = pytest.mark.timeout(60)
 
 Party = states.Party
 LIVE = sorted(states.LIVE_STATES)
 FINAL = sorted(states.FINAL_STATES)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(params=STORE_KINDS)
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Opens stores over one backing: the first is the test's store, the next its replicas."""
-    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    with StoreFactory(request.param, tmp_path, url) as factory:
-        yield factory
-
-
-@pytest.fixture
-def store(stores: StoreFactory) -> Store:
-    return stores()
 
 
 def _ids(records: list[SessionRecord]) -> list[str]:

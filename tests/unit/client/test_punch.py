@@ -30,16 +30,11 @@ from ferry.client._punch import (
 from ferry.client._reflexive import REFLEXIVE, gather
 from ferry.protocol.knock import NONCE_SIZE, Knocker
 from ferry.v1 import broker_pb2
+from tests.support.processes import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
 HOST = broker_pb2.Candidate.KIND_HOST
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_data_sockets_share_their_port() -> None:
@@ -66,7 +61,7 @@ def test_endpoints_show_v4_mapped_addresses_as_ipv4() -> None:
 
 
 def test_the_dialer_keeps_dialing_until_a_listener_appears() -> None:
-    port = _free_port()
+    port = free_port()
     local = reserve_ports(1)
     got: list[tuple[socket.socket, Target]] = []
     dialer = Dialer(lambda sock, target: got.append((sock, target)))
@@ -224,7 +219,7 @@ def test_gathering_finds_the_reflexive_twin_of_every_data_port() -> None:
             none = await asyncio.to_thread(gather, ports, None)
             assert none.reflexive_error
             assert none.probes == []
-            dead = await asyncio.to_thread(gather, ports, ("127.0.0.1", _free_port()))
+            dead = await asyncio.to_thread(gather, ports, ("127.0.0.1", free_port()))
             assert "did not answer" in dead.reflexive_error
             assert [c.kind for c in dead.candidates] == [HOST]  # host ones still
         finally:
@@ -238,7 +233,7 @@ def test_a_peer_s_candidates_cannot_turn_the_dialer_into_a_syn_flood() -> None:
     whose resets make us retry within milliseconds: the dialer still makes at most
     MAX_TRIES_PER_SECOND connect() calls a second (after a burst of MAX_TARGETS)."""
     victim = "127.0.0.1"  # every port closed: every SYN answered by a reset at once
-    closed = [_free_port() for _ in range(MAX_TARGETS)]
+    closed = [free_port() for _ in range(MAX_TARGETS)]
     local = reserve_ports(1)
     dialer = Dialer(lambda sock, target: sock.close())
     dialer.add(Target(1, victim, port, local[0].getsockname()[1], "reflexive") for port in closed)
