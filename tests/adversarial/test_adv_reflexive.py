@@ -211,5 +211,8 @@ def test_floods_do_not_grow_memory_or_descriptors(broker_factory: BrokerFactory)
         peak.stop()
         peaks.append(peak)
     assert peaks[1].rss <= peaks[0].rss + (4 << 20), (peaks[0].rss, peaks[1].rss)
-    assert peaks[1].fds <= peaks[0].fds + 100, (peaks[0].fds, peaks[1].fds)
+    # Descriptors: back to `base` after each flood (waited for above). Their sampled peaks
+    # depend on how the flood and the broker's loop interleave (157 and 264 in one CI run),
+    # so they are bounded only by the flood itself, not compared with each other.
+    assert all(p.fds <= base + 300 + 32 for p in peaks), [p.fds for p in peaks]
     assert _answers(broker)
