@@ -28,14 +28,16 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from nacl.exceptions import CryptoError
+from nacl.secret import SecretBox
 
 from ferry.broker import codes, leases, states, validation
 from ferry.broker.config import BrokerConfig
@@ -51,6 +53,7 @@ from ferry.broker.errors import (
     Unauthenticated,
 )
 from ferry.broker.hub import Hub, WatchLimits
+from ferry.broker.ledger import MemoryLedger
 from ferry.broker.ratelimit import ClaimLimiter, SourceLimiter
 from ferry.broker.states import Event, Party
 from ferry.broker.store import SessionRecord, StaleRecord, StorageFull, Store
@@ -60,7 +63,6 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
-_IDEMPOTENCY_CACHE_SIZE = 10_000
 _SWEEP_BATCH = 500
 # Rough cost of an offer's row beside its manifest (peer info, tokens, times), for the disk check.
 _ROW_OVERHEAD_BYTES = 64 << 10
@@ -129,29 +131,35 @@ class Broker:
                 config.watch_bytes_total,
             )
         )
-        # Calls of any kind per source (checked by the servicer before a call is handled).
-        self.calls = SourceLimiter(config.calls_burst_per_address, config.calls_rate_per_address)
+        # Limits, claim times and retry answers: shared by the replicas of one Redis
+        # (ledger.py), so spreading calls over replicas gains a guesser nothing.
+        self.ledger = store.ledger()
+        # Calls of any kind per source (checked by the servicer before a call is handled): in
+        # this process only, on purpose: it guards this process's event loop, and costs no
+        # round trip to a shared store on every call.
+        self.calls = SourceLimiter(
+            MemoryLedger(clock),
+            "call",
+            config.calls_burst_per_address,
+            config.calls_rate_per_address,
+        )
         self.offers = SourceLimiter(
-            config.offer_burst_per_address, config.offer_refill_per_address_s
+            self.ledger,
+            "offer",
+            config.offer_burst_per_address,
+            config.offer_refill_per_address_s,
         )
         self.limiter = ClaimLimiter(
+            self.ledger,
             config.claim_burst_per_ip,
             config.claim_refill_per_ip_s,
             config.claim_burst_global,
             config.claim_refill_global_s,
-            clock(),
             flood_cost=config.claim_flood_cost,
             ipv4_prefix=config.caller_ipv4_prefix,
             ipv6_prefix=config.caller_ipv6_prefix,
+            guesses_kept_s=config.offer_ttl_max_s,
         )
-        # session_id -> when its live offer was claimed, for claim_confirm_timeout_s. In
-        # memory: after a restart the clock starts again at the next claim of the nameplate.
-        self._claimed_at: OrderedDict[str, float] = OrderedDict()
-        # request_id -> what a retried CreateOffer needs to answer as the first time did. In
-        # memory only, on purpose: it holds the code and the sender's token, which the store
-        # never sees in clear. Never the response itself: the session (its manifest) is read
-        # back from the store, so an entry is a few hundred bytes, not the manifest's size.
-        self._replies: OrderedDict[str, _Reply] = OrderedDict()
 
     def broker_id(self) -> str:
         """This broker's stable id, kept in (and shared through) its store."""
@@ -213,14 +221,14 @@ class Broker:
             session=session,
             sender_token_hash=codes.hash_token(token),
             code_hash=code_hash,
-            request_id=request.request_id or None,
+            request_id=_request_key(request.request_id) if request.request_id else None,
             claim_verifier=request.claim_verifier or None,
         )
         self.store.create_session(record)
         response = broker_pb2.CreateOfferResponse(session=session, code=code, party_token=token)
         if request.request_id:
             reply = _Reply(fingerprint, record.session_id, code, token, now + ttl)
-            self._remember(request.request_id, reply)
+            self._remember(request.request_id, reply, ttl)
         log.info("offer created", extra={"session": session.name})
         return response
 
@@ -259,7 +267,7 @@ class Broker:
     def _replay(
         self, request_id: str, fingerprint: str, now: float
     ) -> broker_pb2.CreateOfferResponse | None:
-        cached = self._replies.get(request_id)
+        cached = _Reply.unseal(request_id, self.ledger.get(_reply_key(request_id)))
         if cached is not None and cached.expire_s > now:
             if cached.fingerprint != fingerprint:
                 raise AlreadyExists(
@@ -271,8 +279,8 @@ class Broker:
                 return broker_pb2.CreateOfferResponse(
                     session=current.session, code=cached.code, party_token=cached.token
                 )
-            del self._replies[request_id]  # deleted after its retention: a new offer
-        existing = self.store.find_by_request_id(request_id)
+            self.ledger.forget(_reply_key(request_id))  # deleted after its retention: a new offer
+        existing = self.store.find_by_request_id(_request_key(request_id))
         if existing is not None and existing.expire_s > now:
             raise AlreadyExists(
                 Reason.REQUEST_ID_REUSED,
@@ -281,13 +289,9 @@ class Broker:
             )
         return None
 
-    def _remember(self, request_id: str, reply: _Reply) -> None:
-        now = self.clock()
-        for key in [k for k, v in self._replies.items() if v.expire_s <= now]:
-            del self._replies[key]
-        while len(self._replies) >= _IDEMPOTENCY_CACHE_SIZE:
-            self._replies.popitem(last=False)
-        self._replies[request_id] = reply
+    def _remember(self, request_id: str, reply: _Reply, ttl_s: float) -> None:
+        """Keep what a retry needs, sealed (see _Reply), for the offer's lifetime."""
+        self.ledger.put(_reply_key(request_id), reply.seal(request_id), ttl_s)
 
     def claim_offer(
         self,
@@ -379,9 +383,13 @@ class Broker:
         """Note when a live (PAKE) offer was claimed, for claim_confirm_timeout_s."""
         if record.claim_verifier is not None:
             return
-        while len(self._claimed_at) >= _IDEMPOTENCY_CACHE_SIZE:
-            self._claimed_at.popitem(last=False)
-        self._claimed_at[record.session_id] = now
+        self._claimed_at(record.session_id, now)
+
+    def _claimed_at(self, session_id: str, now: float) -> float:
+        """When the live offer was claimed (noted now if it was not), in the ledger: a
+        replica that dies, or one that sees the next claim, still knows the first one."""
+        ttl = self.config.offer_ttl_max_s + self.config.claim_confirm_timeout_s
+        return self.ledger.first(f"claimed:{session_id}", now, ttl)
 
     def _guessed_at(self, record: SessionRecord, now: float) -> None:
         """A wrong verifier for a found store-and-forward offer: count it against the offer,
@@ -410,7 +418,7 @@ class Broker:
             or session.receiver.key_confirmation
         ):
             return
-        claimed_at = self._claimed_at.setdefault(record.session_id, now)
+        claimed_at = self._claimed_at(record.session_id, now)
         if now - claimed_at >= self.config.claim_confirm_timeout_s:
             self._give_up(
                 record,
@@ -425,7 +433,7 @@ class Broker:
             self._fire(record, Event.EXPIRE, Party.BROKER)
         except (Aborted, states.LifecycleError):  # a call changed it meanwhile
             return
-        self._claimed_at.pop(record.session_id, None)
+        self.ledger.forget(f"claimed:{record.session_id}")
         log.info("offer given up", extra={"session": record.session.name, "why": reason})
 
     def confirm_key(
@@ -828,13 +836,51 @@ class Broker:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Reply:
-    """What a retried CreateOffer (same request_id) needs to answer as the first call did."""
+    """What a retried CreateOffer (same request_id) needs to answer as the first call did.
+
+    It holds the nameplate and the sender's token, which the store otherwise keeps only as
+    hashes; so the ledger (on Redis: shared, so that a retry reaching another replica is
+    answered too) keeps it sealed under a key derived from the request id, and finds it by
+    another hash of that id. The store never sees the id itself either (_request_key): reading
+    a reply takes the id, which only the sender knows (the client makes it random: 122 bits).
+    Never the response itself: the session (its manifest) is read back from the store, so an
+    entry is a few hundred bytes, not the manifest's size.
+    """
 
     fingerprint: str
     session_id: str
     code: str
     token: str
     expire_s: float
+
+    def seal(self, request_id: str) -> bytes:
+        plain = json.dumps(dataclasses.astuple(self)).encode()
+        return bytes(SecretBox(_digest(request_id, b"ferry-reply-key")).encrypt(plain))
+
+    @classmethod
+    def unseal(cls, request_id: str, sealed: bytes | None) -> _Reply | None:
+        """The reply sealed under `request_id`; None if none is, or it does not open."""
+        if sealed is None:
+            return None
+        try:
+            fields = json.loads(SecretBox(_digest(request_id, b"ferry-reply-key")).decrypt(sealed))
+            return cls(*fields)
+        except (CryptoError, ValueError, TypeError):
+            return None
+
+
+def _digest(request_id: str, person: bytes) -> bytes:
+    return hashlib.blake2b(request_id.encode(), digest_size=32, person=person).digest()
+
+
+def _reply_key(request_id: str) -> str:
+    """Where the ledger keeps the sealed reply to `request_id`."""
+    return "reply:" + _digest(request_id, b"ferry-reply-id").hex()
+
+
+def _request_key(request_id: str) -> str:
+    """What the store indexes an offer's request id by (never the id: it opens the reply)."""
+    return _digest(request_id, b"ferry-request").hex()
 
 
 def _update_peer(stored: broker_pb2.PeerInfo, peer: broker_pb2.PeerInfo, ip: str | None) -> None:

@@ -1,4 +1,5 @@
-"""Token buckets, pure: the caller passes the time. Used to slow down code guessing.
+"""Rate limits over a Ledger (ledger.py): the caller passes the time. They slow down code
+guessing and floods of offers or calls.
 
 Limits count per source network (:func:`source_of`): an IPv4 address, an IPv6 /64.
 """
@@ -7,39 +8,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections import OrderedDict
 
-
-class TokenBucket:
-    """`burst` tokens, refilled at `rate` per second."""
-
-    __slots__ = ("_stamp", "_tokens", "burst", "rate")
-
-    def __init__(self, burst: float, rate: float, now: float) -> None:
-        self.burst = burst
-        self.rate = rate
-        self._tokens = burst
-        self._stamp = now
-
-    def _refill(self, now: float) -> None:
-        if now > self._stamp:
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = max(self._stamp, now)
-
-    def has_token(self, now: float) -> bool:
-        """Whether at least one token is there (without taking it)."""
-        self._refill(now)
-        return self._tokens >= 1.0
-
-    def take(self, now: float) -> None:
-        """Spend one token (the count may go below zero, which delays recovery)."""
-        self._refill(now)
-        self._tokens -= 1.0
-
-    def is_full(self, now: float) -> bool:
-        """Whether the bucket is back at its burst size."""
-        self._refill(now)
-        return self._tokens >= self.burst
+from ferry.broker.ledger import Ledger
 
 
 @functools.lru_cache(maxsize=4096)  # parsed on every call: about 6 % of a negotiation's CPU
@@ -80,31 +50,29 @@ class ClaimLimiter:
       give up an offer that is being guessed at instead of letting its guess count grow with
       its lifetime.
 
-    At most `max_sources` source buckets (and as many offer counts) are kept; full buckets
-    are dropped first, then the oldest.
+    All of it lives in `ledger`: on Redis every replica counts into the same buckets, so a
+    guesser gains nothing by spreading its claims over the replicas.
     """
 
     def __init__(
         self,
+        ledger: Ledger,
         burst_per_ip: float,
         rate_per_ip: float,
         burst_global: float,
         rate_global: float,
-        now: float,
-        max_ips: int = 100_000,
         *,
         flood_cost: float = 10.0,
         ipv4_prefix: int = 32,
         ipv6_prefix: int = 64,
+        guesses_kept_s: float = 24 * 3600.0,
     ) -> None:
-        self._burst_ip = burst_per_ip
-        self._rate_ip = rate_per_ip
-        self._global = TokenBucket(burst_global, rate_global, now)
-        self._ips: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._max_ips = max_ips
+        self._ledger = ledger
+        self._ip = (burst_per_ip, rate_per_ip)
+        self._global = (burst_global, rate_global)
         self._flood_cost = max(1.0, flood_cost)
         self._prefixes = (ipv4_prefix, ipv6_prefix)
-        self._offers: OrderedDict[str, int] = OrderedDict()
+        self._guesses_kept_s = guesses_kept_s
 
     def source(self, ip: str | None) -> str:
         """The source network `ip` is counted as."""
@@ -112,37 +80,21 @@ class ClaimLimiter:
 
     def allowed(self, ip: str | None, now: float) -> bool:
         """Whether a claim from `ip` may be tried now (only its own source's failures count)."""
-        bucket = self._ips.get(self.source(ip))
-        return bucket is None or bucket.has_token(now)
+        return self._ledger.has_token(f"claim:{self.source(ip)}", *self._ip, now)
 
     def flooded(self, now: float) -> bool:
         """Whether failed claims broker-wide are over the global allowance just now."""
-        return not self._global.has_token(now)
+        return not self._ledger.has_token("claims", *self._global, now)
 
     def failed(self, ip: str | None, now: float) -> None:
         """Record a failed claim from `ip`: its source pays more while the broker is flooded."""
-        cost = self._flood_cost if self.flooded(now) else 1.0
-        self._global.take(now)
-        key = self.source(ip)
-        bucket = self._ips.get(key)
-        if bucket is None:
-            if len(self._ips) >= self._max_ips:
-                self._evict(now)
-            bucket = self._ips[key] = TokenBucket(self._burst_ip, self._rate_ip, now)
-        self._ips.move_to_end(key)
-        for _ in range(int(cost)):
-            bucket.take(now)
+        flooded = not self._ledger.take("claims", *self._global, now, force=True)
+        cost = self._flood_cost if flooded else 1.0
+        self._ledger.take(f"claim:{self.source(ip)}", *self._ip, now, cost=cost, force=True)
 
     def offer_failed(self, offer: str) -> int:
         """Count a failed claim of the found offer `offer`; return its count so far."""
-        count = self._offers.pop(offer, 0) + 1
-        while len(self._offers) >= self._max_ips:
-            self._offers.popitem(last=False)
-        self._offers[offer] = count
-        return count
-
-    def _evict(self, now: float) -> None:
-        _make_room(self._ips, self._max_ips, now)
+        return self._ledger.count(f"guess:{offer}", self._guesses_kept_s)
 
 
 class SourceLimiter:
@@ -153,39 +105,16 @@ class SourceLimiter:
     back is no new offer); an empty bucket refuses. The key is the caller's address, an IPv6 one by
     its /64 (:func:`source_of`), so one host cannot spread a flood over its own subnet.
     There is no broker-wide bucket on purpose: it would let one flooder lock out everyone.
-    At most `max_keys` buckets are kept; full buckets are dropped first, then the oldest.
+    The buckets live in `ledger` under `name`: shared by replicas on Redis (new offers), or
+    this process's own (calls: what one replica's event loop can take is its own business).
     """
 
-    def __init__(self, burst: float, rate: float, max_keys: int = 100_000) -> None:
+    def __init__(self, ledger: Ledger, name: str, burst: float, rate: float) -> None:
+        self._ledger = ledger
+        self._name = name
         self._burst = burst
         self._rate = rate
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._max_keys = max_keys
 
     def take(self, key: str, now: float) -> bool:
         """Spend one of `key`'s tokens if it has one; whether it had."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self._max_keys:
-                self._evict(now)
-            bucket = self._buckets[key] = TokenBucket(self._burst, self._rate, now)
-        self._buckets.move_to_end(key)
-        if not bucket.has_token(now):
-            return False
-        bucket.take(now)
-        return True
-
-    def _evict(self, now: float) -> None:
-        _make_room(self._buckets, self._max_keys, now)
-
-
-def _make_room(buckets: OrderedDict[str, TokenBucket], max_keys: int, now: float) -> None:
-    """Drop the full buckets (they remember nothing), then the least recently used, down to
-    nine tenths of `max_keys`: a pass over all of them, so it must not run on every new key
-    once the table is full (100,000 keys, each new source paying a full pass, would let a
-    botnet buy tens of milliseconds of the broker's time per call)."""
-    for key in [k for k, b in buckets.items() if b.is_full(now)]:
-        del buckets[key]
-    keep = max_keys * 9 // 10
-    while len(buckets) > keep:
-        buckets.popitem(last=False)
+        return self._ledger.take(f"{self._name}:{key}", self._burst, self._rate, now)

@@ -36,14 +36,17 @@ Keys, all under a prefix (default ``ferry:``; give each broker deployment its ow
     {prefix}broker_id         string  the broker's id (SET NX: made once)
     {prefix}token_key         string  32 random bytes keying code hashes and derived tokens
                                       (SET NX: made once, so every replica finds every code)
+    {prefix}x:{key}           (any)   the ledger's entries (RedisLedger; ledger.py): rate-limit
+                                      buckets (hash), guess counts, claim times, sealed retry
+                                      answers; each with a Redis TTL
 
 Every index is written by the same script as the session it points to: clearing a code hash
 takes its `c:` entry away, setting the receiver's token hash adds its `t:` entry, and
 `delete_ended` leaves no key of a deleted session behind (its uploads stay for the cleaner,
-as on SQLite). Nothing expires by a Redis TTL: time is the broker's clock, passed in, as on
-SQLite. Secrets reach this module only as hashes; nothing here logs a key or a value. An
-empty code hash, receiver token hash, request id or verifier is stored as none (the broker
-never makes an empty one).
+as on SQLite). Nothing but the ledger's entries expires by a Redis TTL: time is the broker's
+clock, passed in, as on SQLite. Secrets reach this module only as hashes; nothing here logs
+a key or a value. An empty code hash, receiver token hash, request id or verifier is stored
+as none (the broker never makes an empty one).
 
 Durability is the Redis server's: a broker restart loses nothing, a Redis restart keeps
 what its persistence kept. With ``appendonly yes`` (``appendfsync everysec``) a killed Redis
@@ -83,6 +86,7 @@ from redis.retry import Retry
 
 from ferry.broker import leases
 from ferry.broker.errors import Reason, Unavailable
+from ferry.broker.ledger import MAX_TTL_S, rounded_ms
 from ferry.broker.states import CONNECTING, LIVE_STATES, TRANSFERRING, Party
 from ferry.broker.store import (
     QuotaExceeded,
@@ -451,6 +455,44 @@ return #ids
 )
 
 
+# The ledger's token buckets (ledger.py: the same arithmetic as ledger.Bucket). A bucket is a
+# hash of tokens and stamp that expires once it would be full again: a missing one is full.
+_BUCKET = """
+local burst, rate, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, stamp = burst, now
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+if b[1] then
+  tokens, stamp = tonumber(b[1]), tonumber(b[2])
+  if now > stamp then
+    tokens = math.min(burst, tokens + (now - stamp) * rate)
+    stamp = now
+  end
+end
+"""
+
+# KEYS: the bucket. ARGV: burst, rate, now. 1 if it holds a token, else 0.
+_PEEK = _READS + _BUCKET + "return tokens >= 1 and 1 or 0\n"
+
+# KEYS: the bucket. ARGV: burst, rate, now, cost, force ("1"/"0"), longest ttl (ms).
+# 1 if it held a token, else 0; spends `cost` if it did, or anyway if forced.
+_TAKE = (
+    _WRITES
+    + _BUCKET
+    + """
+local had = tokens >= 1
+if had or ARGV[5] == '1' then
+  tokens = tokens - tonumber(ARGV[4])
+  local ms = tonumber(ARGV[6])
+  if rate > 0 then ms = math.min(ms, math.ceil((burst - tokens) / rate * 1000) + 1000) end
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+    'stamp', string.format('%.17g', stamp))
+  redis.call('PEXPIRE', KEYS[1], ms)
+end
+return had and 1 or 0
+"""
+)
+
+
 # -- conversions ------------------------------------------------------------------------------
 
 
@@ -543,6 +585,7 @@ class RedisStore:
         self._delete_upload = script(_DELETE_UPLOAD)
         self._to_clean = script(_TO_CLEAN)
         self._delete_ended = script(_DELETE_ENDED)
+        self._ledger = RedisLedger(self)
 
     @classmethod
     def from_url(
@@ -876,5 +919,73 @@ class RedisStore:
             _, value = pipe.execute()
         return cast(bytes, value)
 
+    def ledger(self) -> RedisLedger:
+        return self._ledger
+
     def close(self) -> None:
         self._redis.close()
+
+
+class RedisLedger:
+    """The Ledger (ledger.py) of the replicas on one Redis: keys ``{prefix}x:{key}``.
+
+    Unlike the store's keys these expire by Redis's TTL: what they hold (an allowance, a
+    count, a sealed retry answer) only matters for a while, and no sweep then needs to find
+    them. Writes past maxmemory raise StorageFull, like the store's.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._redis = store._redis
+        self._prefix = store._prefix + "x:"
+        self._peek = self._redis.register_script(_PEEK)
+        self._take = self._redis.register_script(_TAKE)
+
+    def has_token(self, key: str, burst: float, rate: float, now: float) -> bool:
+        with self._store._errors():
+            held = self._peek(keys=[self._prefix + key], args=[_num(burst), _num(rate), _num(now)])
+        return bool(held)
+
+    def take(
+        self,
+        key: str,
+        burst: float,
+        rate: float,
+        now: float,
+        cost: float = 1.0,
+        force: bool = False,
+    ) -> bool:
+        args = [_num(burst), _num(rate), _num(now), _num(cost), "1" if force else "0"]
+        with self._store._errors():
+            had = self._take(keys=[self._prefix + key], args=[*args, rounded_ms(MAX_TTL_S)])
+        return bool(had)
+
+    def count(self, key: str, ttl_s: float) -> int:
+        name = self._prefix + key
+        with self._store._errors():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.incr(name)
+            pipe.pexpire(name, rounded_ms(min(ttl_s, MAX_TTL_S)), nx=True)
+            value, _ = pipe.execute()
+        return int(value)
+
+    def first(self, key: str, now: float, ttl_s: float) -> float:
+        name = self._prefix + key
+        with self._store._errors():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.set(name, _num(now), nx=True, px=rounded_ms(min(ttl_s, MAX_TTL_S)))
+            pipe.get(name)
+            _, value = pipe.execute()
+        return float(value)
+
+    def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        with self._store._errors():
+            self._redis.set(self._prefix + key, value, px=rounded_ms(min(ttl_s, MAX_TTL_S)))
+
+    def get(self, key: str) -> bytes | None:
+        with self._store._errors():
+            return cast("bytes | None", self._redis.get(self._prefix + key))
+
+    def forget(self, key: str) -> None:
+        with self._store._errors():
+            self._redis.delete(self._prefix + key)

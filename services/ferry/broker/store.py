@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from ferry.broker import leases
 from ferry.broker.errors import Reason, ResourceExhausted
+from ferry.broker.ledger import Ledger, MemoryLedger
 from ferry.broker.states import CONNECTING, FINAL_STATES, LIVE_STATES, TRANSFERRING, Party
 from ferry.v1 import broker_pb2
 
@@ -210,6 +211,10 @@ class Store(Protocol):
         that every broker sharing it uses (Redis: made once, atomically); None: each broker
         process keeps its own (SQLite: token.key beside the database)."""
 
+    def ledger(self) -> Ledger:
+        """The rate-limit buckets, counters and sealed retry answers of the brokers on this
+        store (ledger.py): shared through it by replicas (Redis), else in this process."""
+
     def close(self) -> None:
         """Release the store's resources."""
 
@@ -375,6 +380,7 @@ class SqliteStore:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         for index in _ADDED_INDEXES:
             self._db.execute(index)
+        self._ledger = MemoryLedger()
 
     def create_session(self, record: SessionRecord) -> None:
         s = record.session
@@ -657,6 +663,9 @@ class SqliteStore:
 
     def token_key(self) -> bytes | None:
         return None  # one process per SQLite file: its token.key file
+
+    def ledger(self) -> Ledger:
+        return self._ledger  # one process per SQLite file: in its memory
 
     def close(self) -> None:
         self._db.close()

@@ -8,23 +8,36 @@ full table is cut to nine tenths at once, so the next tenth of new sources costs
 
 from __future__ import annotations
 
+from ferry.broker.ledger import MemoryLedger
 from ferry.broker.ratelimit import ClaimLimiter, SourceLimiter
 
 MAX = 1000
 
 
-def _spent_offer_limiter() -> SourceLimiter:
-    limiter = SourceLimiter(burst=1, rate=0.001, max_keys=MAX)
-    for i in range(MAX):
-        assert limiter.take(f"attacker-{i}", 1.0)
-    return limiter
+class _Spent:
+    def __init__(self) -> None:
+        self.ledger = MemoryLedger(max_keys=MAX)
+        self.limiter = SourceLimiter(self.ledger, "offer", burst=1, rate=0.001)
+        for i in range(MAX):
+            assert self.limiter.take(f"attacker-{i}", 1.0)
+
+    @property
+    def _buckets(self) -> int:
+        return len(self.ledger._buckets)
+
+    def take(self, key: str, now: float) -> bool:
+        return self.limiter.take(key, now)
+
+
+def _spent_offer_limiter() -> _Spent:
+    return _Spent()
 
 
 def test_a_full_table_of_spent_buckets_is_cut_to_nine_tenths_at_once() -> None:
     limiter = _spent_offer_limiter()
-    assert len(limiter._buckets) == MAX
+    assert limiter._buckets == MAX
     limiter.take("newcomer", 1.0)
-    assert len(limiter._buckets) == MAX * 9 // 10 + 1
+    assert limiter._buckets == MAX * 9 // 10 + 1
 
 
 def test_the_next_tenth_of_new_sources_needs_no_pass() -> None:
@@ -33,7 +46,7 @@ def test_the_next_tenth_of_new_sources_needs_no_pass() -> None:
     sizes = []
     for i in range(1, MAX // 10):
         limiter.take(f"newcomer-{i}", 1.0)
-        sizes.append(len(limiter._buckets))
+        sizes.append(limiter._buckets)
     assert sizes == sorted(sizes)  # it only grew: nothing was evicted, no pass was made
     assert sizes[-1] == MAX
 
@@ -46,8 +59,9 @@ def test_the_most_recent_sources_are_kept() -> None:
 
 
 def test_the_claim_limiter_cuts_its_table_the_same_way() -> None:
-    limiter = ClaimLimiter(1, 0.001, 100, 100, 0.0, max_ips=MAX)
-    for i in range(MAX):
+    ledger = MemoryLedger(max_keys=MAX)
+    limiter = ClaimLimiter(ledger, 1, 0.001, 100, 100)
+    for i in range(MAX - 1):  # with the broker-wide bucket, MAX buckets
         limiter.failed(f"10.0.{i >> 8}.{i & 255}", 1.0)
     limiter.failed("192.0.2.1", 1.0)
-    assert len(limiter._ips) == MAX * 9 // 10 + 1
+    assert len(ledger._buckets) == MAX * 9 // 10 + 1
