@@ -25,6 +25,7 @@ gives the lease back to what the stored plan says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -67,6 +68,7 @@ _SWEEP_BATCH = 500
 # Rough cost of an offer's row beside its manifest (peer info, tokens, times), for the disk check.
 _ROW_OVERHEAD_BYTES = 64 << 10
 _NAMEPLATE_TRIES = 20
+_CLAIM_TRIES = 3
 _CONNECTABLE = frozenset({states.ACCEPTED, states.CONNECTING, states.TRANSFERRING})
 
 
@@ -336,6 +338,27 @@ class Broker:
                 Reason.RATE_LIMITED,
                 "too many failed code claims from this address; wait a little and try again",
             )
+        # A claim that loses the session's compare-and-set to another call (another claim of
+        # the same code, on this replica or another) looks again: the code is then claimed,
+        # and this claim answers as any second claim does (NOT_FOUND), not ABORTED, which
+        # would tell a guesser that the nameplate exists.
+        for _ in range(_CLAIM_TRIES - 1):
+            with contextlib.suppress(_Raced):
+                return self._claim_once(code, peer_ip, request_id, pake_message, claim_verifier)
+        try:
+            return self._claim_once(code, peer_ip, request_id, pake_message, claim_verifier)
+        except _Raced:
+            raise Aborted(Reason.CONFLICT, "the offer changed meanwhile; retry") from None
+
+    def _claim_once(
+        self,
+        code: str,
+        peer_ip: str | None,
+        request_id: str,
+        pake_message: bytes,
+        claim_verifier: bytes,
+    ) -> broker_pb2.ClaimOfferResponse:
+        now = self.clock()
         normalized = codes.normalize(code)
         record = None
         if codes.is_well_formed(normalized):
@@ -373,7 +396,12 @@ class Broker:
         record.receiver_token_hash = codes.hash_token(token)
         if record.claim_verifier is None:
             record.session.receiver.pake_message = pake_message
-        record = self._fire(record, Event.CLAIM, Party.RECEIVER)
+        try:
+            record = self._fire(record, Event.CLAIM, Party.RECEIVER)
+        except Aborted as exc:
+            if exc.reason != Reason.CONFLICT:
+                raise
+            raise _Raced from None
         self._remember_claim(record, now)
         return broker_pb2.ClaimOfferResponse(
             session=view(record.session, Party.RECEIVER), party_token=token
@@ -832,6 +860,10 @@ class Broker:
             self.store.release_lease(record.session_id)
         self.hub.publish(record.session_id, record.version, session)
         return session
+
+
+class _Raced(Exception):
+    """A claim lost the session's compare-and-set: look again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
