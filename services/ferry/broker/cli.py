@@ -2,57 +2,20 @@
 
 :func:`add_arguments` adds every broker flag to a parser, :func:`config_from_arguments` turns
 the parsed flags into a :class:`BrokerConfig` and :func:`configure_logging` applies
-``--log-level``. Each setting is, first match wins:
+``--log-level`` and ``--log-format``. Each setting is, first match wins:
 
 1. its flag, when given (an empty value turns off an optional one, e.g. ``--s3-bucket ""``);
 2. its environment variable, when set and not blank;
 3. BrokerConfig's default.
 
-The flags with an environment variable::
+Every flag has an environment variable, ``FERRY_`` and the flag's name in capitals
+(``--offer-ttl``: ``FERRY_OFFER_TTL``), --log-level and --log-format included; the one table
+of them all, with defaults and meanings, is the README's section "Settings", made by
+:func:`settings_table` from the definitions below (a test keeps the two the same).
 
-    --listen HOST:PORT    FERRY_LISTEN          --s3-bucket NAME     FERRY_S3_BUCKET
-    --data-dir DIR        FERRY_DATA_DIR        --s3-endpoint URL    FERRY_S3_ENDPOINT
-    --tls-cert FILE       FERRY_TLS_CERT        --s3-region NAME     FERRY_S3_REGION
-    --tls-key FILE        FERRY_TLS_KEY         --s3-prefix TEXT     FERRY_S3_PREFIX
-    --tls-client-ca FILE  FERRY_TLS_CLIENT_CA   --s3-url-ttl S       FERRY_S3_URL_TTL
-    --health-listen HOST:PORT  FERRY_HEALTH_LISTEN
-    --store sqlite|URL         FERRY_STORE
-
-    --watches-per-party N          FERRY_WATCHES_PER_PARTY
-    --watches-per-address N        FERRY_WATCHES_PER_ADDRESS
-    --watches-total N              FERRY_WATCHES_TOTAL
-    --watch-bytes-total BYTES      FERRY_WATCH_BYTES_TOTAL
-    --max-manifest-bytes BYTES     FERRY_MAX_MANIFEST_BYTES
-    --offer-burst-per-address N    FERRY_OFFER_BURST_PER_ADDRESS
-    --offer-rate-per-address N     FERRY_OFFER_RATE_PER_ADDRESS
-    --session-retention S          FERRY_SESSION_RETENTION
-    --min-free-disk BYTES          FERRY_MIN_FREE_DISK
-    --max-connections N            FERRY_MAX_CONNECTIONS
-    --handshake-timeout S          FERRY_HANDSHAKE_TIMEOUT
-    --connection-idle S            FERRY_CONNECTION_IDLE
-    --max-concurrent-calls N       FERRY_MAX_CONCURRENT_CALLS
-    --calls-burst-per-address N    FERRY_CALLS_BURST_PER_ADDRESS
-    --calls-rate-per-address N     FERRY_CALLS_RATE_PER_ADDRESS
-
-    --caller-ipv4-prefix BITS      FERRY_CALLER_IPV4_PREFIX
-    --caller-ipv6-prefix BITS      FERRY_CALLER_IPV6_PREFIX
-    --claim-flood-cost N           FERRY_CLAIM_FLOOD_COST
-    --claim-guesses-per-offer N    FERRY_CLAIM_GUESSES_PER_OFFER
-    --claim-confirm-timeout S      FERRY_CLAIM_CONFIRM_TIMEOUT
-    --leases-per-caller N          FERRY_LEASES_PER_CALLER
-    --store-forward on|off         FERRY_STORE_FORWARD
-    --store-max-bytes-per-offer BYTES    FERRY_STORE_MAX_BYTES_PER_OFFER
-    --store-max-bytes-per-address BYTES  FERRY_STORE_MAX_BYTES_PER_ADDRESS
-    --store-max-bytes BYTES              FERRY_STORE_MAX_BYTES
-
-    --reflexive-listen HOST:PORT|auto|off  FERRY_REFLEXIVE_LISTEN
-    --reflexive-advertise HOST:PORT        FERRY_REFLEXIVE_ADVERTISE
-    --reflexive-max-connections N          FERRY_REFLEXIVE_MAX_CONNECTIONS
-    --reflexive-per-address N              FERRY_REFLEXIVE_PER_ADDRESS
-    --reflexive-hold S                     FERRY_REFLEXIVE_HOLD
-
-``--insecure-plaintext`` (plaintext gRPC on an address that is not loopback) is a flag only,
-never read from the environment: it has to be asked for where the broker is started.
+The exception: ``--insecure-plaintext`` (plaintext gRPC on an address that is not loopback)
+is a flag only, never read from the environment: it has to be asked for where the broker is
+started.
 
 ``--store`` is ``sqlite`` (the default, also when empty: broker.sqlite3 in the data dir) or
 the URL of a Redis that broker replicas share (``redis://host:6379/0``, ``rediss://`` for TLS,
@@ -80,10 +43,11 @@ from pathlib import Path
 
 from ferry.broker.config import S3_ENVIRONMENT, BrokerConfig
 
-__all__ = ["add_arguments", "config_from_arguments", "configure_logging"]
+__all__ = ["add_arguments", "config_from_arguments", "configure_logging", "settings_table"]
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+_LOG_FORMATS = ("text", "json")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,6 +65,13 @@ class _Flag:
     def switch(self) -> bool:
         """A flag that takes no value (it turns its setting on)."""
         return self.kind is bool
+
+
+def number_or_off(text: str) -> float | str:
+    """A number of seconds, or "" for ``off`` (or empty): the setting is turned off."""
+    if text.strip().lower() in ("", "off"):
+        return ""
+    return float(text)
 
 
 _SECONDS = "S"
@@ -128,27 +99,29 @@ _FLAGS: tuple[_Flag, ...] = (
           "extra plaintext port serving only grpc.health.v1, for probes that cannot speak TLS",
           "FERRY_HEALTH_LISTEN", "HOST:PORT"),
     _Flag("--offer-ttl", "offer_ttl_default_s", float, "offer lifetime when the offer gives none",
-          metavar=_SECONDS),
+          "FERRY_OFFER_TTL", _SECONDS),
     _Flag("--offer-ttl-min", "offer_ttl_min_s", float, "shortest offer lifetime one may ask for",
-          metavar=_SECONDS),
+          "FERRY_OFFER_TTL_MIN", _SECONDS),
     _Flag("--offer-ttl-max", "offer_ttl_max_s", float, "longest offer lifetime one may ask for",
-          metavar=_SECONDS),
+          "FERRY_OFFER_TTL_MAX", _SECONDS),
     _Flag("--session-ttl", "session_ttl_s", float, "session (and port lease) lifetime",
-          metavar=_SECONDS),
+          "FERRY_SESSION_TTL", _SECONDS),
     _Flag("--stream-count", "stream_count", int, "parallel data streams per session",
-          metavar="N"),
+          "FERRY_STREAM_COUNT", "N"),
     _Flag("--connect-timeout", "connect_timeout_s", float,
-          "time from acceptance until the direct connection must be up", metavar=_SECONDS),
+          "time from acceptance until the direct connection must be up", "FERRY_CONNECT_TIMEOUT",
+          _SECONDS),
     _Flag("--sweep-interval", "sweep_interval_s", float, "how often overdue sessions expire",
-          metavar=_SECONDS),
+          "FERRY_SWEEP_INTERVAL", _SECONDS),
     _Flag("--claim-burst-per-ip", "claim_burst_per_ip", float,
-          "failed code claims one address (IPv6: /64) may make in a burst", metavar="N"),
+          "failed code claims one address (IPv6: /64) may make in a burst",
+          "FERRY_CLAIM_BURST_PER_IP", "N"),
     _Flag("--claim-rate-per-ip", "claim_refill_per_ip_s", float,
-          "failed code claims one address gets back per second", metavar="N"),
+          "failed code claims one address gets back per second", "FERRY_CLAIM_RATE_PER_IP", "N"),
     _Flag("--claim-burst-global", "claim_burst_global", float,
-          "failed code claims the broker tolerates in a burst", metavar="N"),
+          "failed code claims the broker tolerates in a burst", "FERRY_CLAIM_BURST_GLOBAL", "N"),
     _Flag("--claim-rate-global", "claim_refill_global_s", float,
-          "failed code claims the broker gets back per second", metavar="N"),
+          "failed code claims the broker gets back per second", "FERRY_CLAIM_RATE_GLOBAL", "N"),
     _Flag("--s3-bucket", "s3_bucket", str, "object-store fallback bucket; unset: no fallback",
           S3_ENVIRONMENT["s3_bucket"], "NAME"),
     _Flag("--s3-endpoint", "s3_endpoint", str, "S3 URL (MinIO, Ceph...); unset: AWS",
@@ -160,7 +133,8 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--s3-url-ttl", "s3_url_ttl_s", float, "lifetime of each presigned URL",
           S3_ENVIRONMENT["s3_url_ttl_s"], _SECONDS),
     _Flag("--s3-stale-sweep-interval", "s3_stale_sweep_interval_s", float,
-          "how often multipart uploads that no session knows are aborted", metavar=_SECONDS),
+          "how often multipart uploads that no session knows are aborted",
+          "FERRY_S3_STALE_SWEEP_INTERVAL", _SECONDS),
     # Watches, offers and the data dir under attack (issue 10, findings 1 and 2).
     _Flag("--watches-per-party", "watches_per_party", int,
           "open WatchSession streams per party of a session", "FERRY_WATCHES_PER_PARTY", "N"),
@@ -252,11 +226,29 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--reflexive-hold", "reflexive_hold_s", float,
           "a responder connection is closed this long after it opened", "FERRY_REFLEXIVE_HOLD",
           _SECONDS),
+    # Operations (issue 12): metrics, connection ages, the drain.
+    _Flag("--metrics-listen", "metrics_listen", str,
+          "plaintext HTTP port serving Prometheus metrics on /metrics (no secrets, no session "
+          "ids); unset: none", "FERRY_METRICS_LISTEN", "HOST:PORT"),
+    _Flag("--max-connection-age", "max_connection_age_s", number_or_off,
+          "send a connection GOAWAY after this long, so its clients (and their watches) "
+          "reconnect, perhaps to another replica; off or unset: never",
+          "FERRY_MAX_CONNECTION_AGE", _SECONDS),
+    _Flag("--max-connection-age-grace", "max_connection_age_grace_s", float,
+          "what such a connection has to finish its calls before it is closed",
+          "FERRY_MAX_CONNECTION_AGE_GRACE", _SECONDS),
+    _Flag("--shutdown-grace", "shutdown_grace_s", float,
+          "on SIGTERM: health NOT_SERVING, new calls refused, watches ended; in-flight calls "
+          "get this long before they are cancelled", "FERRY_SHUTDOWN_GRACE", _SECONDS),
 )  # fmt: skip
 
 _DEFAULTS: Mapping[str, object] = {f.name: f.default for f in dataclasses.fields(BrokerConfig)}
 _FLAG_OF: Mapping[str, str] = {f.field: f.flag for f in _FLAGS}
-_KIND_NAMES: Mapping[object, str] = {float: "a number", int: "a whole number"}
+_KIND_NAMES: Mapping[object, str] = {
+    float: "a number",
+    int: "a whole number",
+    number_or_off: "a number or off",
+}
 
 
 def _help(f: _Flag) -> str:
@@ -279,8 +271,27 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _log_format(text: str) -> str:
+    kind = text.strip().lower()
+    if kind not in _LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"not a log format: {text!r} (one of {_LOG_FORMATS})")
+    return kind
+
+
+#: --log-level and --log-format: flag, parser, metavar, meaning (not BrokerConfig's).
+_LOG_FLAGS: tuple[tuple[str, Callable[[str], str], str, str], ...] = (
+    ("--log-level", _log_level, "LEVEL", f"one of {', '.join(_LOG_LEVELS)}; logs go to stderr"),
+    ("--log-format", _log_format, "text|json",
+     "json: one JSON object per line (time, level, logger, message, session, ...)"),
+)  # fmt: skip
+_LOG_ENV: Mapping[str, str] = {"--log-level": "FERRY_LOG_LEVEL", "--log-format": "FERRY_LOG_FORMAT"}
+_LOG_DEST: Mapping[str, str] = {"--log-level": "log_level", "--log-format": "log_format"}
+_LOG_DEFAULTS: Mapping[str, str] = {"--log-level": "INFO", "--log-format": "text"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every broker flag, and --log-level, to `parser` (e.g. a `serve` subparser).
+    """Add every broker flag, --log-level and --log-format to `parser` (e.g. a `serve`
+    subparser).
 
     Flags not given stay None in the namespace: :func:`config_from_arguments` then takes the
     environment variable or the default, which the help shows.
@@ -294,13 +305,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f.flag, dest=f.field, type=f.kind, default=None, metavar=f.metavar, help=_help(f)
         )
-    parser.add_argument(
-        "--log-level",
-        type=_log_level,
-        default="INFO",
-        metavar="LEVEL",
-        help=f"one of {', '.join(_LOG_LEVELS)} (default INFO); logs go to stderr",
-    )
+    for flag, kind, metavar, meaning in _LOG_FLAGS:
+        sources = f"env {_LOG_ENV[flag]}, default {_LOG_DEFAULTS[flag]}"
+        parser.add_argument(
+            flag, type=kind, default=None, metavar=metavar, help=f"{meaning} ({sources})"
+        )
 
 
 def _from_environment(f: _Flag, environ: Mapping[str, str]) -> object | None:
@@ -310,7 +319,7 @@ def _from_environment(f: _Flag, environ: Mapping[str, str]) -> object | None:
     try:
         return f.kind(value)
     except ValueError:
-        what = _KIND_NAMES.get(f.kind, "valid")
+        what = _KIND_NAMES.get(f.kind, "valid")  # number_or_off: "a number or off"
         raise ValueError(f"{f.env}={value!r} is not {what} (it sets {f.flag})") from None
 
 
@@ -323,6 +332,7 @@ def config_from_arguments(
     BrokerConfig refuses or an environment variable that does not parse.
     """
     env = os.environ if environ is None else environ
+    _logging_from_environment(ns, env)
     settings: dict[str, object] = {}
     for f in _FLAGS:
         value = getattr(ns, f.field)
@@ -330,8 +340,8 @@ def config_from_arguments(
             value = _from_environment(f, env)
             if value is None:
                 continue  # BrokerConfig's default
-        elif value == "" and _DEFAULTS[f.field] is None:
-            value = None  # an empty flag turns an optional setting off
+        if value == "" and _DEFAULTS[f.field] is None:
+            value = None  # an empty flag (or "off") turns an optional setting off
         settings[f.field] = value
     if _has_password(ns.store_url):
         raise ValueError(
@@ -357,6 +367,76 @@ def _has_password(url: str | None) -> bool:
     return password is not None or "password" in urllib.parse.parse_qs(parts.query)
 
 
+def _logging_from_environment(ns: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Fill --log-level and --log-format in `ns` from FERRY_LOG_LEVEL / FERRY_LOG_FORMAT when
+    they were not given (ValueError, naming the variable, if one is not valid)."""
+    for flag, kind, _, _ in _LOG_FLAGS:
+        dest, env = _LOG_DEST[flag], _LOG_ENV[flag]
+        value = environ.get(env, "").strip()
+        if getattr(ns, dest, None) is None and value:
+            try:
+                setattr(ns, dest, kind(value))
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"{env}={value!r}: {exc} (it sets {flag})") from None
+
+
+def json_formatter() -> logging.Formatter:
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, then the
+    record's `extra` fields (e.g. ``session``) and a traceback as ``exc_info``."""
+    from pythonjsonlogger.json import JsonFormatter  # only a broker that logs JSON needs it
+
+    return JsonFormatter(
+        "{levelname}{name}{message}",
+        style="{",
+        rename_fields={"levelname": "level", "name": "logger"},
+        timestamp="time",
+    )
+
+
 def configure_logging(ns: argparse.Namespace) -> None:
-    """Send log records at --log-level and above to stderr (stdout is for the listening line)."""
-    logging.basicConfig(level=ns.log_level, format=_LOG_FORMAT)
+    """Send log records at --log-level and above to stderr (stdout is for the listening line),
+    as text or, with --log-format json, one JSON object per line."""
+    level = getattr(ns, "log_level", None) or _LOG_DEFAULTS["--log-level"]
+    if (getattr(ns, "log_format", None) or _LOG_DEFAULTS["--log-format"]) == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(json_formatter())
+        logging.basicConfig(level=level, handlers=[handler])
+        return
+    logging.basicConfig(level=level, format=_LOG_FORMAT)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _default_text(f: _Flag) -> str:
+    value = _DEFAULTS[f.field]
+    if f.field == "store_url":
+        return "sqlite"
+    if value is None:
+        return "unset"
+    if f.metavar == "BYTES" and isinstance(value, int) and value >= 1 << 20:
+        gib = value >= 1 << 30
+        return f"{value} ({value >> (30 if gib else 20)} {'GiB' if gib else 'MiB'})"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def settings_table() -> str:
+    """The README's table of settings (section "Settings"), made from the flags defined here:
+    flag, environment variable, default, meaning. tests/unit/broker/test_settings_table.py
+    checks that the README has it as printed by
+    ``python -c 'from ferry.broker.cli import settings_table; print(settings_table())'``."""
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for f in _FLAGS:
+        flag = f.flag if f.switch else f"{f.flag} {f.metavar}"
+        env = f"`{f.env}`" if f.env else "none: flag only, on purpose"
+        default = _default_text(f)
+        rows.append(f"| `{_cell(flag)}` | {env} | {_cell(default)} | {_cell(f.help)} |")
+    for flag, _, metavar, meaning in _LOG_FLAGS:
+        cells = (f"`{_cell(f'{flag} {metavar}')}`", f"`{_LOG_ENV[flag]}`", _LOG_DEFAULTS[flag])
+        rows.append(f"| {' | '.join(cells)} | {_cell(meaning)} |")
+    return "\n".join(rows)

@@ -54,7 +54,8 @@ class BrokerConfig:
     #: Failed code claims the whole broker tolerates in a burst, and refill per second.
     claim_burst_global: float = 100.0
     claim_refill_global_s: float = 100.0
-    #: Seconds to let in-flight calls finish on shutdown.
+    #: Seconds a draining broker (SIGTERM) lets in-flight calls finish before it cancels them;
+    #: new calls are refused (UNAVAILABLE) and watches ended at once, so clients move on.
     shutdown_grace_s: float = 5.0
     #: Object-store fallback: the S3 bucket; None turns the fallback off (STORE_UNAVAILABLE).
     s3_bucket: str | None = None
@@ -176,7 +177,22 @@ class BrokerConfig:
     #: it punches holes through its NAT, a few seconds).
     reflexive_hold_s: float = 30.0
 
+    # -- Operations (issue 12) ------------------------------------------------------------
+    #: host:port of a plaintext HTTP port serving Prometheus metrics on /metrics (they hold
+    #: no secret: no code, token, URL or session id). None: no metrics port, and
+    #: prometheus-client is never imported.
+    metrics_listen: str | None = None
+    #: A connection older than this is sent a GOAWAY (gRPC's max_connection_age): its
+    #: clients reconnect, through a load balancer perhaps to another replica, so long-lived
+    #: WatchSession streams spread over replicas added later. None: connections live on
+    #: (one broker has nowhere to spread them; the k8s manifests set it).
+    max_connection_age_s: float | None = None
+    #: What a connection past max_connection_age_s has to finish its calls before it is
+    #: closed; watches never finish by themselves, so they end then and are re-opened.
+    max_connection_age_grace_s: float = 10.0
+
     def __post_init__(self) -> None:
+        self._check_operations()
         self._check_store_url()
         self._check_abuse_limits()
         self._check_claim_lease_store_limits()
@@ -205,6 +221,15 @@ class BrokerConfig:
             )
         if self.health_listen is not None and self.health_listen.rpartition(":")[1] != ":":
             raise ValueError("health_listen must be host:port")
+
+    def _check_operations(self) -> None:
+        """The metrics port, connection ages and the shutdown grace (issue 12)."""
+        if self.metrics_listen is not None and _port_of(self.metrics_listen, 0) is None:
+            raise ValueError("metrics_listen must be host:port")
+        if self.max_connection_age_s is not None and self.max_connection_age_s <= 0:
+            raise ValueError("max_connection_age_s must be > 0 (unset: no limit)")
+        if self.max_connection_age_grace_s < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("max_connection_age_grace_s and shutdown_grace_s must be >= 0")
 
     def _check_store_url(self) -> None:
         """None, "" and "sqlite" all mean the SQLite file; anything else is a Redis URL."""

@@ -24,6 +24,16 @@ to the gRPC port) is bound right after the gRPC port, so a port that is taken fa
 start the same way, and it starts answering with the server. What GetBrokerInfo advertises
 for it, ``reflexive_advertise``, defaults to ":" and the port bound: start_server fills it
 in, and the RunningBroker's config has it.
+
+Operations (issue 12): with ``metrics_listen`` a plaintext HTTP port serves Prometheus metrics
+on /metrics (ferry.broker.metrics; nothing is counted without it). ``max_connection_age_s``
+sends each connection a GOAWAY once it is that old, and closes it ``max_connection_age_grace_s``
+later, so that WatchSession streams, which never end by themselves, are re-opened by their
+clients (the Python client re-watches on the UNAVAILABLE that ends them), perhaps on
+another replica. `RunningBroker.stop` (SIGTERM, SIGINT) drains: health NOT_SERVING on both
+ports first, then the port stops taking calls (a new one is refused with UNAVAILABLE, on a
+new connection or an open one), the watches end so that their clients re-watch elsewhere,
+and the calls in flight get ``shutdown_grace_s`` before they are cancelled.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from grpc_reflection.v1alpha import reflection
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker, Clock
 from ferry.broker.fallback import Fallback
+from ferry.broker.metrics import PrometheusRecorder, Recorder, serve_metrics
 from ferry.broker.objectstore import ObjectStore
 from ferry.broker.reflexive import ReflexiveLimits, ReflexiveResponder
 from ferry.broker.relay import RedisRelay
@@ -67,14 +78,21 @@ _SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 def _limits(config: BrokerConfig) -> list[tuple[str, int]]:
     """gRPC's own bounds on what a caller holds before any Ferry code runs: connections,
     the time to handshake, idle connections, and the size of a request (a manifest of
-    max_manifest_bytes and its offer's other fields fit with room to spare)."""
-    return [
+    max_manifest_bytes and its offer's other fields fit with room to spare); and the age
+    of a connection, if bounded."""
+    limits = [
         ("grpc.max_allowed_incoming_connections", config.max_connections),
         ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", round(config.connection_idle_s * 1000)),
         ("grpc.max_receive_message_length", config.max_manifest_bytes + (256 << 10)),
         ("grpc.max_concurrent_streams", 128),
     ]
+    if config.max_connection_age_s is not None:
+        limits += [
+            ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
+        ]
+    return limits
 
 
 @dataclasses.dataclass
@@ -100,25 +118,37 @@ class RunningBroker:
     reflexive_address: str = ""
     #: The other replicas' changes, for this one's watchers (a store on Redis only).
     relay: RedisRelay | None = None
+    #: What the service counts (a no-op Recorder without ``metrics_listen``).
+    metrics: Recorder = dataclasses.field(default_factory=Recorder)
+    #: The Prometheus port (``metrics_listen``) and its bound `host:port`, if any.
+    metrics_server: asyncio.Server | None = None
+    metrics_address: str = ""
 
     async def stop(self, grace: float | None = None) -> None:
-        """Go NOT_SERVING, end watches, drain calls for `grace` seconds, close the store."""
+        """Drain: go NOT_SERVING, stop taking calls, end watches, give the calls in flight
+        `grace` seconds (default shutdown_grace_s), then close the rest and the store."""
         grace = self.config.shutdown_grace_s if grace is None else grace
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING, and it stays so
+        # The port stops taking calls at once (new ones: UNAVAILABLE); the ones in flight,
+        # watches included, go on until they end or the grace runs out.
+        stopping = asyncio.create_task(self.server.stop(grace), name="ferry-broker-drain")
+        await asyncio.sleep(0)  # let the shutdown begin before the watches end
+        self.broker.hub.close()  # each watch ends; its client re-watches, elsewhere if need be
         for task in (self.sweeper, self.cleaner):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self.broker.hub.close()
-        if self.relay is not None:
-            await self.relay.close()
         if self.reflexive is not None:
             await self.reflexive.close()
-        await self.server.stop(grace)
+        await stopping
+        if self.relay is not None:
+            await self.relay.close()
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            await self.metrics_server.wait_closed()
         self.store.close()
 
 
@@ -303,7 +333,9 @@ async def start_server(
         else None
     )
     fallback = Fallback(broker, objects)
-    add_to_server(BrokerService(broker, fallback), server)  # undecodable requests: INVALID_ARGUMENT
+    metrics = _recorder(config, store)
+    # Undecodable requests: INVALID_ARGUMENT.
+    add_to_server(BrokerService(broker, fallback, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -312,6 +344,7 @@ async def start_server(
     host = config.listen.rpartition(":")[0]
     await server.start()
     health_server, health_address = None, ""
+    metrics_server, metrics_address = None, ""
     try:
         if reflexive is not None:
             await reflexive.start()
@@ -319,9 +352,15 @@ async def start_server(
             health_server, health_address = await _start_health_only(
                 config.health_listen, health_servicer
             )
+        if config.metrics_listen:
+            metrics_server = await serve_metrics(config.metrics_listen, metrics)
+            bound = metrics_server.sockets[0].getsockname()[1]
+            metrics_address = f"{config.metrics_listen.rpartition(':')[0]}:{bound}"
     except OSError:
         if reflexive is not None:
             await reflexive.close()
+        if health_server is not None:
+            await health_server.stop(0)
         await server.stop(0)
         store.close()
         raise
@@ -369,13 +408,31 @@ async def start_server(
         health_address=health_address,
         reflexive=reflexive,
         reflexive_address=reflexive_address,
+        metrics=metrics,
+        metrics_server=metrics_server,
+        metrics_address=metrics_address,
     )
+
+
+def _recorder(config: BrokerConfig, store: Store) -> Recorder:
+    """Prometheus metrics with ``metrics_listen`` (the Redis store's round trips timed too);
+    else a Recorder that counts nothing."""
+    if not config.metrics_listen:
+        return Recorder()
+    recorder = PrometheusRecorder(store)
+    if config.store_url is not None:
+        from ferry.broker.redis_store import RedisStore
+
+        if isinstance(store, RedisStore):
+            store.on_round_trip = recorder.redis_round_trip
+    return recorder
 
 
 async def serve(config: BrokerConfig) -> None:
     """Start, print `{"event": "listening", "address": ..., "tls": ...}` on stdout (and
     `"health_address"` with a health port, `"reflexive_address"` with a reflexive
-    responder), run until SIGTERM/SIGINT."""
+    responder, `"metrics_address"` with a metrics port), run until SIGTERM/SIGINT, then
+    drain (`RunningBroker.stop`)."""
     running = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -391,6 +448,8 @@ async def serve(config: BrokerConfig) -> None:
             line["health_address"] = running.health_address
         if running.reflexive_address:
             line["reflexive_address"] = running.reflexive_address
+        if running.metrics_address:
+            line["metrics_address"] = running.metrics_address
         sys.stdout.write(json.dumps(line) + "\n")
         sys.stdout.flush()
         log.info(
@@ -402,8 +461,10 @@ async def serve(config: BrokerConfig) -> None:
             if running.reflexive_address
             else "",
         )
+        if running.metrics_address:
+            log.info("Prometheus metrics on %s, path /metrics", running.metrics_address)
         await stop.wait()
-        log.info("broker shutting down")
+        log.info("broker draining", extra={"grace_s": config.shutdown_grace_s})
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -8,12 +8,20 @@ trailer. Unexpected exceptions are logged and become INTERNAL, never a bare UNKN
 Requests whose bytes do not parse (a corrupt wire format, bad UTF-8 in a string field) are
 refused with INVALID_ARGUMENT by :func:`add_to_server`'s handlers, before the servicer: left to
 gRPC, each would be an UNKNOWN and a logged traceback (issue 10, finding 7's sibling).
+
+Every call tells the service's metrics.Recorder how it ended (method, status code, the
+refusal's reason, how long it took): the handlers of :func:`add_to_server` time it, and
+:func:`abort` reports a refusal before its status leaves (through a context variable: each
+call runs in its own task), so a scrape right after a call always counts it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
@@ -27,12 +35,36 @@ from ferry.broker import errors, validation
 from ferry.broker.core import Broker
 from ferry.broker.errors import DOMAIN, BrokerRefusal, Reason
 from ferry.broker.fallback import Fallback
+from ferry.broker.metrics import Recorder
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class _Measure:
+    """One call's metrics: told once how it ended, by `abort` (before the status leaves, so
+    that a client that reads the metrics next finds its call counted) or when it ends."""
+
+    __slots__ = ("method", "metrics", "started")
+
+    def __init__(self, method: str, metrics: Recorder) -> None:
+        self.method = method
+        self.metrics: Recorder | None = metrics
+        self.started = time.perf_counter()
+
+    def done(self, code: str, reason: str | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.call_done(self.method, code, reason, time.perf_counter() - self.started)
+            self.metrics = None  # told once
+
+
+#: The current call's metrics (each call runs in its own task, so in its own context).
+_MEASURE: contextvars.ContextVar[_Measure | None] = contextvars.ContextVar(
+    "ferry_measure", default=None
+)
 
 
 #: The status code of each kind of refusal: the one place where the domain meets gRPC.
@@ -72,6 +104,9 @@ async def abort(context: Context, refusal: BrokerRefusal) -> NoReturn:
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=str(refusal.reason), domain=DOMAIN))
     code = status_code(refusal).value[0]
+    measure = _MEASURE.get()
+    if measure is not None:
+        measure.done(status_code(refusal).name, str(refusal.reason))
     status = status_pb2.Status(code=code, message=refusal.message, details=[detail])
     await context.abort_with_status(rpc_status.to_status(status))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
@@ -106,9 +141,12 @@ def bearer_token(context: Context) -> str | None:
 class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     """The gRPC face of a Broker."""
 
-    def __init__(self, broker: Broker, fallback: Fallback | None = None) -> None:
+    def __init__(
+        self, broker: Broker, fallback: Fallback | None = None, metrics: Recorder | None = None
+    ) -> None:
         self._broker = broker
         self._fallback = fallback or Fallback(broker, None)
+        self.metrics = metrics or Recorder()
 
     def admit(self, context: Context) -> BrokerRefusal | None:
         """The refusal of a call from an address out of calls (per source: an IPv4 address,
@@ -134,7 +172,9 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.CreateOfferRequest, context: Context
     ) -> broker_pb2.CreateOfferResponse:
         ip = validation.peer_ip(context.peer())
-        return await _call(context, lambda: self._broker.create_offer(request, ip))
+        response = await _call(context, lambda: self._broker.create_offer(request, ip))
+        self.metrics.offer_created()
+        return response
 
     async def ClaimOffer(
         self, request: broker_pb2.ClaimOfferRequest, context: Context
@@ -175,6 +215,8 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         session = await _call(
             context, lambda: self._broker.accept(request.name, token, request.receiver, ip)
         )
+        waited = session.update_time.ToNanoseconds() - session.create_time.ToNanoseconds()
+        self.metrics.offer_accepted(waited / 1e9)
         return broker_pb2.AcceptOfferResponse(session=session)
 
     async def DeclineOffer(
@@ -206,19 +248,25 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.ReportProgressRequest, context: Context
     ) -> broker_pb2.ReportProgressResponse:
         token = bearer_token(context)
-        path = request.path if request.HasField("path") else None
-        session = await _call(
-            context,
-            lambda: self._broker.report(
-                request.name,
-                token,
-                request.state,
-                request.bytes_done,
-                request.failure_reason,
-                path,
-            ),
-        )
+        session = await _call(context, lambda: self._report(request, token))
         return broker_pb2.ReportProgressResponse(session=session)
+
+    def _report(
+        self, request: broker_pb2.ReportProgressRequest, token: str | None
+    ) -> broker_pb2.Session:
+        """The report; a completion counts the offer's bytes once, by the route reported
+        (a repeated COMPLETED, a no-op on a completed session, counts nothing)."""
+        completing = request.state == broker_pb2.Session.STATE_COMPLETED
+        before = self._broker.get(request.name, token).state if completing else None
+        path = request.path if request.HasField("path") else None
+        session = self._broker.report(
+            request.name, token, request.state, request.bytes_done, request.failure_reason, path
+        )
+        done = broker_pb2.Session.STATE_COMPLETED
+        if completing and before != done and session.state == done:
+            size = sum(entry.size_bytes for entry in session.manifest.files)
+            self.metrics.transfer_completed(session.path.route, size)
+        return session
 
     async def PublishCandidates(
         self, request: broker_pb2.PublishCandidatesRequest, context: Context
@@ -298,6 +346,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     ) -> AsyncIterator[broker_pb2.WatchSessionResponse]:
         token = bearer_token(context)
         ip = validation.peer_ip(context.peer())
+        self.metrics.watch_opened()
         try:
             async with contextlib.aclosing(self._broker.watch(request.name, token, ip)) as updates:
                 async for session in updates:
@@ -305,6 +354,8 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
             return
         except Exception as exc:
             refusal = as_refusal(exc)
+        finally:
+            self.metrics.watch_closed()
         await abort(context, refusal)
 
 
@@ -346,15 +397,43 @@ async def _screen(request: Any, context: Context, admit: Admit) -> None:
         await abort(context, _undecodable(request))
 
 
-def _guard_unary(behaviour: Callable[[Any, Context], Awaitable[Any]], admit: Admit) -> Any:
+@contextlib.contextmanager
+def _measured(method: str, metrics: Recorder) -> Any:
+    """Tell `metrics` how the call in the block ended: OK, its refusal's status code and
+    reason, CANCELLED (the client went away), or UNKNOWN; and how long it took."""
+    measure = _Measure(method, metrics)
+    _MEASURE.set(measure)
+    try:
+        yield
+    except asyncio.CancelledError:
+        measure.done("CANCELLED")
+        raise
+    except BaseException:
+        measure.done("UNKNOWN")  # unless abort told it first
+        raise
+    measure.done("OK")
+
+
+def _guard_unary(
+    behaviour: Callable[[Any, Context], Awaitable[Any]],
+    admit: Admit,
+    method: str,
+    metrics: Recorder,
+) -> Any:
     async def handle(request: Any, context: Context) -> Any:
-        await _screen(request, context, admit)
-        return await behaviour(request, context)
+        with _measured(method, metrics):
+            await _screen(request, context, admit)
+            return await behaviour(request, context)
 
     return handle
 
 
-def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]], admit: Admit) -> Any:
+def _guard_stream(
+    behaviour: Callable[[Any, Context], AsyncIterator[Any]],
+    admit: Admit,
+    method: str,
+    metrics: Recorder,
+) -> Any:
     """A server-streaming handler that writes ``behaviour``'s responses itself.
 
     A write fails only when the call is over (the client cancelled or went away while a
@@ -363,14 +442,17 @@ def _guard_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]], admit
     """
 
     async def handle(request: Any, context: Context) -> None:
-        await _screen(request, context, admit)
-        async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
-            async for response in responses:
-                try:
-                    await context.write(response)
-                except Exception as exc:  # grpc raises its private ExecuteBatchError
-                    log.debug("watch ended mid-write: the client is gone (%s)", type(exc).__name__)
-                    return
+        with _measured(method, metrics):
+            await _screen(request, context, admit)
+            async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
+                async for response in responses:
+                    try:
+                        await context.write(response)
+                    except Exception as exc:  # grpc raises its private ExecuteBatchError
+                        log.debug(
+                            "watch ended mid-write: the client is gone (%s)", type(exc).__name__
+                        )
+                        return
 
     return handle
 
@@ -391,7 +473,7 @@ def add_to_server(servicer: BrokerService, server: grpc.aio.Server) -> None:
             else (grpc.unary_unary_rpc_method_handler, _guard_unary)
         )
         handlers[method.name] = make(
-            guard(behaviour, servicer.admit),
+            guard(behaviour, servicer.admit, method.name, servicer.metrics),
             request_deserializer=_lenient(request_class.FromString),
             response_serializer=response_class.SerializeToString,
         )

@@ -218,6 +218,14 @@ class Store(Protocol):
     def close(self) -> None:
         """Release the store's resources."""
 
+    def count_sessions_by_state(self) -> dict[str, int]:
+        """How many sessions the store holds, by lower-case state name ("offered", ...; a
+        store without a per-state index may answer coarser: "live", "ended"). Cheap enough
+        for every metrics scrape."""
+
+    def count_uploads_in_flight(self) -> int | None:
+        """Uploads started and not completed; None if the store cannot tell cheaply."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -669,6 +677,22 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def count_sessions_by_state(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) FROM sessions GROUP BY state").fetchall()
+        return {_state_label(state): int(count) for state, count in rows}
+
+    def count_uploads_in_flight(self) -> int | None:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM uploads WHERE completed = 0").fetchone()
+        return int(count)
+
+
+def _state_label(state: int) -> str:
+    """A metrics label for a stored state: "offered" for STATE_OFFERED, ..."""
+    try:
+        return broker_pb2.Session.State.Name(state).removeprefix("STATE_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
 
 
 def is_final(record: SessionRecord) -> bool:

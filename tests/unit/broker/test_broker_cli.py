@@ -31,23 +31,23 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     "--tls-client-ca": ("tls_client_ca", "FERRY_TLS_CLIENT_CA"),
     "--insecure-plaintext": ("insecure_plaintext", None),
     "--health-listen": ("health_listen", "FERRY_HEALTH_LISTEN"),
-    "--offer-ttl": ("offer_ttl_default_s", None),
-    "--offer-ttl-min": ("offer_ttl_min_s", None),
-    "--offer-ttl-max": ("offer_ttl_max_s", None),
-    "--session-ttl": ("session_ttl_s", None),
-    "--stream-count": ("stream_count", None),
-    "--connect-timeout": ("connect_timeout_s", None),
-    "--sweep-interval": ("sweep_interval_s", None),
-    "--claim-burst-per-ip": ("claim_burst_per_ip", None),
-    "--claim-rate-per-ip": ("claim_refill_per_ip_s", None),
-    "--claim-burst-global": ("claim_burst_global", None),
-    "--claim-rate-global": ("claim_refill_global_s", None),
+    "--offer-ttl": ("offer_ttl_default_s", "FERRY_OFFER_TTL"),
+    "--offer-ttl-min": ("offer_ttl_min_s", "FERRY_OFFER_TTL_MIN"),
+    "--offer-ttl-max": ("offer_ttl_max_s", "FERRY_OFFER_TTL_MAX"),
+    "--session-ttl": ("session_ttl_s", "FERRY_SESSION_TTL"),
+    "--stream-count": ("stream_count", "FERRY_STREAM_COUNT"),
+    "--connect-timeout": ("connect_timeout_s", "FERRY_CONNECT_TIMEOUT"),
+    "--sweep-interval": ("sweep_interval_s", "FERRY_SWEEP_INTERVAL"),
+    "--claim-burst-per-ip": ("claim_burst_per_ip", "FERRY_CLAIM_BURST_PER_IP"),
+    "--claim-rate-per-ip": ("claim_refill_per_ip_s", "FERRY_CLAIM_RATE_PER_IP"),
+    "--claim-burst-global": ("claim_burst_global", "FERRY_CLAIM_BURST_GLOBAL"),
+    "--claim-rate-global": ("claim_refill_global_s", "FERRY_CLAIM_RATE_GLOBAL"),
     "--s3-bucket": ("s3_bucket", "FERRY_S3_BUCKET"),
     "--s3-endpoint": ("s3_endpoint", "FERRY_S3_ENDPOINT"),
     "--s3-region": ("s3_region", "FERRY_S3_REGION"),
     "--s3-prefix": ("s3_prefix", "FERRY_S3_PREFIX"),
     "--s3-url-ttl": ("s3_url_ttl_s", "FERRY_S3_URL_TTL"),
-    "--s3-stale-sweep-interval": ("s3_stale_sweep_interval_s", None),
+    "--s3-stale-sweep-interval": ("s3_stale_sweep_interval_s", "FERRY_S3_STALE_SWEEP_INTERVAL"),
     # Issue 10, findings 1 and 2: watches, offers, retention, disk.
     "--watches-per-party": ("watches_per_party", "FERRY_WATCHES_PER_PARTY"),
     "--watches-per-address": ("watches_per_address", "FERRY_WATCHES_PER_ADDRESS"),
@@ -87,6 +87,14 @@ FLAGS: dict[str, tuple[str, str | None]] = {
     ),
     "--reflexive-per-address": ("reflexive_per_address", "FERRY_REFLEXIVE_PER_ADDRESS"),
     "--reflexive-hold": ("reflexive_hold_s", "FERRY_REFLEXIVE_HOLD"),
+    # Issue 12: operations.
+    "--metrics-listen": ("metrics_listen", "FERRY_METRICS_LISTEN"),
+    "--max-connection-age": ("max_connection_age_s", "FERRY_MAX_CONNECTION_AGE"),
+    "--max-connection-age-grace": (
+        "max_connection_age_grace_s",
+        "FERRY_MAX_CONNECTION_AGE_GRACE",
+    ),
+    "--shutdown-grace": ("shutdown_grace_s", "FERRY_SHUTDOWN_GRACE"),
 }
 ENVIRONMENT = sorted(env for _, env in FLAGS.values() if env)
 
@@ -189,12 +197,10 @@ def test_the_flags_are_the_ones_written_here() -> None:
     found = {
         action.option_strings[0]: action.dest
         for action in parser._actions
-        if action.option_strings and action.dest not in ("help", "log_level")
+        if action.option_strings and action.dest not in ("help", "log_level", "log_format")
     }
     assert found == {flag: field for flag, (field, _) in FLAGS.items()}
-    # every knob but the shutdown grace has a flag
-    fields = set(BrokerConfig.__dataclass_fields__) - {"shutdown_grace_s"}
-    assert set(found.values()) == fields
+    assert set(found.values()) == set(BrokerConfig.__dataclass_fields__)  # every knob
     for flag, (_, env) in FLAGS.items():
         help_text = next(a.help for a in parser._actions if flag in a.option_strings)
         assert help_text is not None
@@ -401,7 +407,7 @@ def test_python_m_ferry_broker_refuses_bad_settings(capsys: pytest.CaptureFixtur
 
 def test_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     parser = entry.parser()
-    assert parser.parse_args([]).log_level == "INFO"
+    assert parser.parse_args([]).log_level is None  # INFO, or FERRY_LOG_LEVEL: configure_logging
     assert parser.parse_args(["--log-level", "debug"]).log_level == "DEBUG"
     with pytest.raises(SystemExit):
         parser.parse_args(["--log-level", "loud"])
