@@ -270,3 +270,9 @@ def session_record(
         request_id=request_id,
         claim_verifier=verifier,
     )
+
+
+def token_owner(store: Store, token_hash: str) -> tuple[str, states.Party] | None:
+    """(session id, party) of the session a token hash belongs to, or None."""
+    found = store.session_by_token_hash(token_hash)
+    return None if found is None else (found[0].session_id, found[1])

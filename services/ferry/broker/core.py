@@ -513,18 +513,15 @@ class Broker:
                 Reason.TOKEN_MISSING,
                 "missing 'authorization: Bearer <party_token>' metadata",
             )
-        found = self.store.find_by_token_hash(codes.hash_token(token))
-        if found is None:
+        found = self.store.session_by_token_hash(codes.hash_token(token))
+        if found is None:  # a deleted session's tokens go with it
             raise Unauthenticated(Reason.TOKEN_INVALID, "the party token is invalid")
-        session_id, party = found
-        if name != f"sessions/{session_id}":
+        record, party = found
+        if name != record.session.name:
             raise PermissionDenied(
                 Reason.WRONG_SESSION,
                 "the party token does not grant access to this session",
             )
-        record = self.store.get_session(session_id)
-        if record is None:
-            raise NotFound(Reason.SESSION_NOT_FOUND, f"{name} does not exist")
         return self._expire_if_due(record), party
 
     def accept(

@@ -227,6 +227,21 @@ return record(ARGV[1], ids[1])
 """
 )
 
+# KEYS: t:{token_hash}. ARGV: prefix. {party ("s"/"r"), record...} of the token's session, or nil.
+_BY_TOKEN = (
+    _READS
+    + _RECORD
+    + """
+local owner = redis.call('GET', KEYS[1])
+if not owner then return false end
+local party, id = string.match(owner, '^(%a):(.*)$')
+local r = record(ARGV[1], id)
+if not r then return false end
+table.insert(r, 1, party)
+return r
+"""
+)
+
 # KEYS: live. ARGV: prefix, now, limit. The records due, oldest expire_time first.
 _DUE = (
     _READS
@@ -577,6 +592,7 @@ class RedisStore:
         self._update = script(_UPDATE)
         self._newest = script(_NEWEST)
         self._due = script(_DUE)
+        self._by_token = script(_BY_TOKEN)
         self._lease = script(_LEASE)
         self._release = script(_RELEASE)
         self._add_upload = script(_ADD_UPLOAD)
@@ -710,13 +726,13 @@ class RedisStore:
             found = self._newest(keys=[index], args=[self._prefix])
         return None if not found else _record(found)
 
-    def find_by_token_hash(self, token_hash: str) -> tuple[str, Party] | None:
+    def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
         with self._errors():
-            value = self._redis.get(self._key("t:", token_hash))
-        if value is None:
+            found = self._by_token(keys=[self._key("t:", token_hash)], args=[self._prefix])
+        if not found:
             return None
-        party, _, session_id = cast(bytes, value).decode().partition(":")
-        return session_id, Party.SENDER if party == "s" else Party.RECEIVER
+        party = Party.SENDER if found[0] == b"s" else Party.RECEIVER
+        return _record(found[1:]), party
 
     def update_session(self, record: SessionRecord) -> SessionRecord:
         s = record.session

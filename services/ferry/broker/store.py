@@ -120,8 +120,9 @@ class Store(Protocol):
     def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
         """The newest session whose unclaimed code has this hash, or None."""
 
-    def find_by_token_hash(self, token_hash: str) -> tuple[str, Party] | None:
-        """(session_id, party) of the session this token hash belongs to, or None."""
+    def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
+        """The session this token hash belongs to, and whose token it is, or None: what
+        find_by_token_hash and get_session find, in one step (every authorized call)."""
 
     def find_by_request_id(self, request_id: str) -> SessionRecord | None:
         """The newest session created with this request_id, or None."""
@@ -430,15 +431,15 @@ class SqliteStore:
     def find_by_request_id(self, request_id: str) -> SessionRecord | None:
         return self._one("request_id = ?", request_id)
 
-    def find_by_token_hash(self, token_hash: str) -> tuple[str, Party] | None:
+    def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
         row = self._db.execute(
-            "SELECT id, sender_token_hash = ? FROM sessions"
+            f"SELECT {_COLUMNS}, sender_token_hash = ? FROM sessions"  # noqa: S608 - fixed
             " WHERE sender_token_hash = ? OR receiver_token_hash = ? LIMIT 1",
             (token_hash, token_hash, token_hash),
         ).fetchone()
         if row is None:
             return None
-        return str(row[0]), Party.SENDER if row[1] else Party.RECEIVER
+        return _record(row[:-1]), Party.SENDER if row[-1] else Party.RECEIVER
 
     def update_session(self, record: SessionRecord) -> SessionRecord:
         s = record.session

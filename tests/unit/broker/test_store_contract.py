@@ -28,7 +28,7 @@ from ferry.broker.store import (
     StoreQuota,
     UploadRecord,
 )
-from tests.support.redis import StoreFactory, session_record
+from tests.support.redis import StoreFactory, session_record, token_owner
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,8 +101,8 @@ def test_an_update_keeps_what_only_creation_sets(store: Store) -> None:
         "req",
         "s-x",
     )
-    assert store.find_by_token_hash("s-x") == ("x", Party.SENDER)
-    assert store.find_by_token_hash("s-other") is None
+    assert token_owner(store, "s-x") == ("x", Party.SENDER)
+    assert token_owner(store, "s-other") is None
 
 
 def test_find_by_code_hash_is_the_newest_holder(store: Store) -> None:
@@ -133,23 +133,23 @@ def _get_found(found: SessionRecord | None) -> str:
     return found.session_id
 
 
-def test_find_by_token_hash_for_both_parties(store: Store) -> None:
+def test_session_by_token_hash_for_both_parties(store: Store) -> None:
     store.create_session(session_record("one"))
-    assert store.find_by_token_hash("s-one") == ("one", Party.SENDER)
-    assert store.find_by_token_hash("r-one") is None
+    assert token_owner(store, "s-one") == ("one", Party.SENDER)
+    assert token_owner(store, "r-one") is None
     rec = _get(store, "one")
     rec.receiver_token_hash = "r-one"  # the receiver's token comes with its claim
     store.update_session(rec)
-    assert store.find_by_token_hash("r-one") == ("one", Party.RECEIVER)
-    assert store.find_by_token_hash("s-one") == ("one", Party.SENDER)
+    assert token_owner(store, "r-one") == ("one", Party.RECEIVER)
+    assert token_owner(store, "s-one") == ("one", Party.SENDER)
     rec = _get(store, "one")
     rec.receiver_token_hash = "r-two"  # a new claim token: the old one finds nothing
     store.update_session(rec)
-    assert store.find_by_token_hash("r-one") is None
-    assert store.find_by_token_hash("r-two") == ("one", Party.RECEIVER)
+    assert token_owner(store, "r-one") is None
+    assert token_owner(store, "r-two") == ("one", Party.RECEIVER)
     store.create_session(session_record("born-claimed", receiver="r-born"))
-    assert store.find_by_token_hash("r-born") == ("born-claimed", Party.RECEIVER)
-    assert store.find_by_token_hash("nope") is None
+    assert token_owner(store, "r-born") == ("born-claimed", Party.RECEIVER)
+    assert token_owner(store, "nope") is None
 
 
 def test_find_by_request_id_is_the_newest(store: Store) -> None:
@@ -202,7 +202,7 @@ def test_delete_ended(store: Store) -> None:
     for i in range(4):  # nothing finds them any more
         assert store.find_by_code_hash(f"c-f{i}") is None
         assert store.find_by_request_id(f"q{i}") is None
-        assert store.find_by_token_hash(f"s-f{i}") is None
+        assert token_owner(store, f"s-f{i}") is None
     assert store.get_session("live") is not None
     assert store.get_session("recent") is not None
     # the lease went with its session (its ports are free), the upload stays for the cleaner
@@ -480,7 +480,7 @@ def test_a_replica_sees_every_write(stores: StoreFactory) -> None:
     got = _get(b, "x")
     got.receiver_token_hash = "r-x"
     b.update_session(got)
-    assert a.find_by_token_hash("r-x") == ("x", Party.RECEIVER)
+    assert token_owner(a, "r-x") == ("x", Party.RECEIVER)
     assert _get_found(a.find_by_request_id("req")) == "x"
     with pytest.raises(StaleRecord):
         a.update_session(_get_foundsession_record(a.find_by_code_hash("c-x"), version=0))
