@@ -1,7 +1,7 @@
 """Broker throughput: full negotiations per second and per broker CPU-second.
 
     python bench/negotiate.py [--clients 32] [--seconds 10] [--setups sqlite,redis,redis2]
-                              [--watchers N]
+                              [--watchers N [--watchers-per-connection 100]]
 
 A negotiation is what a transfer asks of the broker before any byte moves, over gRPC with
 the generated stubs: CreateOffer -> ClaimOffer -> ConfirmKey (receiver) -> ConfirmKey
@@ -17,7 +17,8 @@ The per-address limits (offers, claims, calls) are raised for the run: every wor
 from 127.0.0.1. Reported per setup: negotiations per second, per broker CPU-second (the
 brokers' user+system time from /proc, which does not depend on the machine's size), the
 latency percentiles of one negotiation, and with --watchers N that many idle WatchSession
-streams held open on the (first) broker meanwhile, with its RSS. The load generator shares
+streams held open on the (first) broker meanwhile (each on its own offer, that many per
+connection), with its RSS and what each idle watch added to it. The load generator shares
 the machine's cores with the brokers: read the per-CPU-second figure as the broker's cost.
 """
 
@@ -55,7 +56,8 @@ UNLIMITED = [
     "--calls-burst-per-address", "1000000", "--calls-rate-per-address", "1000000",
     "--claim-burst-per-ip", "1000000", "--claim-rate-per-ip", "1000000",
     "--leases-per-caller", "100000", "--watches-per-address", "100000",
-    "--watches-total", "100000", "--log-level", "WARNING",
+    "--watches-total", "100000", "--max-concurrent-calls", "100000", "--max-connections", "30000",
+    "--log-level", "WARNING",
 ]  # fmt: skip
 
 
@@ -108,10 +110,23 @@ async def negotiate(stub: broker_pb2_grpc.BrokerServiceAsyncStub) -> None:
     )
 
 
-async def hold_watchers(stub: broker_pb2_grpc.BrokerServiceAsyncStub, count: int) -> list[object]:
-    """``count`` idle WatchSession streams (one offer each, its sender watching)."""
+# As many clients would hold them: one connection each, or a few (the broker serves at most
+# 128 streams per connection; --watchers-per-connection). Each channel gets its own
+# connection: by default, grpc's channels to one address share one.
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+async def hold_watchers(
+    address: str, count: int, per_connection: int
+) -> tuple[list[object], list[grpc.aio.Channel]]:
+    """``count`` idle WatchSession streams (one offer each, its sender watching), over
+    connections of `per_connection` streams each."""
     calls: list[object] = []
-    for _ in range(count):
+    channels: list[grpc.aio.Channel] = []
+    for index in range(count):
+        if index % per_connection == 0:
+            channels.append(grpc.aio.insecure_channel(address, options=_OWN_CONNECTION))
+            stub = broker_pb2_grpc.BrokerServiceStub(channels[-1])
         sender = _peer(b"w")
         sender.pake_message = SENDER_PAKE
         offer = await stub.CreateOffer(
@@ -129,7 +144,7 @@ async def hold_watchers(stub: broker_pb2_grpc.BrokerServiceAsyncStub, count: int
         )
         await call.read()
         calls.append(call)
-    return calls
+    return calls, channels
 
 
 def _cpu(pids: list[int]) -> float:
@@ -141,12 +156,14 @@ def _cpu(pids: list[int]) -> float:
 
 
 async def run(addresses: list[str], pids: list[int], clients: int, seconds: float,
-              watchers: int) -> dict[str, float]:  # fmt: skip
+              watchers: int, per_connection: int) -> dict[str, float]:  # fmt: skip
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
     stubs: list[broker_pb2_grpc.BrokerServiceAsyncStub] = [
         broker_pb2_grpc.BrokerServiceStub(c) for c in channels
     ]
-    held = await hold_watchers(stubs[0], watchers) if watchers else []
+    rss_before = psutil.Process(pids[0]).memory_info().rss
+    held, held_channels = await hold_watchers(addresses[0], watchers, per_connection)
+    rss_held = psutil.Process(pids[0]).memory_info().rss
     for stub in stubs:  # warm up
         await negotiate(stub)
     latencies: list[float] = []
@@ -171,7 +188,7 @@ async def run(addresses: list[str], pids: list[int], clients: int, seconds: floa
     rss = psutil.Process(pids[0]).memory_info().rss / (1 << 20)
     for call in held:
         call.cancel()  # type: ignore[attr-defined]
-    for channel in channels:
+    for channel in channels + held_channels:
         await channel.close()
     quantiles = statistics.quantiles(latencies, n=100)
     return {
@@ -181,6 +198,7 @@ async def run(addresses: list[str], pids: list[int], clients: int, seconds: floa
         "p99_ms": quantiles[98] * 1000,
         "errors": errors,
         "rss_mib": rss,
+        "kib_per_watcher": (rss_held - rss_before) / 1024 / watchers if watchers else 0.0,
     }
 
 
@@ -190,9 +208,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--setups", default="sqlite,redis,redis2")
     parser.add_argument("--watchers", type=int, default=0)
+    parser.add_argument("--watchers-per-connection", type=int, default=100)
     ns = parser.parse_args()
     print(f"{'setup':<8} {'neg/s':>8} {'neg/CPU-s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'errors':>7} {'RSS MiB':>8}")  # fmt: skip
+          f"{'errors':>7} {'RSS MiB':>8} {'KiB/watch':>9}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="ferry-negotiate-") as root:
         for setup in ns.setups.split(","):
             tmp = Path(root) / setup
@@ -210,7 +229,14 @@ def main() -> None:
                     brokers.append(broker)
                 pids = [b.proc.pid for b in brokers if b.proc is not None]
                 figures = asyncio.run(
-                    run([b.address for b in brokers], pids, ns.clients, ns.seconds, ns.watchers)
+                    run(
+                        [b.address for b in brokers],
+                        pids,
+                        ns.clients,
+                        ns.seconds,
+                        ns.watchers,
+                        ns.watchers_per_connection,
+                    )
                 )
             finally:
                 for broker in brokers:
@@ -219,7 +245,7 @@ def main() -> None:
                     redis.stop()
             print(f"{setup:<8} {figures['per_s']:8.0f} {figures['per_cpu_s']:10.0f} "
                   f"{figures['p50_ms']:8.1f} {figures['p99_ms']:8.1f} {figures['errors']:7.0f} "
-                  f"{figures['rss_mib']:8.0f}")  # fmt: skip
+                  f"{figures['rss_mib']:8.0f} {figures['kib_per_watcher']:9.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ class BrokerConfig:
     #: transfers at once with both sides behind it. An idle watcher of a session with a
     #: manifest of max_manifest_bytes holds up to about 4 times that in gRPC buffers.
     watches_per_address: int = 32
-    #: Open WatchSession streams on the whole broker.
-    watches_total: int = 4096
+    #: Open WatchSession streams on the whole broker. Measured (bench/negotiate.py): an idle
+    #: watch costs about 29 KiB, 48 KiB with a connection of its own; 10,000 of them left
+    #: the negotiation rate as it was.
+    watches_total: int = 16_384
     #: Bytes of the sessions watched, summed over all watches (a watch counts its session's
     #: size): what watchers that do not read can pin in gRPC's buffers, in all.
     watch_bytes_total: int = 256 << 20
@@ -109,18 +111,20 @@ class BrokerConfig:
     min_free_disk_bytes: int = 64 << 20
 
     # -- Connections (a sibling of finding 8, on the broker) ------------------------------
-    #: Connections the broker holds at once (each costs about 10 KiB and a descriptor); more
+    #: Connections the broker holds at once (each costs about 20 KiB and a descriptor: the
+    #: broker raises its open-files limit to the hard one, and warns if that is short); more
     #: are closed as they come. A per-address cap belongs in front (the ingress, a firewall):
     #: gRPC has none, and this one is to keep the broker alive, not fair.
-    max_connections: int = 10_000
+    max_connections: int = 20_000
     #: Seconds a new connection has for its TLS handshake and HTTP/2 preface (gRPC's
     #: default is 120 s: a stranger's silent connections would be held that long).
     handshake_timeout_s: float = 10.0
     #: A connection with no call for this long is closed (clients reconnect when they need
     #: to; a watch is a call, so a waiting peer's connection stays).
     connection_idle_s: float = 300.0
-    #: Calls served at once, watches included; beyond, RESOURCE_EXHAUSTED.
-    max_concurrent_calls: int = 8192
+    #: Calls served at once, watches included (so above watches_total); beyond,
+    #: RESOURCE_EXHAUSTED.
+    max_concurrent_calls: int = 20_480
     #: Calls of any kind one address (an IPv6 /64) may make in a burst, and gets back per
     #: second (RESOURCE_EXHAUSTED, RATE_LIMITED beyond). A transfer makes a few dozen calls
     #: in all, progress reports included; a loop of cheap calls from one address (each a

@@ -44,6 +44,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -68,6 +69,8 @@ from ferry.broker.tls import CertificateFiles, describe
 from ferry.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
+#: Descriptors beside the connections: the store, the listening sockets, logs, S3's pool.
+_SPARE_DESCRIPTORS = 256
 
 SERVICE_NAME: str = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
 _HEALTH_NAME = "grpc.health.v1.Health"
@@ -428,11 +431,41 @@ def _recorder(config: BrokerConfig, store: Store) -> Recorder:
     return recorder
 
 
+def raise_descriptor_limit(config: BrokerConfig) -> int:
+    """Raise this process's soft limit of open files to its hard limit, and warn when even
+    that is short of what the settings let the broker hold; return the limit now in force.
+
+    Each connection, watch's connection and responder connection is a descriptor, and many
+    hosts start a process with a soft limit of 1,024: without this a broker would refuse
+    connections (EMFILE) long before max_connections.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d: %s", soft, exc)
+    needed = config.max_connections + config.reflexive_max_connections + _SPARE_DESCRIPTORS
+    if soft < needed:
+        log.warning(
+            "open-files limit %d is below max_connections + reflexive_max_connections + %d"
+            " = %d: connections past it are refused; raise the hard limit (ulimit -Hn) or"
+            " lower --max-connections",
+            soft,
+            _SPARE_DESCRIPTORS,
+            needed,
+        )
+    return soft
+
+
 async def serve(config: BrokerConfig) -> None:
     """Start, print `{"event": "listening", "address": ..., "tls": ...}` on stdout (and
     `"health_address"` with a health port, `"reflexive_address"` with a reflexive
     responder, `"metrics_address"` with a metrics port), run until SIGTERM/SIGINT, then
     drain (`RunningBroker.stop`)."""
+    raise_descriptor_limit(config)
     running = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
