@@ -39,7 +39,7 @@ from ferry.client._journal import Journal, journal_path
 from ferry.client._keys import check_certificate, over, sign
 from ferry.client._punch import lease_targets, reserve_ports, targets_of
 from ferry.client._receive import ReceivePeer
-from ferry.client._reflexive import Gathered, gather
+from ferry.client._reflexive import Gathered, publish
 from ferry.client._resume import resume_from_journal
 from ferry.client._session import (
     FINAL,
@@ -527,7 +527,7 @@ class Incoming:
                     functools.partial(peer.run, slots, deadline, cancel),
                     cancel,
                     follow(self._link, self.name, attempt, cancel, latest, trickle),
-                    self._publish(attempt, slots, gathered),
+                    publish(self._link, self.name, attempt, slots, gathered),
                 )
                 return
             except PeerGone as exc:
@@ -574,18 +574,6 @@ class Incoming:
                 if current.state in FINAL:
                     raise over(current) from None
                 raise
-
-    async def _publish(self, attempt: int, slots: list[int], gathered: list[Gathered]) -> None:
-        """Gather this side's candidates for ``attempt`` and publish them (the sender
-        punches toward them); a broker that cannot take them only costs those pairs."""
-        server: tuple[str, int] | None = None
-        with contextlib.suppress(BrokerError):
-            server = await self._link.reflexive_target()
-        found = await asyncio.to_thread(gather, slots, server)
-        gathered.append(found)
-        with contextlib.suppress(BrokerError):
-            await self._link.publish_candidates(self.name, attempt, found.candidates)
-        await asyncio.Event().wait()  # hold the probe connections until the attempt ends
 
     async def _from_store_only(
         self,

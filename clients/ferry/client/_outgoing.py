@@ -43,7 +43,7 @@ from ferry.client._keys import (
     tampered,
 )
 from ferry.client._punch import targets_of
-from ferry.client._reflexive import Gathered, gather
+from ferry.client._reflexive import Gathered, publish
 from ferry.client._send import (
     SendCounter,
     SendPeer,
@@ -470,24 +470,11 @@ class Outgoing:
                     cancel,
                     follow(self._link, self.name, attempt, cancel, [], trickle),
                     self._fallback_at_deadline(peer, session),
-                    self._publish(attempt, peer.port, gathered),
+                    publish(self._link, self.name, attempt, [peer.port], gathered),
                 )
         finally:
             for each in gathered:
                 each.close()
-
-    async def _publish(self, attempt: int, port: int, gathered: list[Gathered]) -> None:
-        """Gather the data port's candidates for ``attempt`` (host, and reflexive through
-        the broker's responder) and publish them; a broker that cannot take them only costs
-        the receiver those pairs (it dials the offer's addresses on the lease meanwhile)."""
-        server: tuple[str, int] | None = None
-        with contextlib.suppress(BrokerError):
-            server = await self._link.reflexive_target()
-        found = await asyncio.to_thread(gather, [port], server)
-        gathered.append(found)
-        with contextlib.suppress(BrokerError):
-            await self._link.publish_candidates(self.name, attempt, found.candidates)
-        await asyncio.Event().wait()  # hold the probe connection until the attempt ends
 
     async def _fallback_at_deadline(self, peer: SendPeer, session: broker_pb2.Session) -> None:
         if self.via != "auto" or self._upload is not None:

@@ -330,22 +330,36 @@ class Dialer:
             self.retry(attempt.target, reset=reset)
 
 
+def plain_bind(port: int = 0) -> int:
+    """Bind a plain socket (no SO_REUSEPORT) to ``port`` of every interface, IPv6 and IPv4
+    where possible, and let it go; return the port bound. OSError if ``port`` is taken: a
+    data socket shares its port (SO_REUSEPORT), so this is how a port is first checked to be
+    free the ordinary way. Port 0 finds a free one; then without SO_REUSEADDR, with which
+    the kernel may hand out a port that sharing sockets already hold."""
+    family = socket.AF_INET6 if dual_stack() else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        if port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))  # noqa: S104
+        bound: int = probe.getsockname()[1]
+        return bound
+
+
 def reserve_ports(count: int, avoid: range = range(0)) -> list[socket.socket]:
     """``count`` data sockets on distinct free ports outside ``avoid`` (the sender's leased
     range, which on one machine must not meet ours: a port dialing itself connects to
     itself). They hold their ports for the attempt; the caller closes them.
 
-    A port is found by binding a plain socket to port 0 (with SO_REUSEADDR the kernel may
-    hand out a port such sockets already share), then taken by a data socket."""
+    A port is found by binding a plain socket to port 0 (plain_bind), then taken by a data
+    socket."""
     held: list[socket.socket] = []
     try:
         for _ in range(count * 8 + 8):
             if len(held) == count:
                 break
-            family = socket.AF_INET6 if dual_stack() else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104
-                port = probe.getsockname()[1]
+            port = plain_bind()
             if port in avoid or any(s.getsockname()[1] == port for s in held):
                 continue
             with contextlib.suppress(OSError):  # taken meanwhile: another one

@@ -12,6 +12,7 @@ host candidates still work on a LAN, and the object store is there for the rest.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import ipaddress
@@ -20,12 +21,13 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ferry.client._broker import BrokerError, BrokerLink
 from ferry.client._candidates import local_candidates
 from ferry.client._punch import data_socket, sock_address
 from ferry.protocol import stun
 from ferry.v1 import broker_pb2
 
-__all__ = ["PROBE_TIMEOUT", "Gathered", "ask", "gather", "probe"]
+__all__ = ["PROBE_TIMEOUT", "Gathered", "ask", "gather", "probe", "publish"]
 
 #: Seconds one reflexive probe may take (connect, ask, answer).
 PROBE_TIMEOUT = 2.0
@@ -132,3 +134,20 @@ def gather(ports: Sequence[int], server: tuple[str, int] | None) -> Gathered:
     if not same:  # not behind a NAT: the host candidate says it already
         out.candidates.append(broker_pb2.Candidate(ip=public, kind=REFLEXIVE, ports=mapped_ports))
     return out
+
+
+async def publish(
+    link: BrokerLink, name: str, attempt: int, ports: Sequence[int], gathered: list[Gathered]
+) -> None:
+    """Gather the candidates of data ports `ports` for `attempt` (host, and reflexive
+    through the broker's responder), publish them for the peer to punch toward, and hold
+    the probe connections until cancelled (the attempt's end; the caller closes what it
+    finds in `gathered`). A broker that cannot take them only costs the peer those pairs."""
+    server: tuple[str, int] | None = None
+    with contextlib.suppress(BrokerError):
+        server = await link.reflexive_target()
+    found = await asyncio.to_thread(gather, ports, server)
+    gathered.append(found)
+    with contextlib.suppress(BrokerError):
+        await link.publish_candidates(name, attempt, found.candidates)
+    await asyncio.Event().wait()

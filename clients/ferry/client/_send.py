@@ -26,9 +26,9 @@ from ferry.client._punch import (
     Dialer,
     Target,
     data_socket,
-    dual_stack,
     endpoint,
     path_timeout,
+    plain_bind,
     watch_path,
 )
 from ferry.client._source import Source, SourceChanged, digest_file
@@ -335,16 +335,7 @@ def _listen(port: int) -> socket.socket:
     It shares the port (SO_REUSEPORT) with the reflexive probe and the punches, so a port
     is first checked to be free the ordinary way: another process's listener there (even
     one that allows sharing) makes it taken, as it would without SO_REUSEPORT."""
-    probe = socket.socket(socket.AF_INET6 if dual_stack() else socket.AF_INET)
-    try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if dual_stack():
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            probe.bind(("::", port))
-        else:
-            probe.bind(("0.0.0.0", port))  # noqa: S104 - candidates are every interface
-    finally:
-        probe.close()
+    plain_bind(port)
     sock = data_socket(port)
     try:
         sock.listen(64)
