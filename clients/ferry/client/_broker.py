@@ -327,16 +327,22 @@ class BrokerLink:
         bytes_done: int,
         failure_reason: str = "",
         path: broker_pb2.PathReport | None = None,
+        *,
+        bytes_direct: int = 0,
+        bytes_store: int = 0,
     ) -> broker_pb2.Session:
         """ReportProgress. Only a completion waits for a restarting broker (it must arrive);
         any other report makes one try (progress is reported again soon, a failure is best
-        effort). ``path``: how the peers connected (the receiver's)."""
+        effort). ``path``: how the peers connected (the receiver's); ``bytes_direct`` and
+        ``bytes_store``: what each path carried of this run's bytes (a completion's)."""
         request = broker_pb2.ReportProgressRequest(
             name=name,
             state=state,  # type: ignore[arg-type]
             bytes_done=bytes_done,
             failure_reason=failure_reason[:1000],
             path=path,
+            bytes_direct=bytes_direct,
+            bytes_store=bytes_store,
         )
         patient = state == broker_pb2.Session.STATE_COMPLETED
         call = self._stub.ReportProgress

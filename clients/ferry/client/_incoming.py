@@ -268,6 +268,7 @@ class Incoming:
             await self._receive(session, identity, me, intake, via, on_event)
             if intake.first_chunk_at is not None:
                 first_chunk = intake.first_chunk_at - accepted_at
+        direct = receive.bytes_verified - receive.bytes_resumed - self._store_bytes
         result = TransferResult(
             session=self.name,
             files=[
@@ -281,13 +282,9 @@ class Incoming:
             chunks_retried=receive.retries,
             connection=self.connection,
             first_chunk_seconds=first_chunk,
-            path=path_of(
-                receive.bytes_verified - receive.bytes_resumed - self._store_bytes,
-                self._store_bytes,
-                "store" if via == "store" else "direct",
-            ),
+            path=path_of(direct, self._store_bytes, "store" if via == "store" else "direct"),
         )
-        await self._confirm(receive.bytes_verified, journal, dest)
+        await self._confirm(receive.bytes_verified, journal, dest, (direct, self._store_bytes))
         return self._emit_done(result, on_event)
 
     async def _reserve(
@@ -389,7 +386,9 @@ class Incoming:
             "command again once it is fixed"
         )
 
-    async def _confirm(self, done: int, journal: Journal, dest: Path) -> None:
+    async def _confirm(
+        self, done: int, journal: Journal, dest: Path, carried: tuple[int, int] = (0, 0)
+    ) -> None:
         """Tell the broker that every file is verified and in place; then drop the journal.
 
         Waits for a restarting broker (the link's patience). A broker that never answers
@@ -403,6 +402,8 @@ class Incoming:
                 State.STATE_COMPLETED,
                 done,
                 path=path.to_report() if path is not None else None,
+                bytes_direct=max(carried[0], 0),
+                bytes_store=max(carried[1], 0),
             )
         except BrokerError as exc:
             if exc.reason != "ILLEGAL_TRANSITION":

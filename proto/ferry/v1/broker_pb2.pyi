@@ -1033,6 +1033,8 @@ class ReportProgressRequest(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    BYTES_DIRECT_FIELD_NUMBER: _builtins.int
+    BYTES_STORE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The session's name."""
     state: Global___Session.State.ValueType
@@ -1046,6 +1048,15 @@ class ReportProgressRequest(_message.Message):
     """Bytes the receiver holds verified (or the sender has sent)."""
     failure_reason: _builtins.str
     """Why, when state is STATE_FAILED."""
+    bytes_direct: _builtins.int
+    """On the receiver's STATE_COMPLETED: of the bytes this run received, those
+    the direct path carried (bytes on disk from an earlier run count in neither
+    this nor bytes_store). For the broker's metrics only.
+    """
+    bytes_store: _builtins.int
+    """On the receiver's STATE_COMPLETED: of the bytes this run received, those
+    fetched from the object store. For the broker's metrics only.
+    """
     @_builtins.property
     def path(self) -> Global___PathReport:
         """How the peers connected (receiver only), kept as Session.path."""
@@ -1058,10 +1069,12 @@ class ReportProgressRequest(_message.Message):
         bytes_done: _builtins.int = ...,
         failure_reason: _builtins.str = ...,
         path: Global___PathReport | None = ...,
+        bytes_direct: _builtins.int = ...,
+        bytes_store: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["path", b"path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "failure_reason", b"failure_reason", "name", b"name", "path", b"path", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_direct", b"bytes_direct", "bytes_done", b"bytes_done", "bytes_store", b"bytes_store", "failure_reason", b"failure_reason", "name", b"name", "path", b"path", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
