@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
+import pytest_asyncio
 
 from ferry.broker import states
 from ferry.broker.config import BrokerConfig
@@ -83,19 +84,21 @@ class Env:
     broker: Broker
     clock: FakeClock
 
-    def offer(self, request: broker_pb2.CreateOfferRequest | None = None) -> str:
-        return self.broker.create_offer(request or _pake_offer(), "192.0.2.10").code
+    async def offer(self, request: broker_pb2.CreateOfferRequest | None = None) -> str:
+        return (await self.broker.create_offer(request or _pake_offer(), "192.0.2.10")).code
 
-    def claim(
+    async def claim(
         self, code: str, ip: str, *, claim_verifier: bytes = b""
     ) -> broker_pb2.ClaimOfferResponse:
         """A claim with a PAKE message, or with ``claim_verifier`` alone if given."""
         pake = b"" if claim_verifier else RECEIVER_PAKE
-        return self.broker.claim_offer(code, ip, pake_message=pake, claim_verifier=claim_verifier)
+        return await self.broker.claim_offer(
+            code, ip, pake_message=pake, claim_verifier=claim_verifier
+        )
 
-    def refusal(self, code: str, ip: str, *, claim_verifier: bytes = b"") -> BrokerRefusal:
+    async def refusal(self, code: str, ip: str, *, claim_verifier: bytes = b"") -> BrokerRefusal:
         with pytest.raises(BrokerRefusal) as info:
-            self.claim(code, ip, claim_verifier=claim_verifier)
+            await self.claim(code, ip, claim_verifier=claim_verifier)
         return info.value
 
 
@@ -105,11 +108,11 @@ def _env(tmp_path: Path, **settings: float) -> Env:
     return Env(Broker(config, SqliteStore(tmp_path / "b.sqlite3"), clock=clock), clock)
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
     environment = _env(tmp_path)
     yield environment
-    environment.broker.store.close()
+    await environment.broker.store.close()
 
 
 def _rss() -> int:
@@ -119,13 +122,13 @@ def _rss() -> int:
 # -- finding 3: the limiter is no lever against real users --------------------------------------
 
 
-def _flood_step(env: Env, attackers: list[str]) -> int:
+async def _flood_step(env: Env, attackers: list[str]) -> int:
     """One wrong claim from each of ``attackers``; how many the broker looked at (not refused
     as RATE_LIMITED before the lookup)."""
     tried = 0
     for ip in attackers:
         try:
-            env.claim(WRONG, ip)
+            await env.claim(WRONG, ip)
         except ResourceExhausted:
             continue
         except NotFound:
@@ -133,6 +136,7 @@ def _flood_step(env: Env, attackers: list[str]) -> int:
     return tried
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "network",
     [
@@ -142,7 +146,9 @@ def _flood_step(env: Env, attackers: list[str]) -> int:
         pytest.param("198.18.0.0/20", id="1500-ipv4-addresses"),
     ],
 )
-def test_a_claim_flood_from_1500_addresses_refuses_no_real_receiver(env: Env, network: str) -> None:
+async def test_a_claim_flood_from_1500_addresses_refuses_no_real_receiver(
+    env: Env, network: str
+) -> None:
     """Before: 100 % of correct claims refused (85-97 % in the issue's run). After: none."""
     net = ipaddress.ip_network(network)
     attackers = [str(net[i + 1]) for i in range(1500)]
@@ -151,12 +157,12 @@ def test_a_claim_flood_from_1500_addresses_refuses_no_real_receiver(env: Env, ne
     legit = 0
     for step in range(600):  # 60 s of flood in steps of 0.1 s; each attacker tries 1/s
         env.clock.now += 0.1
-        tried += _flood_step(env, attackers[(step % 10) * 150 : (step % 10 + 1) * 150])
-        code = env.offer()
+        tried += await _flood_step(env, attackers[(step % 10) * 150 : (step % 10 + 1) * 150])
+        code = await env.offer()
         receiver = f"203.0.113.{step % 200 + 1}"  # real receivers, elsewhere
         legit += 1
         try:
-            claim = env.claim(code, receiver)
+            claim = await env.claim(code, receiver)
         except BrokerRefusal:
             refused += 1
             continue
@@ -171,18 +177,19 @@ def test_a_claim_flood_from_1500_addresses_refuses_no_real_receiver(env: Env, ne
         assert tried < 1500 * per_source / 3
     ledger = env.broker.ledger
     assert isinstance(ledger, MemoryLedger)
-    assert len(ledger._buckets) <= 1500 + 2  # the sources, all claims, the offers'
+    assert len(ledger.local._buckets) <= 1500 + 2  # the sources, all claims, the offers'
     assert _rss() - rss < 64 * MiB
 
 
-def test_a_source_out_of_claims_is_refused_before_the_lookup(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_a_source_out_of_claims_is_refused_before_the_lookup(env: Env) -> None:
     """Its refusal is the same for a right and a wrong nameplate: it tells a guesser nothing.
     And a mistyped code costs a real receiver one token, not its claim."""
-    code = env.offer()
+    code = await env.offer()
     for _ in range(10):
-        assert isinstance(env.refusal(WRONG, "192.0.2.99"), NotFound)
-    right = env.refusal(code, "192.0.2.99")
-    wrong = env.refusal(WRONG, "192.0.2.99")
+        assert isinstance(await env.refusal(WRONG, "192.0.2.99"), NotFound)
+    right = await env.refusal(code, "192.0.2.99")
+    wrong = await env.refusal(WRONG, "192.0.2.99")
     assert (type(right), right.reason, right.message) == (
         type(wrong),
         wrong.reason,
@@ -190,16 +197,17 @@ def test_a_source_out_of_claims_is_refused_before_the_lookup(env: Env) -> None:
     )
     assert right.reason == Reason.RATE_LIMITED
     env.clock.now += 1.0
-    assert env.claim(code, "192.0.2.99").session.claimed
+    assert (await env.claim(code, "192.0.2.99")).session.claimed
 
 
-def test_ipv6_addresses_of_one_64_share_one_allowance(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_ipv6_addresses_of_one_64_share_one_allowance(env: Env) -> None:
     for i in range(10):
-        assert isinstance(env.refusal(WRONG, f"2001:db8:5:6::{i + 1:x}"), NotFound)
-    refused = env.refusal(WRONG, "2001:db8:5:6:ffff:ffff:ffff:ffff")
+        assert isinstance(await env.refusal(WRONG, f"2001:db8:5:6::{i + 1:x}"), NotFound)
+    refused = await env.refusal(WRONG, "2001:db8:5:6:ffff:ffff:ffff:ffff")
     assert refused.reason == Reason.RATE_LIMITED
     # another /64 is another source
-    assert isinstance(env.refusal(WRONG, "2001:db8:5:7::1"), NotFound)
+    assert isinstance(await env.refusal(WRONG, "2001:db8:5:7::1"), NotFound)
 
 
 def _broker_on_both_loopbacks(factory: BrokerFactory, tmp_path: Path, *args: str) -> BrokerProcess:
@@ -321,29 +329,31 @@ async def test_the_client_gives_up_a_rate_limited_claim_in_bounded_time(
 # -- finding 4: the guessing bound -----------------------------------------------------------
 
 
-def test_expired_wrong_and_used_codes_answer_alike_and_are_all_charged(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_expired_wrong_and_used_codes_answer_alike_and_are_all_charged(env: Env) -> None:
     """Before: an expired code answered CODE_EXPIRED ("this code has expired") and cost the
     guesser nothing. Now the three answers are identical, and each one is charged."""
-    expired = env.offer()
-    used = env.offer()
-    env.claim(used, "203.0.113.1")
+    expired = await env.offer()
+    used = await env.offer()
+    await env.claim(used, "203.0.113.1")
     env.clock.now += 601
-    env.broker.sweep()
+    await env.broker.sweep()
     answers = {
         (type(r), r.reason, r.message)
         for r in (
-            env.refusal(WRONG, "192.0.2.50"),
-            env.refusal(expired, "192.0.2.50"),
-            env.refusal(used, "192.0.2.50"),
+            await env.refusal(WRONG, "192.0.2.50"),
+            await env.refusal(expired, "192.0.2.50"),
+            await env.refusal(used, "192.0.2.50"),
         )
     }
     assert answers == {(NotFound, Reason.CODE_NOT_FOUND, "no offer has this code")}
     for _ in range(10):  # expired claims only: they spend the source's allowance
-        env.refusal(expired, "192.0.2.51")
-    assert env.refusal(expired, "192.0.2.51").reason == Reason.RATE_LIMITED
+        await env.refusal(expired, "192.0.2.51")
+    assert (await env.refusal(expired, "192.0.2.51")).reason == Reason.RATE_LIMITED
 
 
-def test_a_store_and_forward_offer_takes_a_bounded_number_of_guesses(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_store_and_forward_offer_takes_a_bounded_number_of_guesses(tmp_path: Path) -> None:
     """A found forwarded nameplate: wrong verifiers from many sources over a day-long offer.
     Before: it stays claimable, guessed at without end. After: claim_guesses_per_offer wrong
     verifiers give it up (EXPIRED, with why), the sender sees it; the right one no longer
@@ -351,25 +361,26 @@ def test_a_store_and_forward_offer_takes_a_bounded_number_of_guesses(tmp_path: P
     env = _env(tmp_path, claim_guesses_per_offer=20)
     request = store_and_forward(_pake_offer())
     request.ttl.FromSeconds(86400)
-    offer = env.broker.create_offer(request, "192.0.2.10")
+    offer = await env.broker.create_offer(request, "192.0.2.10")
     guesses = 0
     for i in range(200):
-        refusal = env.refusal(
+        refusal = await env.refusal(
             offer.code, f"198.18.{i // 250}.{i % 250 + 1}", claim_verifier=b"w" * 32
         )
         assert refusal.reason == Reason.CODE_NOT_FOUND
         guesses += 1
-        seen = env.broker.get(offer.session.name, offer.party_token)
+        seen = await env.broker.get(offer.session.name, offer.party_token)
         if seen.state == states.EXPIRED:
             break
     assert guesses == 20
     assert "guessed at 20 times" in seen.failure_reason
-    assert env.refusal(offer.code, "203.0.113.9", claim_verifier=CLAIM_VERIFIER).reason == (
+    assert (await env.refusal(offer.code, "203.0.113.9", claim_verifier=CLAIM_VERIFIER)).reason == (
         Reason.CODE_NOT_FOUND
     )
 
 
-def test_a_stranger_who_claims_first_cannot_hold_the_receiver_out(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_stranger_who_claims_first_cannot_hold_the_receiver_out(tmp_path: Path) -> None:
     """A stranger claims a live code and never proves it. Before: the offer stays claimed
     (the real receiver gets "not found") until its TTL, the sender is told nothing. After:
     the next claim after claim_confirm_timeout_s ends it, EXPIRED with the reason, so the
@@ -377,29 +388,32 @@ def test_a_stranger_who_claims_first_cannot_hold_the_receiver_out(tmp_path: Path
     env = _env(tmp_path, claim_confirm_timeout_s=60.0)
     request = _pake_offer()
     request.ttl.FromSeconds(86400)
-    offer = env.broker.create_offer(request, "192.0.2.10")
-    env.claim(offer.code, "198.51.100.66")  # the stranger, silent from now on
+    offer = await env.broker.create_offer(request, "192.0.2.10")
+    await env.claim(offer.code, "198.51.100.66")  # the stranger, silent from now on
     env.clock.now += 30
-    assert env.refusal(offer.code, "203.0.113.5").reason == Reason.CODE_NOT_FOUND
-    assert env.broker.get(offer.session.name, offer.party_token).state == states.OFFERED
+    assert (await env.refusal(offer.code, "203.0.113.5")).reason == Reason.CODE_NOT_FOUND
+    assert (await env.broker.get(offer.session.name, offer.party_token)).state == states.OFFERED
     env.clock.now += 31
-    assert env.refusal(offer.code, "203.0.113.5").reason == Reason.CODE_NOT_FOUND
-    seen = env.broker.get(offer.session.name, offer.party_token)
+    assert (await env.refusal(offer.code, "203.0.113.5")).reason == Reason.CODE_NOT_FOUND
+    seen = await env.broker.get(offer.session.name, offer.party_token)
     assert seen.state == states.EXPIRED
     assert "never proved it" in seen.failure_reason
-    again = env.offer()  # the sender offers again; the real receiver claims it
-    assert env.claim(again, "203.0.113.5").session.claimed
+    again = await env.offer()  # the sender offers again; the real receiver claims it
+    assert (await env.claim(again, "203.0.113.5")).session.claimed
 
 
-def test_a_claimed_offer_is_not_taken_from_its_receiver_by_guessing(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_claimed_offer_is_not_taken_from_its_receiver_by_guessing(tmp_path: Path) -> None:
     """Guessing must not burn an offer its real receiver already holds: wrong verifiers
     for a claimed forwarded offer, or claims of a confirmed live one, leave it alone."""
     env = _env(tmp_path, claim_guesses_per_offer=5, claim_confirm_timeout_s=1.0)
-    forwarded = env.broker.create_offer(store_and_forward(_pake_offer()), "192.0.2.10")
-    env.claim(forwarded.code, "203.0.113.7", claim_verifier=CLAIM_VERIFIER)
+    forwarded = await env.broker.create_offer(store_and_forward(_pake_offer()), "192.0.2.10")
+    await env.claim(forwarded.code, "203.0.113.7", claim_verifier=CLAIM_VERIFIER)
     for i in range(20):
-        env.refusal(forwarded.code, f"198.18.1.{i + 1}", claim_verifier=b"w" * 32)
-    assert env.broker.get(forwarded.session.name, forwarded.party_token).state == states.OFFERED
+        await env.refusal(forwarded.code, f"198.18.1.{i + 1}", claim_verifier=b"w" * 32)
+    assert (
+        await env.broker.get(forwarded.session.name, forwarded.party_token)
+    ).state == states.OFFERED
 
 
 def test_the_bound_stated_for_the_readme() -> None:

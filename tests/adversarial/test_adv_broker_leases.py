@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
+import pytest_asyncio
 
 from ferry.broker import states
 from ferry.broker.config import BrokerConfig
@@ -66,11 +67,11 @@ class Env:
     broker: Broker
     clock: FakeClock
 
-    def accepted(self, sender_ip: str, receiver_ip: str) -> broker_pb2.Session:
+    async def accepted(self, sender_ip: str, receiver_ip: str) -> broker_pb2.Session:
         """An offer from ``sender_ip`` claimed and accepted from ``receiver_ip``."""
-        offer = self.broker.create_offer(_offer_request(), sender_ip)
-        claim = claim_confirmed(self.broker, offer, receiver_ip)
-        return self.broker.accept(
+        offer = await self.broker.create_offer(_offer_request(), sender_ip)
+        claim = await claim_confirmed(self.broker, offer, receiver_ip)
+        return await self.broker.accept(
             offer.session.name, claim.party_token, _peer(b"receiver"), receiver_ip
         )
 
@@ -86,71 +87,74 @@ class Env:
         return sum(last - first + 1 for first, last in rows)
 
 
-def _flood(env: Env, attacker: str) -> tuple[list[broker_pb2.Session], ResourceExhausted]:
+async def _flood(env: Env, attacker: str) -> tuple[list[broker_pb2.Session], ResourceExhausted]:
     """Self-accepted offers from `attacker` until the broker refuses one (at most 300)."""
     sessions: list[broker_pb2.Session] = []
     for _ in range(300):
         try:
-            sessions.append(env.accepted(attacker, attacker))
+            sessions.append(await env.accepted(attacker, attacker))
         except ResourceExhausted as refusal:
             return sessions, refusal
     raise AssertionError("300 leases and no refusal")
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
     clock = FakeClock()
     config = BrokerConfig(data_dir=tmp_path, offer_burst_per_address=1e9)
     environment = Env(Broker(config, SqliteStore(tmp_path / "b.sqlite3"), clock=clock), clock)
     yield environment
-    environment.broker.store.close()
+    await environment.broker.store.close()
 
 
-def test_a_self_accept_flood_is_bounded_and_leaves_ports_to_the_neighbours(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_a_self_accept_flood_is_bounded_and_leaves_ports_to_the_neighbours(env: Env) -> None:
     """One address accepts its own offers as fast as it can: it stops at leases_per_caller
     (16 leases, 64 ports), and another sender behind the same address, whose receiver is
     elsewhere, still gets ports. Before: 225 leases, all 900 ports, then NO_PORTS for all."""
     attacker = "192.0.2.9"
-    sessions, refusal = _flood(env, attacker)
+    sessions, refusal = await _flood(env, attacker)
     assert refusal.reason == Reason.TOO_MANY_LEASES
     assert len(sessions) == env.broker.config.leases_per_caller == 16
     assert env.held_ports(f"ip:{attacker}") == 64
-    legit = env.accepted(attacker, "203.0.113.77")  # same sender address, other receiver
+    legit = await env.accepted(attacker, "203.0.113.77")  # same sender address, other receiver
     assert legit.state == states.ACCEPTED
     assert legit.plan.listener_ports.first_port >= RANGE[0]
     # an IPv6 attacker's other addresses in its /64 are the same owner
     for i in range(16):
-        env.accepted(attacker, f"2001:db8:9:9::{i + 1:x}")
+        await env.accepted(attacker, f"2001:db8:9:9::{i + 1:x}")
     with pytest.raises(ResourceExhausted) as again:
-        env.accepted(attacker, "2001:db8:9:9::ffff")
+        await env.accepted(attacker, "2001:db8:9:9::ffff")
     assert again.value.reason == Reason.TOO_MANY_LEASES
 
 
-def test_leases_nobody_connects_for_return_at_the_connect_deadline(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_leases_nobody_connects_for_return_at_the_connect_deadline(env: Env) -> None:
     """Past the plan's deadline a lease counts only if a peer reported CONNECTING or
     TRANSFERRING; a resume leases again."""
     attacker = "192.0.2.9"
-    _flood(env, attacker)
+    await _flood(env, attacker)
     assert env.held_ports(f"ip:{attacker}") == 64
     env.clock.now += env.broker.config.connect_timeout_s + 0.1
     assert env.held_ports(f"ip:{attacker}") == 0
     # the ports came back: the same caller may lease again, up to its share
     for _ in range(16):
-        env.accepted(attacker, attacker)
+        await env.accepted(attacker, attacker)
     with pytest.raises(ResourceExhausted):
-        env.accepted(attacker, attacker)
+        await env.accepted(attacker, attacker)
 
 
-def test_a_session_that_connects_keeps_its_lease_past_the_deadline(env: Env) -> None:
-    offer = env.broker.create_offer(_offer_request(), "192.0.2.20")
-    claim = claim_confirmed(env.broker, offer, "203.0.113.20")
+@pytest.mark.asyncio
+async def test_a_session_that_connects_keeps_its_lease_past_the_deadline(env: Env) -> None:
+    offer = await env.broker.create_offer(_offer_request(), "192.0.2.20")
+    claim = await claim_confirmed(env.broker, offer, "203.0.113.20")
     name = offer.session.name
-    env.broker.accept(name, claim.party_token, _peer(b"receiver"), "203.0.113.20")
-    env.broker.report(name, claim.party_token, states.CONNECTING, 0, "")
+    await env.broker.accept(name, claim.party_token, _peer(b"receiver"), "203.0.113.20")
+    await env.broker.report(name, claim.party_token, states.CONNECTING, 0, "")
     env.clock.now += env.broker.config.connect_timeout_s + 60
     assert env.held_ports("ip:192.0.2.20") == 4
     # a resume starts a new attempt: ACCEPTED again, a fresh lease with a fresh deadline
-    resumed = env.broker.resume(name, offer.party_token, _peer(b"sender-2"), "192.0.2.20")
+    resumed = await env.broker.resume(name, offer.party_token, _peer(b"sender-2"), "192.0.2.20")
     assert resumed.state == states.ACCEPTED
     assert env.held_ports("ip:192.0.2.20") == 4
     env.clock.now += env.broker.config.connect_timeout_s + 0.1

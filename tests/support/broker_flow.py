@@ -71,15 +71,15 @@ def store_and_forward(request: broker_pb2.CreateOfferRequest) -> broker_pb2.Crea
 # -- in-process Broker ------------------------------------------------------------------------
 
 
-def confirm_keys(
+async def confirm_keys(
     broker: Broker, name: str, sender_token: str, receiver_token: str
 ) -> broker_pb2.Session:
     """Post the receiver's, then the sender's placeholder confirmation; the sender's view."""
-    broker.confirm_key(name, receiver_token, RECEIVER_CONFIRMATION, b"")
-    return broker.confirm_key(name, sender_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
+    await broker.confirm_key(name, receiver_token, RECEIVER_CONFIRMATION, b"")
+    return await broker.confirm_key(name, sender_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
 
 
-def claim_confirmed(
+async def claim_confirmed(
     broker: Broker,
     offer: broker_pb2.CreateOfferResponse,
     peer_ip: str | None = None,
@@ -90,10 +90,10 @@ def claim_confirmed(
     The response's session is the receiver's view after the confirmations (the whole offer),
     as a claim showed it before codes were PAKE-bound.
     """
-    claim = broker.claim_offer(offer.code, peer_ip, request_id, pake_message=RECEIVER_PAKE)
+    claim = await broker.claim_offer(offer.code, peer_ip, request_id, pake_message=RECEIVER_PAKE)
     name = offer.session.name
-    confirm_keys(broker, name, offer.party_token, claim.party_token)
-    claim.session.CopyFrom(broker.get(name, claim.party_token))
+    await confirm_keys(broker, name, offer.party_token, claim.party_token)
+    claim.session.CopyFrom(await broker.get(name, claim.party_token))
     return claim
 
 

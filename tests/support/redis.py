@@ -158,7 +158,9 @@ def redis_server(dir: Path) -> Iterator[RedisServer]:
 
 
 class StoreFactory:
-    """Opens stores of one kind over one backing; `close` closes every one it opened.
+    """Opens stores of one kind over one backing; `aclose` closes every one it opened (use it
+    as ``async with``: a store's close is awaited, and a Redis store's connections belong to
+    the event loop that used them).
 
     "sqlite": SqliteStore on one file in `dir`. "redis": RedisStore on `url` under a key
     prefix of its own, so that tests sharing one server never see each other's keys.
@@ -178,7 +180,8 @@ class StoreFactory:
         """A new store over the backing: the first one, or another replica of it.
 
         Without ``close_at_end`` the caller closes it (a SqliteStore must be closed in the
-        thread that opened it).
+        thread that opened it). Nothing connects yet: a Redis store connects on its first
+        call (a test of the connection awaits `check`).
         """
         store: Store
         if self.url is not None:
@@ -219,24 +222,25 @@ class StoreFactory:
             found.append((session_id, int(first), int(last)))
         return sorted(found)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Close every store it opened (and its plain client)."""
         for store in self._opened:
-            store.close()
+            await store.close()
         self._opened.clear()
         if self._raw is not None:
             self._raw.close()
             self._raw = None
 
-    def __enter__(self) -> StoreFactory:
+    async def __aenter__(self) -> StoreFactory:
         return self
 
-    def __exit__(
+    async def __aexit__(
         self,
         kind: type[BaseException] | None,
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        await self.aclose()
 
 
 def session_record(
@@ -272,7 +276,7 @@ def session_record(
     )
 
 
-def token_owner(store: Store, token_hash: str) -> tuple[str, states.Party] | None:
+async def token_owner(store: Store, token_hash: str) -> tuple[str, states.Party] | None:
     """(session id, party) of the session a token hash belongs to, or None."""
-    found = store.session_by_token_hash(token_hash)
+    found = await store.session_by_token_hash(token_hash)
     return None if found is None else (found[0].session_id, found[1])

@@ -72,7 +72,7 @@ class InProcessBroker:
     ``config`` tunes it like a broker process (offer and session lifetimes, stream count,
     claim rate limits; its listen address and data directory are not used). ``store``
     defaults to SQLite in memory (closed with the broker); ``clock`` lets a test move time
-    (then `broker.sweep()` expires what is due). ``address`` names the broker in messages
+    (then `await broker.sweep()` expires what is due). ``address`` names the broker in messages
     (`Client.broker`); ``peer`` is the caller's address as the servicer sees it.
     """
 
@@ -106,7 +106,7 @@ class InProcessBroker:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> InProcessBroker:
-        self.broker.sweep()
+        await self.broker.sweep()
         self._spawn(self.broker.run_sweeper(), self._workers)
         self._spawn(self.fallback.run_cleaner(), self._workers)
         return self
@@ -133,7 +133,7 @@ class InProcessBroker:
         for task in self._calls:
             task.cancel()
         await asyncio.gather(*self._workers, *self._calls, return_exceptions=True)
-        self.store.close()
+        await self.store.close()
 
     def _spawn(
         self, work: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]

@@ -5,9 +5,15 @@ errors.py (a reason and a message, no status code). The servicer (service.py) on
 calls and maps refusals to statuses. All times come from the injected clock (seconds since the
 epoch), so tests can move time.
 
-Store calls are synchronous and short; between reading a session and writing it back there is
-no await, so within one process no two calls interleave on one session. Across replicas the
-store's compare-and-set (StaleRecord) catches races; they surface as Aborted/CONFLICT.
+Store calls are awaited (store.py): while one waits for its answer (a Redis round trip) the
+event loop runs other calls, so calls of one process interleave between a read and the write
+that follows it exactly as calls on two replicas do. One mechanism covers both: every write
+of a session is a compare-and-set on its version (StaleRecord), which surfaces as
+Aborted/CONFLICT, or makes a claim look again (`_Raced`) and an expiry re-read what the other
+writer stored. What is kept in this process across awaits is made safe the same way: a
+session's publication to the hub carries its version (the hub never replaces a newer snapshot
+with an older one), retried CreateOffers with one request_id run one at a time (`_requests`),
+and a report tells the caller whether it was the one that made the change.
 
 Codes and keys: the broker finds an offer by its nameplate (the broker's part of the code;
 the password never comes here) and relays the peers' SPAKE2 messages and key confirmations
@@ -34,7 +40,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from nacl.exceptions import CryptoError
@@ -54,8 +60,8 @@ from ferry.broker.errors import (
     Unauthenticated,
 )
 from ferry.broker.hub import Hub, WatchLimits
-from ferry.broker.ledger import MemoryLedger
-from ferry.broker.ratelimit import ClaimLimiter, SourceLimiter
+from ferry.broker.ledger import LocalLedger
+from ferry.broker.ratelimit import CallLimiter, ClaimLimiter, SourceLimiter
 from ferry.broker.states import Event, Party
 from ferry.broker.store import SessionRecord, StaleRecord, StorageFull, Store
 from ferry.v1 import broker_pb2
@@ -139,11 +145,8 @@ class Broker:
         # Calls of any kind per source (checked by the servicer before a call is handled): in
         # this process only, on purpose: it guards this process's event loop, and costs no
         # round trip to a shared store on every call.
-        self.calls = SourceLimiter(
-            MemoryLedger(clock),
-            "call",
-            config.calls_burst_per_address,
-            config.calls_rate_per_address,
+        self.calls = CallLimiter(
+            LocalLedger(clock), config.calls_burst_per_address, config.calls_rate_per_address
         )
         self.offers = SourceLimiter(
             self.ledger,
@@ -162,14 +165,18 @@ class Broker:
             ipv6_prefix=config.caller_ipv6_prefix,
             guesses_kept_s=config.offer_ttl_max_s,
         )
+        # The request ids of the CreateOffers running now, each with a lock that a retry of
+        # one waits for: a retry arriving while its first call awaits the store must find
+        # the first call's offer, not make a second one (or be told the id is reused).
+        self._requests: dict[str, _Pending] = {}
 
-    def broker_id(self) -> str:
+    async def broker_id(self) -> str:
         """This broker's stable id, kept in (and shared through) its store."""
-        return self.store.broker_id()
+        return await self.store.broker_id()
 
     # -- offers -----------------------------------------------------------------------------
 
-    def create_offer(
+    async def create_offer(
         self, request: broker_pb2.CreateOfferRequest, peer_ip: str | None
     ) -> broker_pb2.CreateOfferResponse:
         """Record an offer; a retried request_id gets the first response back.
@@ -197,18 +204,46 @@ class Broker:
             )
         validation.check_request_id(request.request_id)
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-        if request.request_id:
-            replay = self._replay(request.request_id, fingerprint, now)
+        if not request.request_id:
+            return await self._new_offer(request, peer_ip, fingerprint, now)
+        async with self._one_request(_request_key(request.request_id)):
+            now = self.clock()  # a retry may have waited for the first call
+            replay = await self._replay(request.request_id, fingerprint, now)
             if replay is not None:
                 return replay
-        self._check_offer_allowance(request, peer_ip, now)
+            return await self._new_offer(request, peer_ip, fingerprint, now)
+
+    @contextlib.asynccontextmanager
+    async def _one_request(self, key: str) -> AsyncIterator[None]:
+        """Run the block for one request id at a time in this process (see `_requests`)."""
+        pending = self._requests.get(key)
+        if pending is None:
+            pending = self._requests[key] = _Pending()
+        pending.users += 1
+        try:
+            async with pending.lock:
+                yield
+        finally:
+            pending.users -= 1
+            if not pending.users:
+                del self._requests[key]
+
+    async def _new_offer(
+        self,
+        request: broker_pb2.CreateOfferRequest,
+        peer_ip: str | None,
+        fingerprint: str,
+        now: float,
+    ) -> broker_pb2.CreateOfferResponse:
+        """Make the offer of a CreateOffer that is no retry (checked and validated)."""
+        await self._check_offer_allowance(request, peer_ip, now)
 
         ttl = self.config.offer_ttl_default_s
         if request.HasField("ttl"):
             ttl = request.ttl.ToNanoseconds() / 1e9
         ttl = min(max(ttl, self.config.offer_ttl_min_s), self.config.offer_ttl_max_s)
 
-        code, code_hash = self._free_nameplate(now)
+        code, code_hash = await self._free_nameplate(now)
         token = codes.new_token()
         session = broker_pb2.Session(
             name=f"sessions/{uuid.uuid4().hex}",
@@ -226,22 +261,22 @@ class Broker:
             request_id=_request_key(request.request_id) if request.request_id else None,
             claim_verifier=request.claim_verifier or None,
         )
-        self.store.create_session(record)
+        await self.store.create_session(record)
         response = broker_pb2.CreateOfferResponse(session=session, code=code, party_token=token)
         if request.request_id:
             reply = _Reply(fingerprint, record.session_id, code, token, now + ttl)
-            self._remember(request.request_id, reply, ttl)
+            await self._remember(request.request_id, reply, ttl)
         log.info("offer created", extra={"session": session.name})
         return response
 
-    def _check_offer_allowance(
+    async def _check_offer_allowance(
         self, request: broker_pb2.CreateOfferRequest, peer_ip: str | None, now: float
     ) -> None:
         """Refuse a new offer when the disk is nearly full or the caller's allowance is spent.
 
         The disk first: an offer refused for space does not spend the caller's allowance.
         """
-        free = self.store.free_bytes()
+        free = await self.store.free_bytes()
         need = self.config.min_free_disk_bytes + request.ByteSize() + _ROW_OVERHEAD_BYTES
         if free is not None and free < need:
             log.warning("new offer refused: the data dir is nearly full", extra={"free": free})
@@ -249,40 +284,41 @@ class Broker:
                 "the broker's storage is nearly full; it takes no new offers until sessions"
                 " end; try again later"
             )
-        if not self.offers.take(self.limiter.source(peer_ip), now):
+        if not await self.offers.take(self.limiter.source(peer_ip), now):
             raise ResourceExhausted(
                 Reason.RATE_LIMITED, "too many new offers from this address; wait and try again"
             )
 
-    def _free_nameplate(self, now: float) -> tuple[str, str]:
+    async def _free_nameplate(self, now: float) -> tuple[str, str]:
         """A nameplate no offer that a claim could still find holds, and its hash."""
         for _ in range(_NAMEPLATE_TRIES):
             nameplate = codes.generate()
             code_hash = codes.hash_code(self.token_key, nameplate)
-            held = self.store.find_by_code_hash(code_hash)
+            held = await self.store.find_by_code_hash(code_hash)
             if held is None or (held.session.state in states.FINAL_STATES and held.expire_s < now):
                 return nameplate, code_hash
         raise ResourceExhausted(
             Reason.NAMEPLATES_EXHAUSTED, "the broker holds too many offers; try again later"
         )
 
-    def _replay(
+    async def _replay(
         self, request_id: str, fingerprint: str, now: float
     ) -> broker_pb2.CreateOfferResponse | None:
-        cached = _Reply.unseal(request_id, self.ledger.get(_reply_key(request_id)))
+        cached = _Reply.unseal(request_id, await self.ledger.get(_reply_key(request_id)))
         if cached is not None and cached.expire_s > now:
             if cached.fingerprint != fingerprint:
                 raise AlreadyExists(
                     Reason.REQUEST_ID_REUSED,
                     "this request_id was already used for a different offer",
                 )
-            current = self.store.get_session(cached.session_id)
+            current = await self.store.get_session(cached.session_id)
             if current is not None:
                 return broker_pb2.CreateOfferResponse(
                     session=current.session, code=cached.code, party_token=cached.token
                 )
-            self.ledger.forget(_reply_key(request_id))  # deleted after its retention: a new offer
-        existing = self.store.find_by_request_id(_request_key(request_id))
+            # Deleted after its retention: a new offer.
+            await self.ledger.forget(_reply_key(request_id))
+        existing = await self.store.find_by_request_id(_request_key(request_id))
         if existing is not None and existing.expire_s > now:
             raise AlreadyExists(
                 Reason.REQUEST_ID_REUSED,
@@ -291,11 +327,11 @@ class Broker:
             )
         return None
 
-    def _remember(self, request_id: str, reply: _Reply, ttl_s: float) -> None:
+    async def _remember(self, request_id: str, reply: _Reply, ttl_s: float) -> None:
         """Keep what a retry needs, sealed (see _Reply), for the offer's lifetime."""
-        self.ledger.put(_reply_key(request_id), reply.seal(request_id), ttl_s)
+        await self.ledger.put(_reply_key(request_id), reply.seal(request_id), ttl_s)
 
-    def claim_offer(
+    async def claim_offer(
         self,
         code: str,
         peer_ip: str | None,
@@ -333,7 +369,7 @@ class Broker:
                 "send only the code's nameplate (such as 7-orbit), never its password",
             )
         now = self.clock()
-        if not self.limiter.allowed(peer_ip, now):
+        if not await self.limiter.allowed(peer_ip, now):
             raise ResourceExhausted(
                 Reason.RATE_LIMITED,
                 "too many failed code claims from this address; wait a little and try again",
@@ -344,13 +380,15 @@ class Broker:
         # would tell a guesser that the nameplate exists.
         for _ in range(_CLAIM_TRIES - 1):
             with contextlib.suppress(_Raced):
-                return self._claim_once(code, peer_ip, request_id, pake_message, claim_verifier)
+                return await self._claim_once(
+                    code, peer_ip, request_id, pake_message, claim_verifier
+                )
         try:
-            return self._claim_once(code, peer_ip, request_id, pake_message, claim_verifier)
+            return await self._claim_once(code, peer_ip, request_id, pake_message, claim_verifier)
         except _Raced:
             raise Aborted(Reason.CONFLICT, "the offer changed meanwhile; retry") from None
 
-    def _claim_once(
+    async def _claim_once(
         self,
         code: str,
         peer_ip: str | None,
@@ -362,10 +400,10 @@ class Broker:
         normalized = codes.normalize(code)
         record = None
         if codes.is_well_formed(normalized):
-            record = self.store.find_by_code_hash(codes.hash_code(self.token_key, normalized))
+            record = await self.store.find_by_code_hash(codes.hash_code(self.token_key, normalized))
         if record is not None and record.claim_verifier is not None:
             if not hmac.compare_digest(claim_verifier, record.claim_verifier):
-                self._guessed_at(record, now)
+                await self._guessed_at(record, now)
                 record = None  # a found nameplate alone does not claim a forwarded offer
         elif record is not None and not pake_message:
             record = None
@@ -379,14 +417,14 @@ class Broker:
                     session=view(record.session, Party.RECEIVER), party_token=token
                 )
         if record is not None and record.session.claimed:
-            self._end_if_squatted(record, now)
+            await self._end_if_squatted(record, now)
         if (
             record is None
             or record.session.claimed
             or record.session.state != states.OFFERED
             or record.expire_s <= now  # expired answers as wrong, and is charged as wrong
         ):
-            self.limiter.failed(peer_ip, now)
+            await self.limiter.failed(peer_ip, now)
             raise _not_found()
         token = (
             codes.derived_token(self.token_key, record.session_id, request_id)
@@ -397,41 +435,41 @@ class Broker:
         if record.claim_verifier is None:
             record.session.receiver.pake_message = pake_message
         try:
-            record = self._fire(record, Event.CLAIM, Party.RECEIVER)
+            record = await self._fire(record, Event.CLAIM, Party.RECEIVER)
         except Aborted as exc:
             if exc.reason != Reason.CONFLICT:
                 raise
             raise _Raced from None
-        self._remember_claim(record, now)
+        await self._remember_claim(record, now)
         return broker_pb2.ClaimOfferResponse(
             session=view(record.session, Party.RECEIVER), party_token=token
         )
 
-    def _remember_claim(self, record: SessionRecord, now: float) -> None:
+    async def _remember_claim(self, record: SessionRecord, now: float) -> None:
         """Note when a live (PAKE) offer was claimed, for claim_confirm_timeout_s."""
         if record.claim_verifier is not None:
             return
-        self._claimed_at(record.session_id, now)
+        await self._claimed_at(record.session_id, now)
 
-    def _claimed_at(self, session_id: str, now: float) -> float:
+    async def _claimed_at(self, session_id: str, now: float) -> float:
         """When the live offer was claimed (noted now if it was not), in the ledger: a
         replica that dies, or one that sees the next claim, still knows the first one."""
         ttl = self.config.offer_ttl_max_s + self.config.claim_confirm_timeout_s
-        return self.ledger.first(f"claimed:{session_id}", now, ttl)
+        return await self.ledger.first(f"claimed:{session_id}", now, ttl)
 
-    def _guessed_at(self, record: SessionRecord, now: float) -> None:
+    async def _guessed_at(self, record: SessionRecord, now: float) -> None:
         """A wrong verifier for a found store-and-forward offer: count it against the offer,
         and give the offer up once it had claim_guesses_per_offer of them, so that its
         guess count is bounded whatever its lifetime."""
         session = record.session
         if session.state != states.OFFERED or session.claimed or record.expire_s <= now:
             return  # a claimed offer is its receiver's: guessing must not take it away
-        guesses = self.limiter.offer_failed(record.session_id)
+        guesses = await self.limiter.offer_failed(record.session_id)
         if guesses >= self.config.claim_guesses_per_offer:
             why = f"the code was guessed at {guesses} times, so it no longer works"
-            self._give_up(record, f"{why}; make a new offer")
+            await self._give_up(record, f"{why}; make a new offer")
 
-    def _end_if_squatted(self, record: SessionRecord, now: float) -> None:
+    async def _end_if_squatted(self, record: SessionRecord, now: float) -> None:
         """Give up a live offer whose claimant never proved the code in time.
 
         Someone claimed the nameplate (a stranger, or a receiver that died before its key
@@ -446,25 +484,25 @@ class Broker:
             or session.receiver.key_confirmation
         ):
             return
-        claimed_at = self._claimed_at(record.session_id, now)
+        claimed_at = await self._claimed_at(record.session_id, now)
         if now - claimed_at >= self.config.claim_confirm_timeout_s:
-            self._give_up(
+            await self._give_up(
                 record,
                 "the code was claimed, but the claimant never proved it (someone else may"
                 " have claimed it); make a new offer",
             )
 
-    def _give_up(self, record: SessionRecord, reason: str) -> None:
+    async def _give_up(self, record: SessionRecord, reason: str) -> None:
         """End an offer that guessing made unsafe: EXPIRED, with why, for its sender."""
         record.session.failure_reason = reason
         try:
-            self._fire(record, Event.EXPIRE, Party.BROKER)
+            await self._fire(record, Event.EXPIRE, Party.BROKER)
         except (Aborted, states.LifecycleError):  # a call changed it meanwhile
             return
-        self.ledger.forget(f"claimed:{record.session_id}")
+        await self.ledger.forget(f"claimed:{record.session_id}")
         log.info("offer given up", extra={"session": record.session.name, "why": reason})
 
-    def confirm_key(
+    async def confirm_key(
         self, name: str, token: str | None, key_confirmation: bytes, certificate_mac: bytes
     ) -> broker_pb2.Session:
         """Record a party's key confirmation (and the sender's certificate MAC).
@@ -477,7 +515,7 @@ class Broker:
         validation.check_key_field(certificate_mac, "certificate_mac")
         if not key_confirmation:
             raise InvalidArgument(Reason.INVALID_ARGUMENT, "key_confirmation is empty")
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         session = record.session
         if session.state != states.OFFERED:
             raise FailedPrecondition(
@@ -500,12 +538,12 @@ class Broker:
         mine.key_confirmation = key_confirmation
         if party is Party.SENDER:
             mine.certificate_mac = certificate_mac
-        self._commit(record, states.Outcome(session.state, session.claimed))
+        await self._commit(record, states.Outcome(session.state, session.claimed))
         return view(session, party)
 
     # -- authenticated calls ----------------------------------------------------------------
 
-    def authorize(self, name: str, token: str | None) -> tuple[SessionRecord, Party]:
+    async def authorize(self, name: str, token: str | None) -> tuple[SessionRecord, Party]:
         """The session `name` and the caller's party, from the caller's bearer token."""
         validation.check_name(name)
         if not token:
@@ -513,7 +551,7 @@ class Broker:
                 Reason.TOKEN_MISSING,
                 "missing 'authorization: Bearer <party_token>' metadata",
             )
-        found = self.store.session_by_token_hash(codes.hash_token(token))
+        found = await self.store.session_by_token_hash(codes.hash_token(token))
         if found is None:  # a deleted session's tokens go with it
             raise Unauthenticated(Reason.TOKEN_INVALID, "the party token is invalid")
         record, party = found
@@ -522,13 +560,13 @@ class Broker:
                 Reason.WRONG_SESSION,
                 "the party token does not grant access to this session",
             )
-        return self._expire_if_due(record), party
+        return await self._expire_if_due(record), party
 
-    def accept(
+    async def accept(
         self, name: str, token: str | None, receiver: broker_pb2.PeerInfo, peer_ip: str | None
     ) -> broker_pb2.Session:
         """The receiver's consent: lease the sender's ports and fill in the plan."""
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         validation.check_peer(receiver, "receiver")
         session = record.session
         # Refused here, if at all, before any port is leased.
@@ -541,9 +579,9 @@ class Broker:
         expire_s = now + self.config.session_ttl_s
         _update_peer(session.receiver, receiver, peer_ip)
         session.expire_time.CopyFrom(timestamp(expire_s))
-        return self._negotiate(record, outcome, expire_s, now)  # attempt 0 -> 1
+        return await self._negotiate(record, outcome, expire_s, now)  # attempt 0 -> 1
 
-    def resume(
+    async def resume(
         self, name: str, token: str | None, peer: broker_pb2.PeerInfo, peer_ip: str | None
     ) -> broker_pb2.Session:
         """A party comes back (restarted, or lost its data connection) with new details.
@@ -553,35 +591,35 @@ class Broker:
         replaced by a fresh one (in one store step, so it may reuse the freed ports) and a new
         plan with a new connect deadline. expire_time stays: it bounds every attempt.
         """
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         validation.check_peer(peer, party.value)
         session = record.session
         outcome = states.apply(session.state, session.claimed, Event.RESUME, party)
         _update_peer(session.sender if party is Party.SENDER else session.receiver, peer, peer_ip)
         if outcome.state == states.OFFERED:
-            return view(self._commit(record, outcome), party)
-        return self._negotiate(record, outcome, record.expire_s, self.clock())
+            return view(await self._commit(record, outcome), party)
+        return await self._negotiate(record, outcome, record.expire_s, self.clock())
 
-    def decline(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
+    async def decline(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
         """The receiver's refusal."""
         validation.check_reason(reason)
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         record.session.failure_reason = reason
-        return view(self._fire(record, Event.DECLINE, party).session, party)
+        return view((await self._fire(record, Event.DECLINE, party)).session, party)
 
-    def cancel(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
+    async def cancel(self, name: str, token: str | None, reason: str) -> broker_pb2.Session:
         """Either side ends an unfinished session."""
         validation.check_reason(reason)
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         record.session.failure_reason = reason
-        return view(self._fire(record, Event.CANCEL, party).session, party)
+        return view((await self._fire(record, Event.CANCEL, party)).session, party)
 
-    def get(self, name: str, token: str | None) -> broker_pb2.Session:
+    async def get(self, name: str, token: str | None) -> broker_pb2.Session:
         """The session as it is now, as the caller may see it."""
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         return view(record.session, party)
 
-    def report(
+    async def report(
         self,
         name: str,
         token: str | None,
@@ -595,25 +633,41 @@ class Broker:
         The receiver's COMPLETED on a session already completed succeeds and changes nothing
         (no write, no new version, nothing published; bytes_done stays the completed one).
         """
+        session, _ = await self.report_change(name, token, state, bytes_done, failure_reason, path)
+        return session
+
+    async def report_change(
+        self,
+        name: str,
+        token: str | None,
+        state: states.State,
+        bytes_done: int,
+        failure_reason: str,
+        path: broker_pb2.PathReport | None = None,
+    ) -> tuple[broker_pb2.Session, bool]:
+        """`report`, and whether this call wrote the session (False: the no-op on a final
+        state). Of two reports racing to the same final state exactly one wrote it (the
+        other lost the compare-and-set, or found it final), so whoever counts completions
+        counts each once."""
         validation.check_reason(failure_reason)
         validation.check_state(state)
         if path is not None:
             validation.check_path_report(path)
         if bytes_done < 0:
             raise InvalidArgument(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         session = record.session
         outcome = states.report(session.state, session.claimed, state, party)
         if session.state in states.FINAL_STATES:  # a final state accepts only the no-op
-            return session
+            return session, False
         session.bytes_done = bytes_done
         if path is not None and party is Party.RECEIVER:
             session.path.CopyFrom(path)
         if outcome.state == states.FAILED:
             session.failure_reason = failure_reason
-        return self._commit(record, outcome)
+        return await self._commit(record, outcome), True
 
-    def publish_candidates(
+    async def publish_candidates(
         self,
         name: str,
         token: str | None,
@@ -626,7 +680,7 @@ class Broker:
         its current attempt: candidates of an attempt that is over would send the other party
         to ports nobody listens on any more (ATTEMPT_MOVED). The state does not change.
         """
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         validation.check_candidates(candidates, party.value, ported=True)
         session = record.session
         if session.state not in _CONNECTABLE or not session.HasField("plan"):
@@ -645,7 +699,7 @@ class Broker:
         mine.extend(candidates)
         session.update_time.CopyFrom(timestamp(self.clock()))
         try:
-            stored = self.store.update_session(record)
+            stored = await self.store.update_session(record)
         except StaleRecord:
             raise Aborted(Reason.CONFLICT, "the session changed meanwhile; retry") from None
         record.version = stored.version
@@ -661,11 +715,11 @@ class Broker:
         ``caller`` is the caller's IP address; the hub bounds watches per party of the
         session, per caller and in total (ResourceExhausted, TOO_MANY_WATCHES).
         """
-        record, party = self.authorize(name, token)
+        record, party = await self.authorize(name, token)
         key = self.limiter.source(caller)
         weight = record.session.ByteSize()
         async with self.hub.subscribe(record.session_id, party.value, key, weight) as watcher:
-            record = self._reload(record)
+            record = await self._reload(record)
             sent = record.version
             yield view(record.session, party)
             if record.session.state in states.FINAL_STATES:
@@ -684,31 +738,33 @@ class Broker:
 
     # -- expiry -----------------------------------------------------------------------------
 
-    def sweep(self) -> int:
+    async def sweep(self) -> int:
         """Expire every live session past its expire_time, delete the sessions that ended
         more than session_retention_s ago; return how many expired."""
         now = self.clock()
-        self._delete_ended(now)  # first: on a full disk, it frees what the rest may need
-        return self._expire_due(now)
+        await self._delete_ended(now)  # first: on a full disk, it frees what the rest may need
+        return await self._expire_due(now)
 
-    def _delete_ended(self, now: float) -> int:
+    async def _delete_ended(self, now: float) -> int:
         """Delete the sessions whose retention ran out, in batches; return how many."""
         deleted = 0
         while True:
-            batch = self.store.delete_ended(now - self.config.session_retention_s, _SWEEP_BATCH)
+            batch = await self.store.delete_ended(
+                now - self.config.session_retention_s, _SWEEP_BATCH
+            )
             deleted += batch
             if batch < _SWEEP_BATCH:
                 if deleted:
                     log.info("ended sessions deleted", extra={"count": deleted})
                 return deleted
 
-    def _expire_due(self, now: float) -> int:
+    async def _expire_due(self, now: float) -> int:
         expired = 0
         while True:
-            due = self.store.due_for_expiry(now, _SWEEP_BATCH)
+            due = await self.store.due_for_expiry(now, _SWEEP_BATCH)
             for record in due:
                 try:
-                    self._fire(record, Event.EXPIRE, Party.BROKER)
+                    await self._fire(record, Event.EXPIRE, Party.BROKER)
                     expired += 1
                 except (Aborted, states.LifecycleError):  # a call changed it meanwhile
                     log.debug("session changed while expiring", extra={"id": record.session_id})
@@ -720,7 +776,7 @@ class Broker:
         while True:
             await asyncio.sleep(self.config.sweep_interval_s)
             try:
-                self.sweep()
+                await self.sweep()
             except StorageFull:
                 log.warning("expiry sweep deferred: the data dir is full")
             except Exception:
@@ -728,7 +784,7 @@ class Broker:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _negotiate(
+    async def _negotiate(
         self, record: SessionRecord, outcome: states.Outcome, expire_s: float, now: float
     ) -> broker_pb2.Session:
         """Start the next connection attempt and write `outcome`: the accept and resume step.
@@ -739,16 +795,18 @@ class Broker:
         event never leases. If anything fails after the lease (a concurrent write: Aborted),
         the session's lease is made to match its stored plan again before the error goes on.
         """
-        span = self._lease_listener(record, expire_s, now)
+        span = await self._lease_listener(record, expire_s, now)
         try:
             record.session.plan.CopyFrom(self._plan(span, expire_s, now))
             record.session.attempt += 1
-            return self._commit(record, outcome)
+            return await self._commit(record, outcome)
         except BaseException:
-            self._reconcile_lease(record.session_id, now)
+            await self._reconcile_lease(record.session_id, now)
             raise
 
-    def _lease_listener(self, record: SessionRecord, expire_s: float, now: float) -> leases.Span:
+    async def _lease_listener(
+        self, record: SessionRecord, expire_s: float, now: float
+    ) -> leases.Span:
         """Lease the listener (the sender) stream_count + 2 ports, replacing any older lease.
 
         The lease is held until the plan's connect deadline, and after it only while a peer
@@ -762,7 +820,7 @@ class Broker:
         allowed = (sender.allowed_ports.first_port, sender.allowed_ports.last_port)
         count = self.config.stream_count + 2
         try:
-            return self.store.lease_ports(
+            return await self.store.lease_ports(
                 _host_key(sender),
                 allowed,
                 count,
@@ -792,24 +850,24 @@ class Broker:
             lease_expire_time=timestamp(expire_s),
         )
 
-    def _reconcile_lease(self, session_id: str, now: float) -> None:
+    async def _reconcile_lease(self, session_id: str, now: float) -> None:
         """After a failed write, make the session's lease match its stored plan again.
 
         A session that is not live or has no plan holds no lease; a live one holds exactly
         the ports of its stored plan (released instead if they cannot be had back).
         """
-        stored = self.store.get_session(session_id)
+        stored = await self.store.get_session(session_id)
         if (
             stored is None
             or stored.session.state not in states.LIVE_STATES
             or not stored.session.HasField("plan")
         ):
-            self.store.release_lease(session_id)
+            await self.store.release_lease(session_id)
             return
         ports = stored.session.plan.listener_ports
         span = (ports.first_port, ports.last_port)
         try:
-            self.store.lease_ports(
+            await self.store.lease_ports(
                 _host_key(stored.session.sender),
                 span,
                 span[1] - span[0] + 1,
@@ -820,24 +878,34 @@ class Broker:
                 hold_until=stored.session.plan.connect_deadline.ToNanoseconds() / 1e9,
             )
         except (leases.NoPortsAvailable, ValueError):
-            self.store.release_lease(session_id)
+            await self.store.release_lease(session_id)
 
-    def _reload(self, record: SessionRecord) -> SessionRecord:
-        fresh = self.store.get_session(record.session_id)
-        return record if fresh is None else self._expire_if_due(fresh)
+    async def _reload(self, record: SessionRecord) -> SessionRecord:
+        fresh = await self.store.get_session(record.session_id)
+        return record if fresh is None else await self._expire_if_due(fresh)
 
-    def _expire_if_due(self, record: SessionRecord) -> SessionRecord:
-        if record.session.state in states.LIVE_STATES and record.expire_s <= self.clock():
-            return self._fire(record, Event.EXPIRE, Party.BROKER)
-        return record
+    async def _expire_if_due(self, record: SessionRecord) -> SessionRecord:
+        if record.session.state not in states.LIVE_STATES or record.expire_s > self.clock():
+            return record
+        try:
+            return await self._fire(record, Event.EXPIRE, Party.BROKER)
+        except Aborted:
+            # Another writer got there first (the sweeper, a call interleaved with this one,
+            # another replica): what it stored is the session now, if that is no longer due.
+            fresh = await self.store.get_session(record.session_id)
+            if fresh is None or (
+                fresh.session.state in states.LIVE_STATES and fresh.expire_s <= self.clock()
+            ):
+                raise
+            return fresh
 
-    def _fire(self, record: SessionRecord, event: Event, party: Party) -> SessionRecord:
+    async def _fire(self, record: SessionRecord, event: Event, party: Party) -> SessionRecord:
         session = record.session
         outcome = states.apply(session.state, session.claimed, event, party)
-        self._commit(record, outcome)
+        await self._commit(record, outcome)
         return record
 
-    def _commit(self, record: SessionRecord, outcome: states.Outcome) -> broker_pb2.Session:
+    async def _commit(self, record: SessionRecord, outcome: states.Outcome) -> broker_pb2.Session:
         """Write the outcome, free the lease of a final session, tell the watchers."""
         session = record.session
         session.state = outcome.state
@@ -849,18 +917,28 @@ class Broker:
             # repeated claim (same request_id) must find it. EXPIRED keeps it for CODE_EXPIRED.
             record.code_hash = None
         try:
-            stored = self.store.update_session(record)
+            stored = await self.store.update_session(record)
         except StaleRecord:
             raise Aborted(Reason.CONFLICT, "the session changed meanwhile; retry") from None
         record.version = stored.version
-        if final:
-            self.store.release_lease(record.session_id)
+        # Published before anything else is awaited, so that this process's watchers get the
+        # versions it commits in order.
         self.hub.publish(record.session_id, record.version, session)
+        if final:
+            await self.store.release_lease(record.session_id)
         return session
 
 
 class _Raced(Exception):
     """A claim lost the session's compare-and-set: look again."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    """The CreateOffers of one request id running in this process: one at a time."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

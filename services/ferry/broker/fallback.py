@@ -99,7 +99,7 @@ class Fallback:
 
     # -- checks -----------------------------------------------------------------------------
 
-    def _authorize(
+    async def _authorize(
         self,
         name: str,
         token: str | None,
@@ -107,7 +107,7 @@ class Fallback:
         party: Party,
         allowed: frozenset[states.State],
     ) -> tuple[ObjectStore, SessionRecord, broker_pb2.FileEntry]:
-        record, caller = self.broker.authorize(name, token)
+        record, caller = await self.broker.authorize(name, token)
         if self.objects is None:
             raise FailedPrecondition(
                 Reason.STORE_UNAVAILABLE,
@@ -140,8 +140,8 @@ class Fallback:
             )
         return self.objects, record, files[file_index]
 
-    def _upload(self, record: SessionRecord, file_index: int) -> UploadRecord:
-        upload = self.broker.store.get_upload(record.session_id, file_index)
+    async def _upload(self, record: SessionRecord, file_index: int) -> UploadRecord:
+        upload = await self.broker.store.get_upload(record.session_id, file_index)
         if upload is None:
             raise FailedPrecondition(
                 Reason.UPLOAD_NOT_STARTED, "call StartStoreUpload for this file first"
@@ -164,11 +164,11 @@ class Fallback:
         self, name: str, token: str | None, file_index: int
     ) -> broker_pb2.StartStoreUploadResponse:
         """Create the file's multipart upload once; return its layout."""
-        objects, record, entry = self._authorize(
+        objects, record, entry = await self._authorize(
             name, token, file_index, Party.SENDER, UPLOAD_STATES
         )
         size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
-        upload = self.broker.store.get_upload(record.session_id, file_index)
+        upload = await self.broker.store.get_upload(record.session_id, file_index)
         if upload is None:
             key, _ = self._keys(record, file_index)
             reserved = UploadRecord(
@@ -179,11 +179,11 @@ class Fallback:
                 size_bytes=layout.object_size(size, chunk) + layout.digests_size(size, chunk),
                 owner=self.broker.limiter.source(reflexive_ip(record.session.sender)),
             )
-            self._check_quota(reserved)  # before S3 is asked for anything
+            await self._check_quota(reserved)  # before S3 is asked for anything
             with _s3():
                 reserved.upload_id = await objects.create_upload(key)
             try:
-                upload = self.broker.store.add_upload(reserved, self.quota)
+                upload = await self.broker.store.add_upload(reserved, self.quota)
             except QuotaExceeded as exc:  # concurrent uploads took the room meanwhile
                 with _s3(), contextlib.suppress(Unsupported):
                     await objects.abort_upload(key, reserved.upload_id)
@@ -198,13 +198,13 @@ class Fallback:
             completed=upload.completed,
         )
 
-    def _check_quota(self, upload: UploadRecord) -> None:
+    async def _check_quota(self, upload: UploadRecord) -> None:
         """RESOURCE_EXHAUSTED (STORE_QUOTA_EXCEEDED) if the upload's bytes would not fit.
 
         A first check, before S3 makes an upload; add_upload checks again atomically.
         """
         store = self.broker.store
-        used, _ = store.store_usage()
+        used, _ = await store.store_usage()
         if used + upload.size_bytes > self.quota.total:
             raise _over_quota(
                 QuotaExceeded(
@@ -220,9 +220,9 @@ class Fallback:
                 )
             )
 
-    def usage(self) -> tuple[int, int]:
+    async def usage(self) -> tuple[int, int]:
         """(bytes, uploads) the object store holds or has reserved for recorded uploads."""
-        return self.broker.store.store_usage()
+        return await self.broker.store.store_usage()
 
     async def presign_parts(
         self,
@@ -233,7 +233,7 @@ class Fallback:
         include_digests: bool,
     ) -> broker_pb2.PresignStorePartsResponse:
         """Upload URLs, each bound to its part and exact size."""
-        objects, record, entry = self._authorize(
+        objects, record, entry = await self._authorize(
             name, token, file_index, Party.SENDER, UPLOAD_STATES
         )
         size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
@@ -246,7 +246,7 @@ class Fallback:
             raise InvalidArgument(
                 Reason.INVALID_ARGUMENT, f"part numbers must be between 1 and {count}"
             )
-        upload = self._upload(record, file_index)
+        upload = await self._upload(record, file_index)
         if upload.completed:
             raise FailedPrecondition(
                 Reason.UPLOAD_COMPLETED, "this file's upload is already completed"
@@ -255,7 +255,7 @@ class Fallback:
         ttl = self._url_ttl(record, now)
         expire = timestamp(now + ttl)
         # Recorded before any URL leaves: cleanup must outlive every URL.
-        self.broker.store.extend_upload_urls(record.session_id, file_index, now + ttl)
+        await self.broker.store.extend_upload_urls(record.session_id, file_index, now + ttl)
         key, digests_key = self._keys(record, file_index)
         sizes = [(n, layout.part_length(size, chunk, n)) for n in part_numbers]
         reply = broker_pb2.PresignStorePartsResponse()
@@ -277,10 +277,10 @@ class Fallback:
         self, name: str, token: str | None, file_index: int
     ) -> broker_pb2.ListStorePartsResponse:
         """The parts S3 already holds, and whether the digests object is there."""
-        objects, record, entry = self._authorize(
+        objects, record, entry = await self._authorize(
             name, token, file_index, Party.SENDER, UPLOAD_STATES
         )
-        upload = self._upload(record, file_index)
+        upload = await self._upload(record, file_index)
         key, digests_key = self._keys(record, file_index)
         expected = layout.digests_size(entry.size_bytes, record.session.manifest.chunk_size_bytes)
         with _s3():
@@ -293,14 +293,14 @@ class Fallback:
             )
             if parts is None and await objects.size(key) == stored_size:
                 # Joined by a CompleteStoreUpload whose caller hung up before it was recorded.
-                self.broker.store.complete_upload(record.session_id, file_index)
-                upload = self._upload(record, file_index)
+                await self.broker.store.complete_upload(record.session_id, file_index)
+                upload = await self._upload(record, file_index)
             elif parts is None:
                 # Gone (aborted) or unlistable: the sender uploads every part again, into a
                 # fresh upload, so that PUTs of an earlier (killed) sender still in flight
                 # land in the old one, not among the new parts.
                 fresh = await objects.create_upload(key)
-                if not self.broker.store.replace_upload(
+                if not await self.broker.store.replace_upload(
                     record.session_id, file_index, upload.upload_id, fresh
                 ):
                     with contextlib.suppress(Unsupported):
@@ -327,11 +327,11 @@ class Fallback:
         The parts come from the object store's own list; only a server that cannot list
         them makes the broker take the sender's ``reported`` parts (number, size, ETag).
         """
-        objects, record, entry = self._authorize(
+        objects, record, entry = await self._authorize(
             name, token, file_index, Party.SENDER, UPLOAD_STATES
         )
         size, chunk = entry.size_bytes, record.session.manifest.chunk_size_bytes
-        upload = self._upload(record, file_index)
+        upload = await self._upload(record, file_index)
         stored_size = layout.object_size(size, chunk)
         reply = broker_pb2.CompleteStoreUploadResponse(size_bytes=stored_size)
         if upload.completed:
@@ -344,7 +344,7 @@ class Fallback:
                 parts = [Part(p.part_number, p.size_bytes, p.etag) for p in reported if p.etag]
             if parts is None:  # completed by a call that died before recording it?
                 if await objects.size(key) == stored_size:
-                    self.broker.store.complete_upload(record.session_id, file_index)
+                    await self.broker.store.complete_upload(record.session_id, file_index)
                     return reply
                 raise FailedPrecondition(
                     Reason.PARTS_MISSING, "the upload is gone from the object store; start again"
@@ -377,9 +377,9 @@ class Fallback:
         key: str,
         parts: Sequence[Part],
     ) -> None:
-        upload = self._upload(record, file_index)
+        upload = await self._upload(record, file_index)
         await objects.complete_upload(key, upload.upload_id, parts)
-        self.broker.store.complete_upload(record.session_id, file_index)
+        await self.broker.store.complete_upload(record.session_id, file_index)
 
     # -- receiver ---------------------------------------------------------------------------
 
@@ -387,10 +387,10 @@ class Fallback:
         self, name: str, token: str | None, file_index: int
     ) -> broker_pb2.PresignStoreDownloadResponse:
         """GET URLs for the stored file and its digests, once the upload is completed."""
-        objects, record, entry = self._authorize(
+        objects, record, entry = await self._authorize(
             name, token, file_index, Party.RECEIVER, DOWNLOAD_STATES
         )
-        upload = self.broker.store.get_upload(record.session_id, file_index)
+        upload = await self.broker.store.get_upload(record.session_id, file_index)
         if upload is None or not upload.completed:
             return broker_pb2.PresignStoreDownloadResponse(stored=False)
         now = self.broker.clock()
@@ -419,7 +419,7 @@ class Fallback:
         cleaned = 0
         while True:
             now = self.broker.clock()
-            due = store.uploads_to_clean(now, _CLEAN_BATCH)
+            due = await store.uploads_to_clean(now, _CLEAN_BATCH)
             for upload in due:
                 key = layout.object_key(self.prefix, upload.session_id, upload.file_index)
                 try:
@@ -429,14 +429,14 @@ class Fallback:
                 except ObjectStoreError as exc:
                     log.warning("object cleanup failed, will retry: %s", exc)
                     retry = now + self.broker.config.sweep_interval_s
-                    store.defer_upload_cleanup(upload.session_id, upload.file_index, retry)
+                    await store.defer_upload_cleanup(upload.session_id, upload.file_index, retry)
                     continue
                 if upload.urls_expire_s > now:  # a URL holder could still PUT: once more later
-                    store.defer_upload_cleanup(
+                    await store.defer_upload_cleanup(
                         upload.session_id, upload.file_index, upload.urls_expire_s + 1
                     )
                 else:
-                    store.delete_upload(upload.session_id, upload.file_index)
+                    await store.delete_upload(upload.session_id, upload.file_index)
                 cleaned += 1
             if len(due) < _CLEAN_BATCH:
                 return cleaned
@@ -462,10 +462,10 @@ class Fallback:
             if upload.initiated_s > cutoff:
                 continue
             parsed = layout.parse_key(self.prefix, upload.key)
-            known = parsed and self.broker.store.get_upload(*parsed)
+            known = parsed and await self.broker.store.get_upload(*parsed)
             if known and known.upload_id == upload.upload_id:
                 continue  # its session's cleanup owns it
-            owner = parsed and self.broker.store.get_session(parsed[0])
+            owner = parsed and await self.broker.store.get_session(parsed[0])
             if owner and owner.session.state not in states.FINAL_STATES:
                 # A live session's: perhaps just created and not recorded yet (StartStoreUpload
                 # awaits S3 in between), and some servers (moto) report no true initiation
@@ -480,9 +480,9 @@ class Fallback:
             log.info("aborted %d stale multipart uploads", aborted)
         return aborted
 
-    def _log_usage(self) -> None:
+    async def _log_usage(self) -> None:
         """Log the bucket's use when it changed: the broker has no metrics endpoint yet."""
-        usage = self.usage()
+        usage = await self.usage()
         if usage != self._usage_logged:
             self._usage_logged = usage
             log.info(
@@ -501,7 +501,7 @@ class Fallback:
         while True:
             try:
                 await self.clean()
-                self._log_usage()
+                await self._log_usage()
                 now = self.broker.clock()
                 if now - self._last_stale_sweep >= config.s3_stale_sweep_interval_s:
                     self._last_stale_sweep = now

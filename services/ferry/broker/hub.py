@@ -3,11 +3,11 @@
 Each watcher holds one slot: the latest (version, snapshot) it has not taken yet, and an
 asyncio.Event. Publishing copies the session once, into a snapshot that every watcher of the
 session shares (nobody changes it after), and puts it in each watcher's slot, replacing
-whatever was there: a slow watcher gets the latest state, never a backlog, and the final state
-always arrives. So an update costs one copy of the session whatever the number of watchers,
-and a watcher holds at most one snapshot that others share too (issue 10, finding 1: with a
-copy per watcher in a 64-deep queue, 20 idle watchers and a loop of ResumeSession calls grew
-the broker by 1.5 GiB in 3 s).
+whatever older version was there: a slow watcher gets the latest state, never a backlog, and
+the final state always arrives. So an update costs one copy of the session whatever the
+number of watchers, and a watcher holds at most one snapshot that others share too (issue 10,
+finding 1: with a copy per watcher in a 64-deep queue, 20 idle watchers and a loop of
+ResumeSession calls grew the broker by 1.5 GiB in 3 s).
 
 How many watchers there may be is bounded three ways, checked when one subscribes (each a
 :class:`WatchLimits` field; a subscription over a limit is refused with RESOURCE_EXHAUSTED,
@@ -64,7 +64,11 @@ class Watcher:
         self.caller = caller
 
     def push(self, item: Snapshot) -> None:
-        """Make `item` the next snapshot, replacing one not taken yet."""
+        """Make `item` the next snapshot, replacing an older one not taken yet (never a newer
+        one: snapshots of one session may arrive out of order, as a relay's read that
+        awaited the store and a local commit can)."""
+        if self._latest is not None and self._latest[0] > item[0]:
+            return
         self._latest = item
         self._ready.set()
 

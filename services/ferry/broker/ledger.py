@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Bucket", "Ledger", "MemoryLedger", "bucket_ttl"]
+__all__ = ["Bucket", "Ledger", "LocalLedger", "MemoryLedger", "bucket_ttl"]
 
 #: Longest any entry is kept, whatever the caller asks (a bucket with no refill rate).
 MAX_TTL_S = 24 * 3600.0
@@ -34,10 +34,10 @@ MAX_TTL_S = 24 * 3600.0
 class Ledger(Protocol):
     """Token buckets, counters, first-seen times and values, by key; see the module doc."""
 
-    def has_token(self, key: str, burst: float, rate: float, now: float) -> bool:
+    async def has_token(self, key: str, burst: float, rate: float, now: float) -> bool:
         """Whether bucket `key` (`burst` tokens, `rate` back per second) holds one token."""
 
-    def take(
+    async def take(
         self,
         key: str,
         burst: float,
@@ -49,19 +49,19 @@ class Ledger(Protocol):
         """Whether bucket `key` held a token; spend `cost` of them if it did, or anyway if
         `force` (the count may then go below zero, which delays its recovery)."""
 
-    def count(self, key: str, ttl_s: float) -> int:
+    async def count(self, key: str, ttl_s: float) -> int:
         """Add one to counter `key` and return it; the counter lives `ttl_s` from its first."""
 
-    def first(self, key: str, now: float, ttl_s: float) -> float:
+    async def first(self, key: str, now: float, ttl_s: float) -> float:
         """The time first noted for `key` (noting `now` if none was), kept for `ttl_s`."""
 
-    def put(self, key: str, value: bytes, ttl_s: float) -> None:
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         """Keep `value` under `key` for `ttl_s` seconds."""
 
-    def get(self, key: str) -> bytes | None:
+    async def get(self, key: str) -> bytes | None:
         """The value kept under `key`, or None."""
 
-    def forget(self, key: str) -> None:
+    async def forget(self, key: str) -> None:
         """Drop whatever `key` holds (a first-seen time, a value, a counter)."""
 
 
@@ -93,8 +93,10 @@ def bucket_ttl(burst: float, rate: float, tokens: float) -> float:
     return min(MAX_TTL_S, max(0.0, burst - tokens) / rate + 1.0)
 
 
-class MemoryLedger:
-    """A Ledger in this process's memory (one broker on SQLite; the per-process call limit).
+class LocalLedger:
+    """The Ledger's steps in this process's memory, synchronously: what MemoryLedger does,
+    and what the per-process call limit (ratelimit.CallLimiter) checks before each call
+    without an await.
 
     `clock` times the expiry of counters, first-seen times and values; buckets use the `now`
     each call passes, as the Ledger protocol says.
@@ -192,6 +194,44 @@ class MemoryLedger:
                 self._entries.popitem(last=False)
         self._entries[key] = (min(expire_s, now + MAX_TTL_S), value)
         self._entries.move_to_end(key)
+
+
+class MemoryLedger:
+    """A Ledger in this process's memory (one broker on SQLite): LocalLedger's steps behind
+    the Ledger protocol's awaits (each runs at once; nothing else runs in between)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = 100_000) -> None:
+        #: The entries themselves (tests look at their number).
+        self.local = LocalLedger(clock, max_keys)
+
+    async def has_token(self, key: str, burst: float, rate: float, now: float) -> bool:
+        return self.local.has_token(key, burst, rate, now)
+
+    async def take(
+        self,
+        key: str,
+        burst: float,
+        rate: float,
+        now: float,
+        cost: float = 1.0,
+        force: bool = False,
+    ) -> bool:
+        return self.local.take(key, burst, rate, now, cost, force)
+
+    async def count(self, key: str, ttl_s: float) -> int:
+        return self.local.count(key, ttl_s)
+
+    async def first(self, key: str, now: float, ttl_s: float) -> float:
+        return self.local.first(key, now, ttl_s)
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.local.put(key, value, ttl_s)
+
+    async def get(self, key: str) -> bytes | None:
+        return self.local.get(key)
+
+    async def forget(self, key: str) -> None:
+        self.local.forget(key)
 
 
 def rounded_ms(seconds: float) -> int:

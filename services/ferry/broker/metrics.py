@@ -5,8 +5,9 @@ transfers; it does nothing. :class:`PrometheusRecorder` counts them in its own r
 (one per broker, so that brokers in one process do not mix), with prometheus-client, which
 is imported only then: a broker without ``--metrics-listen`` neither imports it (about 0.2 s
 of start-up) nor counts anything. :func:`serve_metrics` answers ``GET /metrics`` on a small
-asyncio HTTP server, on the broker's event loop: the scrape reads the store (sessions by
-state, uploads) from the one thread the store is used from, with one cheap query each.
+asyncio HTTP server, on the broker's event loop: each scrape first awaits the store's figures
+(sessions by state, uploads; one cheap query or round trip each), then renders them with the
+rest.
 
 Labels come only from small fixed sets (gRPC method, status code, state, route, reason):
 never a code, a token, a URL, an address or a session id, whose number has no bound.
@@ -82,7 +83,7 @@ class Recorder:
     def redis_round_trip(self, seconds: float) -> None:
         """One call of the Redis store to Redis took `seconds`."""
 
-    def exposition(self) -> tuple[bytes, str]:
+    async def exposition(self) -> tuple[bytes, str]:
         """The metrics in Prometheus's text format, and its content type."""
         return b"", "text/plain; version=0.0.4; charset=utf-8"
 
@@ -139,8 +140,9 @@ class PrometheusRecorder(Recorder):
             buckets=_REDIS_BUCKETS,
             registry=registry,
         )
-        if store is not None:
-            registry.register(_store_collector(store))
+        self._store = None if store is None else _StoreFigures(store)
+        if self._store is not None:
+            registry.register(self._store.collector())
         self._generate = prom.generate_latest
         self._content_type = prom.CONTENT_TYPE_LATEST
 
@@ -172,48 +174,71 @@ class PrometheusRecorder(Recorder):
     def redis_round_trip(self, seconds: float) -> None:
         self._redis.observe(seconds)
 
-    def exposition(self) -> tuple[bytes, str]:
+    async def exposition(self) -> tuple[bytes, str]:
+        if self._store is not None:
+            await self._store.refresh()
         return self._generate(self.registry), self._content_type
 
 
-def _store_collector(store: Store) -> Any:
-    """A collector that reads the store at each scrape: sessions by state, uploads."""
-    from prometheus_client.core import GaugeMetricFamily
-    from prometheus_client.registry import Collector
+class _StoreFigures:
+    """The store's figures for a scrape: read with awaits by `refresh` just before it, then
+    rendered by the registry's collector (which cannot await)."""
 
-    class StoreCollector(Collector):
-        def collect(self) -> Iterable[Any]:
-            try:
-                by_state = store.count_sessions_by_state()
-                reserved, uploads = store.store_usage()
-                in_flight = store.count_uploads_in_flight()
-            except Exception as exc:  # the store is down: say so, and nothing else
-                log.debug("metrics: the store did not answer (%s)", type(exc).__name__)
-                yield GaugeMetricFamily("ferry_store_up", "Whether the store answered", 0)
-                return
-            yield GaugeMetricFamily("ferry_store_up", "Whether the store answered", 1)
-            sessions = GaugeMetricFamily(
-                "ferry_sessions",
-                "Sessions in the store by state (on Redis: live and ended only)",
-                labels=["state"],
-            )
-            for state, count in sorted(by_state.items()):
-                sessions.add_metric([state], count)
-            yield sessions
-            yield GaugeMetricFamily(
-                "ferry_store_uploads", "Object-store uploads recorded, not yet cleaned", uploads
-            )
-            yield GaugeMetricFamily(
-                "ferry_store_reserved_bytes", "Bytes the recorded uploads reserve", reserved
-            )
-            if in_flight is not None:
-                yield GaugeMetricFamily(
-                    "ferry_store_uploads_in_flight",
-                    "Object-store uploads started and not completed",
-                    in_flight,
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        #: (sessions by state, reserved bytes, uploads, uploads in flight); None: no answer.
+        self.figures: tuple[dict[str, int], int, int, int | None] | None = None
+
+    async def refresh(self) -> None:
+        store = self._store
+        try:
+            by_state = await store.count_sessions_by_state()
+            reserved, uploads = await store.store_usage()
+            in_flight = await store.count_uploads_in_flight()
+        except Exception as exc:  # the store is down: say so, and nothing else
+            log.debug("metrics: the store did not answer (%s)", type(exc).__name__)
+            self.figures = None
+            return
+        self.figures = (by_state, reserved, uploads, in_flight)
+
+    def collector(self) -> Any:
+        """A collector of the figures the last `refresh` read: sessions by state, uploads."""
+        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.registry import Collector
+
+        figures = self
+
+        class StoreCollector(Collector):
+            def collect(self) -> Iterable[Any]:
+                if figures.figures is None:
+                    yield GaugeMetricFamily("ferry_store_up", "Whether the store answered", 0)
+                    return
+                by_state, reserved, uploads, in_flight = figures.figures
+                yield GaugeMetricFamily("ferry_store_up", "Whether the store answered", 1)
+                sessions = GaugeMetricFamily(
+                    "ferry_sessions",
+                    "Sessions in the store by state (on Redis: live and ended only)",
+                    labels=["state"],
                 )
+                for state, count in sorted(by_state.items()):
+                    sessions.add_metric([state], count)
+                yield sessions
+                yield GaugeMetricFamily(
+                    "ferry_store_uploads",
+                    "Object-store uploads recorded, not yet cleaned",
+                    uploads,
+                )
+                yield GaugeMetricFamily(
+                    "ferry_store_reserved_bytes", "Bytes the recorded uploads reserve", reserved
+                )
+                if in_flight is not None:
+                    yield GaugeMetricFamily(
+                        "ferry_store_uploads_in_flight",
+                        "Object-store uploads started and not completed",
+                        in_flight,
+                    )
 
-    return StoreCollector()
+        return StoreCollector()
 
 
 async def serve_metrics(listen: str, recorder: Recorder) -> asyncio.Server:
@@ -239,7 +264,7 @@ async def serve_metrics(listen: str, recorder: Recorder) -> asyncio.Server:
             elif path != b"/metrics":
                 status, body, kind = b"404 Not Found", b"see /metrics\n", "text/plain"
             else:
-                body, kind = recorder.exposition()
+                body, kind = await recorder.exposition()
                 status = b"200 OK"
             writer.write(
                 b"HTTP/1.0 " + status + b"\r\nContent-Type: " + kind.encode()

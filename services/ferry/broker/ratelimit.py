@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 
-from ferry.broker.ledger import Ledger
+from ferry.broker.ledger import Ledger, LocalLedger
 
 
 @functools.lru_cache(maxsize=4096)  # parsed on every call: about 6 % of a negotiation's CPU
@@ -78,23 +78,23 @@ class ClaimLimiter:
         """The source network `ip` is counted as."""
         return source_of(ip, *self._prefixes)
 
-    def allowed(self, ip: str | None, now: float) -> bool:
+    async def allowed(self, ip: str | None, now: float) -> bool:
         """Whether a claim from `ip` may be tried now (only its own source's failures count)."""
-        return self._ledger.has_token(f"claim:{self.source(ip)}", *self._ip, now)
+        return await self._ledger.has_token(f"claim:{self.source(ip)}", *self._ip, now)
 
-    def flooded(self, now: float) -> bool:
+    async def flooded(self, now: float) -> bool:
         """Whether failed claims broker-wide are over the global allowance just now."""
-        return not self._ledger.has_token("claims", *self._global, now)
+        return not await self._ledger.has_token("claims", *self._global, now)
 
-    def failed(self, ip: str | None, now: float) -> None:
+    async def failed(self, ip: str | None, now: float) -> None:
         """Record a failed claim from `ip`: its source pays more while the broker is flooded."""
-        flooded = not self._ledger.take("claims", *self._global, now, force=True)
+        flooded = not await self._ledger.take("claims", *self._global, now, force=True)
         cost = self._flood_cost if flooded else 1.0
-        self._ledger.take(f"claim:{self.source(ip)}", *self._ip, now, cost=cost, force=True)
+        await self._ledger.take(f"claim:{self.source(ip)}", *self._ip, now, cost=cost, force=True)
 
-    def offer_failed(self, offer: str) -> int:
+    async def offer_failed(self, offer: str) -> int:
         """Count a failed claim of the found offer `offer`; return its count so far."""
-        return self._ledger.count(f"guess:{offer}", self._guesses_kept_s)
+        return await self._ledger.count(f"guess:{offer}", self._guesses_kept_s)
 
 
 class SourceLimiter:
@@ -106,7 +106,7 @@ class SourceLimiter:
     its /64 (:func:`source_of`), so one host cannot spread a flood over its own subnet.
     There is no broker-wide bucket on purpose: it would let one flooder lock out everyone.
     The buckets live in `ledger` under `name`: shared by replicas on Redis (new offers), or
-    this process's own (calls: what one replica's event loop can take is its own business).
+    this process's own (for calls, see CallLimiter).
     """
 
     def __init__(self, ledger: Ledger, name: str, burst: float, rate: float) -> None:
@@ -115,6 +115,22 @@ class SourceLimiter:
         self._burst = burst
         self._rate = rate
 
+    async def take(self, key: str, now: float) -> bool:
+        """Spend one of `key`'s tokens if it has one; whether it had."""
+        return await self._ledger.take(f"{self._name}:{key}", self._burst, self._rate, now)
+
+
+class CallLimiter:
+    """SourceLimiter's bucket per source for calls of any kind, in this process's memory and
+    synchronous: the servicer checks it before each call (BrokerService.admit) with no
+    await and no round trip to a shared store; what one replica's event loop can take is
+    its own business."""
+
+    def __init__(self, ledger: LocalLedger, burst: float, rate: float) -> None:
+        self._ledger = ledger
+        self._burst = burst
+        self._rate = rate
+
     def take(self, key: str, now: float) -> bool:
         """Spend one of `key`'s tokens if it has one; whether it had."""
-        return self._ledger.take(f"{self._name}:{key}", self._burst, self._rate, now)
+        return self._ledger.take(f"call:{key}", self._burst, self._rate, now)

@@ -1,9 +1,11 @@
 """The broker's store on Redis: `RedisStore`, the Store of store.py shared by broker replicas.
 
 Same contract as SqliteStore, method for method (tests/unit/broker/test_store_contract.py runs
-one suite against both), over redis-py's synchronous client: the Store interface is
-synchronous by design (one short atomic step per call, no await between reading a session and
-writing it back); an asyncio store is a later step. Needs Redis 7.0 or later (script flags).
+one suite against both), over redis-py's asyncio client (`redis.asyncio`): each step is one
+round trip that the broker awaits, so its event loop serves other calls meanwhile instead of
+blocking for the round trip. Calls of one replica thus interleave between steps just as the
+calls of two replicas do, and the same compare-and-set protects both. Needs Redis 7.0 or later
+(script flags).
 
 Atomicity across processes: every call that reads and then writes is one Lua script, which
 Redis runs with nothing else in between, so two replicas never both win a compare-and-set on
@@ -54,7 +56,7 @@ loses no answered write and a power cut at most the last second, as with SqliteS
 
 Scripts name the keys they compute (other sessions' leases, the indexes) from the prefix
 rather than declaring each in KEYS, so this store is for one Redis server (or a primary with
-replicas and Sentinel), not Redis Cluster. Redis must not evict: `from_url` warns unless
+replicas and Sentinel), not Redis Cluster. Redis must not evict: `check` warns unless
 maxmemory-policy is noeviction, and a write refused for memory raises StorageFull
 (RESOURCE_EXHAUSTED, STORAGE_FULL), like a full disk under SQLite. `free_bytes` is None (no
 local disk), so the new-offer disk check is SQLite's only.
@@ -71,19 +73,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
-import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ferry.broker import leases
 from ferry.broker.errors import Reason, Unavailable
@@ -104,8 +107,8 @@ __all__ = ["DEFAULT_PREFIX", "DuplicateSession", "RedisStore", "StoreUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "ferry:"
-#: Seconds to connect, and to wait for any one answer. The broker calls the store on its
-#: event loop: a Redis that hangs holds the loop for at most this long per call.
+#: Seconds to connect, and to wait for any one answer: a Redis that hangs fails the call
+#: (StoreUnavailable) after this long; the event loop serves other calls meanwhile.
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
 _MIN_VERSION = (7, 0)
@@ -564,6 +567,18 @@ def _oom(exc: ResponseError) -> bool:
     return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
+def _os_reason(exc: BaseException | None) -> str:
+    """The OS's words for the error behind `exc` ("Connection refused"), if any: the asyncio
+    client's own message gives only the number (Error 111)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno:
+            return os.strerror(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return ""
+
+
 def describe_url(url: str) -> str:
     """`url` without its credentials and query, for logs: ``redis://host:port/db``."""
     parts = urllib.parse.urlsplit(url)
@@ -575,17 +590,22 @@ def describe_url(url: str) -> str:
 
 
 class RedisStore:
-    """Store on one Redis server (database); thread-safe, one instance per process is enough.
+    """Store on one Redis server (database); one instance per process (per event loop: its
+    connection pool belongs to the loop that first uses it) is enough.
 
     `client` should be made as `from_url` makes it (no retries, bounded timeouts, bytes
-    replies); `prefix` is put before every key.
+    replies); `prefix` is put before every key. Nothing connects before the first call:
+    `check` is the first one a broker makes.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, prefix: str = DEFAULT_PREFIX, where: str = "Redis"
+    ) -> None:
         if not prefix:
             raise ValueError("a RedisStore needs a key prefix")
         self._redis = client
         self._prefix = prefix
+        self._where = where
         self._live = sorted(str(int(s)) for s in LIVE_STATES)
         script = client.register_script
         self._create = script(_CREATE)
@@ -616,34 +636,33 @@ class RedisStore:
         """A store on ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS) or
         ``unix:///path/to/socket?db=N``; options in the URL's query win over the arguments.
 
-        Connects once to check the server: raises StoreUnavailable if it cannot be reached,
-        RuntimeError if it is older than Redis 7.0, and logs a warning if it may evict keys.
+        Does not connect (ValueError for a URL of another scheme): await `check` before use.
         """
         scheme = urllib.parse.urlsplit(url).scheme
         if scheme not in _SCHEMES:
             raise ValueError(f"not a Redis URL (redis://, rediss:// or unix://): {scheme}://")
-        client = redis.Redis.from_url(
+        client = redis.asyncio.Redis.from_url(
             url,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        store = cls(client, prefix)
-        try:
-            store._check(describe_url(url))
-        except BaseException:
-            store.close()
-            raise
-        return store
+        return cls(client, prefix, describe_url(url))
 
-    def _check(self, where: str) -> None:
-        """Refuse a Redis older than 7.0; warn when it may evict the store's keys."""
+    async def check(self) -> None:
+        """Connect once to check the server: raise StoreUnavailable if it cannot be reached,
+        RuntimeError if it is older than Redis 7.0; log a warning if it may evict keys."""
+        where = self._where
         try:
-            with self._errors():
-                info = self._redis.info()
-        except StoreUnavailable as exc:  # at start-up: say where, for the operator
+            async with self._errors():
+                info = await self._redis.info()
+        except StoreUnavailable as exc:  # at start-up: say where and why, for the operator
             cause = exc.__cause__
-            raise StoreUnavailable(f"cannot reach the Redis store at {where}: {cause}") from cause
+            message = f"cannot reach the Redis store at {where}: {cause}"
+            why = _os_reason(cause)
+            if why and why.lower() not in message.lower():
+                message += f" ({why})"
+            raise StoreUnavailable(message) from cause
         version = str(info.get("redis_version", "0"))
         if tuple(int(part) for part in version.split(".")[:2]) < _MIN_VERSION:
             raise RuntimeError(f"the broker's store needs Redis 7.0 or later; {where} is {version}")
@@ -660,8 +679,8 @@ class RedisStore:
     #: Told the seconds of each round trip to Redis (the broker's metrics); None: nobody.
     on_round_trip: Callable[[float], None] | None = None
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _errors(self) -> AsyncIterator[None]:
         """Redis's failures as the store's: StoreUnavailable, StorageFull. Every call to
         Redis runs inside it, so it also times them for `on_round_trip`."""
         started = time.perf_counter()
@@ -683,11 +702,11 @@ class RedisStore:
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def create_session(self, record: SessionRecord) -> None:
+    async def create_session(self, record: SessionRecord) -> None:
         s = record.session
         sid = record.session_id
-        with self._errors():
-            created = self._create(
+        async with self._errors():
+            created = await self._create(
                 keys=[self._key("s:", sid)],
                 args=[
                     self._prefix,
@@ -709,36 +728,36 @@ class RedisStore:
         if not created:
             raise DuplicateSession(f"session {sid} exists already")
 
-    def get_session(self, session_id: str) -> SessionRecord | None:
+    async def get_session(self, session_id: str) -> SessionRecord | None:
         fields = ("data", "code", "sender", "receiver", "request", "version", "verifier")
-        with self._errors():
-            values = self._redis.hmget(self._key("s:", session_id), fields)
+        async with self._errors():
+            values = await self._redis.hmget(self._key("s:", session_id), fields)
         return None if values[0] is None else _record([session_id, *values])
 
-    def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
-        return self._find(self._key("c:", code_hash))
+    async def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
+        return await self._find(self._key("c:", code_hash))
 
-    def find_by_request_id(self, request_id: str) -> SessionRecord | None:
-        return self._find(self._key("q:", request_id))
+    async def find_by_request_id(self, request_id: str) -> SessionRecord | None:
+        return await self._find(self._key("q:", request_id))
 
-    def _find(self, index: str) -> SessionRecord | None:
-        with self._errors():
-            found = self._newest(keys=[index], args=[self._prefix])
+    async def _find(self, index: str) -> SessionRecord | None:
+        async with self._errors():
+            found = await self._newest(keys=[index], args=[self._prefix])
         return None if not found else _record(found)
 
-    def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
-        with self._errors():
-            found = self._by_token(keys=[self._key("t:", token_hash)], args=[self._prefix])
+    async def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
+        async with self._errors():
+            found = await self._by_token(keys=[self._key("t:", token_hash)], args=[self._prefix])
         if not found:
             return None
         party = Party.SENDER if found[0] == b"s" else Party.RECEIVER
         return _record(found[1:]), party
 
-    def update_session(self, record: SessionRecord) -> SessionRecord:
+    async def update_session(self, record: SessionRecord) -> SessionRecord:
         s = record.session
         sid = record.session_id
-        with self._errors():
-            updated = self._update(
+        async with self._errors():
+            updated = await self._update(
                 keys=[self._key("s:", sid)],
                 args=[
                     self._prefix,
@@ -757,14 +776,14 @@ class RedisStore:
             raise StaleRecord(f"session {sid} changed concurrently")
         return dataclasses.replace(record, version=record.version + 1)
 
-    def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
-        with self._errors():
-            rows = self._due(keys=[self._key("live")], args=[self._prefix, _num(now), limit])
+    async def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
+        async with self._errors():
+            rows = await self._due(keys=[self._key("live")], args=[self._prefix, _num(now), limit])
         return [_record(row) for row in rows]
 
     # -- leases -------------------------------------------------------------------------------
 
-    def lease_ports(
+    async def lease_ports(
         self,
         host_id: str,
         allowed: leases.Span,
@@ -777,8 +796,8 @@ class RedisStore:
         hold_until: float | None = None,
         max_per_owner: int | None = None,
     ) -> leases.Span:
-        with self._errors():
-            reply = self._lease(
+        async with self._errors():
+            reply = await self._lease(
                 keys=[self._key("h:", host_id), self._key("l:", session_id)],
                 args=[
                     self._prefix,
@@ -812,9 +831,9 @@ class RedisStore:
             f"no {count} free consecutive ports left in {first}-{last} on this host"
         )
 
-    def release_lease(self, session_id: str) -> None:
-        with self._errors():
-            self._release(keys=[self._key("l:", session_id)], args=[self._prefix, session_id])
+    async def release_lease(self, session_id: str) -> None:
+        async with self._errors():
+            await self._release(keys=[self._key("l:", session_id)], args=[self._prefix, session_id])
 
     # -- uploads ------------------------------------------------------------------------------
 
@@ -827,10 +846,12 @@ class RedisStore:
             self._key("ubytes:owner"),
         ]
 
-    def add_upload(self, record: UploadRecord, quota: StoreQuota | None = None) -> UploadRecord:
+    async def add_upload(
+        self, record: UploadRecord, quota: StoreQuota | None = None
+    ) -> UploadRecord:
         limits = (quota.per_offer, quota.per_owner, quota.total) if quota else (0, 0, 0)
-        with self._errors():
-            reply = self._add_upload(
+        async with self._errors():
+            reply = await self._add_upload(
                 keys=self._upload_keys(record.session_id, record.file_index),
                 args=[
                     self._prefix,
@@ -860,38 +881,38 @@ class RedisStore:
             )
         return _upload(record.session_id, record.file_index, reply)
 
-    def store_usage(self) -> tuple[int, int]:
-        with self._errors():
-            used, count = self._redis.hmget(self._key("ubytes"), ("bytes", "count"))
+    async def store_usage(self) -> tuple[int, int]:
+        async with self._errors():
+            used, count = await self._redis.hmget(self._key("ubytes"), ("bytes", "count"))
         return int(used or 0), int(count or 0)
 
-    def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
+    async def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
         key = self._key("u:", _member(session_id, file_index))
-        with self._errors():
-            values = self._redis.hmget(key, _UPLOAD_FIELDS)
+        async with self._errors():
+            values = await self._redis.hmget(key, _UPLOAD_FIELDS)
         return None if values[0] is None else _upload(session_id, file_index, values)
 
-    def replace_upload(
+    async def replace_upload(
         self, session_id: str, file_index: int, old_upload_id: str, new_upload_id: str
     ) -> bool:
         key = self._key("u:", _member(session_id, file_index))
-        with self._errors():
-            done = self._replace_upload(keys=[key], args=[old_upload_id, new_upload_id])
+        async with self._errors():
+            done = await self._replace_upload(keys=[key], args=[old_upload_id, new_upload_id])
         return bool(done)
 
-    def complete_upload(self, session_id: str, file_index: int) -> None:
+    async def complete_upload(self, session_id: str, file_index: int) -> None:
         key = self._key("u:", _member(session_id, file_index))
-        with self._errors():
-            self._set_upload(keys=[key], args=["completed", "1", "set"])
+        async with self._errors():
+            await self._set_upload(keys=[key], args=["completed", "1", "set"])
 
-    def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
+    async def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
         key = self._key("u:", _member(session_id, file_index))
-        with self._errors():
-            self._set_upload(keys=[key], args=["urls_expire", _num(expire_s), "max"])
+        async with self._errors():
+            await self._set_upload(keys=[key], args=["urls_expire", _num(expire_s), "max"])
 
-    def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
-        with self._errors():
-            rows = self._to_clean(
+    async def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
+        async with self._errors():
+            rows = await self._to_clean(
                 keys=[self._key("uclean")], args=[self._prefix, _num(now), limit, *self._live]
             )
         out = []
@@ -900,67 +921,64 @@ class RedisStore:
             out.append(_upload(session_id, int(index), values))
         return out
 
-    def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
+    async def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
         member = _member(session_id, file_index)
-        with self._errors():
-            self._defer_upload(
+        async with self._errors():
+            await self._defer_upload(
                 keys=[self._key("u:", member), self._key("uclean")], args=[_num(after_s), member]
             )
 
-    def delete_upload(self, session_id: str, file_index: int) -> None:
-        with self._errors():
-            self._delete_upload(
+    async def delete_upload(self, session_id: str, file_index: int) -> None:
+        async with self._errors():
+            await self._delete_upload(
                 keys=self._upload_keys(session_id, file_index),
                 args=[_member(session_id, file_index), session_id],
             )
 
-    def free_bytes(self) -> int | None:
+    async def free_bytes(self) -> int | None:
         return None  # no local disk: Redis's memory is its own (maxmemory -> StorageFull)
 
     # -- housekeeping -------------------------------------------------------------------------
 
-    def delete_ended(self, before_s: float, limit: int) -> int:
-        with self._errors():
-            deleted = self._delete_ended(
+    async def delete_ended(self, before_s: float, limit: int) -> int:
+        async with self._errors():
+            deleted = await self._delete_ended(
                 keys=[self._key("ended")], args=[self._prefix, _num(before_s), limit]
             )
         return int(deleted)
 
-    def broker_id(self) -> str:
+    async def broker_id(self) -> str:
         key = self._key("broker_id")
-        with self._errors():
-            pipe = self._redis.pipeline(transaction=False)
+        async with self._errors(), self._redis.pipeline(transaction=False) as pipe:
             pipe.set(key, uuid.uuid4().hex, nx=True)
             pipe.get(key)
-            _, value = pipe.execute()
+            _, value = await pipe.execute()
         return cast(bytes, value).decode()
 
-    def token_key(self) -> bytes | None:
+    async def token_key(self) -> bytes | None:
         key = self._key("token_key")
-        with self._errors():
-            pipe = self._redis.pipeline(transaction=False)
+        async with self._errors(), self._redis.pipeline(transaction=False) as pipe:
             pipe.set(key, secrets.token_bytes(32), nx=True)  # the first replica's wins
             pipe.get(key)
-            _, value = pipe.execute()
+            _, value = await pipe.execute()
         return cast(bytes, value)
 
     def ledger(self) -> RedisLedger:
         return self._ledger
 
-    def close(self) -> None:
-        self._redis.close()
+    async def close(self) -> None:
+        await self._redis.aclose()
 
-    def count_sessions_by_state(self) -> dict[str, int]:
+    async def count_sessions_by_state(self) -> dict[str, int]:
         """Only "live" and "ended": the store keeps no per-state index, and reading every
         session's state at each scrape would cost O(sessions). Two ZCARDs, one round trip."""
-        with self._errors():
-            pipe = self._redis.pipeline(transaction=False)
+        async with self._errors(), self._redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self._key("live"))
             pipe.zcard(self._key("ended"))
-            live, ended = pipe.execute()
+            live, ended = await pipe.execute()
         return {"live": int(live), "ended": int(ended)}
 
-    def count_uploads_in_flight(self) -> int | None:
+    async def count_uploads_in_flight(self) -> int | None:
         """None: no index tells completed uploads from the others (store_usage() counts
         them all, cheaply)."""
         return None
@@ -981,12 +999,14 @@ class RedisLedger:
         self._peek = self._redis.register_script(_PEEK)
         self._take = self._redis.register_script(_TAKE)
 
-    def has_token(self, key: str, burst: float, rate: float, now: float) -> bool:
-        with self._store._errors():
-            held = self._peek(keys=[self._prefix + key], args=[_num(burst), _num(rate), _num(now)])
+    async def has_token(self, key: str, burst: float, rate: float, now: float) -> bool:
+        async with self._store._errors():
+            held = await self._peek(
+                keys=[self._prefix + key], args=[_num(burst), _num(rate), _num(now)]
+            )
         return bool(held)
 
-    def take(
+    async def take(
         self,
         key: str,
         burst: float,
@@ -996,36 +1016,34 @@ class RedisLedger:
         force: bool = False,
     ) -> bool:
         args = [_num(burst), _num(rate), _num(now), _num(cost), "1" if force else "0"]
-        with self._store._errors():
-            had = self._take(keys=[self._prefix + key], args=[*args, rounded_ms(MAX_TTL_S)])
+        async with self._store._errors():
+            had = await self._take(keys=[self._prefix + key], args=[*args, rounded_ms(MAX_TTL_S)])
         return bool(had)
 
-    def count(self, key: str, ttl_s: float) -> int:
+    async def count(self, key: str, ttl_s: float) -> int:
         name = self._prefix + key
-        with self._store._errors():
-            pipe = self._redis.pipeline(transaction=True)
+        async with self._store._errors(), self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(name)
             pipe.pexpire(name, rounded_ms(min(ttl_s, MAX_TTL_S)), nx=True)
-            value, _ = pipe.execute()
+            value, _ = await pipe.execute()
         return int(value)
 
-    def first(self, key: str, now: float, ttl_s: float) -> float:
+    async def first(self, key: str, now: float, ttl_s: float) -> float:
         name = self._prefix + key
-        with self._store._errors():
-            pipe = self._redis.pipeline(transaction=True)
+        async with self._store._errors(), self._redis.pipeline(transaction=True) as pipe:
             pipe.set(name, _num(now), nx=True, px=rounded_ms(min(ttl_s, MAX_TTL_S)))
             pipe.get(name)
-            _, value = pipe.execute()
+            _, value = await pipe.execute()
         return float(value)
 
-    def put(self, key: str, value: bytes, ttl_s: float) -> None:
-        with self._store._errors():
-            self._redis.set(self._prefix + key, value, px=rounded_ms(min(ttl_s, MAX_TTL_S)))
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        async with self._store._errors():
+            await self._redis.set(self._prefix + key, value, px=rounded_ms(min(ttl_s, MAX_TTL_S)))
 
-    def get(self, key: str) -> bytes | None:
-        with self._store._errors():
-            return cast("bytes | None", self._redis.get(self._prefix + key))
+    async def get(self, key: str) -> bytes | None:
+        async with self._store._errors():
+            return cast("bytes | None", await self._redis.get(self._prefix + key))
 
-    def forget(self, key: str) -> None:
-        with self._store._errors():
-            self._redis.delete(self._prefix + key)
+    async def forget(self, key: str) -> None:
+        async with self._store._errors():
+            await self._redis.delete(self._prefix + key)

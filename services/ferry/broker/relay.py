@@ -6,8 +6,10 @@ B at once. So every change a replica commits is also announced on one Redis chan
 ``"{replica} {session_id} {version}"`` -- ids and versions only, never a session's content --
 and every replica listens: for an announcement of a session it has watchers for, it reads the
 session from the store and hands it to its hub like a local change. Its watchers skip what
-they have seen (versions only go up), so an announcement that arrives twice, late, or for a
-change they saw already costs one store read and nothing else. A replica ignores its own
+they have seen (versions only go up, and a watcher's slot never trades a newer snapshot for
+an older one), so an announcement that arrives twice, late, or for a change they saw already
+costs one store read and nothing else. The listener awaits each read before the next
+announcement; the event loop serves calls meanwhile. A replica ignores its own
 announcements (its hub had the change first).
 
 Pub/sub loses what is published while a replica is disconnected; the listener resubscribes
@@ -26,18 +28,18 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ferry.broker.hub import Hub
 from ferry.v1 import broker_pb2
 
-__all__ = ["RedisRelay"]
+__all__ = ["Loader", "RedisRelay"]
 
 log = logging.getLogger(__name__)
 
 #: Loads a session by id for the relay: (version, session), or None if it is gone.
-Loader = Callable[[str], tuple[int, broker_pb2.Session] | None]
+Loader = Callable[[str], Awaitable[tuple[int, broker_pb2.Session] | None]]
 
 _BACKOFF = (0.1, 2.0)  # first and longest pause before resubscribing
 
@@ -101,9 +103,9 @@ class RedisRelay:
                 await pubsub.subscribe(self.channel)
                 self.subscribed.set()
                 pause = _BACKOFF[0]
-                self._catch_up()
+                await self._catch_up()
                 async for message in pubsub.listen():
-                    self._deliver(message.get("data"))
+                    await self._deliver(message.get("data"))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis went away: resubscribe
@@ -114,7 +116,7 @@ class RedisRelay:
             await asyncio.sleep(pause)
             pause = min(pause * 2, _BACKOFF[1])
 
-    def _deliver(self, data: object) -> None:
+    async def _deliver(self, data: object) -> None:
         try:
             text = data.decode() if isinstance(data, bytes) else str(data)
             replica, session_id, version_text = text.split(" ")
@@ -123,16 +125,16 @@ class RedisRelay:
             return  # not one of ours
         if replica == self.replica or not self._hub.watched(session_id):
             return
-        self._refresh(session_id, version)
+        await self._refresh(session_id, version)
 
-    def _refresh(self, session_id: str, at_least: int = 0) -> None:
-        found = self._load(session_id)
+    async def _refresh(self, session_id: str, at_least: int = 0) -> None:
+        found = await self._load(session_id)
         if found is None or found[0] < at_least:
             return
         self.delivered += 1
         self._hub.deliver(session_id, found[0], found[1])
 
-    def _catch_up(self) -> None:
+    async def _catch_up(self) -> None:
         """After a (re)subscription: re-read every watched session (changes may be missed)."""
         for session_id in self._hub.watched_sessions():
-            self._refresh(session_id)
+            await self._refresh(session_id)

@@ -49,7 +49,6 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -62,7 +61,7 @@ from ferry.broker.fallback import Fallback
 from ferry.broker.metrics import PrometheusRecorder, Recorder, serve_metrics
 from ferry.broker.objectstore import ObjectStore
 from ferry.broker.reflexive import ReflexiveLimits, ReflexiveResponder
-from ferry.broker.relay import RedisRelay
+from ferry.broker.relay import Loader, RedisRelay
 from ferry.broker.service import BrokerService, add_to_server
 from ferry.broker.store import SqliteStore, StorageFull, Store
 from ferry.broker.tls import CertificateFiles, describe
@@ -152,14 +151,14 @@ class RunningBroker:
         if self.metrics_server is not None:
             self.metrics_server.close()
             await self.metrics_server.wait_closed()
-        self.store.close()
+        await self.store.close()
 
 
-def _loader(store: Store) -> Callable[[str], tuple[int, broker_pb2.Session] | None]:
+def _loader(store: Store) -> Loader:
     """How the relay reads a session another replica changed."""
 
-    def load(session_id: str) -> tuple[int, broker_pb2.Session] | None:
-        record = store.get_session(session_id)
+    async def load(session_id: str) -> tuple[int, broker_pb2.Session] | None:
+        record = await store.get_session(session_id)
         return None if record is None else (record.version, record.session)
 
     return load
@@ -307,7 +306,12 @@ async def start_server(
         else None
     )
     store = store if store is not None else open_store(config)
-    key = store.token_key() or load_token_key(config.token_key_path)
+    try:
+        await store.check()
+        key = await store.token_key() or load_token_key(config.token_key_path)
+    except BaseException:
+        await store.close()
+        raise
     server = grpc.aio.server(
         options=[*_SERVER_OPTIONS, *_limits(config)],
         maximum_concurrent_rpcs=config.max_concurrent_calls,
@@ -315,13 +319,13 @@ async def start_server(
     try:
         port = _bind(server, config.listen, tls)
     except OSError:
-        store.close()
+        await store.close()
         raise
     try:
         reflexive, reflexive_address = _bind_reflexive(config)
     except OSError:
         await _let_go(server)
-        store.close()
+        await store.close()
         raise
     if reflexive is not None and config.reflexive_advertise is None:
         config = dataclasses.replace(config, reflexive_advertise=f":{reflexive.port}")
@@ -365,7 +369,7 @@ async def start_server(
         if health_server is not None:
             await health_server.stop(0)
         await server.stop(0)
-        store.close()
+        await store.close()
         raise
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -378,9 +382,9 @@ async def start_server(
             "network in clear; anyone on the path can read them and take over transfers",
             config.listen,
         )
-    log.info("broker id %s", broker.broker_id())  # made here on a new store
+    log.info("broker id %s", await broker.broker_id())  # made here on a new store
     try:
-        broker.sweep()  # expire what ran out while the broker was down
+        await broker.sweep()  # expire what ran out while the broker was down
     except StorageFull:  # a full disk must not keep the live sessions' broker down
         log.warning("start-up sweep deferred: the data dir is full")
     relay = None
@@ -391,7 +395,7 @@ async def start_server(
         except BaseException:
             await relay.close()
             await server.stop(0)
-            store.close()
+            await store.close()
             raise
     sweeper = asyncio.create_task(broker.run_sweeper(), name="ferry-broker-sweeper")
     cleaner = asyncio.create_task(fallback.run_cleaner(), name="ferry-broker-object-cleaner")

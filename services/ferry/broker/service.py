@@ -112,14 +112,6 @@ async def abort(context: Context, refusal: BrokerRefusal) -> NoReturn:
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-async def _call(context: Context, fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except Exception as exc:
-        refusal = as_refusal(exc)
-    await abort(context, refusal)
-
-
 async def _acall(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return await fn()
@@ -162,7 +154,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     async def GetBrokerInfo(
         self, request: broker_pb2.GetBrokerInfoRequest, context: Context
     ) -> broker_pb2.GetBrokerInfoResponse:
-        broker_id = await _call(context, self._broker.broker_id)  # no token: public facts
+        broker_id = await _acall(context, self._broker.broker_id)  # no token: public facts
         # What start_server filled in (":" and the responder's port), or the operator's
         # address; unset: this broker has no reflexive responder.
         reflexive = self._broker.config.reflexive_advertise or ""
@@ -172,7 +164,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.CreateOfferRequest, context: Context
     ) -> broker_pb2.CreateOfferResponse:
         ip = validation.peer_ip(context.peer())
-        response = await _call(context, lambda: self._broker.create_offer(request, ip))
+        response = await _acall(context, lambda: self._broker.create_offer(request, ip))
         self.metrics.offer_created()
         return response
 
@@ -180,14 +172,14 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.ClaimOfferRequest, context: Context
     ) -> broker_pb2.ClaimOfferResponse:
         ip = validation.peer_ip(context.peer())
-        return await _call(context, lambda: self._claim(request, ip))
+        return await _acall(context, lambda: self._claim(request, ip))
 
-    def _claim(
+    async def _claim(
         self, request: broker_pb2.ClaimOfferRequest, ip: str | None
     ) -> broker_pb2.ClaimOfferResponse:
         validation.check_length(request.code, validation.MAX_CODE_CHARS, "code")
         validation.check_request_id(request.request_id)
-        return self._broker.claim_offer(
+        return await self._broker.claim_offer(
             request.code,
             ip,
             request.request_id,
@@ -199,7 +191,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.ConfirmKeyRequest, context: Context
     ) -> broker_pb2.ConfirmKeyResponse:
         token = bearer_token(context)
-        session = await _call(
+        session = await _acall(
             context,
             lambda: self._broker.confirm_key(
                 request.name, token, request.key_confirmation, request.certificate_mac
@@ -212,7 +204,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     ) -> broker_pb2.AcceptOfferResponse:
         ip = validation.peer_ip(context.peer())
         token = bearer_token(context)
-        session = await _call(
+        session = await _acall(
             context, lambda: self._broker.accept(request.name, token, request.receiver, ip)
         )
         waited = session.update_time.ToNanoseconds() - session.create_time.ToNanoseconds()
@@ -223,7 +215,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.DeclineOfferRequest, context: Context
     ) -> broker_pb2.DeclineOfferResponse:
         token = bearer_token(context)
-        session = await _call(
+        session = await _acall(
             context, lambda: self._broker.decline(request.name, token, request.reason)
         )
         return broker_pb2.DeclineOfferResponse(session=session)
@@ -232,7 +224,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.CancelSessionRequest, context: Context
     ) -> broker_pb2.CancelSessionResponse:
         token = bearer_token(context)
-        session = await _call(
+        session = await _acall(
             context, lambda: self._broker.cancel(request.name, token, request.reason)
         )
         return broker_pb2.CancelSessionResponse(session=session)
@@ -241,29 +233,27 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.GetSessionRequest, context: Context
     ) -> broker_pb2.GetSessionResponse:
         token = bearer_token(context)
-        session = await _call(context, lambda: self._broker.get(request.name, token))
+        session = await _acall(context, lambda: self._broker.get(request.name, token))
         return broker_pb2.GetSessionResponse(session=session)
 
     async def ReportProgress(
         self, request: broker_pb2.ReportProgressRequest, context: Context
     ) -> broker_pb2.ReportProgressResponse:
         token = bearer_token(context)
-        session = await _call(context, lambda: self._report(request, token))
+        session = await _acall(context, lambda: self._report(request, token))
         return broker_pb2.ReportProgressResponse(session=session)
 
-    def _report(
+    async def _report(
         self, request: broker_pb2.ReportProgressRequest, token: str | None
     ) -> broker_pb2.Session:
         """The report; a completion counts the offer's bytes once, by the route reported
-        (a repeated COMPLETED, a no-op on a completed session, counts nothing)."""
-        completing = request.state == broker_pb2.Session.STATE_COMPLETED
-        before = self._broker.get(request.name, token).state if completing else None
+        (a repeated COMPLETED, a no-op on a completed session, counts nothing; of two
+        racing, only the one whose write made it COMPLETED counts)."""
         path = request.path if request.HasField("path") else None
-        session = self._broker.report(
+        session, wrote = await self._broker.report_change(
             request.name, token, request.state, request.bytes_done, request.failure_reason, path
         )
-        done = broker_pb2.Session.STATE_COMPLETED
-        if completing and before != done and session.state == done:
+        if wrote and session.state == broker_pb2.Session.STATE_COMPLETED:
             size = sum(entry.size_bytes for entry in session.manifest.files)
             self.metrics.transfer_completed(session.path.route, size)
         return session
@@ -272,7 +262,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.PublishCandidatesRequest, context: Context
     ) -> broker_pb2.PublishCandidatesResponse:
         token = bearer_token(context)
-        session = await _call(
+        session = await _acall(
             context,
             lambda: self._broker.publish_candidates(
                 request.name, token, request.attempt, request.candidates
@@ -285,7 +275,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     ) -> broker_pb2.ResumeSessionResponse:
         ip = validation.peer_ip(context.peer())
         token = bearer_token(context)
-        session = await _call(
+        session = await _acall(
             context, lambda: self._broker.resume(request.name, token, request.peer, ip)
         )
         return broker_pb2.ResumeSessionResponse(session=session)

@@ -6,14 +6,18 @@ the columns we look things up by), port leases, the object-store uploads of the 
 `meta`: random, made once per store, so replicas sharing a store share it and a lost store
 means a new broker). Secrets are stored only as sha256 hashes.
 
-The interface is synchronous and every method is one short atomic step, so that a store over
-Redis can implement each with one transaction (MULTI/EXEC or a script). Updates are
+The interface is asynchronous (every method but `ledger` is awaited) and every method is one
+short atomic step, so that a store over Redis implements each with one transaction (MULTI/EXEC
+or a script) and the event loop serves other calls while it waits for the answer. Calls of one
+process therefore interleave between store steps, as calls on two replicas do: nothing may
+rely on no other call running between a read and the write that follows it. Updates are
 compare-and-set on `SessionRecord.version`: two writers racing on one session cannot both win,
-which is what makes a code single-use even across broker replicas.
+which is what makes a code single-use across interleaved calls and broker replicas alike.
 
 SqliteStore runs in WAL mode with synchronous=NORMAL: a committed write survives the process
 dying at any point (not necessarily a power cut, which would lose at most the last commits).
-Its calls take microseconds, so the servicer calls them on the event loop directly.
+Its calls take microseconds, so its async methods run the same synchronous code on the event
+loop directly (no thread: the connection is used from the loop's thread only).
 """
 
 from __future__ import annotations
@@ -109,34 +113,35 @@ class QuotaExceeded(Exception):
 
 
 class Store(Protocol):
-    """What the broker needs from its storage. Implementations: SqliteStore, later Redis."""
+    """What the broker needs from its storage. Implementations: SqliteStore, RedisStore
+    (redis_store.py). Every step is awaited but `ledger`, which only hands out an object."""
 
-    def create_session(self, record: SessionRecord) -> None:
+    async def create_session(self, record: SessionRecord) -> None:
         """Insert a new session (version 0)."""
 
-    def get_session(self, session_id: str) -> SessionRecord | None:
+    async def get_session(self, session_id: str) -> SessionRecord | None:
         """The session with this id, or None."""
 
-    def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
+    async def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
         """The newest session whose unclaimed code has this hash, or None."""
 
-    def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
+    async def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
         """The session this token hash belongs to, and whose token it is, or None: what
         find_by_token_hash and get_session find, in one step (every authorized call)."""
 
-    def find_by_request_id(self, request_id: str) -> SessionRecord | None:
+    async def find_by_request_id(self, request_id: str) -> SessionRecord | None:
         """The newest session created with this request_id, or None."""
 
-    def update_session(self, record: SessionRecord) -> SessionRecord:
+    async def update_session(self, record: SessionRecord) -> SessionRecord:
         """Store `record` if the stored version is still `record.version`; return it bumped.
 
         Raises StaleRecord when someone else updated the session first.
         """
 
-    def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
+    async def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
         """Up to `limit` live sessions whose expire_time is at or before `now`."""
 
-    def lease_ports(
+    async def lease_ports(
         self,
         host_id: str,
         allowed: leases.Span,
@@ -157,57 +162,59 @@ class Store(Protocol):
         leases on the host already (the session's own lease, being replaced, not counted).
         """
 
-    def release_lease(self, session_id: str) -> None:
+    async def release_lease(self, session_id: str) -> None:
         """Forget the session's lease, if any."""
 
-    def add_upload(self, record: UploadRecord, quota: StoreQuota | None = None) -> UploadRecord:
+    async def add_upload(
+        self, record: UploadRecord, quota: StoreQuota | None = None
+    ) -> UploadRecord:
         """Record the upload unless the file has one already; return the one that is stored.
 
         With `quota`, a new record whose size_bytes would take its session, its owner or
         the whole store past the quota is not recorded: QuotaExceeded.
         """
 
-    def store_usage(self) -> tuple[int, int]:
+    async def store_usage(self) -> tuple[int, int]:
         """(bytes reserved, uploads) the object store holds for recorded uploads."""
 
-    def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
+    async def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
         """The upload of this file of this session, or None."""
 
-    def replace_upload(
+    async def replace_upload(
         self, session_id: str, file_index: int, old_upload_id: str, new_upload_id: str
     ) -> bool:
         """Point the file at a new upload, if it is still at `old_upload_id`; True if so."""
 
-    def complete_upload(self, session_id: str, file_index: int) -> None:
+    async def complete_upload(self, session_id: str, file_index: int) -> None:
         """Mark the file's upload completed."""
 
-    def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
+    async def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
         """Raise the upload's urls_expire_s to `expire_s` if that is later."""
 
-    def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
+    async def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
         """Up to `limit` uploads whose session is final (or gone) and clean_after_s <= now."""
 
-    def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
+    async def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
         """Run the upload's cleanup again at `after_s`."""
 
-    def delete_upload(self, session_id: str, file_index: int) -> None:
+    async def delete_upload(self, session_id: str, file_index: int) -> None:
         """Forget the upload (its objects are gone)."""
 
-    def free_bytes(self) -> int | None:
+    async def free_bytes(self) -> int | None:
         """Free space left to the store's file system, in bytes; None if it has no disk."""
 
-    def delete_ended(self, before_s: float, limit: int) -> int:
+    async def delete_ended(self, before_s: float, limit: int) -> int:
         """Delete up to `limit` sessions in a final state since at or before `before_s`
         (their leases with them); return how many. Their uploads stay for the cleaner."""
 
-    def broker_id(self) -> str:
+    async def broker_id(self) -> str:
         """The id of the broker this store belongs to: random, made on the first call ever.
 
         Every later call, from any process sharing the store, returns the same id; creating
         it is atomic, so replicas starting together agree on one.
         """
 
-    def token_key(self) -> bytes | None:
+    async def token_key(self) -> bytes | None:
         """The secret key that keys code hashes and derived tokens, if the store keeps one
         that every broker sharing it uses (Redis: made once, atomically); None: each broker
         process keeps its own (SQLite: token.key beside the database)."""
@@ -216,15 +223,19 @@ class Store(Protocol):
         """The rate-limit buckets, counters and sealed retry answers of the brokers on this
         store (ledger.py): shared through it by replicas (Redis), else in this process."""
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Release the store's resources."""
 
-    def count_sessions_by_state(self) -> dict[str, int]:
+    async def check(self) -> None:
+        """Make sure the store can serve, once at start-up (Redis: reachable, 7.0 or later,
+        and a warning if it may evict keys); raise if it cannot."""
+
+    async def count_sessions_by_state(self) -> dict[str, int]:
         """How many sessions the store holds, by lower-case state name ("offered", ...; a
         store without a per-state index may answer coarser: "live", "ended"). Cheap enough
         for every metrics scrape."""
 
-    def count_uploads_in_flight(self) -> int | None:
+    async def count_uploads_in_flight(self) -> int | None:
         """Uploads started and not completed; None if the store cannot tell cheaply."""
 
 
@@ -366,7 +377,8 @@ def _record(row: _Row) -> SessionRecord:
 
 
 class SqliteStore:
-    """Store on one SQLite file; use one instance per process, from one thread."""
+    """Store on one SQLite file; use one instance per process, from one thread (the event
+    loop's). Each async method runs to its end without awaiting anything."""
 
     def __init__(self, path: Path | str) -> None:
         path = Path(path)
@@ -391,7 +403,7 @@ class SqliteStore:
             self._db.execute(index)
         self._ledger = MemoryLedger()
 
-    def create_session(self, record: SessionRecord) -> None:
+    async def create_session(self, record: SessionRecord) -> None:
         s = record.session
         self._db.execute(
             "INSERT INTO sessions (id, state, code_hash, expire_time, create_time,"
@@ -422,16 +434,16 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else _record(row)
 
-    def get_session(self, session_id: str) -> SessionRecord | None:
+    async def get_session(self, session_id: str) -> SessionRecord | None:
         return self._one("id = ?", session_id)
 
-    def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
+    async def find_by_code_hash(self, code_hash: str) -> SessionRecord | None:
         return self._one("code_hash = ?", code_hash)
 
-    def find_by_request_id(self, request_id: str) -> SessionRecord | None:
+    async def find_by_request_id(self, request_id: str) -> SessionRecord | None:
         return self._one("request_id = ?", request_id)
 
-    def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
+    async def session_by_token_hash(self, token_hash: str) -> tuple[SessionRecord, Party] | None:
         row = self._db.execute(
             f"SELECT {_COLUMNS}, sender_token_hash = ? FROM sessions"  # noqa: S608 - fixed
             " WHERE sender_token_hash = ? OR receiver_token_hash = ? LIMIT 1",
@@ -441,7 +453,7 @@ class SqliteStore:
             return None
         return _record(row[:-1]), Party.SENDER if row[-1] else Party.RECEIVER
 
-    def update_session(self, record: SessionRecord) -> SessionRecord:
+    async def update_session(self, record: SessionRecord) -> SessionRecord:
         s = record.session
         cursor = self._db.execute(
             "UPDATE sessions SET state = ?, code_hash = ?, expire_time = ?,"
@@ -462,7 +474,7 @@ class SqliteStore:
             raise StaleRecord(f"session {record.session_id} changed concurrently")
         return dataclasses.replace(record, version=record.version + 1)
 
-    def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
+    async def due_for_expiry(self, now: float, limit: int) -> list[SessionRecord]:
         marks = ", ".join("?" for _ in LIVE_STATES)
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM sessions"  # noqa: S608 - placeholders only
@@ -471,7 +483,7 @@ class SqliteStore:
         ).fetchall()
         return [_record(r) for r in rows]
 
-    def lease_ports(
+    async def lease_ports(
         self,
         host_id: str,
         allowed: leases.Span,
@@ -515,13 +527,15 @@ class SqliteStore:
         self._db.execute("COMMIT")
         return span
 
-    def release_lease(self, session_id: str) -> None:
+    async def release_lease(self, session_id: str) -> None:
         self._db.execute("DELETE FROM leases WHERE session_id = ?", (session_id,))
 
-    def add_upload(self, record: UploadRecord, quota: StoreQuota | None = None) -> UploadRecord:
+    async def add_upload(
+        self, record: UploadRecord, quota: StoreQuota | None = None
+    ) -> UploadRecord:
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if quota is not None and self.get_upload(record.session_id, record.file_index) is None:
+            if quota is not None and self._get_upload(record.session_id, record.file_index) is None:
                 self._check_quota(record, quota)
             self._db.execute(
                 f"INSERT OR IGNORE INTO uploads ({_UPLOAD_COLUMNS})"  # noqa: S608 - fixed columns
@@ -542,7 +556,7 @@ class SqliteStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        stored = self.get_upload(record.session_id, record.file_index)
+        stored = self._get_upload(record.session_id, record.file_index)
         assert stored is not None
         return stored
 
@@ -564,13 +578,16 @@ class SqliteStore:
                     f" over the broker's limit of {limit}"
                 )
 
-    def store_usage(self) -> tuple[int, int]:
+    async def store_usage(self) -> tuple[int, int]:
         used, count = self._db.execute(
             "SELECT COALESCE(SUM(size_bytes), 0), COUNT(*) FROM uploads"
         ).fetchone()
         return int(used), int(count)
 
-    def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
+    async def get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
+        return self._get_upload(session_id, file_index)
+
+    def _get_upload(self, session_id: str, file_index: int) -> UploadRecord | None:
         row = self._db.execute(
             f"SELECT {_UPLOAD_COLUMNS} FROM uploads"  # noqa: S608 - fixed columns
             " WHERE session_id = ? AND file_index = ?",
@@ -578,7 +595,7 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else _upload(row)
 
-    def replace_upload(
+    async def replace_upload(
         self, session_id: str, file_index: int, old_upload_id: str, new_upload_id: str
     ) -> bool:
         cursor = self._db.execute(
@@ -588,20 +605,20 @@ class SqliteStore:
         )
         return cursor.rowcount == 1
 
-    def complete_upload(self, session_id: str, file_index: int) -> None:
+    async def complete_upload(self, session_id: str, file_index: int) -> None:
         self._db.execute(
             "UPDATE uploads SET completed = 1 WHERE session_id = ? AND file_index = ?",
             (session_id, file_index),
         )
 
-    def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
+    async def extend_upload_urls(self, session_id: str, file_index: int, expire_s: float) -> None:
         self._db.execute(
             "UPDATE uploads SET urls_expire_time = MAX(urls_expire_time, ?)"
             " WHERE session_id = ? AND file_index = ?",
             (expire_s, session_id, file_index),
         )
 
-    def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
+    async def uploads_to_clean(self, now: float, limit: int) -> list[UploadRecord]:
         marks = ", ".join("?" for _ in LIVE_STATES)
         columns = ", ".join(f"u.{c.strip()}" for c in _UPLOAD_COLUMNS.split(","))
         rows = self._db.execute(
@@ -612,25 +629,25 @@ class SqliteStore:
         ).fetchall()
         return [_upload(r) for r in rows]
 
-    def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
+    async def defer_upload_cleanup(self, session_id: str, file_index: int, after_s: float) -> None:
         self._db.execute(
             "UPDATE uploads SET clean_after = ? WHERE session_id = ? AND file_index = ?",
             (after_s, session_id, file_index),
         )
 
-    def delete_upload(self, session_id: str, file_index: int) -> None:
+    async def delete_upload(self, session_id: str, file_index: int) -> None:
         self._db.execute(
             "DELETE FROM uploads WHERE session_id = ? AND file_index = ?",
             (session_id, file_index),
         )
 
-    def free_bytes(self) -> int | None:
+    async def free_bytes(self) -> int | None:
         if str(self._path) == ":memory:":
             return None
         st = os.statvfs(self._path.parent)
         return st.f_bavail * st.f_frsize
 
-    def delete_ended(self, before_s: float, limit: int) -> int:
+    async def delete_ended(self, before_s: float, limit: int) -> int:
         marks = ", ".join("?" for _ in FINAL_STATES)
         finals = sorted(int(s) for s in FINAL_STATES)
         # An ended session's update_time is when it ended; rows written before the column
@@ -659,7 +676,7 @@ class SqliteStore:
         self._db.execute("COMMIT")
         return cursor.rowcount
 
-    def broker_id(self) -> str:
+    async def broker_id(self) -> str:
         select = "SELECT value FROM meta WHERE key = 'broker_id'"
         row = self._db.execute(select).fetchone()
         if row is None:  # first call on this store: whoever inserts first wins
@@ -670,20 +687,23 @@ class SqliteStore:
             row = self._db.execute(select).fetchone()
         return str(row[0])
 
-    def token_key(self) -> bytes | None:
+    async def token_key(self) -> bytes | None:
         return None  # one process per SQLite file: its token.key file
 
     def ledger(self) -> Ledger:
         return self._ledger  # one process per SQLite file: in its memory
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._db.close()
 
-    def count_sessions_by_state(self) -> dict[str, int]:
+    async def check(self) -> None:
+        return None  # opening the file checked it
+
+    async def count_sessions_by_state(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) FROM sessions GROUP BY state").fetchall()
         return {_state_label(state): int(count) for state, count in rows}
 
-    def count_uploads_in_flight(self) -> int | None:
+    async def count_uploads_in_flight(self) -> int | None:
         (count,) = self._db.execute("SELECT COUNT(*) FROM uploads WHERE completed = 0").fetchone()
         return int(count)
 

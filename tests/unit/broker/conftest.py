@@ -3,10 +3,11 @@ on SQLite and once on a real redis-server (one per module, tests/support/redis.p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from ferry.broker.store import Store
 from tests.support.redis import STORE_KINDS, RedisServer, StoreFactory
@@ -19,11 +20,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
-@pytest.fixture(params=STORE_KINDS)
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+@pytest_asyncio.fixture(params=STORE_KINDS)
+async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
     """Opens stores over one backing: the first is the test's store, the next its replicas."""
     url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    with StoreFactory(request.param, tmp_path, url) as factory:
+    async with StoreFactory(request.param, tmp_path, url) as factory:
         yield factory
 
 

@@ -20,8 +20,8 @@ from tests.support.broker_flow import RECEIVER_PAKE, pake_sender
 pytestmark = pytest.mark.timeout(30)
 
 
-def _offer(broker: Broker) -> broker_pb2.CreateOfferResponse:
-    return broker.create_offer(
+async def _offer(broker: Broker) -> broker_pb2.CreateOfferResponse:
+    return await broker.create_offer(
         broker_pb2.CreateOfferRequest(
             manifest=broker_pb2.Manifest(
                 files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)],
@@ -38,8 +38,10 @@ def _offer(broker: Broker) -> broker_pb2.CreateOfferResponse:
     )
 
 
-def _claim(broker: Broker, code: str, ip: str, request_id: str) -> broker_pb2.ClaimOfferResponse:
-    return broker.claim_offer(code, ip, request_id, pake_message=RECEIVER_PAKE)
+async def _claim(
+    broker: Broker, code: str, ip: str, request_id: str
+) -> broker_pb2.ClaimOfferResponse:
+    return await broker.claim_offer(code, ip, request_id, pake_message=RECEIVER_PAKE)
 
 
 def _broker(tmp_path: Path, key: bytes) -> tuple[Broker, SqliteStore]:
@@ -47,52 +49,55 @@ def _broker(tmp_path: Path, key: bytes) -> tuple[Broker, SqliteStore]:
     return Broker(BrokerConfig(data_dir=tmp_path), store, token_key=key), store
 
 
-def test_repeated_claim_with_the_same_request_id(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_repeated_claim_with_the_same_request_id(tmp_path: Path) -> None:
     key = os.urandom(32)
     broker, store = _broker(tmp_path, key)
     try:
-        offer = _offer(broker)
-        first = _claim(broker, offer.code, "192.0.2.2", "req-1")
-        again = _claim(broker, offer.code, "192.0.2.2", "req-1")
+        offer = await _offer(broker)
+        first = await _claim(broker, offer.code, "192.0.2.2", "req-1")
+        again = await _claim(broker, offer.code, "192.0.2.2", "req-1")
         assert again.party_token == first.party_token
         assert again.session.name == offer.session.name
         # The token works for the receiver's calls.
-        got = broker.get(offer.session.name, again.party_token)
+        got = await broker.get(offer.session.name, again.party_token)
         assert got.claimed
         # Another request id, or none, is a second claim: refused like a wrong code.
         for other in ("req-2", ""):
             with pytest.raises(NotFound) as info:
-                _claim(broker, offer.code, "192.0.2.3", other)
+                await _claim(broker, offer.code, "192.0.2.3", other)
             assert info.value.reason == Reason.CODE_NOT_FOUND
     finally:
-        store.close()
+        await store.close()
 
 
-def test_repeat_survives_a_restart_with_the_same_key(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_repeat_survives_a_restart_with_the_same_key(tmp_path: Path) -> None:
     key = load_token_key(tmp_path / "token.key")
     assert stat.S_IMODE((tmp_path / "token.key").stat().st_mode) == 0o600
     broker, store = _broker(tmp_path, key)
-    offer = _offer(broker)
-    first = _claim(broker, offer.code, "192.0.2.2", "req-1")
-    store.close()
+    offer = await _offer(broker)
+    first = await _claim(broker, offer.code, "192.0.2.2", "req-1")
+    await store.close()
     assert load_token_key(tmp_path / "token.key") == key
     broker, store = _broker(tmp_path, load_token_key(tmp_path / "token.key"))
     try:
-        again = _claim(broker, offer.code, "192.0.2.2", "req-1")
+        again = await _claim(broker, offer.code, "192.0.2.2", "req-1")
         assert again.party_token == first.party_token
     finally:
-        store.close()
+        await store.close()
 
 
-def test_no_repeat_once_the_session_is_over(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_no_repeat_once_the_session_is_over(tmp_path: Path) -> None:
     broker, store = _broker(tmp_path, os.urandom(32))
     try:
-        offer = _offer(broker)
-        claim = _claim(broker, offer.code, "192.0.2.2", "req-1")
-        broker.decline(offer.session.name, claim.party_token, "no")
-        assert broker.get(offer.session.name, offer.party_token).state == states.DECLINED
+        offer = await _offer(broker)
+        claim = await _claim(broker, offer.code, "192.0.2.2", "req-1")
+        await broker.decline(offer.session.name, claim.party_token, "no")
+        assert (await broker.get(offer.session.name, offer.party_token)).state == states.DECLINED
         with pytest.raises(NotFound) as info:
-            _claim(broker, offer.code, "192.0.2.2", "req-1")
+            await _claim(broker, offer.code, "192.0.2.2", "req-1")
         assert info.value.reason == Reason.CODE_NOT_FOUND
     finally:
-        store.close()
+        await store.close()

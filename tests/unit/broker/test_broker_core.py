@@ -67,51 +67,54 @@ def test_public_surface() -> None:
         _ = ferry.broker.nothing_of_that_name
 
 
-def test_ttl_clamped_and_sweep(store: Store, tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_ttl_clamped_and_sweep(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
     broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-    offer = broker.create_offer(_request(), "10.0.0.1")
+    offer = await broker.create_offer(_request(), "10.0.0.1")
     assert offer.session.expire_time.seconds == int(clock.now) + 600
-    claim = claim_confirmed(broker, offer, "10.0.0.2")
-    accepted = broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
+    claim = await claim_confirmed(broker, offer, "10.0.0.2")
+    accepted = await broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
     assert accepted.plan.listener_ports.first_port == 9000
     assert accepted.expire_time.seconds == int(clock.now) + 24 * 3600
     clock.now += 24 * 3600 + 1
-    assert broker.sweep() == 1
-    got = broker.get(offer.session.name, offer.party_token)
+    assert await broker.sweep() == 1
+    got = await broker.get(offer.session.name, offer.party_token)
     assert got.state == states.EXPIRED
     # the lease was released: a new session gets the same ports again
-    second = broker.create_offer(_request(), "10.0.0.1")
-    claim2 = claim_confirmed(broker, second, "10.0.0.2")
-    plan = broker.accept(second.session.name, claim2.party_token, _receiver(), None).plan
+    second = await broker.create_offer(_request(), "10.0.0.1")
+    claim2 = await claim_confirmed(broker, second, "10.0.0.2")
+    plan = (await broker.accept(second.session.name, claim2.party_token, _receiver(), None)).plan
     assert plan.listener_ports.first_port == 9000
 
 
-def test_expired_before_sweep(store: Store, tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_expired_before_sweep(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
     broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-    offer = broker.create_offer(_request(), None)
-    claim = claim_confirmed(broker, offer)
+    offer = await broker.create_offer(_request(), None)
+    claim = await claim_confirmed(broker, offer)
     clock.now += 601
     with pytest.raises(states.IllegalTransition, match="expired"):
-        broker.accept(offer.session.name, claim.party_token, _receiver(), None)
+        await broker.accept(offer.session.name, claim.party_token, _receiver(), None)
 
 
-def test_request_id_after_restart(stores: StoreFactory, tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_request_id_after_restart(stores: StoreFactory, tmp_path: Path) -> None:
     clock = FakeClock()
     first = Broker(BrokerConfig(data_dir=tmp_path), stores(), clock=clock)
-    offer = first.create_offer(_request("r1"), None)
-    assert first.create_offer(_request("r1"), None).code == offer.code
+    offer = await first.create_offer(_request("r1"), None)
+    assert (await first.create_offer(_request("r1"), None)).code == offer.code
     restarted = Broker(BrokerConfig(data_dir=tmp_path), stores(), clock=clock)  # its own store
     if stores.kind == "redis":  # the ledger is shared: a restart (or a replica) answers alike
-        again = restarted.create_offer(_request("r1"), None)
+        again = await restarted.create_offer(_request("r1"), None)
         assert (again.code, again.party_token) == (offer.code, offer.party_token)
         assert again.session.name == offer.session.name
         return
     # SQLite: the answer was in the first process's memory; the offer exists, so the retry is
     # refused (a second offer would leave the first one orphaned).
     with pytest.raises(AlreadyExists) as info:
-        restarted.create_offer(_request("r1"), None)
+        await restarted.create_offer(_request("r1"), None)
     assert info.value.reason == Reason.REQUEST_ID_REUSED
 
 

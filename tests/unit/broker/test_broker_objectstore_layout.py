@@ -160,48 +160,50 @@ def test_s3_config_from_environment_then_flags(monkeypatch: pytest.MonkeyPatch) 
         BrokerConfig(s3_prefix="/abs")
 
 
-def test_uploads_table(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_uploads_table(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db.sqlite3")
-    first = store.add_upload(UploadRecord("s1", 0, "up-1", 10.0))
+    first = await store.add_upload(UploadRecord("s1", 0, "up-1", 10.0))
     assert first.upload_id == "up-1"
-    assert store.add_upload(UploadRecord("s1", 0, "up-2", 11.0)).upload_id == "up-1"
+    assert (await store.add_upload(UploadRecord("s1", 0, "up-2", 11.0))).upload_id == "up-1"
     # A fresh upload replaces the old one only while the old one is the file's upload.
-    assert not store.replace_upload("s1", 0, "up-other", "up-3")
-    assert store.replace_upload("s1", 0, "up-1", "up-3")
-    assert store.get_upload("s1", 0) == UploadRecord("s1", 0, "up-3", 10.0)
-    assert store.replace_upload("s1", 0, "up-3", "up-1")
-    store.extend_upload_urls("s1", 0, 100.0)
-    store.extend_upload_urls("s1", 0, 50.0)
-    store.complete_upload("s1", 0)
-    assert not store.replace_upload("s1", 0, "up-1", "up-4")  # never once completed
-    got = store.get_upload("s1", 0)
+    assert not await store.replace_upload("s1", 0, "up-other", "up-3")
+    assert await store.replace_upload("s1", 0, "up-1", "up-3")
+    assert await store.get_upload("s1", 0) == UploadRecord("s1", 0, "up-3", 10.0)
+    assert await store.replace_upload("s1", 0, "up-3", "up-1")
+    await store.extend_upload_urls("s1", 0, 100.0)
+    await store.extend_upload_urls("s1", 0, 50.0)
+    await store.complete_upload("s1", 0)
+    assert not await store.replace_upload("s1", 0, "up-1", "up-4")  # never once completed
+    got = await store.get_upload("s1", 0)
     assert got is not None
     assert (got.completed, got.urls_expire_s) == (True, 100.0)
     # Orphans (no session row) and uploads of final sessions are due; live ones are not.
-    assert [u.session_id for u in store.uploads_to_clean(0.0, 10)] == ["s1"]
-    store.defer_upload_cleanup("s1", 0, 200.0)
-    assert store.uploads_to_clean(199.0, 10) == []
-    assert len(store.uploads_to_clean(200.0, 10)) == 1
-    store.delete_upload("s1", 0)
-    assert store.get_upload("s1", 0) is None
-    store.close()
+    assert [u.session_id for u in await store.uploads_to_clean(0.0, 10)] == ["s1"]
+    await store.defer_upload_cleanup("s1", 0, 200.0)
+    assert await store.uploads_to_clean(199.0, 10) == []
+    assert len(await store.uploads_to_clean(200.0, 10)) == 1
+    await store.delete_upload("s1", 0)
+    assert await store.get_upload("s1", 0) is None
+    await store.close()
 
 
-def test_live_session_uploads_are_not_cleaned(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_live_session_uploads_are_not_cleaned(tmp_path: Path) -> None:
     from ferry.broker.store import SessionRecord
 
     store = SqliteStore(tmp_path / "db.sqlite3")
     session = broker_pb2.Session(name="sessions/live", state=broker_pb2.Session.STATE_OFFERED)
     session.expire_time.FromSeconds(1000)
-    store.create_session(SessionRecord(session=session, sender_token_hash="h"))
-    store.add_upload(UploadRecord("live", 0, "up", 1.0))
-    assert store.uploads_to_clean(500.0, 10) == []
-    record = store.get_session("live")
+    await store.create_session(SessionRecord(session=session, sender_token_hash="h"))
+    await store.add_upload(UploadRecord("live", 0, "up", 1.0))
+    assert await store.uploads_to_clean(500.0, 10) == []
+    record = await store.get_session("live")
     assert record is not None
     record.session.state = broker_pb2.Session.STATE_COMPLETED
-    store.update_session(record)
-    assert [u.upload_id for u in store.uploads_to_clean(500.0, 10)] == ["up"]
-    store.close()
+    await store.update_session(record)
+    assert [u.upload_id for u in await store.uploads_to_clean(500.0, 10)] == ["up"]
+    await store.close()
 
 
 class _FakeObjects:
@@ -229,7 +231,7 @@ async def test_abort_stale_only_old_unknown_uploads(tmp_path: Path) -> None:
 
     config = BrokerConfig(offer_ttl_default_s=100.0, offer_ttl_max_s=100.0, session_ttl_s=100.0)
     store = SqliteStore(tmp_path / "db.sqlite3")
-    store.add_upload(UploadRecord("known", 0, "known-up", 0.0))
+    await store.add_upload(UploadRecord("known", 0, "known-up", 0.0))
     broker = Broker(config, store, clock=lambda: 1000.0)
     fake = _FakeObjects(
         [
@@ -243,4 +245,4 @@ async def test_abort_stale_only_old_unknown_uploads(tmp_path: Path) -> None:
     fallback = Fallback(broker, cast(Any, fake))
     assert await fallback.abort_stale() == 3
     assert sorted(fake.aborted) == ["lost-race", "odd", "orphan"]
-    store.close()
+    await store.close()

@@ -16,11 +16,12 @@ import os
 import re
 import sqlite3
 import stat
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 import ferry.broker
 from ferry.broker import codes, states
@@ -110,12 +111,12 @@ class Env:
     db: Path
     key: bytes
 
-    def offer(
+    async def offer(
         self, request: broker_pb2.CreateOfferRequest | None = None
     ) -> broker_pb2.CreateOfferResponse:
-        return self.broker.create_offer(request or _pake_request(), "10.0.0.1")
+        return await self.broker.create_offer(request or _pake_request(), "10.0.0.1")
 
-    def claim(
+    async def claim(
         self,
         code: str,
         *,
@@ -124,12 +125,12 @@ class Env:
         request_id: str = "",
         ip: str = "10.0.0.2",
     ) -> broker_pb2.ClaimOfferResponse:
-        return self.broker.claim_offer(
+        return await self.broker.claim_offer(
             code, ip, request_id, pake_message=pake, claim_verifier=verifier
         )
 
-    def version(self, name: str) -> int:
-        record = self.store.get_session(name.removeprefix("sessions/"))
+    async def version(self, name: str) -> int:
+        record = await self.store.get_session(name.removeprefix("sessions/"))
         assert record is not None
         return record.version
 
@@ -138,8 +139,8 @@ class Env:
             return [str(r[0]) for r in db.execute("SELECT session_id FROM leases")]
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
     clock = FakeClock()
     db = tmp_path / "b.sqlite3"
     store = SqliteStore(db)
@@ -148,7 +149,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     try:
         yield Env(Broker(config, store, clock=clock, token_key=key), clock, store, db, key)
     finally:
-        store.close()
+        await store.close()
 
 
 def _assert_hidden(session: broker_pb2.Session) -> None:
@@ -176,8 +177,9 @@ def _assert_shown(session: broker_pb2.Session, *, receiver: bool = False) -> Non
 # -- CreateOffer --------------------------------------------------------------------------------
 
 
-def test_the_code_is_a_nameplate(env: Env) -> None:
-    offers = [env.offer() for _ in range(40)]
+@pytest.mark.asyncio
+async def test_the_code_is_a_nameplate(env: Env) -> None:
+    offers = [await env.offer() for _ in range(40)]
     for offer in offers:
         assert NAMEPLATE.fullmatch(offer.code), offer.code
         number, word = offer.code.split("-")
@@ -191,102 +193,108 @@ def test_the_code_is_a_nameplate(env: Env) -> None:
     assert offers[0].session.sender.pake_message == SENDER_PAKE
 
 
-def test_an_offer_needs_a_pake_message_or_a_verifier(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_an_offer_needs_a_pake_message_or_a_verifier(env: Env) -> None:
     neither = _pake_request()
     neither.sender.ClearField("pake_message")
     both = _pake_request()
     both.claim_verifier = CLAIM_VERIFIER
     for request in (neither, both):
         with pytest.raises(InvalidArgument) as info:
-            env.offer(request)
+            await env.offer(request)
         assert info.value.reason == Reason.INVALID_ARGUMENT
         assert "exactly one" in str(info.value)
     with sqlite3.connect(env.db) as db:
         assert db.execute("SELECT COUNT(*) FROM sessions").fetchone() == (0,)
 
 
-def test_a_pake_offer_brings_no_key_confirmation(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_a_pake_offer_brings_no_key_confirmation(env: Env) -> None:
     request = _pake_request()
     request.sender.key_confirmation = SENDER_CONFIRMATION
     with pytest.raises(InvalidArgument) as info:
-        env.offer(request)
+        await env.offer(request)
     assert info.value.reason == Reason.INVALID_ARGUMENT
     assert "ConfirmKey" in str(info.value)
     # a store-and-forward offer may: its sender has nobody to wait for
-    offer = env.offer(_forward_request(confirmed=True))
+    offer = await env.offer(_forward_request(confirmed=True))
     assert offer.session.sender.key_confirmation == SENDER_CONFIRMATION
 
 
-def test_key_fields_are_short(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_key_fields_are_short(env: Env) -> None:
     long = b"x" * 65
     request = _pake_request()
     request.sender.pake_message = long
     with pytest.raises(InvalidArgument):
-        env.offer(request)
+        await env.offer(request)
     request = _forward_request()
     request.claim_verifier = long
     with pytest.raises(InvalidArgument):
-        env.offer(request)
+        await env.offer(request)
     request = _pake_request()
     request.sender.certificate_mac = long
     with pytest.raises(InvalidArgument):
-        env.offer(request)
+        await env.offer(request)
     request = _pake_request()
     request.sender.pake_message = b"y" * 64  # the limit itself is fine
-    offer = env.offer(request)
+    offer = await env.offer(request)
     with pytest.raises(InvalidArgument):
-        env.claim(offer.code, pake=long)
+        await env.claim(offer.code, pake=long)
     with pytest.raises(InvalidArgument):
-        env.claim(offer.code, verifier=long)
-    claim = env.claim(offer.code, pake=b"z" * 64)
+        await env.claim(offer.code, verifier=long)
+    claim = await env.claim(offer.code, pake=b"z" * 64)
     with pytest.raises(InvalidArgument):
-        env.broker.confirm_key(offer.session.name, claim.party_token, long, b"")
+        await env.broker.confirm_key(offer.session.name, claim.party_token, long, b"")
     with pytest.raises(InvalidArgument):
-        env.broker.confirm_key(offer.session.name, claim.party_token, b"c" * 32, long)
+        await env.broker.confirm_key(offer.session.name, claim.party_token, b"c" * 32, long)
 
 
-def test_nameplates_are_not_shared_by_held_offers(
+@pytest.mark.asyncio
+async def test_nameplates_are_not_shared_by_held_offers(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     drawn = iter(["7-orbit", "7-orbit", "8-orbit", "7-orbit"])
     monkeypatch.setattr(codes, "generate", lambda: next(drawn))
-    first = env.offer()
-    second = env.offer()  # 7-orbit is held: drawn again
+    first = await env.offer()
+    second = await env.offer()  # 7-orbit is held: drawn again
     assert (first.code, second.code) == ("7-orbit", "8-orbit")
     # a finished offer gives its nameplate back; the claim finds the new offer
-    claim = env.claim(first.code)
-    env.broker.decline(first.session.name, claim.party_token, "no")
-    third = env.offer()
+    claim = await env.claim(first.code)
+    await env.broker.decline(first.session.name, claim.party_token, "no")
+    third = await env.offer()
     assert third.code == "7-orbit"
-    assert env.claim("7-orbit", ip="10.0.0.3").session.name == third.session.name
+    assert (await env.claim("7-orbit", ip="10.0.0.3")).session.name == third.session.name
     # a broker whose draws all hit held nameplates says so
     monkeypatch.setattr(codes, "generate", lambda: "8-orbit")
     with pytest.raises(ResourceExhausted) as info:
-        env.offer()
+        await env.offer()
     assert info.value.reason == Reason.NAMEPLATES_EXHAUSTED
 
 
-def test_an_expired_offer_gives_its_nameplate_back(
+@pytest.mark.asyncio
+async def test_an_expired_offer_gives_its_nameplate_back(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(codes, "generate", lambda: "7-orbit")
-    old = env.offer()
+    old = await env.offer()
     env.clock.now += 601
-    assert env.broker.sweep() == 1
+    assert await env.broker.sweep() == 1
     with pytest.raises(NotFound) as info:
-        env.claim("7-orbit")
+        await env.claim("7-orbit")
     assert info.value.reason == Reason.CODE_NOT_FOUND  # as a wrong code (issue 10, finding 4)
     env.clock.now += 1
-    new = env.offer()
+    new = await env.offer()
     assert new.code == old.code
-    assert env.claim("7-orbit").session.name == new.session.name
+    assert (await env.claim("7-orbit")).session.name == new.session.name
 
 
 # -- ClaimOffer ---------------------------------------------------------------------------------
 
 
-def test_a_whole_code_is_refused(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_a_whole_code_is_refused(env: Env) -> None:
+    offer = await env.offer()
     number, word = offer.code.split("-")
     for whole in (
         f"{offer.code}-lantern-quiet",
@@ -295,105 +303,112 @@ def test_a_whole_code_is_refused(env: Env) -> None:
         f"{offer.code}-lantern-quiet-kq4zv7xw2mb5ndtr6hsyca",
     ):
         with pytest.raises(InvalidArgument) as info:
-            env.claim(whole)
+            await env.claim(whole)
         assert info.value.reason == Reason.INVALID_ARGUMENT
         assert "nameplate" in str(info.value)
     # the offer was not claimed by any of them
-    got = env.broker.get(offer.session.name, offer.party_token)
+    got = await env.broker.get(offer.session.name, offer.party_token)
     assert not got.claimed
     assert not got.receiver.pake_message
-    assert env.claim(offer.code).session.claimed
+    assert (await env.claim(offer.code)).session.claimed
 
 
-def test_whole_codes_are_not_counted_as_failed_claims(env: Env) -> None:
+@pytest.mark.asyncio
+async def test_whole_codes_are_not_counted_as_failed_claims(env: Env) -> None:
     for i in range(3 * BURST):
         with pytest.raises(InvalidArgument):
-            env.claim(f"{i + 1}-orbit-lantern-quiet")
+            await env.claim(f"{i + 1}-orbit-lantern-quiet")
     assert "nosuchword" not in WORDS
     for i in range(BURST):  # the bucket is still full
         with pytest.raises(NotFound) as info:
-            env.claim(f"{i + 1}-nosuchword")
+            await env.claim(f"{i + 1}-nosuchword")
         assert info.value.reason == Reason.CODE_NOT_FOUND
     with pytest.raises(ResourceExhausted) as limited:
-        env.claim("9-nosuchword")
+        await env.claim("9-nosuchword")
     assert limited.value.reason == Reason.RATE_LIMITED
 
 
-def test_a_claim_needs_a_pake_message_or_a_verifier(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_a_claim_needs_a_pake_message_or_a_verifier(env: Env) -> None:
+    offer = await env.offer()
     for _ in range(2 * BURST):
         with pytest.raises(InvalidArgument) as info:
-            env.claim(offer.code, pake=b"")
+            await env.claim(offer.code, pake=b"")
         assert info.value.reason == Reason.INVALID_ARGUMENT
     # not counted either, and the offer is still there
-    assert env.claim(offer.code).session.claimed
+    assert (await env.claim(offer.code)).session.claimed
 
 
-def test_a_verifier_does_not_claim_a_pake_offer(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_a_verifier_does_not_claim_a_pake_offer(env: Env) -> None:
+    offer = await env.offer()
     with pytest.raises(NotFound) as info:
-        env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
+        await env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
     assert info.value.reason == Reason.CODE_NOT_FOUND
-    claim = env.claim(offer.code)
+    claim = await env.claim(offer.code)
     assert claim.session.receiver.pake_message == RECEIVER_PAKE
 
 
-def test_store_and_forward_claim_checks_the_verifier(env: Env) -> None:
-    offer = env.offer(_forward_request(confirmed=True))
+@pytest.mark.asyncio
+async def test_store_and_forward_claim_checks_the_verifier(env: Env) -> None:
+    offer = await env.offer(_forward_request(confirmed=True))
     with pytest.raises(NotFound) as unknown:
-        env.claim("999-nosuchword", verifier=CLAIM_VERIFIER)
+        await env.claim("999-nosuchword", verifier=CLAIM_VERIFIER)
     attempts: list[tuple[bytes, bytes]] = [
         (b"", b"w" * 32),  # a wrong verifier
         (RECEIVER_PAKE, b""),  # none: a PAKE message alone does not claim it
     ]
     for pake, verifier in attempts:
         with pytest.raises(NotFound) as info:
-            env.claim(offer.code, pake=pake, verifier=verifier)
+            await env.claim(offer.code, pake=pake, verifier=verifier)
         # exactly what an unknown code gets
         assert info.value.reason == Reason.CODE_NOT_FOUND
         assert str(info.value) == str(unknown.value)
     # all three were counted: the bucket is empty, even for the right verifier
     with pytest.raises(ResourceExhausted) as limited:
-        env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
+        await env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
     assert limited.value.reason == Reason.RATE_LIMITED
-    assert not env.broker.get(offer.session.name, offer.party_token).claimed
+    assert not (await env.broker.get(offer.session.name, offer.party_token)).claimed
     env.clock.now += 2  # refilled: the offer is still claimable with the right verifier
-    claim = env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
+    claim = await env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
     assert claim.session.claimed
     _assert_shown(claim.session, receiver=True)  # its sender confirmed in the offer: shown at once
     assert not claim.session.receiver.pake_message
 
 
-def test_a_repeated_claim_keeps_the_first_pake_message(env: Env) -> None:
-    offer = env.offer()
-    first = env.claim(offer.code, request_id="req-1")
-    again = env.claim(offer.code, pake=b"\x42" * 33, request_id="req-1")
+@pytest.mark.asyncio
+async def test_a_repeated_claim_keeps_the_first_pake_message(env: Env) -> None:
+    offer = await env.offer()
+    first = await env.claim(offer.code, request_id="req-1")
+    again = await env.claim(offer.code, pake=b"\x42" * 33, request_id="req-1")
     assert again.party_token == first.party_token
     _assert_hidden(again.session)
-    got = env.broker.get(offer.session.name, offer.party_token)
+    got = await env.broker.get(offer.session.name, offer.party_token)
     assert got.receiver.pake_message == RECEIVER_PAKE
     # without a PAKE message even the repeat is refused
     with pytest.raises(InvalidArgument):
-        env.claim(offer.code, pake=b"", request_id="req-1")
+        await env.claim(offer.code, pake=b"", request_id="req-1")
 
 
-def test_a_repeated_store_and_forward_claim_needs_the_verifier(env: Env) -> None:
-    offer = env.offer(_forward_request())
-    first = env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER, request_id="req-1")
-    again = env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER, request_id="req-1")
+@pytest.mark.asyncio
+async def test_a_repeated_store_and_forward_claim_needs_the_verifier(env: Env) -> None:
+    offer = await env.offer(_forward_request())
+    first = await env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER, request_id="req-1")
+    again = await env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER, request_id="req-1")
     assert again.party_token == first.party_token
     with pytest.raises(NotFound) as info:
-        env.claim(offer.code, pake=b"", verifier=b"w" * 32, request_id="req-1")
+        await env.claim(offer.code, pake=b"", verifier=b"w" * 32, request_id="req-1")
     assert info.value.reason == Reason.CODE_NOT_FOUND
 
 
 # -- the receiver's view ------------------------------------------------------------------------
 
 
-def test_the_receiver_sees_only_the_pake_message_until_the_sender_confirms(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_the_receiver_sees_only_the_pake_message_until_the_sender_confirms(env: Env) -> None:
+    offer = await env.offer()
     name = offer.session.name
-    claim = env.claim(offer.code)
+    claim = await env.claim(offer.code)
     receiver = claim.party_token
     assert claim.session.name == name
     assert (claim.session.state, claim.session.claimed) == (states.OFFERED, True)
@@ -401,43 +416,43 @@ def test_the_receiver_sees_only_the_pake_message_until_the_sender_confirms(env: 
     _assert_hidden(claim.session)
     assert claim.session.sender.pake_message == SENDER_PAKE
     assert claim.session.receiver.pake_message == RECEIVER_PAKE
-    _assert_hidden(env.broker.get(name, receiver))
-    _assert_hidden(env.broker.resume(name, receiver, _receiver(), "10.0.0.2"))
+    _assert_hidden(await env.broker.get(name, receiver))
+    _assert_hidden(await env.broker.resume(name, receiver, _receiver(), "10.0.0.2"))
 
     # the sender sees everything, the receiver's PAKE message too
-    mine = env.broker.get(name, offer.party_token)
+    mine = await env.broker.get(name, offer.party_token)
     _assert_shown(mine)
     assert mine.receiver.pake_message == RECEIVER_PAKE
 
     # the receiver's own confirmation shows it nothing
-    _assert_hidden(env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b""))
-    _assert_hidden(env.broker.get(name, receiver))
-    mine = env.broker.get(name, offer.party_token)
+    _assert_hidden(await env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b""))
+    _assert_hidden(await env.broker.get(name, receiver))
+    mine = await env.broker.get(name, offer.party_token)
     _assert_shown(mine)
     assert mine.receiver.key_confirmation == RECEIVER_CONFIRMATION
 
     # the sender's does
-    confirmed = env.broker.confirm_key(
+    confirmed = await env.broker.confirm_key(
         name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC
     )
     _assert_shown(confirmed)
-    seen = env.broker.get(name, receiver)
+    seen = await env.broker.get(name, receiver)
     _assert_shown(seen, receiver=True)
     assert seen.sender.key_confirmation == SENDER_CONFIRMATION
     assert seen.sender.certificate_mac == SENDER_CERTIFICATE_MAC
     assert seen.sender.pake_message == SENDER_PAKE
     # The sender's own view differs only in its addresses, which the receiver sees once it
     # accepted.
-    mine = env.broker.get(name, offer.party_token)
+    mine = await env.broker.get(name, offer.party_token)
     del mine.sender.candidates[:]
     assert seen == mine
 
 
 @pytest.mark.asyncio
 async def test_the_receivers_watch_shows_the_offer_once_confirmed(env: Env) -> None:
-    offer = env.offer()
+    offer = await env.offer()
     name = offer.session.name
-    receiver = env.claim(offer.code).party_token
+    receiver = (await env.claim(offer.code)).party_token
     watch: AsyncGenerator[broker_pb2.Session, None] = env.broker.watch(name, receiver)
     sender_watch: AsyncGenerator[broker_pb2.Session, None] = env.broker.watch(
         name, offer.party_token
@@ -446,12 +461,14 @@ async def test_the_receivers_watch_shows_the_offer_once_confirmed(env: Env) -> N
         first = await asyncio.wait_for(anext(watch), 5)
         _assert_hidden(first)
         _assert_shown(await asyncio.wait_for(anext(sender_watch), 5))
-        env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b"")
+        await env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b"")
         after_receiver = await asyncio.wait_for(anext(watch), 5)
         _assert_hidden(after_receiver)
         assert after_receiver.receiver.key_confirmation == RECEIVER_CONFIRMATION
         _assert_shown(await asyncio.wait_for(anext(sender_watch), 5))
-        env.broker.confirm_key(name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
+        await env.broker.confirm_key(
+            name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC
+        )
         shown = await asyncio.wait_for(anext(watch), 5)
         _assert_shown(shown, receiver=True)
         assert shown.sender.key_confirmation == SENDER_CONFIRMATION
@@ -460,166 +477,181 @@ async def test_the_receivers_watch_shows_the_offer_once_confirmed(env: Env) -> N
         await sender_watch.aclose()
 
 
-def test_decline_and_cancel_answers_hide_the_offer(env: Env) -> None:
-    declined = env.offer()
-    receiver = env.claim(declined.code).party_token
-    got = env.broker.decline(declined.session.name, receiver, "no thanks")
+@pytest.mark.asyncio
+async def test_decline_and_cancel_answers_hide_the_offer(env: Env) -> None:
+    declined = await env.offer()
+    receiver = (await env.claim(declined.code)).party_token
+    got = await env.broker.decline(declined.session.name, receiver, "no thanks")
     assert (got.state, got.failure_reason) == (states.DECLINED, "no thanks")
     _assert_hidden(got)
-    _assert_hidden(env.broker.get(declined.session.name, receiver))
-    _assert_shown(env.broker.get(declined.session.name, declined.party_token))
+    _assert_hidden(await env.broker.get(declined.session.name, receiver))
+    _assert_shown(await env.broker.get(declined.session.name, declined.party_token))
 
-    cancelled = env.offer()
-    receiver = env.claim(cancelled.code).party_token
-    got = env.broker.cancel(cancelled.session.name, receiver, "wrong code?")
+    cancelled = await env.offer()
+    receiver = (await env.claim(cancelled.code)).party_token
+    got = await env.broker.cancel(cancelled.session.name, receiver, "wrong code?")
     assert got.state == states.CANCELLED
     _assert_hidden(got)
 
-    by_sender = env.offer()
-    receiver = env.claim(by_sender.code).party_token
-    got = env.broker.cancel(by_sender.session.name, by_sender.party_token, "bye")
+    by_sender = await env.offer()
+    receiver = (await env.claim(by_sender.code)).party_token
+    got = await env.broker.cancel(by_sender.session.name, by_sender.party_token, "bye")
     assert got.state == states.CANCELLED
     _assert_shown(got)
-    _assert_hidden(env.broker.get(by_sender.session.name, receiver))
+    _assert_hidden(await env.broker.get(by_sender.session.name, receiver))
 
 
-def test_a_store_and_forward_offer_is_shown_once_its_sender_confirmed(env: Env) -> None:
-    offer = env.offer(_forward_request())
+@pytest.mark.asyncio
+async def test_a_store_and_forward_offer_is_shown_once_its_sender_confirmed(env: Env) -> None:
+    offer = await env.offer(_forward_request())
     name = offer.session.name
     # its sender may confirm before anyone claims
-    env.broker.confirm_key(name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
-    claim = env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
+    await env.broker.confirm_key(
+        name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC
+    )
+    claim = await env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
     _assert_shown(claim.session, receiver=True)
     assert claim.session.sender.certificate_mac == SENDER_CERTIFICATE_MAC
 
-    unconfirmed = env.offer(_forward_request())
-    claim = env.claim(unconfirmed.code, pake=b"", verifier=CLAIM_VERIFIER)
+    unconfirmed = await env.offer(_forward_request())
+    claim = await env.claim(unconfirmed.code, pake=b"", verifier=CLAIM_VERIFIER)
     _assert_hidden(claim.session)
     assert not claim.session.sender.pake_message
     with pytest.raises(FailedPrecondition) as info:
-        env.broker.accept(unconfirmed.session.name, claim.party_token, _receiver(), None)
+        await env.broker.accept(unconfirmed.session.name, claim.party_token, _receiver(), None)
     assert info.value.reason == Reason.KEY_NOT_CONFIRMED
-    env.broker.confirm_key(
+    await env.broker.confirm_key(
         unconfirmed.session.name, unconfirmed.party_token, SENDER_CONFIRMATION, b""
     )
-    _assert_shown(env.broker.get(unconfirmed.session.name, claim.party_token), receiver=True)
-    accepted = env.broker.accept(unconfirmed.session.name, claim.party_token, _receiver(), None)
+    _assert_shown(await env.broker.get(unconfirmed.session.name, claim.party_token), receiver=True)
+    accepted = await env.broker.accept(
+        unconfirmed.session.name, claim.party_token, _receiver(), None
+    )
     assert accepted.state == states.ACCEPTED
 
 
 # -- ConfirmKey ---------------------------------------------------------------------------------
 
 
-def test_the_receiver_confirms_first(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_the_receiver_confirms_first(env: Env) -> None:
+    offer = await env.offer()
     name = offer.session.name
     sender = offer.party_token
 
-    def sender_confirms() -> broker_pb2.Session:
-        return env.broker.confirm_key(name, sender, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
+    async def sender_confirms() -> broker_pb2.Session:
+        return await env.broker.confirm_key(
+            name, sender, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC
+        )
 
     with pytest.raises(FailedPrecondition) as info:  # nobody claimed yet
-        sender_confirms()
+        await sender_confirms()
     assert info.value.reason == Reason.KEY_NOT_CONFIRMED
-    receiver = env.claim(offer.code).party_token
+    receiver = (await env.claim(offer.code)).party_token
     with pytest.raises(FailedPrecondition) as info:  # claimed, but not proved
-        sender_confirms()
+        await sender_confirms()
     assert info.value.reason == Reason.KEY_NOT_CONFIRMED
-    assert not env.broker.get(name, sender).sender.key_confirmation
+    assert not (await env.broker.get(name, sender)).sender.key_confirmation
 
-    got = env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b"R" * 32)
+    got = await env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b"R" * 32)
     assert got.receiver.key_confirmation == RECEIVER_CONFIRMATION
     assert not got.receiver.certificate_mac  # the receiver's comes with AcceptOffer
-    got = sender_confirms()
+    got = await sender_confirms()
     assert got.sender.key_confirmation == SENDER_CONFIRMATION
     assert got.sender.certificate_mac == SENDER_CERTIFICATE_MAC
     assert got.state == states.OFFERED
-    stored = env.store.get_session(name.removeprefix("sessions/"))
+    stored = await env.store.get_session(name.removeprefix("sessions/"))
     assert stored is not None
     assert stored.session.sender.certificate_mac == SENDER_CERTIFICATE_MAC
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("party", ["receiver", "sender"])
-def test_a_confirmation_is_set_once(env: Env, party: str) -> None:
-    offer = env.offer()
+async def test_a_confirmation_is_set_once(env: Env, party: str) -> None:
+    offer = await env.offer()
     name = offer.session.name
-    receiver = env.claim(offer.code).party_token
-    confirm_keys(env.broker, name, offer.party_token, receiver)
+    receiver = (await env.claim(offer.code)).party_token
+    await confirm_keys(env.broker, name, offer.party_token, receiver)
     token = receiver if party == "receiver" else offer.party_token
     value = RECEIVER_CONFIRMATION if party == "receiver" else SENDER_CONFIRMATION
-    before = env.broker.get(name, offer.party_token)
-    version = env.version(name)
+    before = await env.broker.get(name, offer.party_token)
+    version = await env.version(name)
     env.clock.now += 5
     # the same again (a retry): a success that changes nothing, not even the MAC
-    again = env.broker.confirm_key(name, token, value, b"other-mac")
-    assert again == env.broker.get(name, token)
-    assert env.broker.get(name, offer.party_token) == before
-    assert env.version(name) == version
+    again = await env.broker.confirm_key(name, token, value, b"other-mac")
+    assert again == await env.broker.get(name, token)
+    assert await env.broker.get(name, offer.party_token) == before
+    assert await env.version(name) == version
     with pytest.raises(FailedPrecondition) as info:
-        env.broker.confirm_key(name, token, b"another one", b"")
+        await env.broker.confirm_key(name, token, b"another one", b"")
     assert info.value.reason == Reason.KEY_ALREADY_CONFIRMED
-    assert env.broker.get(name, offer.party_token) == before
+    assert await env.broker.get(name, offer.party_token) == before
 
 
-def test_a_store_and_forward_sender_confirms_any_time(env: Env) -> None:
-    offer = env.offer(_forward_request())
-    got = env.broker.confirm_key(
+@pytest.mark.asyncio
+async def test_a_store_and_forward_sender_confirms_any_time(env: Env) -> None:
+    offer = await env.offer(_forward_request())
+    got = await env.broker.confirm_key(
         offer.session.name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC
     )
     assert (got.claimed, got.sender.key_confirmation) == (False, SENDER_CONFIRMATION)
     assert got.sender.certificate_mac == SENDER_CERTIFICATE_MAC
 
 
-def test_confirm_key_needs_a_live_offer_and_a_token(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_confirm_key_needs_a_live_offer_and_a_token(env: Env) -> None:
+    offer = await env.offer()
     name = offer.session.name
-    receiver = env.claim(offer.code).party_token
+    receiver = (await env.claim(offer.code)).party_token
     with pytest.raises(InvalidArgument):
-        env.broker.confirm_key(name, receiver, b"", b"")
+        await env.broker.confirm_key(name, receiver, b"", b"")
     with pytest.raises(Unauthenticated) as unauthenticated:
-        env.broker.confirm_key(name, None, RECEIVER_CONFIRMATION, b"")
+        await env.broker.confirm_key(name, None, RECEIVER_CONFIRMATION, b"")
     assert unauthenticated.value.reason == Reason.TOKEN_MISSING
-    confirm_keys(env.broker, name, offer.party_token, receiver)
-    env.broker.accept(name, receiver, _receiver(), None)
+    await confirm_keys(env.broker, name, offer.party_token, receiver)
+    await env.broker.accept(name, receiver, _receiver(), None)
     for token, value in ((receiver, RECEIVER_CONFIRMATION), (offer.party_token, b"new")):
         with pytest.raises(FailedPrecondition) as info:
-            env.broker.confirm_key(name, token, value, b"")
+            await env.broker.confirm_key(name, token, value, b"")
         assert info.value.reason == Reason.WRONG_STATE
 
-    declined = env.offer()
-    receiver = env.claim(declined.code).party_token
-    env.broker.decline(declined.session.name, receiver, "no")
+    declined = await env.offer()
+    receiver = (await env.claim(declined.code)).party_token
+    await env.broker.decline(declined.session.name, receiver, "no")
     with pytest.raises(FailedPrecondition) as info:
-        env.broker.confirm_key(declined.session.name, receiver, RECEIVER_CONFIRMATION, b"")
+        await env.broker.confirm_key(declined.session.name, receiver, RECEIVER_CONFIRMATION, b"")
     assert info.value.reason == Reason.WRONG_STATE
 
-    expired = env.offer()
-    receiver = env.claim(expired.code).party_token
+    expired = await env.offer()
+    receiver = (await env.claim(expired.code)).party_token
     env.clock.now += 601
     with pytest.raises(FailedPrecondition) as info:
-        env.broker.confirm_key(expired.session.name, receiver, RECEIVER_CONFIRMATION, b"")
+        await env.broker.confirm_key(expired.session.name, receiver, RECEIVER_CONFIRMATION, b"")
     assert info.value.reason == Reason.WRONG_STATE
-    assert env.broker.get(expired.session.name, receiver).state == states.EXPIRED
+    assert (await env.broker.get(expired.session.name, receiver)).state == states.EXPIRED
 
 
 # -- AcceptOffer --------------------------------------------------------------------------------
 
 
-def test_accept_waits_for_the_senders_confirmation(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_accept_waits_for_the_senders_confirmation(env: Env) -> None:
+    offer = await env.offer()
     name = offer.session.name
-    receiver = env.claim(offer.code).party_token
+    receiver = (await env.claim(offer.code)).party_token
     for step in ("claimed", "receiver confirmed"):
         with pytest.raises(FailedPrecondition) as info:
-            env.broker.accept(name, receiver, _receiver(), "10.0.0.2")
+            await env.broker.accept(name, receiver, _receiver(), "10.0.0.2")
         assert info.value.reason == Reason.KEY_NOT_CONFIRMED, step
-        got = env.broker.get(name, offer.party_token)
+        got = await env.broker.get(name, offer.party_token)
         assert (got.state, got.attempt, got.HasField("plan")) == (states.OFFERED, 0, False)
         assert env.leases() == []
         if step == "claimed":
-            env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b"")
-    env.broker.confirm_key(name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC)
-    accepted = env.broker.accept(name, receiver, _receiver(), "10.0.0.2")
+            await env.broker.confirm_key(name, receiver, RECEIVER_CONFIRMATION, b"")
+    await env.broker.confirm_key(
+        name, offer.party_token, SENDER_CONFIRMATION, SENDER_CERTIFICATE_MAC
+    )
+    accepted = await env.broker.accept(name, receiver, _receiver(), "10.0.0.2")
     assert (accepted.state, accepted.attempt) == (states.ACCEPTED, 1)
     _assert_shown(accepted)
     assert env.leases() == [name.removeprefix("sessions/")]
@@ -637,36 +669,37 @@ def _impostor(peer: broker_pb2.PeerInfo, cert: bytes) -> broker_pb2.PeerInfo:
     return peer
 
 
-def test_a_resume_keeps_the_pake_messages_and_confirmations(env: Env) -> None:
-    offer = env.offer()
+@pytest.mark.asyncio
+async def test_a_resume_keeps_the_pake_messages_and_confirmations(env: Env) -> None:
+    offer = await env.offer()
     name = offer.session.name
     sender = offer.party_token
 
     # the sender, before any claim: a new certificate, but neither a new PAKE message nor a
     # confirmation it has not made through ConfirmKey
-    got = env.broker.resume(name, sender, _impostor(_sender(), b"sender-2"), "10.0.0.1")
+    got = await env.broker.resume(name, sender, _impostor(_sender(), b"sender-2"), "10.0.0.1")
     assert (got.sender.certificate_der, got.sender.certificate_mac) == (b"sender-2", b"M" * 32)
     assert got.sender.pake_message == SENDER_PAKE
     assert not got.sender.key_confirmation
-    claim = env.claim(offer.code)
+    claim = await env.claim(offer.code)
     receiver = claim.party_token
     _assert_hidden(claim.session)  # the resume did not confirm anything
 
     # the receiver, claimed, before confirming: keeps its PAKE message, confirms nothing
-    got = env.broker.resume(name, receiver, _impostor(_receiver(), b"receiver-0"), None)
+    got = await env.broker.resume(name, receiver, _impostor(_receiver(), b"receiver-0"), None)
     assert got.receiver.pake_message == RECEIVER_PAKE
     assert not got.receiver.key_confirmation
     with pytest.raises(FailedPrecondition) as info:  # so the sender may not confirm yet
-        env.broker.confirm_key(name, sender, SENDER_CONFIRMATION, b"")
+        await env.broker.confirm_key(name, sender, SENDER_CONFIRMATION, b"")
     assert info.value.reason == Reason.KEY_NOT_CONFIRMED
 
-    confirm_keys(env.broker, name, sender, receiver)
-    got = env.broker.resume(name, receiver, _impostor(_receiver(), b"receiver-1"), None)
+    await confirm_keys(env.broker, name, sender, receiver)
+    got = await env.broker.resume(name, receiver, _impostor(_receiver(), b"receiver-1"), None)
     assert (got.receiver.pake_message, got.receiver.key_confirmation) == (
         RECEIVER_PAKE,
         RECEIVER_CONFIRMATION,
     )
-    got = env.broker.resume(name, sender, _impostor(_sender(), b"sender-3"), None)
+    got = await env.broker.resume(name, sender, _impostor(_sender(), b"sender-3"), None)
     assert (got.sender.pake_message, got.sender.key_confirmation) == (
         SENDER_PAKE,
         SENDER_CONFIRMATION,
@@ -674,37 +707,39 @@ def test_a_resume_keeps_the_pake_messages_and_confirmations(env: Env) -> None:
     assert (got.sender.certificate_der, got.sender.certificate_mac) == (b"sender-3", b"M" * 32)
 
     # after acceptance, a resume starts the next attempt and still keeps them
-    env.broker.accept(name, receiver, _receiver(), None)
-    got = env.broker.resume(name, sender, _impostor(_sender(), b"sender-4"), None)
+    await env.broker.accept(name, receiver, _receiver(), None)
+    got = await env.broker.resume(name, sender, _impostor(_sender(), b"sender-4"), None)
     assert (got.state, got.attempt) == (states.ACCEPTED, 2)
     assert (got.sender.pake_message, got.sender.key_confirmation) == (
         SENDER_PAKE,
         SENDER_CONFIRMATION,
     )
     assert got.sender.certificate_der == b"sender-4"
-    got = env.broker.resume(name, receiver, _impostor(_receiver(), b"receiver-2"), None)
+    got = await env.broker.resume(name, receiver, _impostor(_receiver(), b"receiver-2"), None)
     assert got.attempt == 3
     assert got.receiver.certificate_der == b"receiver-2"
     assert got.receiver.pake_message != b"\x99" * 33
     assert got.receiver.key_confirmation != b"k" * 32
 
 
-def test_a_resume_gives_a_store_and_forward_offer_no_pake(env: Env) -> None:
-    offer = env.offer(_forward_request())
-    got = env.broker.resume(
+@pytest.mark.asyncio
+async def test_a_resume_gives_a_store_and_forward_offer_no_pake(env: Env) -> None:
+    offer = await env.offer(_forward_request())
+    got = await env.broker.resume(
         offer.session.name, offer.party_token, _impostor(_sender(), b"sender-2"), None
     )
     assert not got.sender.pake_message
     assert not got.sender.key_confirmation
-    claim = env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
+    claim = await env.claim(offer.code, pake=b"", verifier=CLAIM_VERIFIER)
     _assert_hidden(claim.session)
 
 
-def test_accept_keeps_the_receivers_pake_message_and_confirmation(env: Env) -> None:
-    offer = env.offer()
-    claim = claim_confirmed(env.broker, offer, "10.0.0.2")
-    env.broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
-    got = env.broker.get(offer.session.name, offer.party_token)
+@pytest.mark.asyncio
+async def test_accept_keeps_the_receivers_pake_message_and_confirmation(env: Env) -> None:
+    offer = await env.offer()
+    claim = await claim_confirmed(env.broker, offer, "10.0.0.2")
+    await env.broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
+    got = await env.broker.get(offer.session.name, offer.party_token)
     assert got.receiver.pake_message == RECEIVER_PAKE
     assert got.receiver.key_confirmation == RECEIVER_CONFIRMATION
 
@@ -723,9 +758,12 @@ def _database_bytes(db: Path) -> bytes:
     return b"".join(path.read_bytes() for path in files)
 
 
-def test_the_database_never_holds_a_nameplate(env: Env) -> None:
-    offers = [env.offer() for _ in range(5)] + [env.offer(_forward_request(confirmed=True))]
-    claimed = claim_confirmed(env.broker, offers[0], "10.0.0.2")  # claimed, still held
+@pytest.mark.asyncio
+async def test_the_database_never_holds_a_nameplate(env: Env) -> None:
+    offers = [await env.offer() for _ in range(5)] + [
+        await env.offer(_forward_request(confirmed=True))
+    ]
+    claimed = await claim_confirmed(env.broker, offers[0], "10.0.0.2")  # claimed, still held
     data = _database_bytes(env.db)
     for offer in offers:
         nameplate = offer.code
@@ -739,7 +777,7 @@ def test_the_database_never_holds_a_nameplate(env: Env) -> None:
         assert codes.hash_code(env.key, nameplate).encode() in data
         assert offer.party_token.encode() not in data
     assert claimed.party_token.encode() not in data
-    env.store.close()  # checkpointed into the main file: still nothing
+    await env.store.close()  # checkpointed into the main file: still nothing
     data = _database_bytes(env.db)
     for offer in offers:
         assert offer.code.encode() not in data
@@ -747,12 +785,12 @@ def test_the_database_never_holds_a_nameplate(env: Env) -> None:
         assert codes.hash_code(env.key, offer.code).encode() in data
 
 
-def _start(data_dir: Path) -> SqliteStore:
+async def _start(data_dir: Path) -> SqliteStore:
     """What start_server does with the data dir, in its order: open the store, load the key."""
     config = BrokerConfig(data_dir=data_dir)
     store = SqliteStore(config.database_path)
     load_token_key(config.token_key_path)
-    store.broker_id()  # a first write: the -wal and -shm files exist from here on
+    await store.broker_id()  # a first write: the -wal and -shm files exist from here on
     return store
 
 
@@ -767,19 +805,21 @@ def _assert_private(data_dir: Path) -> None:
         assert _mode(companion) == 0o600, companion
 
 
-def test_a_new_data_dir_is_private(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_new_data_dir_is_private(tmp_path: Path) -> None:
     data_dir = tmp_path / "new" / "data"
-    store = _start(data_dir)
+    store = await _start(data_dir)
     try:
         _assert_private(data_dir)
     finally:
-        store.close()
+        await store.close()
 
 
-def test_a_loose_data_dir_is_tightened(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_loose_data_dir_is_tightened(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    SqliteStore(data_dir / "broker.sqlite3").close()
+    await SqliteStore(data_dir / "broker.sqlite3").close()
     key = os.urandom(32)
     (data_dir / "token.key").write_bytes(key)
     for path, mode in (
@@ -788,12 +828,12 @@ def test_a_loose_data_dir_is_tightened(tmp_path: Path) -> None:
         (data_dir / "token.key", 0o644),
     ):
         path.chmod(mode)
-    store = _start(data_dir)
+    store = await _start(data_dir)
     try:
         _assert_private(data_dir)
         assert load_token_key(data_dir / "token.key") == key  # tightened, not replaced
     finally:
-        store.close()
+        await store.close()
 
 
 @pytest.mark.asyncio

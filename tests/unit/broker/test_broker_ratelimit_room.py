@@ -8,6 +8,8 @@ full table is cut to nine tenths at once, so the next tenth of new sources costs
 
 from __future__ import annotations
 
+import pytest
+
 from ferry.broker.ledger import MemoryLedger
 from ferry.broker.ratelimit import ClaimLimiter, SourceLimiter
 
@@ -18,50 +20,57 @@ class _Spent:
     def __init__(self) -> None:
         self.ledger = MemoryLedger(max_keys=MAX)
         self.limiter = SourceLimiter(self.ledger, "offer", burst=1, rate=0.001)
+
+    async def spend(self) -> _Spent:
         for i in range(MAX):
-            assert self.limiter.take(f"attacker-{i}", 1.0)
+            assert await self.limiter.take(f"attacker-{i}", 1.0)
+        return self
 
     @property
     def _buckets(self) -> int:
-        return len(self.ledger._buckets)
+        return len(self.ledger.local._buckets)
 
-    def take(self, key: str, now: float) -> bool:
-        return self.limiter.take(key, now)
-
-
-def _spent_offer_limiter() -> _Spent:
-    return _Spent()
+    async def take(self, key: str, now: float) -> bool:
+        return await self.limiter.take(key, now)
 
 
-def test_a_full_table_of_spent_buckets_is_cut_to_nine_tenths_at_once() -> None:
-    limiter = _spent_offer_limiter()
+async def _spent_offer_limiter() -> _Spent:
+    return await _Spent().spend()
+
+
+@pytest.mark.asyncio
+async def test_a_full_table_of_spent_buckets_is_cut_to_nine_tenths_at_once() -> None:
+    limiter = await _spent_offer_limiter()
     assert limiter._buckets == MAX
-    limiter.take("newcomer", 1.0)
+    await limiter.take("newcomer", 1.0)
     assert limiter._buckets == MAX * 9 // 10 + 1
 
 
-def test_the_next_tenth_of_new_sources_needs_no_pass() -> None:
-    limiter = _spent_offer_limiter()
-    limiter.take("newcomer-0", 1.0)
+@pytest.mark.asyncio
+async def test_the_next_tenth_of_new_sources_needs_no_pass() -> None:
+    limiter = await _spent_offer_limiter()
+    await limiter.take("newcomer-0", 1.0)
     sizes = []
     for i in range(1, MAX // 10):
-        limiter.take(f"newcomer-{i}", 1.0)
+        await limiter.take(f"newcomer-{i}", 1.0)
         sizes.append(limiter._buckets)
     assert sizes == sorted(sizes)  # it only grew: nothing was evicted, no pass was made
     assert sizes[-1] == MAX
 
 
-def test_the_most_recent_sources_are_kept() -> None:
-    limiter = _spent_offer_limiter()
-    limiter.take("newcomer", 1.0)
-    assert not limiter.take(f"attacker-{MAX - 1}", 1.0)  # still spent: remembered
-    assert limiter.take("attacker-0", 1.0)  # the oldest was forgotten
+@pytest.mark.asyncio
+async def test_the_most_recent_sources_are_kept() -> None:
+    limiter = await _spent_offer_limiter()
+    await limiter.take("newcomer", 1.0)
+    assert not await limiter.take(f"attacker-{MAX - 1}", 1.0)  # still spent: remembered
+    assert await limiter.take("attacker-0", 1.0)  # the oldest was forgotten
 
 
-def test_the_claim_limiter_cuts_its_table_the_same_way() -> None:
+@pytest.mark.asyncio
+async def test_the_claim_limiter_cuts_its_table_the_same_way() -> None:
     ledger = MemoryLedger(max_keys=MAX)
     limiter = ClaimLimiter(ledger, 1, 0.001, 100, 100)
     for i in range(MAX - 1):  # with the broker-wide bucket, MAX buckets
-        limiter.failed(f"10.0.{i >> 8}.{i & 255}", 1.0)
-    limiter.failed("192.0.2.1", 1.0)
-    assert len(ledger._buckets) == MAX * 9 // 10 + 1
+        await limiter.failed(f"10.0.{i >> 8}.{i & 255}", 1.0)
+    await limiter.failed("192.0.2.1", 1.0)
+    assert len(ledger.local._buckets) == MAX * 9 // 10 + 1

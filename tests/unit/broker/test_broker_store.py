@@ -38,46 +38,48 @@ def _record(session_id: str, expire: float = 100.0, **kw: str | None) -> Session
     )
 
 
-def test_everything_survives_reopening(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_everything_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "broker.sqlite3"
     store = SqliteStore(path)
     rec = _record("one", request_id="req-1")
     rec.claim_verifier = b"v" * 32
-    store.create_session(rec)
+    await store.create_session(rec)
     rec.session.state = states.ACCEPTED
     rec.receiver_token_hash = "r-one"
     rec.code_hash = None
-    rec = store.update_session(rec)
+    rec = await store.update_session(rec)
     assert rec.version == 1
-    assert store.lease_ports("h", (5000, 5010), 6, "one", 50.0, now=0.0) == (5000, 5005)
-    store.close()
+    assert await store.lease_ports("h", (5000, 5010), 6, "one", 50.0, now=0.0) == (5000, 5005)
+    await store.close()
 
     store = SqliteStore(path)
     try:
-        got = store.get_session("one")
+        got = await store.get_session("one")
         assert got is not None
         assert got.session == rec.session
         assert (got.version, got.claim_verifier) == (1, b"v" * 32)
-        assert store.find_by_code_hash("c-one") is None
-        assert token_owner(store, "s-one") == ("one", states.Party.SENDER)
-        assert token_owner(store, "r-one") == ("one", states.Party.RECEIVER)
-        assert token_owner(store, "nope") is None
-        found = store.find_by_request_id("req-1")
+        assert await store.find_by_code_hash("c-one") is None
+        assert await token_owner(store, "s-one") == ("one", states.Party.SENDER)
+        assert await token_owner(store, "r-one") == ("one", states.Party.RECEIVER)
+        assert await token_owner(store, "nope") is None
+        found = await store.find_by_request_id("req-1")
         assert found is not None
         assert found.session_id == "one"
         # the lease survived the reopen: the next session gets the following ports
-        assert store.lease_ports("h", (5000, 5010), 5, "two", 50.0, now=0.0) == (5006, 5010)
-        made = store.broker_id()
+        assert await store.lease_ports("h", (5000, 5010), 5, "two", 50.0, now=0.0) == (5006, 5010)
+        made = await store.broker_id()
     finally:
-        store.close()
+        await store.close()
     reopened = SqliteStore(path)
     try:
-        assert reopened.broker_id() == made  # the same broker
+        assert await reopened.broker_id() == made  # the same broker
     finally:
-        reopened.close()
+        await reopened.close()
 
 
-def test_a_file_from_before_claim_verifiers_opens(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_file_from_before_claim_verifiers_opens(tmp_path: Path) -> None:
     """A database written before the claim_verifier column: it is added on open."""
     path = tmp_path / "broker.sqlite3"
     old = _record("old")
@@ -103,16 +105,16 @@ def test_a_file_from_before_claim_verifiers_opens(tmp_path: Path) -> None:
     db.close()
     store = SqliteStore(path)
     try:
-        got = store.get_session("old")
+        got = await store.get_session("old")
         assert got is not None
         assert (got.session, got.claim_verifier) == (old.session, None)
         new = _record("new")
         new.claim_verifier = b"v" * 32
-        store.create_session(new)
-        found = store.find_by_code_hash("c-new")
+        await store.create_session(new)
+        found = await store.find_by_code_hash("c-new")
         assert found is not None
         assert found.claim_verifier == b"v" * 32
     finally:
-        store.close()
+        await store.close()
     store = SqliteStore(path)  # and opens again (the column is not added twice)
-    store.close()
+    await store.close()

@@ -3,11 +3,13 @@
 The Store contract itself (shared with SqliteStore) is test_store_contract.py. Here: the key
 map leaves nothing behind, prefixes keep deployments apart, a Redis that is down, hangs or is
 full answers StoreUnavailable or StorageFull, and two stores (two clients, like two broker
-replicas) racing from threads never both win a compare-and-set, a code claim or a port.
+replicas, each with its own connection pool) racing on one event loop never both win a
+compare-and-set, a code claim or a port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -16,14 +18,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
+import redis.asyncio
 
 from ferry.broker import leases, states
 from ferry.broker.config import BrokerConfig
@@ -41,10 +43,21 @@ from tests.support.tls import TestPKI
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def stores(redis_server: RedisServer, tmp_path: Path) -> Iterator[StoreFactory]:
-    with StoreFactory("redis", tmp_path, redis_server.url) as factory:
+@pytest_asyncio.fixture
+async def stores(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    async with StoreFactory("redis", tmp_path, redis_server.url) as factory:
         yield factory
+
+
+async def _checked(url: str, **options: object) -> RedisStore:
+    """RedisStore.from_url(url) once its `check` passed (closed if it did not)."""
+    store = RedisStore.from_url(url, **options)  # type: ignore[arg-type]
+    try:
+        await store.check()
+    except BaseException:
+        await store.close()
+        raise
+    return store
 
 
 @pytest.fixture
@@ -57,17 +70,18 @@ def own_server(tmp_path: Path) -> Iterator[RedisServer]:
 # -- keys ----------------------------------------------------------------------------------
 
 
-def test_the_key_map(stores: StoreFactory) -> None:
+@pytest.mark.asyncio
+async def test_the_key_map(stores: StoreFactory) -> None:
     store = stores()
-    store.create_session(session_record("x", request_id="req", expire=50.0))
-    store.create_session(session_record("y", state=states.COMPLETED, code_hash=None))
-    rec = store.get_session("x")
+    await store.create_session(session_record("x", request_id="req", expire=50.0))
+    await store.create_session(session_record("y", state=states.COMPLETED, code_hash=None))
+    rec = await store.get_session("x")
     assert rec is not None
     rec.receiver_token_hash = "r-x"
-    store.update_session(rec)
-    store.lease_ports("host-1", (10, 20), 2, "x", 50.0, now=0.0, hold_until=5.0)
-    store.add_upload(UploadRecord("x", 3, "up", 1.0, size_bytes=9, owner="10.0.0.1"))
-    store.broker_id()
+    await store.update_session(rec)
+    await store.lease_ports("host-1", (10, 20), 2, "x", 50.0, now=0.0, hold_until=5.0)
+    await store.add_upload(UploadRecord("x", 3, "up", 1.0, size_bytes=9, owner="10.0.0.1"))
+    await store.broker_id()
     assert stores.keys() == [
         "broker_id",
         "c:c-x",
@@ -106,46 +120,48 @@ def test_the_key_map(stores: StoreFactory) -> None:
     assert (session[b"version"], session[b"state"]) == (b"1", str(states.OFFERED).encode())
 
 
-def test_deleted_sessions_leave_only_their_uploads(stores: StoreFactory) -> None:
+@pytest.mark.asyncio
+async def test_deleted_sessions_leave_only_their_uploads(stores: StoreFactory) -> None:
     store = stores()
     for i, final in enumerate(sorted(states.FINAL_STATES)):
         sid = f"s{i}"
-        store.create_session(session_record(sid, request_id=f"req{i}", receiver=f"r-{sid}"))
-        store.lease_ports(f"host{i % 2}", (10, 40), 3, sid, 50.0, now=0.0, owner="o")
-        rec = store.get_session(sid)
+        await store.create_session(session_record(sid, request_id=f"req{i}", receiver=f"r-{sid}"))
+        await store.lease_ports(f"host{i % 2}", (10, 40), 3, sid, 50.0, now=0.0, owner="o")
+        rec = await store.get_session(sid)
         assert rec is not None
         rec.session.state = final
         if final != states.EXPIRED:  # what the broker does: EXPIRED keeps its code
             rec.code_hash = None
-        store.update_session(rec)
-    store.add_upload(UploadRecord("s0", 0, "up", 1.0, size_bytes=5, owner="o"))
-    assert store.delete_ended(before_s=100.0, limit=100) == len(states.FINAL_STATES)
+        await store.update_session(rec)
+    await store.add_upload(UploadRecord("s0", 0, "up", 1.0, size_bytes=5, owner="o"))
+    assert await store.delete_ended(before_s=100.0, limit=100) == len(states.FINAL_STATES)
     assert stores.keys() == ["u:0:s0", "ubytes", "ubytes:offer", "ubytes:owner", "uclean"]
-    store.delete_upload("s0", 0)
+    await store.delete_upload("s0", 0)
     assert stores.keys() == ["ubytes"]  # the totals, at zero
-    assert store.store_usage() == (0, 0)
+    assert await store.store_usage() == (0, 0)
 
 
-def test_prefixes_keep_deployments_apart(redis_server: RedisServer, tmp_path: Path) -> None:
-    with (
+@pytest.mark.asyncio
+async def test_prefixes_keep_deployments_apart(redis_server: RedisServer, tmp_path: Path) -> None:
+    async with (
         StoreFactory("redis", tmp_path, redis_server.url) as one,
         StoreFactory("redis", tmp_path, redis_server.url) as two,
     ):
         a, b = one(), two()
-        a.create_session(session_record("x"))
-        assert b.get_session("x") is None
-        assert b.find_by_code_hash("c-x") is None
-        assert token_owner(b, "s-x") is None
-        a.lease_ports("h", (10, 11), 2, "x", 50.0, now=0.0)
-        assert b.lease_ports("h", (10, 11), 2, "y", 50.0, now=0.0) == (10, 11)
-        assert a.broker_id() != b.broker_id()
+        await a.create_session(session_record("x"))
+        assert await b.get_session("x") is None
+        assert await b.find_by_code_hash("c-x") is None
+        assert await token_owner(b, "s-x") is None
+        await a.lease_ports("h", (10, 11), 2, "x", 50.0, now=0.0)
+        assert await b.lease_ports("h", (10, 11), 2, "y", 50.0, now=0.0) == (10, 11)
+        assert await a.broker_id() != await b.broker_id()
 
 
 def test_a_redis_url_only(redis_server: RedisServer) -> None:
     with pytest.raises(ValueError, match="not a Redis URL"):
         RedisStore.from_url(f"http://127.0.0.1:{redis_server.port}")
     with pytest.raises(ValueError, match="key prefix"):
-        RedisStore(redis_server.client(), prefix="")
+        RedisStore(redis.asyncio.Redis.from_url(redis_server.url), prefix="")
     assert describe_url("redis://user:secret@redis.example:6380/2?ssl_cert_reqs=none") == (
         "redis://redis.example:6380/2"
     )
@@ -153,97 +169,102 @@ def test_a_redis_url_only(redis_server: RedisServer) -> None:
     assert describe_url("unix:///run/redis.sock?db=1&password=secret") == "unix:///run/redis.sock"
 
 
-def test_a_redis_over_tls(pki: TestPKI, tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_redis_over_tls(pki: TestPKI, tmp_path: Path) -> None:
     cert, key, _ = pki.server("127.0.0.1")
     with RedisServer(tmp_path / "tls", tls=(cert, key, pki.ca_file)) as server:
         assert server.url.startswith("rediss://")
         store = RedisStore.from_url(server.url)
         try:
-            store.create_session(session_record("x"))
-            assert token_owner(store, "s-x") == ("x", states.Party.SENDER)
+            await store.create_session(session_record("x"))
+            assert await token_owner(store, "s-x") == ("x", states.Party.SENDER)
         finally:
-            store.close()
+            await store.close()
         # a server this client does not trust is not reached
         untrusted = f"rediss://127.0.0.1:{server.port}/0"
         with pytest.raises(StoreUnavailable, match="certificate verify failed"):
-            RedisStore.from_url(untrusted)
+            await _checked(untrusted)
 
 
 # -- failures ------------------------------------------------------------------------------
 
 
-def _assert_unavailable(call: Callable[[], object], within_s: float) -> None:
+async def _assert_unavailable(call: Callable[[], Awaitable[object]], within_s: float) -> None:
     start = time.monotonic()
     with pytest.raises(StoreUnavailable) as info:
-        call()
+        await call()
     assert time.monotonic() - start < within_s
     assert info.value.reason == "STORE_ERROR"
     assert str(info.value) == "the broker's store is unavailable; try again later"
 
 
-def test_a_redis_that_is_down(own_server: RedisServer) -> None:
+@pytest.mark.asyncio
+async def test_a_redis_that_is_down(own_server: RedisServer) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         nobody = probe.getsockname()[1]
     # nothing listens there: the start-up says where (never the password), and why
     with pytest.raises(StoreUnavailable) as info:
-        RedisStore.from_url(f"redis://:s3cret@127.0.0.1:{nobody}/0")
+        await _checked(f"redis://:s3cret@127.0.0.1:{nobody}/0")
     message = str(info.value)
     assert message.startswith(f"cannot reach the Redis store at redis://127.0.0.1:{nobody}/0: ")
     assert "refused" in message
     assert "s3cret" not in message
     store = RedisStore.from_url(own_server.url, prefix="p:")
     try:
-        store.create_session(session_record("x"))
+        await store.create_session(session_record("x"))
         own_server.stop()
-        # at once, not after redis-py's retries: the broker calls the store on its event loop
-        _assert_unavailable(lambda: store.get_session("x"), within_s=1.0)
-        _assert_unavailable(lambda: store.update_session(session_record("x")), within_s=1.0)
+        # at once, not after redis-py's retries (a retried script may have run once already)
+        await _assert_unavailable(lambda: store.get_session("x"), within_s=1.0)
+        await _assert_unavailable(lambda: store.update_session(session_record("x")), within_s=1.0)
         own_server.start()  # same port, same files (appendonly): the session is back
-        got = store.get_session("x")
+        got = await store.get_session("x")
         assert got is not None
         assert got.session_id == "x"
     finally:
-        store.close()
+        await store.close()
 
 
-def test_a_read_only_replica_is_unavailable(own_server: RedisServer) -> None:
+@pytest.mark.asyncio
+async def test_a_read_only_replica_is_unavailable(own_server: RedisServer) -> None:
     """During a failover a client may reach a replica: retry later, not INTERNAL."""
     raw = own_server.client()
     store = RedisStore.from_url(own_server.url, prefix="p:")
     try:
-        store.create_session(session_record("x"))
+        await store.create_session(session_record("x"))
         raw.replicaof("127.0.0.1", 1)  # a primary that is not there
         raw.config_set("replica-serve-stale-data", "yes")
-        assert store.get_session("x") is not None  # reads still answer
-        _assert_unavailable(lambda: store.create_session(session_record("y")), within_s=1.0)
+        assert await store.get_session("x") is not None  # reads still answer
+        await _assert_unavailable(lambda: store.create_session(session_record("y")), within_s=1.0)
     finally:
         raw.replicaof("NO", "ONE")
-        store.close()
+        await store.close()
 
 
-def test_a_redis_that_hangs(own_server: RedisServer) -> None:
+@pytest.mark.asyncio
+async def test_a_redis_that_hangs(own_server: RedisServer) -> None:
     store = RedisStore.from_url(own_server.url, prefix="p:", timeout_s=0.3)
     assert own_server.proc is not None
     try:
-        store.create_session(session_record("x"))
+        await store.create_session(session_record("x"))
         os.kill(own_server.proc.pid, signal.SIGSTOP)
         try:
-            _assert_unavailable(lambda: store.get_session("x"), within_s=2.0)
+            await _assert_unavailable(lambda: store.get_session("x"), within_s=2.0)
         finally:
             os.kill(own_server.proc.pid, signal.SIGCONT)
-        assert store.get_session("x") is not None  # a new connection; the old one was dropped
+        assert await store.get_session("x") is not None  # a new connection; the old one was dropped
     finally:
-        store.close()
+        await store.close()
 
 
-def test_a_full_redis_is_storage_full(own_server: RedisServer) -> None:
+@pytest.mark.asyncio
+async def test_a_full_redis_is_storage_full(own_server: RedisServer) -> None:
     raw = own_server.client()
     store = RedisStore.from_url(own_server.url, prefix="p:")
     try:
-        store.create_session(session_record("first"))
-        store.lease_ports("h", (10, 20), 2, "first", 100.0, now=0.0)
-        store.add_upload(UploadRecord("first", 0, "up", 1.0, size_bytes=5))
+        await store.create_session(session_record("first"))
+        await store.lease_ports("h", (10, 20), 2, "first", 100.0, now=0.0)
+        await store.add_upload(UploadRecord("first", 0, "up", 1.0, size_bytes=5))
         used = int(raw.info("memory")["used_memory"])
         raw.config_set("maxmemory-policy", "noeviction")
         raw.config_set("maxmemory", used + (2 << 20))
@@ -255,40 +276,41 @@ def test_a_full_redis_is_storage_full(own_server: RedisServer) -> None:
             big.code_hash = f"c-big{i}"
             big.sender_token_hash = f"s-big{i}"
             try:
-                store.create_session(big)
+                await store.create_session(big)
             except StorageFull:
                 full = i
                 break
         assert full is not None, "Redis never refused a write"
         # refused whole: nothing of the refused session was written
-        assert store.get_session(f"big{full}") is None
-        assert store.find_by_code_hash(f"c-big{full}") is None
-        assert token_owner(store, f"s-big{full}") is None
+        assert await store.get_session(f"big{full}") is None
+        assert await store.find_by_code_hash(f"c-big{full}") is None
+        assert await token_owner(store, f"s-big{full}") is None
         # every read still answers, the scripted ones too; writes do not
-        assert store.find_by_code_hash("c-first") is not None
-        assert store.due_for_expiry(now=1000.0, limit=1000) != []
-        assert [u.upload_id for u in store.uploads_to_clean(now=1000.0, limit=10)] == []
+        assert await store.find_by_code_hash("c-first") is not None
+        assert await store.due_for_expiry(now=1000.0, limit=1000) != []
+        assert [u.upload_id for u in await store.uploads_to_clean(now=1000.0, limit=10)] == []
         with pytest.raises(StorageFull):
-            store.add_upload(UploadRecord("first", 1, "up", 1.0, size_bytes=1))
+            await store.add_upload(UploadRecord("first", 1, "up", 1.0, size_bytes=1))
         with pytest.raises(StorageFull):
-            store.lease_ports("h", (10, 20), 2, "other", 100.0, now=0.0)
+            await store.lease_ports("h", (10, 20), 2, "other", 100.0, now=0.0)
         # what frees memory still runs, and gets the room back for the writes
-        store.release_lease("first")
-        store.delete_upload("first", 0)
-        assert store.store_usage() == (0, 0)
-        assert store.delete_ended(before_s=1000.0, limit=1000) == full
-        store.create_session(big)
-        assert store.lease_ports("h", (10, 20), 2, "other", 100.0, now=0.0) == (10, 11)
+        await store.release_lease("first")
+        await store.delete_upload("first", 0)
+        assert await store.store_usage() == (0, 0)
+        assert await store.delete_ended(before_s=1000.0, limit=1000) == full
+        await store.create_session(big)
+        assert await store.lease_ports("h", (10, 20), 2, "other", 100.0, now=0.0) == (10, 11)
     finally:
-        store.close()
+        await store.close()
 
 
-def test_an_evicting_redis_is_warned_of(
+@pytest.mark.asyncio
+async def test_an_evicting_redis_is_warned_of(
     own_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     own_server.client().config_set("maxmemory-policy", "allkeys-lru")
     with caplog.at_level(logging.WARNING, logger="ferry.broker.redis_store"):
-        RedisStore.from_url(own_server.url).close()
+        await (await _checked(own_server.url)).close()
     assert "maxmemory-policy allkeys-lru: it may evict sessions" in caplog.text
 
 
@@ -330,57 +352,56 @@ async def test_a_broker_on_redis_answers_unavailable_while_redis_is_down(
 ROUNDS = 150
 
 
-def test_two_replicas_never_both_win_a_compare_and_set(stores: StoreFactory) -> None:
+@pytest.mark.asyncio
+async def test_two_replicas_never_both_win_a_compare_and_set(stores: StoreFactory) -> None:
     replicas = [stores(), stores()]
-    replicas[0].create_session(session_record("x"))
-    barrier = threading.Barrier(2, timeout=10)
+    await replicas[0].create_session(session_record("x"))
+    barrier = asyncio.Barrier(2)
     wins: list[list[int]] = [[], []]
 
-    def race(me: int) -> None:
+    async def race(me: int) -> None:
         store = replicas[me]
         for round_ in range(ROUNDS):
-            rec = store.get_session("x")
+            rec = await store.get_session("x")
             assert rec is not None
-            barrier.wait()  # both have read the same version
+            await barrier.wait()  # both have read the same version
             rec.session.bytes_done = me
-            with contextlib.suppress(StaleRecord):
-                store.update_session(rec)
+            with contextlib.suppress(StaleRecord):  # both writes are in flight together
+                await store.update_session(rec)
                 wins[me].append(round_)
-            barrier.wait()  # both have written before either reads again
+            await barrier.wait()  # both have written before either reads again
 
-    with ThreadPoolExecutor(2) as pool:
-        for done in [pool.submit(race, 0), pool.submit(race, 1)]:
-            done.result(timeout=40)
+    await asyncio.wait_for(asyncio.gather(race(0), race(1)), 40)
     assert sorted(wins[0] + wins[1]) == list(range(ROUNDS))  # one winner in every round
-    final = replicas[1].get_session("x")
+    final = await replicas[1].get_session("x")
     assert final is not None
     assert final.version == ROUNDS
 
 
-def test_replicas_racing_for_ports_never_overlap(stores: StoreFactory) -> None:
+@pytest.mark.asyncio
+async def test_replicas_racing_for_ports_never_overlap(stores: StoreFactory) -> None:
     replicas = [stores(), stores()]
-    threads, attempts, size = 4, 30, 3
+    racers, attempts, size = 4, 30, 3
     allowed = (20000, 20299)  # room for 100 leases of 3; 120 are asked for
-    barrier = threading.Barrier(threads, timeout=10)
+    barrier = asyncio.Barrier(racers)
 
-    def race(me: int) -> tuple[list[tuple[str, int, int]], int]:
+    async def race(me: int) -> tuple[list[tuple[str, int, int]], int]:
         store = replicas[me % 2]
         got, refused = [], 0
-        barrier.wait()
+        await barrier.wait()
         for i in range(attempts):
             sid = f"t{me}-{i}"
             try:
-                first, last = store.lease_ports("host", allowed, size, sid, 100.0, now=0.0)
+                first, last = await store.lease_ports("host", allowed, size, sid, 100.0, now=0.0)
                 got.append((sid, first, last))
             except leases.NoPortsAvailable:
                 refused += 1
         return got, refused
 
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(race, range(threads), timeout=40))
+    results = await asyncio.wait_for(asyncio.gather(*(race(i) for i in range(racers))), 40)
     spans = sorted((s for got, _ in results for s in got), key=lambda s: s[1])
     assert len(spans) == 100
-    assert sum(refused for _, refused in results) == threads * attempts - 100
+    assert sum(refused for _, refused in results) == racers * attempts - 100
     for (_, _, last), (_, first, _) in itertools.pairwise(spans):
         assert first > last  # no two leases share a port
     assert spans[0][1] >= allowed[0]
@@ -388,17 +409,18 @@ def test_replicas_racing_for_ports_never_overlap(stores: StoreFactory) -> None:
     assert stores.leases() == sorted(spans)
 
 
-def test_replicas_racing_never_pass_the_owner_limit(stores: StoreFactory) -> None:
+@pytest.mark.asyncio
+async def test_replicas_racing_never_pass_the_owner_limit(stores: StoreFactory) -> None:
     replicas = [stores(), stores()]
-    threads = 4
-    barrier = threading.Barrier(threads, timeout=10)
+    racers = 4
+    barrier = asyncio.Barrier(racers)
 
-    def race(me: int) -> int:
+    async def race(me: int) -> int:
         store, won = replicas[me % 2], 0
-        barrier.wait()
+        await barrier.wait()
         for i in range(10):
             try:
-                store.lease_ports(
+                await store.lease_ports(
                     "host", (1000, 9999), 2, f"t{me}-{i}", 100.0, 0.0, owner="o", max_per_owner=5
                 )
                 won += 1
@@ -406,8 +428,8 @@ def test_replicas_racing_never_pass_the_owner_limit(stores: StoreFactory) -> Non
                 pass
         return won
 
-    with ThreadPoolExecutor(threads) as pool:
-        assert sum(pool.map(race, range(threads), timeout=40)) == 5
+    won = await asyncio.wait_for(asyncio.gather(*(race(i) for i in range(racers))), 40)
+    assert sum(won) == 5
 
 
 def _offer_request() -> broker_pb2.CreateOfferRequest:
@@ -424,28 +446,32 @@ def _offer_request() -> broker_pb2.CreateOfferRequest:
     )
 
 
-def test_two_brokers_claiming_one_code_one_wins(stores: StoreFactory) -> None:
+@pytest.mark.asyncio
+async def test_two_brokers_claiming_one_code_one_wins(stores: StoreFactory) -> None:
     """Two Broker replicas (one token key, as replicas must share) claim each code at once."""
     key = os.urandom(32)
     config = BrokerConfig(claim_burst_per_ip=1000, claim_burst_global=1000)
     brokers = [Broker(config, stores(), token_key=key) for _ in range(2)]
-    barrier = threading.Barrier(2, timeout=10)
+    barrier = asyncio.Barrier(2)
     rounds = 40
-    codes = [brokers[i % 2].create_offer(_offer_request(), "10.0.0.1").code for i in range(rounds)]
+    codes = [
+        (await brokers[i % 2].create_offer(_offer_request(), "10.0.0.1")).code
+        for i in range(rounds)
+    ]
     wins: list[list[str]] = [[], []]
 
-    def race(me: int) -> None:
+    async def race(me: int) -> None:
         for i, code in enumerate(codes):
-            barrier.wait()
+            await barrier.wait()
             try:
-                claim = brokers[me].claim_offer(code, f"10.0.1.{me}", pake_message=RECEIVER_PAKE)
+                claim = await brokers[me].claim_offer(
+                    code, f"10.0.1.{me}", pake_message=RECEIVER_PAKE
+                )
                 wins[me].append(f"{i}:{claim.session.name}")
             except (NotFound, Aborted):
                 pass
 
-    with ThreadPoolExecutor(2) as pool:
-        for done in [pool.submit(race, 0), pool.submit(race, 1)]:
-            done.result(timeout=40)
+    await asyncio.wait_for(asyncio.gather(race(0), race(1)), 40)
     assert sorted(int(w.split(":")[0]) for w in wins[0] + wins[1]) == list(range(rounds))
 
 

@@ -28,8 +28,8 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def _load(store: Store) -> Loader:
-    def load(session_id: str) -> tuple[int, broker_pb2.Session] | None:
-        record = store.get_session(session_id)
+    async def load(session_id: str) -> tuple[int, broker_pb2.Session] | None:
+        record = await store.get_session(session_id)
         return None if record is None else (record.version, record.session)
 
     return load
@@ -41,7 +41,8 @@ async def _next(watcher: Watcher) -> tuple[int, broker_pb2.Session]:
     return item
 
 
-def test_a_change_on_one_replica_reaches_the_watchers_of_another(server: RedisServer) -> None:
+@pytest.mark.asyncio
+async def test_a_change_on_one_replica_reaches_the_watchers_of_another(server: RedisServer) -> None:
     async def go() -> None:
         store_a, store_b = RedisStore.from_url(server.url), RedisStore.from_url(server.url)
         hub_a, hub_b = Hub(), Hub()
@@ -51,10 +52,10 @@ def test_a_change_on_one_replica_reaches_the_watchers_of_another(server: RedisSe
         await relay_b.start()
         try:
             record = session_record("s1")
-            store_a.create_session(record)
+            await store_a.create_session(record)
             async with hub_b.subscribe(record.session_id, "sender") as watcher:
                 record.session.state = states.ACCEPTED
-                stored = store_a.update_session(record)
+                stored = await store_a.update_session(record)
                 hub_a.publish(stored.session_id, stored.version, stored.session)  # on A
                 version, seen = await _next(watcher)
                 assert (version, seen.state) == (1, states.ACCEPTED)
@@ -65,13 +66,14 @@ def test_a_change_on_one_replica_reaches_the_watchers_of_another(server: RedisSe
         finally:
             await relay_a.close()
             await relay_b.close()
-            store_a.close()
-            store_b.close()
+            await store_a.close()
+            await store_b.close()
 
-    asyncio.run(go())
+    await go()
 
 
-def test_changes_missed_while_the_channel_was_down_are_caught_up(server: RedisServer) -> None:
+@pytest.mark.asyncio
+async def test_changes_missed_while_the_channel_was_down_are_caught_up(server: RedisServer) -> None:
     async def go() -> None:
         store = RedisStore.from_url(server.url)
         hub = Hub()
@@ -79,18 +81,18 @@ def test_changes_missed_while_the_channel_was_down_are_caught_up(server: RedisSe
         await relay.start()
         try:
             record = session_record("s2")
-            store.create_session(record)
+            await store.create_session(record)
             async with hub.subscribe(record.session_id, "receiver") as watcher:
                 relay.subscribed.clear()
                 admin = server.client()
                 admin.client_kill_filter(_type="pubsub")  # the channel drops
                 record.session.state = states.CONNECTING
-                store.update_session(record)  # announced to nobody
+                await store.update_session(record)  # announced to nobody
                 await asyncio.wait_for(relay.subscribed.wait(), 10)  # resubscribed
                 version, seen = await _next(watcher)
                 assert (version, seen.state) == (1, states.CONNECTING)
         finally:
             await relay.close()
-            store.close()
+            await store.close()
 
-    asyncio.run(go())
+    await go()
