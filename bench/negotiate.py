@@ -1,6 +1,7 @@
 """Broker throughput: full negotiations per second and per broker CPU-second.
 
-    python bench/negotiate.py [--clients 32] [--seconds 10] [--setups sqlite,redis,redis2]
+    python bench/negotiate.py [--clients 32] [--seconds 10]
+                              [--setups sqlite,redis,redis2,redisfar] [--redis-delay-ms 0.5]
                               [--watchers N [--watchers-per-connection 100]]
 
 A negotiation is what a transfer asks of the broker before any byte moves, over gRPC with
@@ -11,7 +12,9 @@ back for --seconds against real `ferry serve` processes on loopback:
 
 - ``sqlite``: one broker on its embedded SQLite store (the default deployment);
 - ``redis``: one broker on a redis-server started for the run;
-- ``redis2``: two brokers on that Redis, the workers alternating between them.
+- ``redis2``: two brokers on that Redis, the workers alternating between them;
+- ``redisfar``: one broker on that Redis behind bench/delay_proxy.py (--redis-delay-ms each
+  way; the round trip through it is measured and printed), as a Redis across a network.
 
 The per-address limits (offers, claims, calls) are raised for the run: every worker comes
 from 127.0.0.1. Reported per setup: negotiations per second, per broker CPU-second (the
@@ -28,6 +31,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+import redis as redis_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,7 +52,7 @@ from tests.support.broker_flow import (
     SENDER_PAKE,
     auth,
 )
-from tests.support.processes import BrokerProcess
+from tests.support.processes import BrokerProcess, free_port
 from tests.support.redis import RedisServer
 
 T = 10.0
@@ -202,6 +207,27 @@ async def run(addresses: list[str], pids: list[int], clients: int, seconds: floa
     }
 
 
+def _far(redis: RedisServer, delay_ms: float) -> tuple[subprocess.Popen[str], str]:
+    """The setup "redisfar": Redis behind bench/delay_proxy.py; prints the round trip."""
+    port = free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("delay_proxy.py")), str(port),
+         str(redis.port), str(delay_ms)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proxy.stdout is not None
+    assert proxy.stdout.readline().strip() == "ready"
+    client = redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    client.ping()
+    started = time.perf_counter()
+    for _ in range(20):
+        client.ping()
+    rtt_ms = (time.perf_counter() - started) / 20 * 1000
+    client.close()
+    print(f"redisfar: Redis round trip through the proxy {rtt_ms:.1f} ms")
+    return proxy, f"redis://127.0.0.1:{port}/0"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -209,6 +235,7 @@ def main() -> None:
     parser.add_argument("--setups", default="sqlite,redis,redis2")
     parser.add_argument("--watchers", type=int, default=0)
     parser.add_argument("--watchers-per-connection", type=int, default=100)
+    parser.add_argument("--redis-delay-ms", type=float, default=0.5)
     ns = parser.parse_args()
     print(f"{'setup':<8} {'neg/s':>8} {'neg/CPU-s':>10} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'errors':>7} {'RSS MiB':>8} {'KiB/watch':>9}")  # fmt: skip
@@ -217,12 +244,16 @@ def main() -> None:
             tmp = Path(root) / setup
             tmp.mkdir()
             redis: RedisServer | None = None
+            proxy: subprocess.Popen[str] | None = None
             brokers: list[BrokerProcess] = []
             try:
                 env = None
                 if setup.startswith("redis"):
                     redis = RedisServer(tmp / "redis").start()
                     env = {"FERRY_STORE": redis.url}
+                if setup == "redisfar":
+                    proxy, url = _far(redis, ns.redis_delay_ms)  # type: ignore[arg-type]
+                    env = {"FERRY_STORE": url}
                 for i in range(2 if setup == "redis2" else 1):
                     broker = BrokerProcess(data_dir=tmp / f"b{i}", args=UNLIMITED, env=env)
                     broker.start()
@@ -241,6 +272,9 @@ def main() -> None:
             finally:
                 for broker in brokers:
                     broker.kill()
+                if proxy is not None:
+                    proxy.kill()
+                    proxy.wait(timeout=10)
                 if redis is not None:
                     redis.stop()
             print(f"{setup:<8} {figures['per_s']:8.0f} {figures['per_cpu_s']:10.0f} "
