@@ -22,10 +22,12 @@ Metrics (the ``_total``/``_bucket`` suffixes are Prometheus's):
 - ``ferry_offers_created_total``; ``ferry_offer_accept_seconds``: from an offer's creation
   to its acceptance;
 - ``ferry_watch_streams``: WatchSession streams open on this replica;
-- ``ferry_transfer_bytes_total{route}``: the manifest bytes of each transfer when its
-  receiver reports it completed, by the route it reported (host, punched, store;
-  ``unreported``): counted once per session, so a client cannot inflate it past what it
-  offered (the object store's uploads are bounded by the quotas anyway);
+- ``ferry_transfer_bytes_total{path}``: what the direct path and the object store carried
+  of each transfer (``direct``, ``store``), as its receiver reported at completion, counted
+  once per session and never past the offer's size (a client cannot inflate it);
+  ``ferry_transfers_total{path,route}``: completed transfers by the path that carried their
+  bytes (``direct``, ``store``, ``mixed``; ``unreported`` from a client that does not say)
+  and the route the peers connected by (``host``, ``punched``, ``store``, ``unreported``);
 - ``ferry_sessions{state}``, ``ferry_store_uploads``, ``ferry_store_reserved_bytes``,
   ``ferry_store_uploads_in_flight``, ``ferry_store_up``: read from the store at each scrape
   (shared by all replicas on Redis: every replica reports the same figures);
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Routes a receiver may report (validation.PATH_ROUTES); any other counts as "unreported".
 ROUTES = ("host", "punched", "store")
+#: The paths a transfer's bytes may take.
+PATHS = ("direct", "store")
 _READ_LIMIT = 8192  # bytes of a request line and headers; a scrape sends a few hundred
 _READ_TIMEOUT_S = 5.0
 _MAX_CONNECTIONS = 32  # scrapers are few; more at once are closed as they come
@@ -77,8 +81,9 @@ class Recorder:
     def watch_closed(self) -> None:
         """A WatchSession stream ended."""
 
-    def transfer_completed(self, route: str, size_bytes: int) -> None:
-        """The receiver completed a transfer of `size_bytes` over `route`."""
+    def transfer_completed(self, route: str, size_bytes: int, direct: int, store: int) -> None:
+        """The receiver completed a transfer of `size_bytes`, the peers connected by `route`,
+        and said `direct` and `store` bytes of it came over each path (its report)."""
 
     def redis_round_trip(self, seconds: float) -> None:
         """One call of the Redis store to Redis took `seconds`."""
@@ -128,12 +133,18 @@ class PrometheusRecorder(Recorder):
         )
         self._bytes = prom.Counter(
             "ferry_transfer_bytes",
-            "Bytes of the transfers receivers reported completed, by the route they reported",
-            ["route"],
+            "Bytes of completed transfers, by the path that carried them (receivers' reports)",
+            ["path"],
             registry=registry,
         )
-        for route in (*ROUTES, "unreported"):
-            self._bytes.labels(route)  # every route shows, at 0 until used
+        self._transfers = prom.Counter(
+            "ferry_transfers",
+            "Completed transfers, by the path that carried their bytes and the peers' route",
+            ["path", "route"],
+            registry=registry,
+        )
+        for path in PATHS:
+            self._bytes.labels(path)  # every path shows, at 0 until used
         self._redis = prom.Histogram(
             "ferry_redis_round_trip_seconds",
             "Time of each call of the Redis store to Redis",
@@ -168,8 +179,15 @@ class PrometheusRecorder(Recorder):
     def watch_closed(self) -> None:
         self._watches.dec()
 
-    def transfer_completed(self, route: str, size_bytes: int) -> None:
-        self._bytes.labels(route if route in ROUTES else "unreported").inc(max(size_bytes, 0))
+    def transfer_completed(self, route: str, size_bytes: int, direct: int, store: int) -> None:
+        direct = min(max(direct, 0), max(size_bytes, 0))
+        store = min(max(store, 0), max(size_bytes, 0) - direct)
+        self._bytes.labels("direct").inc(direct)
+        self._bytes.labels("store").inc(store)
+        path = "mixed" if direct and store else "direct" if direct else "store" if store else ""
+        self._transfers.labels(
+            path or "unreported", route if route in ROUTES else "unreported"
+        ).inc()
 
     def redis_round_trip(self, seconds: float) -> None:
         self._redis.observe(seconds)

@@ -246,16 +246,18 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     async def _report(
         self, request: broker_pb2.ReportProgressRequest, token: str | None
     ) -> broker_pb2.Session:
-        """The report; a completion counts the offer's bytes once, by the route reported
-        (a repeated COMPLETED, a no-op on a completed session, counts nothing; of two
-        racing, only the one whose write made it COMPLETED counts)."""
+        """The report; a completion counts the transfer once, with the bytes each path
+        carried as the receiver says (a repeated COMPLETED, a no-op on a completed session,
+        counts nothing; of two racing, only the one whose write made it COMPLETED counts)."""
         path = request.path if request.HasField("path") else None
         session, wrote = await self._broker.report_change(
             request.name, token, request.state, request.bytes_done, request.failure_reason, path
         )
         if wrote and session.state == broker_pb2.Session.STATE_COMPLETED:
             size = sum(entry.size_bytes for entry in session.manifest.files)
-            self.metrics.transfer_completed(session.path.route, size)
+            self.metrics.transfer_completed(
+                session.path.route, size, request.bytes_direct, request.bytes_store
+            )
         return session
 
     async def PublishCandidates(

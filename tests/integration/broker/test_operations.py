@@ -123,7 +123,12 @@ async def test_metrics_move_with_a_real_negotiation(broker_factory: BrokerFactor
         for _ in range(2):  # a repeated completion (a retry) counts once
             await stub.ReportProgress(
                 broker_pb2.ReportProgressRequest(
-                    name=name, state=S.STATE_COMPLETED, bytes_done=1234, path=path
+                    name=name,
+                    state=S.STATE_COMPLETED,
+                    bytes_done=1234,
+                    path=path,
+                    bytes_direct=1000,
+                    bytes_store=5000,  # more than the offer: counted up to its size only
                 ),
                 metadata=auth(claim.party_token),
                 timeout=T,
@@ -144,8 +149,9 @@ async def test_metrics_move_with_a_real_negotiation(broker_factory: BrokerFactor
     assert sample(m, "ferry_rpc_duration_seconds_count", method="AcceptOffer", code="OK") == 1
     assert sample(m, "ferry_rpc_duration_seconds_count", method="ReportProgress", code="OK") == 2
     assert sample(m, "ferry_offer_accept_seconds_count") == 1
-    assert sample(m, "ferry_transfer_bytes_total", route="punched") == 1234
-    assert sample(m, "ferry_transfer_bytes_total", route="host") == 0
+    assert sample(m, "ferry_transfer_bytes_total", path="direct") == 1000
+    assert sample(m, "ferry_transfer_bytes_total", path="store") == 234
+    assert sample(m, "ferry_transfers_total", path="mixed", route="punched") == 1
     assert sample(m, "ferry_watch_streams") == 0  # the stream ended with the final state
     assert sample(m, "ferry_rate_limited_total", method="ClaimOffer") == limited
     not_found = sample(m, "ferry_claims_refused_total", reason="CODE_NOT_FOUND")
@@ -171,6 +177,34 @@ async def test_metrics_move_with_a_real_negotiation(broker_factory: BrokerFactor
         urllib.request.urlopen(f"http://{broker.listening['metrics_address']}/", timeout=T)
     assert missing.value.code == 404
     missing.value.close()  # an HTTPError holds the response's socket open
+
+
+def test_a_real_transfer_is_counted_by_the_path_that_carried_it(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    """`ferry send` / `ferry receive` through a broker with metrics: the receiver's completion
+    report says the direct path carried every byte, and the broker counts them there."""
+    broker = broker_factory(*METRICS)
+    src = random_file(tmp_path / "src" / "counted.bin", 3 << 20)
+    sender = FerryProcess(["send", str(src), "--json"], _env(tmp_path, broker.address, "s"),
+                          tmp_path).start()  # fmt: skip
+    try:
+        offered = sender.line()
+        receiver = FerryProcess(
+            ["receive", offered["code"], "--dest", str(tmp_path / "dest"), "--yes", "--json"],
+            _env(tmp_path, broker.address, "r"),
+            tmp_path,
+        ).start()
+        rc, lines, err = receiver.finish(60)
+        assert rc == 0, err
+        assert lines[-1]["path"] == "direct", lines[-1]
+        assert sender.finish(30)[0] == 0
+    finally:
+        sender.kill()
+    m = scrape(broker)
+    assert sample(m, "ferry_transfer_bytes_total", path="direct") == 3 << 20
+    assert sample(m, "ferry_transfer_bytes_total", path="store") == 0
+    assert sample(m, "ferry_transfers_total", path="direct", route="host") == 1
 
 
 def test_a_flood_of_idle_scrapers_holds_few_descriptors(broker_factory: BrokerFactory) -> None:
