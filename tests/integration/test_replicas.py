@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.files import random_file, sha256
-from tests.support.processes import FAST_BROKER, BrokerProcess, FerryProcess
+from tests.support.processes import FerryProcess, cli_env, start_replica
 from tests.support.redis import RedisServer
-from tests.support.tap import TcpTap
+from tests.support.replicas import finish_on_the_other
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -29,34 +28,19 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         yield server.url
 
 
-def _replica(tmp_path: Path, name: str, url: str) -> BrokerProcess:
-    broker = BrokerProcess(data_dir=tmp_path / name, args=[*FAST_BROKER], env={"FERRY_STORE": url})
-    broker.start()
-    return broker
-
-
-def _env(tmp_path: Path, broker: str, role: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FERRY_BROKER": broker,
-        "XDG_STATE_HOME": str(tmp_path / f"state-{role}"),
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 def test_a_sender_on_one_replica_and_a_receiver_on_the_other(
     tmp_path: Path, redis_url: str
 ) -> None:
-    a, b = _replica(tmp_path, "a", redis_url), _replica(tmp_path, "b", redis_url)
+    a, b = start_replica(tmp_path, "a", redis_url), start_replica(tmp_path, "b", redis_url)
     src = random_file(tmp_path / "src" / "two.bin", 3 << 20)
-    sender = FerryProcess(["send", str(src), "--json"], _env(tmp_path, a.address, "s"), tmp_path)
+    sender = FerryProcess(["send", str(src), "--json"], cli_env(tmp_path, a.address, "s"), tmp_path)
     receiver: FerryProcess | None = None
     try:
         sender.start()
         offered = sender.line()
         receiver = FerryProcess(
             ["receive", offered["code"], "--dest", str(tmp_path / "dest"), "--yes", "--json"],
-            _env(tmp_path, b.address, "r"),
+            cli_env(tmp_path, b.address, "r"),
             tmp_path,
         ).start()
         started = time.monotonic()
@@ -81,34 +65,12 @@ def test_a_sender_on_one_replica_and_a_receiver_on_the_other(
 def test_a_replica_killed_mid_session_the_clients_finish_on_the_other(
     tmp_path: Path, redis_url: str
 ) -> None:
-    a, b = _replica(tmp_path, "a", redis_url), _replica(tmp_path, "b", redis_url)
+    a, b = start_replica(tmp_path, "a", redis_url), start_replica(tmp_path, "b", redis_url)
     src = random_file(tmp_path / "src" / "moved.bin", 3 << 20)
-    with TcpTap(a.address) as service:  # one address in front of the replicas
-        sender = FerryProcess(
-            ["send", str(src), "--json"], _env(tmp_path, service.address, "s"), tmp_path
-        )
-        receiver: FerryProcess | None = None
-        try:
-            sender.start()
-            offered = sender.line()  # the offer is on Redis; A holds the sender's watch
-            a.proc.kill()  # type: ignore[union-attr]  # SIGKILL: nothing is handed over
-            a.proc.wait(timeout=10)  # type: ignore[union-attr]
-            host, _, port = b.address.rpartition(":")
-            service.upstream = (host, int(port))  # the Service now reaches only B
-            receiver = FerryProcess(
-                ["receive", offered["code"], "--dest", str(tmp_path / "dest"), "--yes", "--json"],
-                _env(tmp_path, service.address, "r"),
-                tmp_path,
-            ).start()
-            rc, lines, err = receiver.finish(60)
-            assert rc == 0, err
-            assert lines[-1]["event"] == "completed", lines
-            assert sha256(tmp_path / "dest" / "moved.bin") == sha256(src)
-            src_rc, _, src_err = sender.finish(30)
-            assert src_rc == 0, src_err
-        finally:
-            sender.kill()
-            if receiver is not None:
-                receiver.kill()
-            a.kill()
-            b.kill()
+
+    def kill_a() -> None:  # SIGKILL: nothing is handed over
+        assert a.proc is not None
+        a.proc.kill()
+        a.proc.wait(timeout=10)
+
+    finish_on_the_other(tmp_path, a, b, src, kill_a)

@@ -28,12 +28,15 @@ __all__ = [
     "SENDER_CERTIFICATE_MAC",
     "SENDER_CONFIRMATION",
     "SENDER_PAKE",
+    "FakeClock",
     "auth",
     "claim_confirmed",
     "claim_confirmed_rpc",
     "confirm_keys",
     "confirm_keys_rpc",
+    "offer_request",
     "pake_sender",
+    "receiver_peer",
     "store_and_forward",
 ]
 
@@ -59,6 +62,39 @@ def pake_sender(peer: broker_pb2.PeerInfo) -> broker_pb2.PeerInfo:
     """``peer`` (changed in place) with the placeholder SPAKE2 message of a live offer."""
     peer.pake_message = SENDER_PAKE
     return peer
+
+
+class FakeClock:
+    """A broker clock that tests move by hand (seconds since the epoch, from 2023-11-14)."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def offer_request(request_id: str = "", last_port: int = 9100) -> broker_pb2.CreateOfferRequest:
+    """A live offer of one 1-byte file, the sender's ports 9000..`last_port`."""
+    return broker_pb2.CreateOfferRequest(
+        manifest=broker_pb2.Manifest(
+            files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
+        ),
+        sender=pake_sender(
+            broker_pb2.PeerInfo(
+                allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=last_port),
+                certificate_der=b"cert",
+            )
+        ),
+        request_id=request_id,
+    )
+
+
+def receiver_peer() -> broker_pb2.PeerInfo:
+    """A receiver's connection details for AcceptOffer."""
+    return broker_pb2.PeerInfo(
+        allowed_ports=broker_pb2.PortRange(first_port=1, last_port=2), certificate_der=b"c"
+    )
 
 
 def store_and_forward(request: broker_pb2.CreateOfferRequest) -> broker_pb2.CreateOfferRequest:

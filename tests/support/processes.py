@@ -191,3 +191,22 @@ class FerryProcess:
     def kill(self) -> None:
         """SIGKILL if still running."""
         _kill(self.proc)
+
+
+def cli_env(tmp_path: Path, broker: str, role: str) -> dict[str, str]:
+    """The environment of a `ferry` run by a test: the broker, a state dir of its own."""
+    return {
+        **os.environ,
+        "FERRY_BROKER": broker,
+        "XDG_STATE_HOME": str(tmp_path / f"state-{role}"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_replica(tmp_path: Path, name: str, store_url: str) -> BrokerProcess:
+    """A `ferry serve` replica on the shared store `store_url` (data dir tmp_path/name)."""
+    broker = BrokerProcess(
+        data_dir=tmp_path / name, args=[*FAST_BROKER], env={"FERRY_STORE": store_url}
+    )
+    broker.start()
+    return broker

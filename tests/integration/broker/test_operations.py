@@ -33,11 +33,17 @@ from ferry.client._session import watch
 from ferry.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import BrokerFactory
 from tests.support.broker_flow import RECEIVER_PAKE, auth, claim_confirmed_rpc, pake_sender
-from tests.support.files import random_file, sha256
-from tests.support.processes import FAST_BROKER, BrokerProcess, FerryProcess
+from tests.support.files import random_file
+from tests.support.processes import (
+    FAST_BROKER,
+    BrokerProcess,
+    FerryProcess,
+    cli_env,
+    start_replica,
+)
 from tests.support.redis import RedisServer
+from tests.support.replicas import finish_on_the_other
 from tests.support.rpc import reason_of
-from tests.support.tap import TcpTap
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -186,13 +192,13 @@ def test_a_real_transfer_is_counted_by_the_path_that_carried_it(
     report says the direct path carried every byte, and the broker counts them there."""
     broker = broker_factory(*METRICS)
     src = random_file(tmp_path / "src" / "counted.bin", 3 << 20)
-    sender = FerryProcess(["send", str(src), "--json"], _env(tmp_path, broker.address, "s"),
+    sender = FerryProcess(["send", str(src), "--json"], cli_env(tmp_path, broker.address, "s"),
                           tmp_path).start()  # fmt: skip
     try:
         offered = sender.line()
         receiver = FerryProcess(
             ["receive", offered["code"], "--dest", str(tmp_path / "dest"), "--yes", "--json"],
-            _env(tmp_path, broker.address, "r"),
+            cli_env(tmp_path, broker.address, "r"),
             tmp_path,
         ).start()
         rc, lines, err = receiver.finish(60)
@@ -370,53 +376,15 @@ async def test_sigterm_drains(broker_factory: BrokerFactory) -> None:
     assert await asyncio.to_thread(broker.proc.wait, 3 + 10) == 0
 
 
-def _env(tmp_path: Path, broker: str, role: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FERRY_BROKER": broker,
-        "XDG_STATE_HOME": str(tmp_path / f"state-{role}"),
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 def test_a_sender_on_a_draining_replica_finishes_on_the_other(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    replicas = []
-    for name in ("a", "b"):
-        replica = BrokerProcess(
-            data_dir=tmp_path / name, args=[*FAST_BROKER], env={"FERRY_STORE": redis_server.url}
-        )
-        replica.start()
-        replicas.append(replica)
-    a, b = replicas
+    a = start_replica(tmp_path, "a", redis_server.url)
+    b = start_replica(tmp_path, "b", redis_server.url)
     src = random_file(tmp_path / "src" / "drained.bin", 1 << 20)
-    with TcpTap(a.address) as service:  # one address in front of the replicas
-        sender = FerryProcess(
-            ["send", str(src), "--json"], _env(tmp_path, service.address, "s"), tmp_path
-        )
-        receiver: FerryProcess | None = None
-        try:
-            sender.start()
-            offered = sender.line()  # A holds the sender's watch
-            host, _, port = b.address.rpartition(":")
-            service.upstream = (host, int(port))  # new connections reach only B
-            assert a.stop() == 0  # SIGTERM: A drains, its watch ends, the sender re-watches
-            receiver = FerryProcess(
-                ["receive", offered["code"], "--dest", str(tmp_path / "dest"), "--yes", "--json"],
-                _env(tmp_path, service.address, "r"),
-                tmp_path,
-            ).start()
-            rc, lines, err = receiver.finish(60)
-            assert rc == 0, err
-            assert lines[-1]["event"] == "completed", lines
-            assert sha256(tmp_path / "dest" / "drained.bin") == sha256(src)
-            src_rc, src_lines, src_err = sender.finish(30)
-            assert src_rc == 0, src_err
-            assert src_lines[-1]["event"] == "completed", src_lines
-        finally:
-            sender.kill()
-            if receiver is not None:
-                receiver.kill()
-            a.kill()
-            b.kill()
+
+    def drain_a() -> None:  # SIGTERM: A drains, its watch ends, the sender re-watches
+        assert a.stop() == 0
+
+    lines = finish_on_the_other(tmp_path, a, b, src, drain_a)
+    assert lines[-1]["event"] == "completed", lines

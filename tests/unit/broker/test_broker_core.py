@@ -16,39 +16,15 @@ from ferry.broker.core import Broker
 from ferry.broker.errors import AlreadyExists, Reason
 from ferry.broker.store import Store
 from ferry.v1 import broker_pb2, broker_pb2_grpc
-from tests.support.broker_flow import claim_confirmed, pake_sender
+from tests.support.broker_flow import (
+    FakeClock,
+    claim_confirmed,
+    offer_request,
+    receiver_peer,
+)
 from tests.support.redis import StoreFactory
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _request(request_id: str = "") -> broker_pb2.CreateOfferRequest:
-    return broker_pb2.CreateOfferRequest(
-        manifest=broker_pb2.Manifest(
-            files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
-        ),
-        sender=pake_sender(
-            broker_pb2.PeerInfo(
-                allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
-                certificate_der=b"cert",
-            )
-        ),
-        request_id=request_id,
-    )
-
-
-def _receiver() -> broker_pb2.PeerInfo:
-    return broker_pb2.PeerInfo(
-        allowed_ports=broker_pb2.PortRange(first_port=1, last_port=2), certificate_der=b"c"
-    )
 
 
 def test_public_surface() -> None:
@@ -71,10 +47,12 @@ def test_public_surface() -> None:
 async def test_ttl_clamped_and_sweep(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
     broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-    offer = await broker.create_offer(_request(), "10.0.0.1")
+    offer = await broker.create_offer(offer_request(), "10.0.0.1")
     assert offer.session.expire_time.seconds == int(clock.now) + 600
     claim = await claim_confirmed(broker, offer, "10.0.0.2")
-    accepted = await broker.accept(offer.session.name, claim.party_token, _receiver(), "10.0.0.2")
+    accepted = await broker.accept(
+        offer.session.name, claim.party_token, receiver_peer(), "10.0.0.2"
+    )
     assert accepted.plan.listener_ports.first_port == 9000
     assert accepted.expire_time.seconds == int(clock.now) + 24 * 3600
     clock.now += 24 * 3600 + 1
@@ -82,9 +60,11 @@ async def test_ttl_clamped_and_sweep(store: Store, tmp_path: Path) -> None:
     got = await broker.get(offer.session.name, offer.party_token)
     assert got.state == states.EXPIRED
     # the lease was released: a new session gets the same ports again
-    second = await broker.create_offer(_request(), "10.0.0.1")
+    second = await broker.create_offer(offer_request(), "10.0.0.1")
     claim2 = await claim_confirmed(broker, second, "10.0.0.2")
-    plan = (await broker.accept(second.session.name, claim2.party_token, _receiver(), None)).plan
+    plan = (
+        await broker.accept(second.session.name, claim2.party_token, receiver_peer(), None)
+    ).plan
     assert plan.listener_ports.first_port == 9000
 
 
@@ -92,29 +72,29 @@ async def test_ttl_clamped_and_sweep(store: Store, tmp_path: Path) -> None:
 async def test_expired_before_sweep(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
     broker = Broker(BrokerConfig(data_dir=tmp_path), store, clock=clock)
-    offer = await broker.create_offer(_request(), None)
+    offer = await broker.create_offer(offer_request(), None)
     claim = await claim_confirmed(broker, offer)
     clock.now += 601
     with pytest.raises(states.IllegalTransition, match="expired"):
-        await broker.accept(offer.session.name, claim.party_token, _receiver(), None)
+        await broker.accept(offer.session.name, claim.party_token, receiver_peer(), None)
 
 
 @pytest.mark.asyncio
 async def test_request_id_after_restart(stores: StoreFactory, tmp_path: Path) -> None:
     clock = FakeClock()
     first = Broker(BrokerConfig(data_dir=tmp_path), stores(), clock=clock)
-    offer = await first.create_offer(_request("r1"), None)
-    assert (await first.create_offer(_request("r1"), None)).code == offer.code
+    offer = await first.create_offer(offer_request("r1"), None)
+    assert (await first.create_offer(offer_request("r1"), None)).code == offer.code
     restarted = Broker(BrokerConfig(data_dir=tmp_path), stores(), clock=clock)  # its own store
     if stores.kind == "redis":  # the ledger is shared: a restart (or a replica) answers alike
-        again = await restarted.create_offer(_request("r1"), None)
+        again = await restarted.create_offer(offer_request("r1"), None)
         assert (again.code, again.party_token) == (offer.code, offer.party_token)
         assert again.session.name == offer.session.name
         return
     # SQLite: the answer was in the first process's memory; the offer exists, so the retry is
     # refused (a second offer would leave the first one orphaned).
     with pytest.raises(AlreadyExists) as info:
-        await restarted.create_offer(_request("r1"), None)
+        await restarted.create_offer(offer_request("r1"), None)
     assert info.value.reason == Reason.REQUEST_ID_REUSED
 
 
@@ -136,7 +116,7 @@ async def test_cancelled_watches_do_not_leak(stores: StoreFactory, tmp_path: Pat
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = broker_pb2_grpc.BrokerServiceStub(channel)
-            offer = await stub.CreateOffer(_request(), timeout=5)
+            offer = await stub.CreateOffer(offer_request(), timeout=5)
             metadata = (("authorization", f"Bearer {offer.party_token}"),)
             calls = [
                 stub.WatchSession(

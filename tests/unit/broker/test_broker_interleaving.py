@@ -25,41 +25,17 @@ from ferry.broker.core import Broker
 from ferry.broker.hub import Hub
 from ferry.broker.store import Store
 from ferry.v1 import broker_pb2
-from tests.support.broker_flow import claim_confirmed, pake_sender
+from tests.support.broker_flow import (
+    FakeClock,
+    claim_confirmed,
+    offer_request,
+    receiver_peer,
+)
 from tests.support.redis import StoreFactory
 
 pytestmark = pytest.mark.timeout(60)
 
 ROUNDS = 20
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _request(request_id: str = "") -> broker_pb2.CreateOfferRequest:
-    return broker_pb2.CreateOfferRequest(
-        manifest=broker_pb2.Manifest(
-            files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
-        ),
-        sender=pake_sender(
-            broker_pb2.PeerInfo(
-                allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9999),
-                certificate_der=b"cert",
-            )
-        ),
-        request_id=request_id,
-    )
-
-
-def _receiver() -> broker_pb2.PeerInfo:
-    return broker_pb2.PeerInfo(
-        allowed_ports=broker_pb2.PortRange(first_port=1, last_port=2), certificate_der=b"c"
-    )
 
 
 def _broker(store: Store, tmp_path: Path, clock: FakeClock | None = None) -> Broker:
@@ -73,7 +49,7 @@ async def test_retries_in_flight_together_make_one_offer(
 ) -> None:
     broker = _broker(stores(), tmp_path)
     for round_ in range(ROUNDS):
-        request = _request(f"retry-{round_}")
+        request = offer_request(f"retry-{round_}", last_port=9999)
         answers = await asyncio.gather(
             *(broker.create_offer(request, "10.0.0.1") for _ in range(4))
         )
@@ -87,10 +63,10 @@ async def test_of_two_racing_completions_exactly_one_wrote(
 ) -> None:
     broker = _broker(stores(), tmp_path)
     for _ in range(ROUNDS):
-        offer = await broker.create_offer(_request(), "10.0.0.1")
+        offer = await broker.create_offer(offer_request(last_port=9999), "10.0.0.1")
         claim = await claim_confirmed(broker, offer, "10.0.0.2")
         name, receiver = offer.session.name, claim.party_token
-        await broker.accept(name, receiver, _receiver(), "10.0.0.2")
+        await broker.accept(name, receiver, receiver_peer(), "10.0.0.2")
         await broker.report(name, receiver, states.TRANSFERRING, 0, "")
         results = await asyncio.gather(
             *(broker.report_change(name, receiver, states.COMPLETED, 1, "") for _ in range(2)),
@@ -108,7 +84,9 @@ async def test_a_call_racing_the_expiry_of_its_session_sees_it_expired(
 ) -> None:
     clock = FakeClock()
     broker = _broker(stores(), tmp_path, clock)
-    offers = [await broker.create_offer(_request(), "10.0.0.1") for _ in range(ROUNDS)]
+    offers = [
+        await broker.create_offer(offer_request(last_port=9999), "10.0.0.1") for _ in range(ROUNDS)
+    ]
     clock.now += 3600  # every offer is past its expiry, none expired yet
     for offer in offers:
         name, token = offer.session.name, offer.party_token

@@ -21,11 +21,11 @@ from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker
 from ferry.broker.errors import BrokerRefusal, NotFound, Reason, ResourceExhausted
 from ferry.broker.ledger import Ledger, MemoryLedger
-from ferry.v1 import broker_pb2
 from tests.support.broker_flow import (
     CLAIM_VERIFIER,
     RECEIVER_PAKE,
-    pake_sender,
+    FakeClock,
+    offer_request,
     store_and_forward,
 )
 from tests.support.redis import RedisServer, StoreFactory
@@ -33,14 +33,6 @@ from tests.support.redis import RedisServer, StoreFactory
 pytestmark = pytest.mark.timeout(60)
 
 NOW = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -155,7 +147,7 @@ async def replicas(redis_stores: StoreFactory, tmp_path: Path) -> tuple[Broker, 
     """Two brokers on one Redis, as two `ferry serve` replicas (a SQLite store is one
     process: nothing to share)."""
     stores = redis_stores
-    clock = Clock()
+    clock = FakeClock()
     config = BrokerConfig(
         data_dir=tmp_path,
         claim_burst_per_ip=10,
@@ -175,21 +167,6 @@ async def replicas(redis_stores: StoreFactory, tmp_path: Path) -> tuple[Broker, 
     )
 
 
-def _offer(request_id: str = "") -> broker_pb2.CreateOfferRequest:
-    return broker_pb2.CreateOfferRequest(
-        manifest=broker_pb2.Manifest(
-            files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
-        ),
-        sender=pake_sender(
-            broker_pb2.PeerInfo(
-                allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
-                certificate_der=b"cert",
-            )
-        ),
-        request_id=request_id,
-    )
-
-
 async def _refusal(broker: Broker, code: str, ip: str) -> BrokerRefusal:
     with pytest.raises(BrokerRefusal) as info:
         await broker.claim_offer(code, ip, pake_message=RECEIVER_PAKE)
@@ -201,7 +178,7 @@ async def test_failed_claims_on_one_replica_count_on_the_other(
     replicas: tuple[Broker, Broker],
 ) -> None:
     a, b = replicas
-    code = (await a.create_offer(_offer(), "198.51.100.1")).code
+    code = (await a.create_offer(offer_request(), "198.51.100.1")).code
     guesser = "192.0.2.66"
     for i in range(10):  # the burst, spread over both replicas
         refusal = await _refusal((a, b)[i % 2], "9-wrong", guesser)
@@ -222,13 +199,13 @@ async def test_new_offers_from_one_source_share_one_allowance(
     made, reasons = 0, []
     for i in range(20):
         try:
-            await (a, b)[i % 2].create_offer(_offer(), "192.0.2.7")
+            await (a, b)[i % 2].create_offer(offer_request(), "192.0.2.7")
             made += 1
         except ResourceExhausted as exc:
             reasons.append(exc.reason)
     assert reasons == [Reason.RATE_LIMITED] * 14
     assert made == 6  # the burst, not twice it
-    await a.create_offer(_offer(), "192.0.2.8")  # another source is not touched
+    await a.create_offer(offer_request(), "192.0.2.8")  # another source is not touched
 
 
 @pytest.mark.asyncio
@@ -236,7 +213,7 @@ async def test_guesses_at_one_offer_are_counted_across_replicas(
     replicas: tuple[Broker, Broker],
 ) -> None:
     a, b = replicas
-    request = store_and_forward(_offer())
+    request = store_and_forward(offer_request())
     offer = await a.create_offer(request, "198.51.100.1")
     wrong = bytes(32)
     assert wrong != CLAIM_VERIFIER
@@ -252,8 +229,8 @@ async def test_guesses_at_one_offer_are_counted_across_replicas(
 async def test_a_squatted_claim_is_timed_across_replicas(replicas: tuple[Broker, Broker]) -> None:
     a, b = replicas
     clock = a.clock
-    assert isinstance(clock, Clock)
-    offer = await a.create_offer(_offer(), "198.51.100.1")
+    assert isinstance(clock, FakeClock)
+    offer = await a.create_offer(offer_request(), "198.51.100.1")
     await a.claim_offer(offer.code, "192.0.2.20", pake_message=RECEIVER_PAKE)  # never confirms
     clock.now += 31
     with pytest.raises(NotFound):  # the next claim, on the other replica, ends the offer
@@ -269,8 +246,8 @@ async def test_a_claim_not_yet_timed_out_is_kept_across_replicas(
 ) -> None:
     a, b = replicas
     clock = a.clock
-    assert isinstance(clock, Clock)
-    offer = await a.create_offer(_offer(), "198.51.100.1")
+    assert isinstance(clock, FakeClock)
+    offer = await a.create_offer(offer_request(), "198.51.100.1")
     await a.claim_offer(offer.code, "192.0.2.20", pake_message=RECEIVER_PAKE)
     clock.now += 29  # B must not start the claim's clock anew: it ends at 30 s after A's claim
     with pytest.raises(NotFound):
@@ -288,11 +265,11 @@ async def test_a_retried_offer_gets_the_first_answer_from_the_other_replica(
 ) -> None:
     stores = redis_stores
     a, b = replicas
-    first = await a.create_offer(_offer("retry-7d3f0c"), "198.51.100.1")
-    again = await b.create_offer(_offer("retry-7d3f0c"), "198.51.100.1")
+    first = await a.create_offer(offer_request("retry-7d3f0c"), "198.51.100.1")
+    again = await b.create_offer(offer_request("retry-7d3f0c"), "198.51.100.1")
     assert (again.code, again.party_token) == (first.code, first.party_token)
     assert again.session.name == first.session.name
-    different = _offer("retry-7d3f0c")
+    different = offer_request("retry-7d3f0c")
     different.manifest.files[0].size_bytes = 2
     with pytest.raises(BrokerRefusal) as info:
         await b.create_offer(different, "198.51.100.1")

@@ -35,7 +35,7 @@ from ferry.broker.redis_store import RedisStore, StoreUnavailable, describe_url
 from ferry.broker.server import start_server
 from ferry.broker.store import StaleRecord, StorageFull, UploadRecord
 from ferry.v1 import broker_pb2, broker_pb2_grpc
-from tests.support.broker_flow import RECEIVER_PAKE, auth, pake_sender
+from tests.support.broker_flow import RECEIVER_PAKE, auth, offer_request
 from tests.support.redis import RedisServer, StoreFactory, session_record, token_owner
 from tests.support.rpc import reason_of
 from tests.support.tls import TestPKI
@@ -330,7 +330,7 @@ async def test_a_broker_on_redis_answers_unavailable_while_redis_is_down(
         assert isinstance(running.store, RedisStore)
         async with grpc.aio.insecure_channel(running.address) as channel:
             stub = broker_pb2_grpc.BrokerServiceStub(channel)
-            offer = await stub.CreateOffer(_offer_request(), timeout=5)
+            offer = await stub.CreateOffer(offer_request(), timeout=5)
             session_id = offer.session.name.removeprefix("sessions/")
             assert own_server.client().exists(f"ferry:s:{session_id}")  # the default prefix
             request = broker_pb2.GetSessionRequest(name=offer.session.name)
@@ -432,20 +432,6 @@ async def test_replicas_racing_never_pass_the_owner_limit(stores: StoreFactory) 
     assert sum(won) == 5
 
 
-def _offer_request() -> broker_pb2.CreateOfferRequest:
-    return broker_pb2.CreateOfferRequest(
-        manifest=broker_pb2.Manifest(
-            files=[broker_pb2.FileEntry(path="a.txt", size_bytes=1)], chunk_size_bytes=1 << 20
-        ),
-        sender=pake_sender(
-            broker_pb2.PeerInfo(
-                allowed_ports=broker_pb2.PortRange(first_port=9000, last_port=9100),
-                certificate_der=b"cert",
-            )
-        ),
-    )
-
-
 @pytest.mark.asyncio
 async def test_two_brokers_claiming_one_code_one_wins(stores: StoreFactory) -> None:
     """Two Broker replicas (one token key, as replicas must share) claim each code at once."""
@@ -455,8 +441,7 @@ async def test_two_brokers_claiming_one_code_one_wins(stores: StoreFactory) -> N
     barrier = asyncio.Barrier(2)
     rounds = 40
     codes = [
-        (await brokers[i % 2].create_offer(_offer_request(), "10.0.0.1")).code
-        for i in range(rounds)
+        (await brokers[i % 2].create_offer(offer_request(), "10.0.0.1")).code for i in range(rounds)
     ]
     wins: list[list[str]] = [[], []]
 
