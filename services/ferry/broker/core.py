@@ -63,7 +63,7 @@ from ferry.broker.hub import Hub, WatchLimits
 from ferry.broker.ledger import LocalLedger
 from ferry.broker.ratelimit import CallLimiter, ClaimLimiter, SourceLimiter
 from ferry.broker.states import Event, Party
-from ferry.broker.store import SessionRecord, StaleRecord, StorageFull, Store
+from ferry.broker.store import CodeTaken, SessionRecord, StaleRecord, StorageFull, Store
 from ferry.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,12 @@ def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(round(seconds * 1e9))
     return ts
+
+
+def _no_nameplate() -> ResourceExhausted:
+    return ResourceExhausted(
+        Reason.NAMEPLATES_EXHAUSTED, "the broker holds too many offers; try again later"
+    )
 
 
 def _not_found() -> NotFound:
@@ -243,7 +249,6 @@ class Broker:
             ttl = request.ttl.ToNanoseconds() / 1e9
         ttl = min(max(ttl, self.config.offer_ttl_min_s), self.config.offer_ttl_max_s)
 
-        code, code_hash = await self._free_nameplate(now)
         token = codes.new_token()
         session = broker_pb2.Session(
             name=f"sessions/{uuid.uuid4().hex}",
@@ -257,11 +262,21 @@ class Broker:
         record = SessionRecord(
             session=session,
             sender_token_hash=codes.hash_token(token),
-            code_hash=code_hash,
             request_id=_request_key(request.request_id) if request.request_id else None,
             claim_verifier=request.claim_verifier or None,
         )
-        await self.store.create_session(record)
+        # The nameplate is looked up free, then taken by the store's create, which refuses
+        # it (CodeTaken) if another offer took it in between: on another replica, or in this
+        # process while this call awaited the store.
+        for _ in range(_NAMEPLATE_TRIES):
+            code, record.code_hash = await self._free_nameplate(now)
+            try:
+                await self.store.create_session(record)
+                break
+            except CodeTaken:
+                continue
+        else:
+            raise _no_nameplate()
         response = broker_pb2.CreateOfferResponse(session=session, code=code, party_token=token)
         if request.request_id:
             reply = _Reply(fingerprint, record.session_id, code, token, now + ttl)
@@ -297,9 +312,7 @@ class Broker:
             held = await self.store.find_by_code_hash(code_hash)
             if held is None or (held.session.state in states.FINAL_STATES and held.expire_s < now):
                 return nameplate, code_hash
-        raise ResourceExhausted(
-            Reason.NAMEPLATES_EXHAUSTED, "the broker holds too many offers; try again later"
-        )
+        raise _no_nameplate()
 
     async def _replay(
         self, request_id: str, fingerprint: str, now: float

@@ -93,6 +93,7 @@ from ferry.broker.errors import Reason, Unavailable
 from ferry.broker.ledger import MAX_TTL_S, rounded_ms
 from ferry.broker.states import CONNECTING, LIVE_STATES, TRANSFERRING, Party
 from ferry.broker.store import (
+    CodeTaken,
     QuotaExceeded,
     SessionRecord,
     StaleRecord,
@@ -150,12 +151,21 @@ end
 """
 
 # KEYS: s:{id}. ARGV: prefix, id, data, state, version, sender, code, receiver, request,
-# verifier, create, expire, update, live ("1"/"0"). Returns 1, or 0 if the id exists.
+# verifier, create, expire, update, live ("1"/"0"). Returns 1, 0 if the id exists, or -1 if
+# the code hash is held by a session that is live or expires after `create` (CodeTaken).
 _CREATE = (
     _WRITES
     + """
 local p, id = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[7] ~= '' then
+  local held = redis.call('ZREVRANGE', p .. 'c:' .. ARGV[7], 0, 0)
+  if #held > 0 then
+    if redis.call('ZSCORE', p .. 'live', held[1]) then return -1 end
+    local expire = redis.call('HGET', p .. 's:' .. held[1], 'expire')
+    if expire and tonumber(expire) >= tonumber(ARGV[11]) then return -1 end
+  end
+end
 redis.call('HSET', KEYS[1], 'data', ARGV[3], 'state', ARGV[4], 'version', ARGV[5],
   'sender', ARGV[6], 'create', ARGV[11], 'expire', ARGV[12], 'update', ARGV[13])
 local optional = {code = ARGV[7], receiver = ARGV[8], request = ARGV[9], verifier = ARGV[10]}
@@ -725,6 +735,8 @@ class RedisStore:
                     "1" if s.state in LIVE_STATES else "0",
                 ],
             )
+        if created == -1:
+            raise CodeTaken
         if not created:
             raise DuplicateSession(f"session {sid} exists already")
 

@@ -41,6 +41,11 @@ class StaleRecord(Exception):
     """The session changed since it was read; read it again and retry."""
 
 
+class CodeTaken(Exception):
+    """create_session: another session holds the code hash, and a claim could still find it
+    (it is live, or it ended but has not expired yet: its claimant is told so)."""
+
+
 class StorageFull(ResourceExhausted):
     """The store's disk is full (SQLite's "database or disk is full", ENOSPC, EDQUOT).
 
@@ -117,7 +122,9 @@ class Store(Protocol):
     (redis_store.py). Every step is awaited but `ledger`, which only hands out an object."""
 
     async def create_session(self, record: SessionRecord) -> None:
-        """Insert a new session (version 0)."""
+        """Insert a new session (version 0). Raises CodeTaken if its code hash is held by
+        a session that is live or expires after the new one's create_time: the check and
+        the insert are one step, so two offers never share a nameplate."""
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         """The session with this id, or None."""
@@ -405,6 +412,15 @@ class SqliteStore:
 
     async def create_session(self, record: SessionRecord) -> None:
         s = record.session
+        if record.code_hash is not None:  # no await between this check and the insert
+            held = self._db.execute(
+                "SELECT state, expire_time FROM sessions WHERE code_hash = ?"
+                " ORDER BY create_time DESC LIMIT 1",
+                (record.code_hash,),
+            ).fetchone()
+            created = s.create_time.ToNanoseconds() / 1e9
+            if held is not None and (held[0] in LIVE_STATES or held[1] >= created):
+                raise CodeTaken
         self._db.execute(
             "INSERT INTO sessions (id, state, code_hash, expire_time, create_time,"
             " sender_token_hash, receiver_token_hash, request_id, version, data, claim_verifier,"

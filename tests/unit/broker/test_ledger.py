@@ -9,6 +9,7 @@ one Redis and one key prefix, as two `ferry serve` processes would be.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from ferry.broker import states
+from ferry.broker import codes, states
 from ferry.broker.config import BrokerConfig
 from ferry.broker.core import Broker
 from ferry.broker.errors import BrokerRefusal, NotFound, Reason, ResourceExhausted
@@ -291,3 +292,24 @@ async def test_the_call_limit_stays_per_process(replicas: tuple[Broker, Broker])
     assert all(a.calls.take("192.0.2.1", NOW) for _ in range(burst))
     assert not a.calls.take("192.0.2.1", NOW)
     assert b.calls.take("192.0.2.1", NOW)
+
+
+@pytest.mark.asyncio
+async def test_two_replicas_offering_at_once_never_share_a_nameplate(
+    replicas: tuple[Broker, Broker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both replicas draw the same nameplate first (as two random draws may): both find it
+    free, the store gives it to one, and the other draws again."""
+    a, b = replicas
+    draws = iter(["7-orbit", "7-orbit", "8-comet", "9-delta"])
+    monkeypatch.setattr(codes, "generate", lambda: next(draws))
+    first, second = await asyncio.gather(
+        a.create_offer(offer_request(), "198.51.100.1"),
+        b.create_offer(offer_request(), "198.51.100.2"),
+    )
+    assert sorted([first.code, second.code]) == ["7-orbit", "8-comet"]
+    taker = a if first.code == "7-orbit" else b
+    other = second if first.code == "7-orbit" else first
+    claim = await taker.claim_offer("7-orbit", "203.0.113.1", pake_message=RECEIVER_PAKE)
+    assert claim.session.name in (first.session.name, second.session.name)
+    assert claim.session.name != other.session.name

@@ -22,6 +22,7 @@ from ferry.broker import leases, states
 from ferry.broker.core import timestamp
 from ferry.broker.redis_store import DuplicateSession
 from ferry.broker.store import (
+    CodeTaken,
     QuotaExceeded,
     SessionRecord,
     StaleRecord,
@@ -115,7 +116,9 @@ async def test_an_update_keeps_what_only_creation_sets(store: Store) -> None:
 
 @pytest.mark.asyncio
 async def test_find_by_code_hash_is_the_newest_holder(store: Store) -> None:
-    await store.create_session(session_record("old", create=1.0, code_hash="same"))
+    # "old" ended and expired before "new" took its nameplate (create_session: CodeTaken)
+    ended = session_record("old", state=states.EXPIRED, create=1.0, expire=1.5, code_hash="same")
+    await store.create_session(ended)
     await store.create_session(session_record("new", create=2.0, code_hash="same"))
     await store.create_session(session_record("other", create=3.0))
     assert _get_found(await store.find_by_code_hash("same")) == "new"
@@ -135,6 +138,37 @@ async def test_find_by_code_hash_is_the_newest_holder(store: Store) -> None:
     assert _get_found(await store.find_by_code_hash("again")) == "old"
     assert _get_found(await store.find_by_code_hash("c-other")) == "other"
     assert await store.find_by_code_hash("nope") is None
+
+
+@pytest.mark.asyncio
+async def test_a_nameplate_a_claim_could_still_find_is_not_given_twice(store: Store) -> None:
+    await store.create_session(session_record("live", create=1.0, expire=100.0, code_hash="n"))
+    with pytest.raises(CodeTaken):  # a live holder
+        await store.create_session(session_record("second", create=2.0, code_hash="n"))
+    await store.create_session(
+        session_record("ended", state=states.CANCELLED, create=1.0, expire=50.0, code_hash="e")
+    )
+    with pytest.raises(CodeTaken):  # ended, not yet expired: its claimant is told so
+        await store.create_session(session_record("early", create=49.0, code_hash="e"))
+    await store.create_session(session_record("late", create=51.0, code_hash="e"))
+    assert await store.get_session("second") is None
+    assert await store.get_session("early") is None
+    live = await _get(store, "live")
+    live.code_hash = None  # claimed: the nameplate is free again
+    await store.update_session(live)
+    await store.create_session(session_record("after", create=3.0, code_hash="n"))
+
+
+@pytest.mark.asyncio
+async def test_replicas_creating_with_one_nameplate_one_wins(stores: StoreFactory) -> None:
+    one, two = stores(), stores()
+    for round_ in range(20):
+        results = await asyncio.gather(
+            one.create_session(session_record(f"a{round_}", code_hash=f"n{round_}")),
+            two.create_session(session_record(f"b{round_}", code_hash=f"n{round_}")),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["CodeTaken", "NoneType"], results
 
 
 def _get_found(found: SessionRecord | None) -> str:
