@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Bucket", "Ledger", "LocalLedger", "MemoryLedger", "bucket_ttl"]
+__all__ = ["Bucket", "Ledger", "LocalLedger", "MemoryLedger"]
 
 #: Longest any entry is kept, whatever the caller asks (a bucket with no refill rate).
 MAX_TTL_S = 24 * 3600.0
@@ -84,13 +84,6 @@ class Bucket:
     def is_full(self, now: float) -> bool:
         self.refill(now)
         return self.tokens >= self.burst
-
-
-def bucket_ttl(burst: float, rate: float, tokens: float) -> float:
-    """Seconds until a bucket with `tokens` is full again (then it can be forgotten)."""
-    if rate <= 0:
-        return MAX_TTL_S
-    return min(MAX_TTL_S, max(0.0, burst - tokens) / rate + 1.0)
 
 
 class LocalLedger:
