@@ -212,8 +212,8 @@ async def _call(stub: Any, method: str, request: Message, token: str) -> grpc.St
     """Make one call; its status code (OK for an answer, or a stream's first message)."""
     metadata = auth(token) if token else None
     try:
-        if method == "WatchSession":
-            call = stub.WatchSession(request, metadata=metadata, timeout=T)
+        if method in ("WatchSession", "WatchInbox"):
+            call = getattr(stub, method)(request, metadata=metadata, timeout=T)
             try:
                 async for _ in call:
                     break

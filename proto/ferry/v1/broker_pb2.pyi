@@ -94,6 +94,7 @@ class Session(_message.Message):
     CLAIMED_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    PERSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `sessions/{session_id}`."""
     state: Global___Session.State.ValueType
@@ -142,6 +143,13 @@ class Session(_message.Message):
         not); unset until it does.
         """
 
+    @_builtins.property
+    def person(self) -> Global___PersonOffer:
+        """For an offer to a person (made with CreateOfferRequest.recipient): who
+        sends, to whom, and the key sealed to the recipient's devices. Unset for
+        an offer made with a code.
+        """
+
     def __init__(
         self,
         *,
@@ -159,14 +167,172 @@ class Session(_message.Message):
         claimed: _builtins.bool = ...,
         attempt: _builtins.int = ...,
         path: Global___PathReport | None = ...,
+        person: Global___PersonOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "manifest", b"manifest", "path", b"path", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "manifest", b"manifest", "path", b"path", "person", b"person", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_done", b"bytes_done", "claimed", b"claimed", "create_time", b"create_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "manifest", b"manifest", "name", b"name", "path", b"path", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes_done", b"bytes_done", "claimed", b"claimed", "create_time", b"create_time", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "manifest", b"manifest", "name", b"name", "path", b"path", "person", b"person", "plan", b"plan", "receiver", b"receiver", "sender", b"sender", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class PersonOffer(_message.Message):
+    """PersonOffer is the addressing of an offer to a person.
+
+    The session's key (32 random bytes, which the sender's side makes; its
+    uses are those of a code's PAKE key: key confirmation, certificate MACs,
+    the object store's encryption) is sealed to each enrolled device of the
+    recipient (KeyEnvelope: libsodium's sealed box, X25519). The sender's
+    device signs what the recipient relies on (offer_signature), so that a
+    device that opens its envelope knows who sent the key, and to whom, and
+    the broker, which has neither the recipient's private keys nor the
+    sender's, can neither read the key nor make an offer in someone's name.
+    Then the peers trust each other's certificates as with a code: only a
+    holder of the key can MAC them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_USER_FIELD_NUMBER: _builtins.int
+    SENDER_DEVICE_FIELD_NUMBER: _builtins.int
+    RECIPIENT_USER_FIELD_NUMBER: _builtins.int
+    KEY_ENVELOPES_FIELD_NUMBER: _builtins.int
+    OFFER_SIGNATURE_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    RECEIVER_DEVICE_ID_FIELD_NUMBER: _builtins.int
+    sender_user: _builtins.str
+    """The sending user."""
+    recipient_user: _builtins.str
+    """The user the offer is addressed to."""
+    offer_signature: _builtins.bytes
+    """The sender device's Ed25519 signature over, in order, each
+    length-prefixed (4-byte big-endian length): the ASCII string
+    `ferry/v1 person-offer`, sender_user, sender_device.device_id,
+    recipient_user, the manifest's canonical SHA-256 (the one the sender's
+    key confirmation covers: ferry.protocol.pake.manifest_digest), not_after
+    as decimal seconds since the epoch, then for every envelope
+    (in the order of key_envelopes) its device_id and sealed_key.
+    """
+    receiver_device_id: _builtins.str
+    """The device of the recipient that took the offer (TakeOffer); empty
+    until one did.
+    """
+    @_builtins.property
+    def sender_device(self) -> Global___Device:
+        """The sending device, with its public keys: the recipient checks
+        offer_signature with signing_key (and should pin it: a device's keys
+        never change).
+        """
+
+    @_builtins.property
+    def key_envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyEnvelope]:
+        """The session's key, sealed to each device of the recipient that was
+        enrolled when the offer was made. Each opens only on its own device; the
+        recipient's devices see them all, since the signature covers them all.
+        """
+
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp:
+        """Until when the sender vouches for the offer (signed): a recipient
+        refuses it after, so an old offer replayed by anyone is refused.
+        """
+
+    def __init__(
+        self,
+        *,
+        sender_user: _builtins.str = ...,
+        sender_device: Global___Device | None = ...,
+        recipient_user: _builtins.str = ...,
+        key_envelopes: _abc.Iterable[Global___KeyEnvelope] | None = ...,
+        offer_signature: _builtins.bytes = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        receiver_device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "sender_device", b"sender_device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_envelopes", b"key_envelopes", "not_after", b"not_after", "offer_signature", b"offer_signature", "receiver_device_id", b"receiver_device_id", "recipient_user", b"recipient_user", "sender_device", b"sender_device", "sender_user", b"sender_user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersonOffer: _TypeAlias = PersonOffer  # noqa: Y015
+
+@_typing.final
+class KeyEnvelope(_message.Message):
+    """KeyEnvelope is a session key sealed to one device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SEALED_KEY_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device that can open it."""
+    sealed_key: _builtins.bytes
+    """libsodium's crypto_box_seal of the 32-byte session key to the device's
+    encryption_key (48 + 32 bytes).
+    """
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        sealed_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "sealed_key", b"sealed_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyEnvelope: _TypeAlias = KeyEnvelope  # noqa: Y015
+
+@_typing.final
+class Device(_message.Message):
+    """Device is one enrolled device of a user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    SIGNING_KEY_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device's id, made by the broker at enrollment."""
+    user: _builtins.str
+    """The user the device belongs to."""
+    display_name: _builtins.str
+    """The name its owner gave it, e.g. `laptop` (for people; not unique)."""
+    signing_key: _builtins.bytes
+    """The device's Ed25519 public key (32 bytes)."""
+    encryption_key: _builtins.bytes
+    """The device's X25519 public key (32 bytes), to seal session keys to."""
+    online: _builtins.bool
+    """Whether the device holds an inbox stream open now (ListPeers only)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the device enrolled."""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        user: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        signing_key: _builtins.bytes = ...,
+        encryption_key: _builtins.bytes = ...,
+        online: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "device_id", b"device_id", "display_name", b"display_name", "encryption_key", b"encryption_key", "online", b"online", "signing_key", b"signing_key", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Device: _TypeAlias = Device  # noqa: Y015
 
 @_typing.final
 class PathReport(_message.Message):
@@ -581,6 +747,10 @@ class CreateOfferRequest(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CLAIM_VERIFIER_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    KEY_ENVELOPES_FIELD_NUMBER: _builtins.int
+    OFFER_SIGNATURE_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """A client-chosen id (e.g. a UUID) that makes a retried call idempotent."""
     claim_verifier: _builtins.bytes
@@ -589,6 +759,14 @@ class CreateOfferRequest(_message.Message):
     one-way from the secret part of the code. Empty for a PAKE offer, whose
     sender.pake_message must be set instead.
     """
+    recipient: _builtins.str
+    """For an offer to a person (no code; the caller must be signed in): the
+    recipient's user name. Then key_envelopes, offer_signature and not_after
+    are required and pake_message and claim_verifier must be empty; the
+    sender confirms the key at once (ConfirmKey), as for store-and-forward.
+    """
+    offer_signature: _builtins.bytes
+    """PersonOffer.offer_signature, by the signed-in device."""
     @_builtins.property
     def manifest(self) -> Global___Manifest:
         """What is offered."""
@@ -601,6 +779,18 @@ class CreateOfferRequest(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """How long the code stays valid; the broker clamps it to its maximum."""
 
+    @_builtins.property
+    def key_envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyEnvelope]:
+        """PersonOffer.key_envelopes: one for every device of the recipient that is
+        enrolled and not revoked (ListPeers), else INVALID_ARGUMENT.
+        """
+
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp:
+        """PersonOffer.not_after (signed); also the offer's expiry if earlier than
+        ttl would make it.
+        """
+
     def __init__(
         self,
         *,
@@ -609,10 +799,14 @@ class CreateOfferRequest(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
         claim_verifier: _builtins.bytes = ...,
+        recipient: _builtins.str = ...,
+        key_envelopes: _abc.Iterable[Global___KeyEnvelope] | None = ...,
+        offer_signature: _builtins.bytes = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "not_after", b"not_after", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_verifier", b"claim_verifier", "manifest", b"manifest", "request_id", b"request_id", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_verifier", b"claim_verifier", "key_envelopes", b"key_envelopes", "manifest", b"manifest", "not_after", b"not_after", "offer_signature", b"offer_signature", "recipient", b"recipient", "request_id", b"request_id", "sender", b"sender", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -630,6 +824,7 @@ class CreateOfferResponse(_message.Message):
     code: _builtins.str
     """The code's nameplate, e.g. `7-orbit`. The sender's side appends its
     password (and secret) to it to make the code it gives the receiver.
+    Empty for an offer to a person.
     """
     party_token: _builtins.str
     """The sender's bearer token for this session."""
@@ -1597,3 +1792,414 @@ class PresignStoreDownloadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PresignStoreDownloadResponse: _TypeAlias = PresignStoreDownloadResponse  # noqa: Y015
+
+@_typing.final
+class EnrollDeviceRequest(_message.Message):
+    """EnrollDeviceRequest enrolls a new device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    SIGNING_KEY_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_KEY_FIELD_NUMBER: _builtins.int
+    KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
+    enrollment_token: _builtins.str
+    """The one-time enrollment token the operator gave the user."""
+    display_name: _builtins.str
+    """A name for the device, for people (at most 64 characters)."""
+    signing_key: _builtins.bytes
+    """The device's Ed25519 public key (32 bytes)."""
+    encryption_key: _builtins.bytes
+    """The device's X25519 public key (32 bytes)."""
+    key_signature: _builtins.bytes
+    """The device's Ed25519 signature over, each length-prefixed as in
+    PersonOffer.offer_signature: `ferry/v1 enroll`, signing_key,
+    encryption_key, display_name.
+    """
+    def __init__(
+        self,
+        *,
+        enrollment_token: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        signing_key: _builtins.bytes = ...,
+        encryption_key: _builtins.bytes = ...,
+        key_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "encryption_key", b"encryption_key", "enrollment_token", b"enrollment_token", "key_signature", b"key_signature", "signing_key", b"signing_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollDeviceRequest: _TypeAlias = EnrollDeviceRequest  # noqa: Y015
+
+@_typing.final
+class EnrollDeviceResponse(_message.Message):
+    """EnrollDeviceResponse returns the new device."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    """The user's organisation."""
+    @_builtins.property
+    def device(self) -> Global___Device:
+        """The device as the broker recorded it (its device_id is new)."""
+
+    def __init__(
+        self,
+        *,
+        device: Global___Device | None = ...,
+        organization: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "organization", b"organization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollDeviceResponse: _TypeAlias = EnrollDeviceResponse  # noqa: Y015
+
+@_typing.final
+class CreateChallengeRequest(_message.Message):
+    """CreateChallengeRequest asks for a sign-in challenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device that will sign it."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateChallengeRequest: _TypeAlias = CreateChallengeRequest  # noqa: Y015
+
+@_typing.final
+class CreateChallengeResponse(_message.Message):
+    """CreateChallengeResponse returns a challenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    challenge: _builtins.bytes
+    """Opaque bytes to sign (SignInRequest)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the challenge stops being accepted."""
+
+    def __init__(
+        self,
+        *,
+        challenge: _builtins.bytes = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateChallengeResponse: _TypeAlias = CreateChallengeResponse  # noqa: Y015
+
+@_typing.final
+class SignInRequest(_message.Message):
+    """SignInRequest proves that the caller holds a device's signing key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device signing in."""
+    challenge: _builtins.bytes
+    """The challenge, as CreateChallenge returned it."""
+    signature: _builtins.bytes
+    """The device's Ed25519 signature over, each length-prefixed as in
+    PersonOffer.offer_signature: `ferry/v1 sign-in`, the broker's broker_id
+    (GetBrokerInfo), device_id and challenge.
+    """
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        challenge: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "device_id", b"device_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignInRequest: _TypeAlias = SignInRequest  # noqa: Y015
+
+@_typing.final
+class SignInResponse(_message.Message):
+    """SignInResponse returns an access token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    access_token: _builtins.str
+    """The bearer token for the people calls; short-lived."""
+    organization: _builtins.str
+    """The user's organisation."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the access token stops working; sign in again before."""
+
+    @_builtins.property
+    def device(self) -> Global___Device:
+        """The device signed in."""
+
+    def __init__(
+        self,
+        *,
+        access_token: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        device: Global___Device | None = ...,
+        organization: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "device", b"device", "expire_time", b"expire_time", "organization", b"organization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignInResponse: _TypeAlias = SignInResponse  # noqa: Y015
+
+@_typing.final
+class ListPeersRequest(_message.Message):
+    """ListPeersRequest asks whom the caller may offer files to; no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPeersRequest: _TypeAlias = ListPeersRequest  # noqa: Y015
+
+@_typing.final
+class Peer(_message.Message):
+    """Peer is one user the caller may offer files to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """The user's name."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]:
+        """The user's devices that are not revoked."""
+
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        devices: _abc.Iterable[Global___Device] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Peer: _TypeAlias = Peer  # noqa: Y015
+
+@_typing.final
+class ListPeersResponse(_message.Message):
+    """ListPeersResponse lists the caller's peers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]:
+        """The users of the caller's organisation, by name."""
+
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[Global___Peer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPeersResponse: _TypeAlias = ListPeersResponse  # noqa: Y015
+
+@_typing.final
+class ListInboxRequest(_message.Message):
+    """ListInboxRequest asks for the offers waiting for the caller; no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInboxRequest: _TypeAlias = ListInboxRequest  # noqa: Y015
+
+@_typing.final
+class ListInboxResponse(_message.Message):
+    """ListInboxResponse lists the waiting offers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFERS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    more: _builtins.int
+    """How many more offers wait beyond those (they show once some are taken)."""
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """The offers, in STATE_OFFERED and not taken, oldest first, each with
+        its person set and no sender candidates: as many as fit in 1 MiB (at
+        least one).
+        """
+
+    def __init__(
+        self,
+        *,
+        offers: _abc.Iterable[Global___Session] | None = ...,
+        more: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "offers", b"offers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInboxResponse: _TypeAlias = ListInboxResponse  # noqa: Y015
+
+@_typing.final
+class WatchInboxRequest(_message.Message):
+    """WatchInboxRequest opens the caller's inbox stream; no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchInboxRequest: _TypeAlias = WatchInboxRequest  # noqa: Y015
+
+@_typing.final
+class WatchInboxResponse(_message.Message):
+    """WatchInboxResponse is the inbox now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFERS_FIELD_NUMBER: _builtins.int
+    GONE_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    more: _builtins.int
+    """How many more offers wait beyond those in offers, as in ListInbox."""
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """The offers waiting now, as ListInbox has them."""
+
+    @_builtins.property
+    def gone(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
+        """The offers that left the inbox since this stream's last response: taken
+        by a device (person.receiver_device_id says which), or ended (state and
+        failure_reason say how). Without their manifest.
+        """
+
+    def __init__(
+        self,
+        *,
+        offers: _abc.Iterable[Global___Session] | None = ...,
+        gone: _abc.Iterable[Global___Session] | None = ...,
+        more: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gone", b"gone", "more", b"more", "offers", b"offers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchInboxResponse: _TypeAlias = WatchInboxResponse  # noqa: Y015
+
+@_typing.final
+class TakeOfferRequest(_message.Message):
+    """TakeOfferRequest takes an offer made to the caller's user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The session's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TakeOfferRequest: _TypeAlias = TakeOfferRequest  # noqa: Y015
+
+@_typing.final
+class TakeOfferResponse(_message.Message):
+    """TakeOfferResponse returns the session and the caller's party token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    PARTY_TOKEN_FIELD_NUMBER: _builtins.int
+    party_token: _builtins.str
+    """The device's bearer token for this session's calls."""
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The session, with person.receiver_device_id set to the caller."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        party_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party_token", b"party_token", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TakeOfferResponse: _TypeAlias = TakeOfferResponse  # noqa: Y015

@@ -42,9 +42,23 @@ class BrokerServiceStub:
 
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
-    offer calls return a party token; every other call must carry it as request
-    metadata `authorization: Bearer <party_token>`. A token grants access to
-    exactly one session, as exactly one party.
+    offer calls return a party token; every session call must carry it as
+    request metadata `authorization: Bearer <party_token>`. A token grants
+    access to exactly one session, as exactly one party.
+
+    People: a user (made by the broker's operator) has devices, each with key
+    pairs made on the device (Ed25519 to sign, X25519 to be encrypted to). A
+    device enrolls once with an operator's one-time enrollment token
+    (EnrollDevice), then signs in by signing a fresh challenge (CreateChallenge,
+    SignIn) and gets a short-lived access token. The people calls (ListPeers,
+    ListInbox, WatchInbox, TakeOffer) and an offer to a person (CreateOffer
+    with a recipient) carry it as `authorization: Bearer <access_token>`; a
+    signed-in device's code offers and claims may carry it too (required when
+    the operator allows no anonymous use). An offer to a person has no code:
+    its key travels sealed to each of the recipient's devices (KeyEnvelope),
+    signed by the sender's device (PersonOffer), so the broker relays it but
+    cannot read or forge it. A revoked device can do nothing: its access
+    tokens, its inbox stream and its sessions' party tokens stop working.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -147,6 +161,41 @@ class BrokerServiceStub:
                 request_serializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadRequest.SerializeToString,
                 response_deserializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadResponse.FromString,
                 _registered_method=True)
+        self.EnrollDevice = channel.unary_unary(
+                '/ferry.v1.BrokerService/EnrollDevice',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.EnrollDeviceRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.EnrollDeviceResponse.FromString,
+                _registered_method=True)
+        self.CreateChallenge = channel.unary_unary(
+                '/ferry.v1.BrokerService/CreateChallenge',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.CreateChallengeRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.CreateChallengeResponse.FromString,
+                _registered_method=True)
+        self.SignIn = channel.unary_unary(
+                '/ferry.v1.BrokerService/SignIn',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.SignInRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.SignInResponse.FromString,
+                _registered_method=True)
+        self.ListPeers = channel.unary_unary(
+                '/ferry.v1.BrokerService/ListPeers',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.ListPeersRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.ListPeersResponse.FromString,
+                _registered_method=True)
+        self.ListInbox = channel.unary_unary(
+                '/ferry.v1.BrokerService/ListInbox',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.ListInboxRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.ListInboxResponse.FromString,
+                _registered_method=True)
+        self.WatchInbox = channel.unary_stream(
+                '/ferry.v1.BrokerService/WatchInbox',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.WatchInboxRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.WatchInboxResponse.FromString,
+                _registered_method=True)
+        self.TakeOffer = channel.unary_unary(
+                '/ferry.v1.BrokerService/TakeOffer',
+                request_serializer=ferry_dot_v1_dot_broker__pb2.TakeOfferRequest.SerializeToString,
+                response_deserializer=ferry_dot_v1_dot_broker__pb2.TakeOfferResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -166,9 +215,23 @@ class BrokerServiceServicer:
 
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
-    offer calls return a party token; every other call must carry it as request
-    metadata `authorization: Bearer <party_token>`. A token grants access to
-    exactly one session, as exactly one party.
+    offer calls return a party token; every session call must carry it as
+    request metadata `authorization: Bearer <party_token>`. A token grants
+    access to exactly one session, as exactly one party.
+
+    People: a user (made by the broker's operator) has devices, each with key
+    pairs made on the device (Ed25519 to sign, X25519 to be encrypted to). A
+    device enrolls once with an operator's one-time enrollment token
+    (EnrollDevice), then signs in by signing a fresh challenge (CreateChallenge,
+    SignIn) and gets a short-lived access token. The people calls (ListPeers,
+    ListInbox, WatchInbox, TakeOffer) and an offer to a person (CreateOffer
+    with a recipient) carry it as `authorization: Bearer <access_token>`; a
+    signed-in device's code offers and claims may carry it too (required when
+    the operator allows no anonymous use). An offer to a person has no code:
+    its key travels sealed to each of the recipient's devices (KeyEnvelope),
+    signed by the sender's device (PersonOffer), so the broker relays it but
+    cannot read or forge it. A revoked device can do nothing: its access
+    tokens, its inbox stream and its sessions' party tokens stop working.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -342,6 +405,77 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollDevice(self, request, context):
+        """EnrollDevice makes a new device of a user with a one-time enrollment
+        token that the operator issued (`ferry admin enroll alice`). The device
+        made its key pairs itself and sends only their public halves, with its
+        signature over them (proof that it holds the signing key). No other
+        credential; a wrong token is charged to the caller's address as a wrong
+        code is (UNAUTHENTICATED, reason ENROLLMENT_INVALID). The token is used up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateChallenge(self, request, context):
+        """CreateChallenge returns a fresh challenge for SignIn. The broker keeps
+        nothing for it: the challenge carries its own expiry under a MAC, and is
+        remembered (single use) only once a valid signature of it came back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignIn(self, request, context):
+        """SignIn exchanges a device's signature over a fresh challenge for a
+        short-lived access token. A revoked device is refused
+        (UNAUTHENTICATED, reason DEVICE_REVOKED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPeers(self, request, context):
+        """ListPeers lists the users the caller may offer files to: every user of
+        the caller's organisation (the caller included, for its other devices),
+        with their devices' public keys and which of them are online.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInbox(self, request, context):
+        """ListInbox lists the offers waiting for the caller's user: offered, not
+        taken by any device, not expired; oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchInbox(self, request, context):
+        """WatchInbox makes the calling device online (ListPeers) for as long as the
+        stream stays open, and streams its user's inbox: first the offers waiting
+        now, then the inbox again after every change, with the offers that left
+        it since the last response (taken by a device, declined, cancelled,
+        expired). It ends when the device is revoked or its access token expires
+        (UNAUTHENTICATED); sign in again and re-open it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TakeOffer(self, request, context):
+        """TakeOffer makes the calling device the receiver of an offer made to its
+        user and returns its party token, for the session calls that follow
+        (AcceptOffer, DeclineOffer, ...). The first device to take an offer wins;
+        another gets FAILED_PRECONDITION, reason OFFER_TAKEN, and every device's
+        inbox shows which device took it. Taking it again from the same device
+        returns the same token. An offer to another user is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -430,6 +564,41 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     request_deserializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadRequest.FromString,
                     response_serializer=ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadResponse.SerializeToString,
             ),
+            'EnrollDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollDevice,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.EnrollDeviceRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.EnrollDeviceResponse.SerializeToString,
+            ),
+            'CreateChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateChallenge,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.CreateChallengeRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.CreateChallengeResponse.SerializeToString,
+            ),
+            'SignIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignIn,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.SignInRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.SignInResponse.SerializeToString,
+            ),
+            'ListPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPeers,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.ListPeersRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.ListPeersResponse.SerializeToString,
+            ),
+            'ListInbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInbox,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.ListInboxRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.ListInboxResponse.SerializeToString,
+            ),
+            'WatchInbox': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchInbox,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.WatchInboxRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.WatchInboxResponse.SerializeToString,
+            ),
+            'TakeOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeOffer,
+                    request_deserializer=ferry_dot_v1_dot_broker__pb2.TakeOfferRequest.FromString,
+                    response_serializer=ferry_dot_v1_dot_broker__pb2.TakeOfferResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'ferry.v1.BrokerService', rpc_method_handlers)
@@ -455,9 +624,23 @@ class BrokerService:
 
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
-    offer calls return a party token; every other call must carry it as request
-    metadata `authorization: Bearer <party_token>`. A token grants access to
-    exactly one session, as exactly one party.
+    offer calls return a party token; every session call must carry it as
+    request metadata `authorization: Bearer <party_token>`. A token grants
+    access to exactly one session, as exactly one party.
+
+    People: a user (made by the broker's operator) has devices, each with key
+    pairs made on the device (Ed25519 to sign, X25519 to be encrypted to). A
+    device enrolls once with an operator's one-time enrollment token
+    (EnrollDevice), then signs in by signing a fresh challenge (CreateChallenge,
+    SignIn) and gets a short-lived access token. The people calls (ListPeers,
+    ListInbox, WatchInbox, TakeOffer) and an offer to a person (CreateOffer
+    with a recipient) carry it as `authorization: Bearer <access_token>`; a
+    signed-in device's code offers and claims may carry it too (required when
+    the operator allows no anonymous use). An offer to a person has no code:
+    its key travels sealed to each of the recipient's devices (KeyEnvelope),
+    signed by the sender's device (PersonOffer), so the broker relays it but
+    cannot read or forge it. A revoked device can do nothing: its access
+    tokens, its inbox stream and its sessions' party tokens stop working.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -918,6 +1101,195 @@ class BrokerService:
             '/ferry.v1.BrokerService/PresignStoreDownload',
             ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadRequest.SerializeToString,
             ferry_dot_v1_dot_broker__pb2.PresignStoreDownloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/EnrollDevice',
+            ferry_dot_v1_dot_broker__pb2.EnrollDeviceRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.EnrollDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/CreateChallenge',
+            ferry_dot_v1_dot_broker__pb2.CreateChallengeRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.CreateChallengeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/SignIn',
+            ferry_dot_v1_dot_broker__pb2.SignInRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.SignInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/ListPeers',
+            ferry_dot_v1_dot_broker__pb2.ListPeersRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.ListPeersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/ListInbox',
+            ferry_dot_v1_dot_broker__pb2.ListInboxRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.ListInboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchInbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferry.v1.BrokerService/WatchInbox',
+            ferry_dot_v1_dot_broker__pb2.WatchInboxRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.WatchInboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.BrokerService/TakeOffer',
+            ferry_dot_v1_dot_broker__pb2.TakeOfferRequest.SerializeToString,
+            ferry_dot_v1_dot_broker__pb2.TakeOfferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,9 +43,23 @@ class BrokerServiceStub:
 
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
-    offer calls return a party token; every other call must carry it as request
-    metadata `authorization: Bearer <party_token>`. A token grants access to
-    exactly one session, as exactly one party.
+    offer calls return a party token; every session call must carry it as
+    request metadata `authorization: Bearer <party_token>`. A token grants
+    access to exactly one session, as exactly one party.
+
+    People: a user (made by the broker's operator) has devices, each with key
+    pairs made on the device (Ed25519 to sign, X25519 to be encrypted to). A
+    device enrolls once with an operator's one-time enrollment token
+    (EnrollDevice), then signs in by signing a fresh challenge (CreateChallenge,
+    SignIn) and gets a short-lived access token. The people calls (ListPeers,
+    ListInbox, WatchInbox, TakeOffer) and an offer to a person (CreateOffer
+    with a recipient) carry it as `authorization: Bearer <access_token>`; a
+    signed-in device's code offers and claims may carry it too (required when
+    the operator allows no anonymous use). An offer to a person has no code:
+    its key travels sealed to each of the recipient's devices (KeyEnvelope),
+    signed by the sender's device (PersonOffer), so the broker relays it but
+    cannot read or forge it. A revoked device can do nothing: its access
+    tokens, its inbox stream and its sessions' party tokens stop working.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -150,6 +164,49 @@ class BrokerServiceStub:
     its digests (receiver only; once accepted). The receiver fetches chunks
     with ranged GETs (`Range: bytes=a-b`) and checks each against its digest.
     """
+    EnrollDevice: _grpc.UnaryUnaryMultiCallable[_broker_pb2.EnrollDeviceRequest, _broker_pb2.EnrollDeviceResponse]
+    """EnrollDevice makes a new device of a user with a one-time enrollment
+    token that the operator issued (`ferry admin enroll alice`). The device
+    made its key pairs itself and sends only their public halves, with its
+    signature over them (proof that it holds the signing key). No other
+    credential; a wrong token is charged to the caller's address as a wrong
+    code is (UNAUTHENTICATED, reason ENROLLMENT_INVALID). The token is used up.
+    """
+    CreateChallenge: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CreateChallengeRequest, _broker_pb2.CreateChallengeResponse]
+    """CreateChallenge returns a fresh challenge for SignIn. The broker keeps
+    nothing for it: the challenge carries its own expiry under a MAC, and is
+    remembered (single use) only once a valid signature of it came back.
+    """
+    SignIn: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SignInRequest, _broker_pb2.SignInResponse]
+    """SignIn exchanges a device's signature over a fresh challenge for a
+    short-lived access token. A revoked device is refused
+    (UNAUTHENTICATED, reason DEVICE_REVOKED).
+    """
+    ListPeers: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListPeersRequest, _broker_pb2.ListPeersResponse]
+    """ListPeers lists the users the caller may offer files to: every user of
+    the caller's organisation (the caller included, for its other devices),
+    with their devices' public keys and which of them are online.
+    """
+    ListInbox: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListInboxRequest, _broker_pb2.ListInboxResponse]
+    """ListInbox lists the offers waiting for the caller's user: offered, not
+    taken by any device, not expired; oldest first.
+    """
+    WatchInbox: _grpc.UnaryStreamMultiCallable[_broker_pb2.WatchInboxRequest, _broker_pb2.WatchInboxResponse]
+    """WatchInbox makes the calling device online (ListPeers) for as long as the
+    stream stays open, and streams its user's inbox: first the offers waiting
+    now, then the inbox again after every change, with the offers that left
+    it since the last response (taken by a device, declined, cancelled,
+    expired). It ends when the device is revoked or its access token expires
+    (UNAUTHENTICATED); sign in again and re-open it.
+    """
+    TakeOffer: _grpc.UnaryUnaryMultiCallable[_broker_pb2.TakeOfferRequest, _broker_pb2.TakeOfferResponse]
+    """TakeOffer makes the calling device the receiver of an offer made to its
+    user and returns its party token, for the session calls that follow
+    (AcceptOffer, DeclineOffer, ...). The first device to take an offer wins;
+    another gets FAILED_PRECONDITION, reason OFFER_TAKEN, and every device's
+    inbox shows which device took it. Taking it again from the same device
+    returns the same token. An offer to another user is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -169,9 +226,23 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
 
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
-    offer calls return a party token; every other call must carry it as request
-    metadata `authorization: Bearer <party_token>`. A token grants access to
-    exactly one session, as exactly one party.
+    offer calls return a party token; every session call must carry it as
+    request metadata `authorization: Bearer <party_token>`. A token grants
+    access to exactly one session, as exactly one party.
+
+    People: a user (made by the broker's operator) has devices, each with key
+    pairs made on the device (Ed25519 to sign, X25519 to be encrypted to). A
+    device enrolls once with an operator's one-time enrollment token
+    (EnrollDevice), then signs in by signing a fresh challenge (CreateChallenge,
+    SignIn) and gets a short-lived access token. The people calls (ListPeers,
+    ListInbox, WatchInbox, TakeOffer) and an offer to a person (CreateOffer
+    with a recipient) carry it as `authorization: Bearer <access_token>`; a
+    signed-in device's code offers and claims may carry it too (required when
+    the operator allows no anonymous use). An offer to a person has no code:
+    its key travels sealed to each of the recipient's devices (KeyEnvelope),
+    signed by the sender's device (PersonOffer), so the broker relays it but
+    cannot read or forge it. A revoked device can do nothing: its access
+    tokens, its inbox stream and its sessions' party tokens stop working.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -273,6 +344,49 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     its digests (receiver only; once accepted). The receiver fetches chunks
     with ranged GETs (`Range: bytes=a-b`) and checks each against its digest.
     """
+    EnrollDevice: _aio.UnaryUnaryMultiCallable[_broker_pb2.EnrollDeviceRequest, _broker_pb2.EnrollDeviceResponse]  # type: ignore[assignment]
+    """EnrollDevice makes a new device of a user with a one-time enrollment
+    token that the operator issued (`ferry admin enroll alice`). The device
+    made its key pairs itself and sends only their public halves, with its
+    signature over them (proof that it holds the signing key). No other
+    credential; a wrong token is charged to the caller's address as a wrong
+    code is (UNAUTHENTICATED, reason ENROLLMENT_INVALID). The token is used up.
+    """
+    CreateChallenge: _aio.UnaryUnaryMultiCallable[_broker_pb2.CreateChallengeRequest, _broker_pb2.CreateChallengeResponse]  # type: ignore[assignment]
+    """CreateChallenge returns a fresh challenge for SignIn. The broker keeps
+    nothing for it: the challenge carries its own expiry under a MAC, and is
+    remembered (single use) only once a valid signature of it came back.
+    """
+    SignIn: _aio.UnaryUnaryMultiCallable[_broker_pb2.SignInRequest, _broker_pb2.SignInResponse]  # type: ignore[assignment]
+    """SignIn exchanges a device's signature over a fresh challenge for a
+    short-lived access token. A revoked device is refused
+    (UNAUTHENTICATED, reason DEVICE_REVOKED).
+    """
+    ListPeers: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListPeersRequest, _broker_pb2.ListPeersResponse]  # type: ignore[assignment]
+    """ListPeers lists the users the caller may offer files to: every user of
+    the caller's organisation (the caller included, for its other devices),
+    with their devices' public keys and which of them are online.
+    """
+    ListInbox: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListInboxRequest, _broker_pb2.ListInboxResponse]  # type: ignore[assignment]
+    """ListInbox lists the offers waiting for the caller's user: offered, not
+    taken by any device, not expired; oldest first.
+    """
+    WatchInbox: _aio.UnaryStreamMultiCallable[_broker_pb2.WatchInboxRequest, _broker_pb2.WatchInboxResponse]  # type: ignore[assignment]
+    """WatchInbox makes the calling device online (ListPeers) for as long as the
+    stream stays open, and streams its user's inbox: first the offers waiting
+    now, then the inbox again after every change, with the offers that left
+    it since the last response (taken by a device, declined, cancelled,
+    expired). It ends when the device is revoked or its access token expires
+    (UNAUTHENTICATED); sign in again and re-open it.
+    """
+    TakeOffer: _aio.UnaryUnaryMultiCallable[_broker_pb2.TakeOfferRequest, _broker_pb2.TakeOfferResponse]  # type: ignore[assignment]
+    """TakeOffer makes the calling device the receiver of an offer made to its
+    user and returns its party token, for the session calls that follow
+    (AcceptOffer, DeclineOffer, ...). The first device to take an offer wins;
+    another gets FAILED_PRECONDITION, reason OFFER_TAKEN, and every device's
+    inbox shows which device took it. Taking it again from the same device
+    returns the same token. An offer to another user is NOT_FOUND.
+    """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """BrokerService is Ferry's control plane. It never carries file bytes: it
@@ -291,9 +405,23 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Authentication: GetBrokerInfo, CreateOffer and ClaimOffer need no
     credential (for the offer calls, the one-time code is the credential). The
-    offer calls return a party token; every other call must carry it as request
-    metadata `authorization: Bearer <party_token>`. A token grants access to
-    exactly one session, as exactly one party.
+    offer calls return a party token; every session call must carry it as
+    request metadata `authorization: Bearer <party_token>`. A token grants
+    access to exactly one session, as exactly one party.
+
+    People: a user (made by the broker's operator) has devices, each with key
+    pairs made on the device (Ed25519 to sign, X25519 to be encrypted to). A
+    device enrolls once with an operator's one-time enrollment token
+    (EnrollDevice), then signs in by signing a fresh challenge (CreateChallenge,
+    SignIn) and gets a short-lived access token. The people calls (ListPeers,
+    ListInbox, WatchInbox, TakeOffer) and an offer to a person (CreateOffer
+    with a recipient) carry it as `authorization: Bearer <access_token>`; a
+    signed-in device's code offers and claims may carry it too (required when
+    the operator allows no anonymous use). An offer to a person has no code:
+    its key travels sealed to each of the recipient's devices (KeyEnvelope),
+    signed by the sender's device (PersonOffer), so the broker relays it but
+    cannot read or forge it. A revoked device can do nothing: its access
+    tokens, its inbox stream and its sessions' party tokens stop working.
 
     Errors carry a google.rpc.ErrorInfo detail (domain "ferry.v1") whose reason
     is machine readable, e.g. CODE_NOT_FOUND, ILLEGAL_TRANSITION, RATE_LIMITED.
@@ -494,6 +622,91 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         """PresignStoreDownload returns short-lived GET URLs for a stored file and
         its digests (receiver only; once accepted). The receiver fetches chunks
         with ranged GETs (`Range: bytes=a-b`) and checks each against its digest.
+        """
+
+    @_abc_1.abstractmethod
+    def EnrollDevice(
+        self,
+        request: _broker_pb2.EnrollDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.EnrollDeviceResponse, _abc.Awaitable[_broker_pb2.EnrollDeviceResponse]]:
+        """EnrollDevice makes a new device of a user with a one-time enrollment
+        token that the operator issued (`ferry admin enroll alice`). The device
+        made its key pairs itself and sends only their public halves, with its
+        signature over them (proof that it holds the signing key). No other
+        credential; a wrong token is charged to the caller's address as a wrong
+        code is (UNAUTHENTICATED, reason ENROLLMENT_INVALID). The token is used up.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateChallenge(
+        self,
+        request: _broker_pb2.CreateChallengeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CreateChallengeResponse, _abc.Awaitable[_broker_pb2.CreateChallengeResponse]]:
+        """CreateChallenge returns a fresh challenge for SignIn. The broker keeps
+        nothing for it: the challenge carries its own expiry under a MAC, and is
+        remembered (single use) only once a valid signature of it came back.
+        """
+
+    @_abc_1.abstractmethod
+    def SignIn(
+        self,
+        request: _broker_pb2.SignInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SignInResponse, _abc.Awaitable[_broker_pb2.SignInResponse]]:
+        """SignIn exchanges a device's signature over a fresh challenge for a
+        short-lived access token. A revoked device is refused
+        (UNAUTHENTICATED, reason DEVICE_REVOKED).
+        """
+
+    @_abc_1.abstractmethod
+    def ListPeers(
+        self,
+        request: _broker_pb2.ListPeersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListPeersResponse, _abc.Awaitable[_broker_pb2.ListPeersResponse]]:
+        """ListPeers lists the users the caller may offer files to: every user of
+        the caller's organisation (the caller included, for its other devices),
+        with their devices' public keys and which of them are online.
+        """
+
+    @_abc_1.abstractmethod
+    def ListInbox(
+        self,
+        request: _broker_pb2.ListInboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListInboxResponse, _abc.Awaitable[_broker_pb2.ListInboxResponse]]:
+        """ListInbox lists the offers waiting for the caller's user: offered, not
+        taken by any device, not expired; oldest first.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchInbox(
+        self,
+        request: _broker_pb2.WatchInboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.WatchInboxResponse], _abc.AsyncIterator[_broker_pb2.WatchInboxResponse]]:
+        """WatchInbox makes the calling device online (ListPeers) for as long as the
+        stream stays open, and streams its user's inbox: first the offers waiting
+        now, then the inbox again after every change, with the offers that left
+        it since the last response (taken by a device, declined, cancelled,
+        expired). It ends when the device is revoked or its access token expires
+        (UNAUTHENTICATED); sign in again and re-open it.
+        """
+
+    @_abc_1.abstractmethod
+    def TakeOffer(
+        self,
+        request: _broker_pb2.TakeOfferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.TakeOfferResponse, _abc.Awaitable[_broker_pb2.TakeOfferResponse]]:
+        """TakeOffer makes the calling device the receiver of an offer made to its
+        user and returns its party token, for the session calls that follow
+        (AcceptOffer, DeclineOffer, ...). The first device to take an offer wins;
+        another gets FAILED_PRECONDITION, reason OFFER_TAKEN, and every device's
+        inbox shows which device took it. Taking it again from the same device
+        returns the same token. An offer to another user is NOT_FOUND.
         """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

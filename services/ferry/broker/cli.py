@@ -240,6 +240,33 @@ _FLAGS: tuple[_Flag, ...] = (
     _Flag("--shutdown-grace", "shutdown_grace_s", float,
           "on SIGTERM: health NOT_SERVING, new calls refused, watches ended; in-flight calls "
           "get this long before they are cancelled", "FERRY_SHUTDOWN_GRACE", _SECONDS),
+    # People: devices, sign-in, presence, the operator's policy and audit (issue 13).
+    _Flag("--anonymous", "anonymous", str,
+          "on: people without an account may use codes; off: both ends must be signed in",
+          "FERRY_ANONYMOUS", "on|off"),
+    _Flag("--access-token-ttl", "access_token_ttl_s", float,
+          "lifetime of a signed-in device's access token", "FERRY_ACCESS_TOKEN_TTL", _SECONDS),
+    _Flag("--challenge-ttl", "challenge_ttl_s", float, "lifetime of a sign-in challenge",
+          "FERRY_CHALLENGE_TTL", _SECONDS),
+    _Flag("--presence-ttl", "presence_ttl_s", float,
+          "a device's presence outlives its inbox stream's last renewal by this much",
+          "FERRY_PRESENCE_TTL", _SECONDS),
+    _Flag("--user-offers-per-hour", "user_offers_per_hour", int,
+          "new offers a user may make per hour, unless set for the user",
+          "FERRY_USER_OFFERS_PER_HOUR", "N"),
+    _Flag("--user-store-bytes", "user_store_bytes", int,
+          "bytes the object store may hold for one user's offers, unless set for the user",
+          "FERRY_USER_STORE_BYTES", "BYTES"),
+    _Flag("--max-offer-bytes", "max_offer_bytes", int,
+          "largest offer (its files' sizes summed) the broker takes; 0: no limit",
+          "FERRY_MAX_OFFER_BYTES", "BYTES"),
+    _Flag("--inbox-max-offers", "inbox_max_offers", int,
+          "offers that may wait in one person's inbox at once", "FERRY_INBOX_MAX_OFFERS", "N"),
+    _Flag("--audit", "audit", str,
+          "what the audit log records: all offers, offers to people and people events only, "
+          "or nothing", "FERRY_AUDIT", "all|people|off"),
+    _Flag("--audit-retention", "audit_retention_s", float,
+          "audit entries older than this are dropped", "FERRY_AUDIT_RETENTION", _SECONDS),
 )  # fmt: skip
 
 _DEFAULTS: Mapping[str, object] = {f.name: f.default for f in dataclasses.fields(BrokerConfig)}
@@ -421,7 +448,7 @@ def _default_text(f: _Flag) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.0f}" if value.is_integer() else f"{value:g}"
     return str(value)
 
 

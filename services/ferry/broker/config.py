@@ -195,8 +195,37 @@ class BrokerConfig:
     #: closed; watches never finish by themselves, so they end then and are re-opened.
     max_connection_age_grace_s: float = 10.0
 
+    # -- People: devices, sign-in, presence, policy and audit (issue 13) --------------------
+    #: Whether people without an account may use codes: "on", or "off" (then both ends of a
+    #: code offer must be signed-in devices, and anonymous CreateOffer/ClaimOffer are refused
+    #: with PERMISSION_DENIED, reason ANONYMOUS_DISABLED).
+    anonymous: str = "on"
+    #: Lifetime of an access token (SignIn); a client signs in again when it runs out.
+    access_token_ttl_s: float = 900.0
+    #: Lifetime of a sign-in challenge (CreateChallenge).
+    challenge_ttl_s: float = 60.0
+    #: A device with an open inbox stream is online; its presence record lives this long
+    #: and is renewed at a third of it, so a replica that dies leaves it for this long at most.
+    presence_ttl_s: float = 45.0
+    #: New offers (to a person, or codes made signed in) a user may make per hour, unless the
+    #: operator set the user's own (`ferry admin users set`).
+    user_offers_per_hour: int = 120
+    #: Bytes the object store may hold for one user's offers (sealed), unless the operator
+    #: set the user's own; a signed-in sender's uploads count here instead of per address.
+    user_store_bytes: int = 16 << 30
+    #: The largest offer (sum of its files' sizes) the broker takes, in bytes; 0: no limit.
+    max_offer_bytes: int = 0
+    #: Offers that may wait in one person's inbox at once (INBOX_FULL beyond).
+    inbox_max_offers: int = 100
+    #: What the audit log records: "all" (every offer's steps, code offers by address, and
+    #: the people events), "people" (offers to a person and the people events) or "off".
+    audit: str = "all"
+    #: Audit entries older than this are dropped by the sweeper.
+    audit_retention_s: float = 90 * 24 * 3600.0
+
     def __post_init__(self) -> None:
         self._check_operations()
+        self._check_people()
         self._check_store_url()
         self._check_abuse_limits()
         self._check_claim_lease_store_limits()
@@ -234,6 +263,21 @@ class BrokerConfig:
             raise ValueError("max_connection_age_s must be > 0 (unset: no limit)")
         if self.max_connection_age_grace_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("max_connection_age_grace_s and shutdown_grace_s must be >= 0")
+
+    def _check_people(self) -> None:
+        """The people settings (issue 13)."""
+        if self.anonymous not in ("on", "off"):
+            raise ValueError("anonymous must be 'on' or 'off'")
+        if self.audit not in ("all", "people", "off"):
+            raise ValueError("audit must be 'all', 'people' or 'off'")
+        if min(self.access_token_ttl_s, self.challenge_ttl_s, self.presence_ttl_s) < 1:
+            raise ValueError("access_token_ttl_s, challenge_ttl_s and presence_ttl_s must be >= 1")
+        if self.user_offers_per_hour < 1 or self.inbox_max_offers < 1:
+            raise ValueError("user_offers_per_hour and inbox_max_offers must be >= 1")
+        if min(self.user_store_bytes, self.max_offer_bytes) < 0 or self.audit_retention_s <= 0:
+            raise ValueError(
+                "user_store_bytes and max_offer_bytes must be >= 0, audit_retention_s > 0"
+            )
 
     def _check_store_url(self) -> None:
         """None, "" and "sqlite" all mean the SQLite file; anything else is a Redis URL."""

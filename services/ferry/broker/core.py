@@ -47,6 +47,7 @@ from nacl.exceptions import CryptoError
 from nacl.secret import SecretBox
 
 from ferry.broker import codes, leases, states, validation
+from ferry.broker.accounts import Accounts, Principal, device_proto, manifest_summary
 from ferry.broker.config import BrokerConfig
 from ferry.broker.errors import (
     Aborted,
@@ -76,6 +77,11 @@ _ROW_OVERHEAD_BYTES = 64 << 10
 _NAMEPLATE_TRIES = 20
 _CLAIM_TRIES = 3
 _CONNECTABLE = frozenset({states.ACCEPTED, states.CONNECTING, states.TRANSFERRING})
+#: What one inbox response (ListInbox, WatchInbox) holds at most, beyond its first offer:
+#: the rest wait for a later one (`more` says how many). With max_manifest_bytes of 1 MiB, a
+#: response stays within gRPC's default 4 MiB, and a device that does not read holds no more.
+INBOX_RESPONSE_BYTES = 1 << 20
+_AUDIT_TRIM_EVERY_S = 3600.0
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -119,6 +125,22 @@ def view(session: broker_pb2.Session, party: Party) -> broker_pb2.Session:
     out.ClearField("sender")
     out.sender.pake_message = session.sender.pake_message
     return out
+
+
+def inbox_view(session: broker_pb2.Session) -> broker_pb2.Session:
+    """An offer to a person as the recipient's devices see it in their inbox: no address of
+    the sender's before one of them consented. Every key envelope stays: the sender's
+    signature covers them all (each opens only on its own device)."""
+    out = broker_pb2.Session()
+    out.CopyFrom(session)
+    del out.sender.candidates[:]
+    return out
+
+
+def inbox_key(user: str) -> str:
+    """The hub key that wakes the inbox streams of ``user``'s devices (never a session id,
+    which is hex)."""
+    return f"inbox:{user}"
 
 
 class Broker:
@@ -175,6 +197,9 @@ class Broker:
         # one waits for: a retry arriving while its first call awaits the store must find
         # the first call's offer, not make a second one (or be told the id is reused).
         self._requests: dict[str, _Pending] = {}
+        #: People: devices, sign-in, presence, policy, audit (issue 13).
+        self.accounts = Accounts(config, store, self.token_key, self.limiter, clock)
+        self._audit_trimmed = float("-inf")
 
     async def broker_id(self) -> str:
         """This broker's stable id, kept in (and shared through) its store."""
@@ -183,13 +208,21 @@ class Broker:
     # -- offers -----------------------------------------------------------------------------
 
     async def create_offer(
-        self, request: broker_pb2.CreateOfferRequest, peer_ip: str | None
+        self,
+        request: broker_pb2.CreateOfferRequest,
+        peer_ip: str | None,
+        principal: Principal | None = None,
     ) -> broker_pb2.CreateOfferResponse:
         """Record an offer; a retried request_id gets the first response back.
 
         A new offer (not a retry) is refused with RESOURCE_EXHAUSTED while the caller's
-        address has no offer allowance left (RATE_LIMITED) or the data dir is nearly full
-        (STORAGE_FULL, before anything is written: the space left serves the live sessions).
+        address (a signed-in ``principal``: its user) has no offer allowance left
+        (RATE_LIMITED, OFFER_QUOTA_EXCEEDED) or the data dir is nearly full (STORAGE_FULL,
+        before anything is written: the space left serves the live sessions).
+
+        With ``request.recipient`` it is an offer to a person (the caller must be signed
+        in; see Accounts.check_person_offer): no code, the key sealed to the recipient's
+        devices, and the offer waits in the recipient's inbox.
         """
         now = self.clock()
         validation.check_manifest(request.manifest, self.config.max_manifest_bytes)
@@ -197,6 +230,46 @@ class Broker:
         if request.HasField("ttl"):
             validation.check_duration(request.ttl, "ttl")
         validation.check_key_field(request.claim_verifier, "claim_verifier")
+        self._check_offer_size(request.manifest)
+        if request.recipient:
+            if principal is None:
+                raise Unauthenticated(
+                    Reason.ACCESS_TOKEN_MISSING,
+                    "an offer to a person needs a signed-in device (ferry login)",
+                )
+            await self.accounts.check_person_offer(principal, request, now)
+        else:
+            await self.accounts.check_anonymous(principal, "offers")
+            self._check_code_offer(request)
+            if request.key_envelopes or request.offer_signature or request.HasField("not_after"):
+                raise InvalidArgument(
+                    Reason.INVALID_ARGUMENT,
+                    "key_envelopes, offer_signature and not_after belong to an offer to a"
+                    " person (set recipient)",
+                )
+        validation.check_request_id(request.request_id)
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+        if not request.request_id:
+            return await self._new_offer(request, peer_ip, fingerprint, now, principal)
+        async with self._one_request(_request_key(request.request_id)):
+            now = self.clock()  # a retry may have waited for the first call
+            replay = await self._replay(request.request_id, fingerprint, now)
+            if replay is not None:
+                return replay
+            return await self._new_offer(request, peer_ip, fingerprint, now, principal)
+
+    def _check_offer_size(self, manifest: broker_pb2.Manifest) -> None:
+        """RESOURCE_EXHAUSTED (OFFER_TOO_LARGE) past the operator's largest offer."""
+        limit = self.config.max_offer_bytes
+        total = sum(entry.size_bytes for entry in manifest.files)
+        if limit and total > limit:
+            raise ResourceExhausted(
+                Reason.OFFER_TOO_LARGE,
+                f"this broker takes offers of at most {limit} bytes; this one has {total}",
+            )
+
+    def _check_code_offer(self, request: broker_pb2.CreateOfferRequest) -> None:
+        """A code offer's keys: a PAKE message, or a store-and-forward claim verifier."""
         if bool(request.sender.pake_message) == bool(request.claim_verifier):
             raise InvalidArgument(
                 Reason.INVALID_ARGUMENT,
@@ -208,16 +281,6 @@ class Broker:
                 Reason.INVALID_ARGUMENT,
                 "a PAKE offer's key confirmation comes after the claim (ConfirmKey)",
             )
-        validation.check_request_id(request.request_id)
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-        if not request.request_id:
-            return await self._new_offer(request, peer_ip, fingerprint, now)
-        async with self._one_request(_request_key(request.request_id)):
-            now = self.clock()  # a retry may have waited for the first call
-            replay = await self._replay(request.request_id, fingerprint, now)
-            if replay is not None:
-                return replay
-            return await self._new_offer(request, peer_ip, fingerprint, now)
 
     @contextlib.asynccontextmanager
     async def _one_request(self, key: str) -> AsyncIterator[None]:
@@ -240,14 +303,17 @@ class Broker:
         peer_ip: str | None,
         fingerprint: str,
         now: float,
+        principal: Principal | None = None,
     ) -> broker_pb2.CreateOfferResponse:
         """Make the offer of a CreateOffer that is no retry (checked and validated)."""
-        await self._check_offer_allowance(request, peer_ip, now)
+        await self._check_offer_allowance(request, peer_ip, now, principal)
 
         ttl = self.config.offer_ttl_default_s
         if request.HasField("ttl"):
             ttl = request.ttl.ToNanoseconds() / 1e9
         ttl = min(max(ttl, self.config.offer_ttl_min_s), self.config.offer_ttl_max_s)
+        if request.recipient:  # never past what the sender signed
+            ttl = min(ttl, max(request.not_after.seconds - now, 1.0))
 
         token = codes.new_token()
         session = broker_pb2.Session(
@@ -265,29 +331,82 @@ class Broker:
             request_id=_request_key(request.request_id) if request.request_id else None,
             claim_verifier=request.claim_verifier or None,
         )
-        # The nameplate is looked up free, then taken by the store's create, which refuses
-        # it (CodeTaken) if another offer took it in between: on another replica, or in this
-        # process while this call awaited the store.
-        for _ in range(_NAMEPLATE_TRIES):
-            code, record.code_hash = await self._free_nameplate(now)
-            try:
-                await self.store.create_session(record)
-                break
-            except CodeTaken:
-                continue
+        code = ""
+        if request.recipient:  # no code: the recipient's devices find it in their inbox
+            assert principal is not None  # checked by create_offer
+            session.person.CopyFrom(
+                broker_pb2.PersonOffer(
+                    sender_user=principal.user,
+                    sender_device=device_proto(principal.device),
+                    recipient_user=request.recipient,
+                    key_envelopes=request.key_envelopes,
+                    offer_signature=request.offer_signature,
+                    not_after=request.not_after,
+                )
+            )
+            await self.store.create_session(record)
         else:
-            raise _no_nameplate()
+            code = await self._create_with_nameplate(record, now)
         response = broker_pb2.CreateOfferResponse(session=session, code=code, party_token=token)
         if request.request_id:
             reply = _Reply(fingerprint, record.session_id, code, token, now + ttl)
             await self._remember(request.request_id, reply, ttl)
         log.info("offer created", extra={"session": session.name})
+        if request.recipient:
+            self.hub.publish(inbox_key(request.recipient), record.version, session)
+        await self.accounts.audit(
+            "offer.created",
+            {
+                "session": session.name,
+                **self._parties(session, principal, peer_ip),
+                **manifest_summary(session.manifest),
+                "expire_time": session.expire_time.ToJsonString(),
+            },
+            people=bool(request.recipient),
+        )
         return response
 
+    async def _create_with_nameplate(self, record: SessionRecord, now: float) -> str:
+        """Store a code offer under a free nameplate; return the nameplate.
+
+        The nameplate is looked up free, then taken by the store's create, which refuses it
+        (CodeTaken) if another offer took it in between: on another replica, or in this
+        process while this call awaited the store.
+        """
+        for _ in range(_NAMEPLATE_TRIES):
+            code, record.code_hash = await self._free_nameplate(now)
+            try:
+                await self.store.create_session(record)
+                return code
+            except CodeTaken:
+                continue
+        raise _no_nameplate()
+
+    @staticmethod
+    def _parties(
+        session: broker_pb2.Session, principal: Principal | None, peer_ip: str | None
+    ) -> dict[str, object]:
+        """Who offers to whom, for the audit log: users and devices, or for an anonymous
+        code offer the address it came from."""
+        if session.HasField("person"):
+            return {
+                "sender": session.person.sender_user,
+                "sender_device": session.person.sender_device.device_id,
+                "recipient": session.person.recipient_user,
+            }
+        if principal is not None:
+            return {"sender": principal.user, "sender_device": principal.device_id, "code": True}
+        return {"sender": None, "source": peer_ip, "code": True}
+
     async def _check_offer_allowance(
-        self, request: broker_pb2.CreateOfferRequest, peer_ip: str | None, now: float
+        self,
+        request: broker_pb2.CreateOfferRequest,
+        peer_ip: str | None,
+        now: float,
+        principal: Principal | None = None,
     ) -> None:
-        """Refuse a new offer when the disk is nearly full or the caller's allowance is spent.
+        """Refuse a new offer when the disk is nearly full or the caller's allowance is spent
+        (a signed-in caller's: its user's offers per hour; an anonymous one's: its address's).
 
         The disk first: an offer refused for space does not spend the caller's allowance.
         """
@@ -299,7 +418,9 @@ class Broker:
                 "the broker's storage is nearly full; it takes no new offers until sessions"
                 " end; try again later"
             )
-        if not await self.offers.take(self.limiter.source(peer_ip), now):
+        if principal is not None:
+            await self.accounts.take_offer_allowance(principal, now)
+        elif not await self.offers.take(self.limiter.source(peer_ip), now):
             raise ResourceExhausted(
                 Reason.RATE_LIMITED, "too many new offers from this address; wait and try again"
             )
@@ -352,6 +473,7 @@ class Broker:
         *,
         pake_message: bytes = b"",
         claim_verifier: bytes = b"",
+        principal: Principal | None = None,
     ) -> broker_pb2.ClaimOfferResponse:
         """Redeem a nameplate; a second, expired or wrong claim all look like a wrong code.
 
@@ -371,6 +493,7 @@ class Broker:
         """
         validation.check_key_field(pake_message, "pake_message")
         validation.check_key_field(claim_verifier, "claim_verifier")
+        await self.accounts.check_anonymous(principal, "code claims")
         if not pake_message and not claim_verifier:
             raise InvalidArgument(
                 Reason.INVALID_ARGUMENT,
@@ -543,7 +666,9 @@ class Broker:
             )
         if party is Party.RECEIVER and not session.claimed:
             raise FailedPrecondition(Reason.WRONG_STATE, "the offer is not claimed")
-        forwarded = record.claim_verifier is not None
+        # A store-and-forward code's key and a person offer's are known to the sender at
+        # once: nothing to wait for.
+        forwarded = record.claim_verifier is not None or session.HasField("person")
         if party is Party.SENDER and not forwarded and not session.receiver.key_confirmation:
             raise FailedPrecondition(
                 Reason.KEY_NOT_CONFIRMED, "the receiver has not confirmed the key yet"
@@ -573,6 +698,10 @@ class Broker:
                 Reason.WRONG_SESSION,
                 "the party token does not grant access to this session",
             )
+        person = record.session.person
+        if record.session.HasField("person"):  # a revoked device can do nothing
+            device = person.sender_device.device_id if party is Party.SENDER else ""
+            await self.accounts.check_device(device or person.receiver_device_id)
         return await self._expire_if_due(record), party
 
     async def accept(
@@ -626,6 +755,130 @@ class Broker:
         record, party = await self.authorize(name, token)
         record.session.failure_reason = reason
         return view((await self._fire(record, Event.CANCEL, party)).session, party)
+
+    # -- offers to a person ----------------------------------------------------------------
+
+    async def take_offer(self, name: str, principal: Principal) -> broker_pb2.TakeOfferResponse:
+        """Make the calling device the receiver of an offer to its user: the first device
+        wins (the claim's compare-and-set); the same device again gets the same token."""
+        validation.check_name(name)
+        for _ in range(_CLAIM_TRIES):
+            record = await self.store.get_session(name.removeprefix("sessions/"))
+            if record is None or record.session.person.recipient_user != principal.user:
+                raise NotFound(Reason.OFFER_NOT_FOUND, "no offer to you has this name")
+            record = await self._expire_if_due(record)
+            try:
+                return await self._take_once(record, principal)
+            except _Raced:
+                continue
+        raise Aborted(Reason.CONFLICT, "the offer changed meanwhile; retry")
+
+    async def _take_once(
+        self, record: SessionRecord, principal: Principal
+    ) -> broker_pb2.TakeOfferResponse:
+        session, person = record.session, record.session.person
+        device_id = principal.device_id
+        token = codes.derived_token(self.token_key, record.session_id, f"device\0{device_id}")
+        if session.claimed:
+            if person.receiver_device_id != device_id:
+                raise FailedPrecondition(
+                    Reason.OFFER_TAKEN,
+                    f"another of your devices ({person.receiver_device_id}) took this offer",
+                )
+            if session.state in states.FINAL_STATES:
+                raise _offer_over(session)
+            return broker_pb2.TakeOfferResponse(
+                session=view(session, Party.RECEIVER), party_token=token
+            )
+        if session.state != states.OFFERED:
+            raise _offer_over(session)
+        if not confirmed(session):
+            raise FailedPrecondition(
+                Reason.KEY_NOT_CONFIRMED, "the sender has not confirmed the offer yet"
+            )
+        if not any(e.device_id == device_id for e in person.key_envelopes):
+            raise FailedPrecondition(
+                Reason.WRONG_STATE,
+                "this device enrolled after the offer was made, so its key was not sealed to"
+                " it; take the offer on another of your devices",
+            )
+        record.receiver_token_hash = codes.hash_token(token)
+        person.receiver_device_id = device_id
+        try:
+            record = await self._fire(record, Event.CLAIM, Party.RECEIVER)
+        except Aborted as exc:
+            if exc.reason != Reason.CONFLICT:
+                raise
+            raise _Raced from None
+        return broker_pb2.TakeOfferResponse(
+            session=view(record.session, Party.RECEIVER), party_token=token
+        )
+
+    async def inbox(self, principal: Principal) -> tuple[list[broker_pb2.Session], int]:
+        """The offers waiting for the caller's user as its device sees them, oldest first,
+        as many as fit in inbox_response_bytes (at least one), and how many more wait."""
+        now = self.clock()
+        records = await self.store.offers_to(principal.user, now, self.config.inbox_max_offers)
+        waiting = [
+            inbox_view(r.session) for r in records if not r.session.claimed and confirmed(r.session)
+        ]
+        shown: list[broker_pb2.Session] = []
+        size = 0
+        for session in waiting:
+            size += session.ByteSize()
+            if shown and size > INBOX_RESPONSE_BYTES:
+                break
+            shown.append(session)
+        return shown, len(waiting) - len(shown)
+
+    async def watch_inbox(
+        self, principal: Principal, bearer: str | None, caller: str | None
+    ) -> AsyncGenerator[broker_pb2.WatchInboxResponse, None]:
+        """The caller's inbox now, then again after each change, with the offers that left
+        it; the device is online meanwhile (its presence renewed every third of
+        presence_ttl_s, when its device and token are checked again: a revoked device or an
+        expired token ends the stream with UNAUTHENTICATED)."""
+        key = self.limiter.source(caller)
+        stream_id = secrets.token_hex(8)
+        renew_every = self.config.presence_ttl_s / 3
+        async with self.hub.subscribe(inbox_key(principal.user), principal.device_id, key) as w:
+            await self.accounts.mark_online(principal, stream_id)
+            try:
+                renew_at = self.clock() + renew_every
+                sent: dict[str, bytes] = {}
+                first = True
+                while True:
+                    offers, more = await self.inbox(principal)
+                    now_shown = {o.name: o.SerializeToString(deterministic=True) for o in offers}
+                    left = [name for name in sent if name not in now_shown]
+                    gone = [await self._gone(name, principal) for name in left]
+                    if first or gone or now_shown != sent:
+                        yield broker_pb2.WatchInboxResponse(offers=offers, gone=gone, more=more)
+                        first = False
+                    sent = now_shown
+                    timeout = max(renew_at - self.clock(), 0.0)
+                    try:
+                        if await asyncio.wait_for(w.next(), timeout) is None:
+                            return  # the hub closed (shutdown)
+                    except TimeoutError:
+                        pass
+                    if self.clock() >= renew_at:
+                        principal = await self.accounts.principal(bearer)
+                        await self.accounts.mark_online(principal, stream_id)
+                        renew_at = self.clock() + renew_every
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.accounts.mark_offline(principal, stream_id)
+
+    async def _gone(self, name: str, principal: Principal) -> broker_pb2.Session:
+        """An offer that left the inbox, for the devices that saw it there: its state, who
+        took it, why it ended; not its manifest again."""
+        record = await self.store.get_session(name.removeprefix("sessions/"))
+        if record is None:
+            return broker_pb2.Session(name=name, state=states.EXPIRED)
+        out = inbox_view(record.session)
+        out.ClearField("manifest")
+        return out
 
     async def get(self, name: str, token: str | None) -> broker_pb2.Session:
         """The session as it is now, as the caller may see it."""
@@ -756,6 +1009,9 @@ class Broker:
         more than session_retention_s ago; return how many expired."""
         now = self.clock()
         await self._delete_ended(now)  # first: on a full disk, it frees what the rest may need
+        if now - self._audit_trimmed >= _AUDIT_TRIM_EVERY_S:
+            self._audit_trimmed = now
+            await self.accounts.trim_audit()
         return await self._expire_due(now)
 
     async def _delete_ended(self, now: float) -> int:
@@ -919,8 +1175,10 @@ class Broker:
         return record
 
     async def _commit(self, record: SessionRecord, outcome: states.Outcome) -> broker_pb2.Session:
-        """Write the outcome, free the lease of a final session, tell the watchers."""
+        """Write the outcome, free the lease of a final session, tell the watchers (and, for
+        an offer to a person, the recipient's inbox streams), note it in the audit log."""
         session = record.session
+        before = (session.state, session.claimed)
         session.state = outcome.state
         session.claimed = outcome.claimed
         session.update_time.CopyFrom(timestamp(self.clock()))
@@ -937,9 +1195,43 @@ class Broker:
         # Published before anything else is awaited, so that this process's watchers get the
         # versions it commits in order.
         self.hub.publish(record.session_id, record.version, session)
+        person = session.HasField("person")
+        if person and (session.state, session.claimed) != before:
+            self.hub.publish(inbox_key(session.person.recipient_user), record.version, session)
         if final:
             await self.store.release_lease(record.session_id)
+        if before[0] != session.state or before[1] != session.claimed:
+            await self._audit_change(session, before[0])
         return session
+
+    async def _audit_change(self, session: broker_pb2.Session, before: states.State) -> None:
+        """The audit log's entry for a session that changed state (or was claimed)."""
+        if session.state == before:
+            event = "offer.taken" if session.HasField("person") else "offer.claimed"
+        else:
+            event = (
+                "session."
+                + broker_pb2.Session.State.Name(session.state).removeprefix("STATE_").lower()
+            )
+        fields: dict[str, object] = {"session": session.name, "from": states.state_name(before)}
+        if session.HasField("person"):
+            fields |= {
+                "sender": session.person.sender_user,
+                "recipient": session.person.recipient_user,
+                "receiver_device": session.person.receiver_device_id or None,
+            }
+        if session.failure_reason:
+            fields["reason"] = session.failure_reason
+        if session.state == states.COMPLETED:
+            fields["bytes"] = sum(entry.size_bytes for entry in session.manifest.files)
+            fields["route"] = session.path.route or None
+        await self.accounts.audit(event, fields, people=session.HasField("person"))
+
+
+def _offer_over(session: broker_pb2.Session) -> FailedPrecondition:
+    state = states.state_name(session.state)
+    why = f": {session.failure_reason}" if session.failure_reason else ""
+    return FailedPrecondition(Reason.WRONG_STATE, f"the offer is {state}{why}")
 
 
 class _Raced(Exception):

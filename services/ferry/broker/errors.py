@@ -85,6 +85,21 @@ class Reason(enum.StrEnum):
     STORE_FORWARD_DISABLED = "STORE_FORWARD_DISABLED"
     # Issue 11: candidates published for a connection attempt that is no longer the current one.
     ATTEMPT_MOVED = "ATTEMPT_MOVED"
+    # Issue 13: people, devices, sign-in and the operator's policy.
+    ENROLLMENT_INVALID = "ENROLLMENT_INVALID"  # unknown, used or expired enrollment token
+    CHALLENGE_INVALID = "CHALLENGE_INVALID"  # a sign-in challenge not made here, or expired
+    SIGNATURE_INVALID = "SIGNATURE_INVALID"  # a device's signature does not check
+    DEVICE_REVOKED = "DEVICE_REVOKED"  # the operator revoked the device (or unknown)
+    ACCESS_TOKEN_MISSING = "ACCESS_TOKEN_MISSING"  # noqa: S105 - a reason, not a secret
+    ACCESS_TOKEN_INVALID = "ACCESS_TOKEN_INVALID"  # noqa: S105 - a reason, not a secret
+    ACCESS_TOKEN_EXPIRED = "ACCESS_TOKEN_EXPIRED"  # noqa: S105 - a reason, not a secret
+    USER_NOT_FOUND = "USER_NOT_FOUND"  # no such user in the caller's organisation
+    OFFER_NOT_FOUND = "OFFER_NOT_FOUND"  # no offer to the caller's user by this name
+    OFFER_TAKEN = "OFFER_TAKEN"  # another device of the recipient took the offer first
+    ANONYMOUS_DISABLED = "ANONYMOUS_DISABLED"  # the operator allows no code without sign-in
+    OFFER_QUOTA_EXCEEDED = "OFFER_QUOTA_EXCEEDED"  # the user's offers per hour are used up
+    OFFER_TOO_LARGE = "OFFER_TOO_LARGE"  # over the operator's largest allowed offer
+    INBOX_FULL = "INBOX_FULL"  # the recipient has too many offers waiting
 
 
 class BrokerRefusal(Exception):

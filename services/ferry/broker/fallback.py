@@ -24,7 +24,10 @@ StartStoreUpload reserves the file's sealed object and digests bytes against
 URL exists; beyond one -> ResourceExhausted / STORE_QUOTA_EXCEEDED. The bytes count until the
 cleaner deleted the objects. ``store_forward = "off"`` refuses uploads before the receiver
 accepted (PermissionDenied / STORE_FORWARD_DISABLED). The bucket's use is logged whenever it
-changes ("object store use: ..."): the broker has no metrics endpoint.
+changes ("object store use: ..."): the broker has no metrics endpoint. An offer to a person
+(issue 13) has a known sender: its bytes count against the sending user's quota
+(``user_store_bytes``, or the user's own) instead of its address's, and it may be stored
+before consent whatever ``store_forward`` says, which is about anonymous senders.
 
 Cleanup is driven by the store, so a restart loses none of it: every upload is recorded
 (uploads table) before its URLs leave the broker, and the cleaner deletes the objects and
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -131,7 +135,8 @@ class Fallback:
             raise InvalidArgument(
                 Reason.INVALID_ARGUMENT, f"file_index must be between 0 and {len(files) - 1}"
             )
-        if state == states.OFFERED and self.broker.config.store_forward == "off":
+        anonymous = not record.session.HasField("person")
+        if state == states.OFFERED and self.broker.config.store_forward == "off" and anonymous:
             raise PermissionDenied(
                 Reason.STORE_FORWARD_DISABLED,
                 "this broker keeps no files for a receiver that has not accepted yet"
@@ -179,11 +184,17 @@ class Fallback:
                 size_bytes=layout.object_size(size, chunk) + layout.digests_size(size, chunk),
                 owner=self.broker.limiter.source(reflexive_ip(record.session.sender)),
             )
-            await self._check_quota(reserved)  # before S3 is asked for anything
+            quota = self.quota
+            if record.session.HasField("person"):  # a person's bytes count per user
+                user = record.session.person.sender_user
+                reserved.owner = f"user:{user}"
+                per_user = await self.broker.accounts.store_bytes_of(user)
+                quota = dataclasses.replace(quota, per_owner=per_user)
+            await self._check_quota(reserved, quota)  # before S3 is asked for anything
             with _s3():
                 reserved.upload_id = await objects.create_upload(key)
             try:
-                upload = await self.broker.store.add_upload(reserved, self.quota)
+                upload = await self.broker.store.add_upload(reserved, quota)
             except QuotaExceeded as exc:  # concurrent uploads took the room meanwhile
                 with _s3(), contextlib.suppress(Unsupported):
                     await objects.abort_upload(key, reserved.upload_id)
@@ -198,25 +209,25 @@ class Fallback:
             completed=upload.completed,
         )
 
-    async def _check_quota(self, upload: UploadRecord) -> None:
+    async def _check_quota(self, upload: UploadRecord, quota: StoreQuota) -> None:
         """RESOURCE_EXHAUSTED (STORE_QUOTA_EXCEEDED) if the upload's bytes would not fit.
 
         A first check, before S3 makes an upload; add_upload checks again atomically.
         """
         store = self.broker.store
         used, _ = await store.store_usage()
-        if used + upload.size_bytes > self.quota.total:
+        if used + upload.size_bytes > quota.total:
             raise _over_quota(
                 QuotaExceeded(
                     f"the object store would hold {used + upload.size_bytes} bytes for the"
-                    f" whole broker, over the broker's limit of {self.quota.total}"
+                    f" whole broker, over the broker's limit of {quota.total}"
                 )
             )
-        if upload.size_bytes > min(self.quota.per_offer, self.quota.per_owner):
+        if upload.size_bytes > min(quota.per_offer, quota.per_owner):
             raise _over_quota(
                 QuotaExceeded(
                     f"this file takes {upload.size_bytes} bytes in the object store, over the"
-                    f" broker's limit of {min(self.quota.per_offer, self.quota.per_owner)}"
+                    f" broker's limit of {min(quota.per_offer, quota.per_owner)}"
                 )
             )
 

@@ -23,6 +23,8 @@ Keys, all under a prefix (default ``ferry:``; give each broker deployment its ow
                                       create, expire, update (seconds since the epoch)
     {prefix}c:{code_hash}     zset    ids of the sessions holding that code hash, by create
     {prefix}q:{request_id}    zset    ids of the sessions created with it, by create
+    {prefix}i:{user}          zset    ids of the sessions offered to the person, by create
+                                      (pruned by offers_to: ended, deleted, too old)
     {prefix}t:{token_hash}    string  "s:{id}" or "r:{id}": whose token it is (sender/receiver)
     {prefix}live              zset    ids of the sessions in a live state, by expire
     {prefix}ended             zset    ids of the sessions in a final state, by update
@@ -79,7 +81,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -102,6 +104,9 @@ from ferry.broker.store import (
     UploadRecord,
 )
 from ferry.v1 import broker_pb2
+
+if TYPE_CHECKING:
+    from ferry.broker.people import Directory
 
 __all__ = ["DEFAULT_PREFIX", "DuplicateSession", "RedisStore", "StoreUnavailable"]
 
@@ -151,8 +156,9 @@ end
 """
 
 # KEYS: s:{id}. ARGV: prefix, id, data, state, version, sender, code, receiver, request,
-# verifier, create, expire, update, live ("1"/"0"). Returns 1, 0 if the id exists, or -1 if
-# the code hash is held by a session that is live or expires after `create` (CodeTaken).
+# verifier, create, expire, update, live ("1"/"0"), recipient ('' = none). Returns 1, 0 if
+# the id exists, or -1 if the code hash is held by a session that is live or expires after
+# `create` (CodeTaken).
 _CREATE = (
     _WRITES
     + """
@@ -174,6 +180,7 @@ for name, value in pairs(optional) do
 end
 if ARGV[7] ~= '' then redis.call('ZADD', p .. 'c:' .. ARGV[7], ARGV[11], id) end
 if ARGV[9] ~= '' then redis.call('ZADD', p .. 'q:' .. ARGV[9], ARGV[11], id) end
+if ARGV[15] ~= '' then redis.call('ZADD', p .. 'i:' .. ARGV[15], ARGV[11], id) end
 redis.call('SET', p .. 't:' .. ARGV[6], 's:' .. id)
 if ARGV[8] ~= '' then redis.call('SET', p .. 't:' .. ARGV[8], 'r:' .. id) end
 if ARGV[14] == '1' then
@@ -633,6 +640,7 @@ class RedisStore:
         self._to_clean = script(_TO_CLEAN)
         self._delete_ended = script(_DELETE_ENDED)
         self._ledger = RedisLedger(self)
+        self._directory: Directory | None = None
 
     @classmethod
     def from_url(
@@ -733,6 +741,7 @@ class RedisStore:
                     _num(record.expire_s),
                     _num(_seconds(s.update_time)),
                     "1" if s.state in LIVE_STATES else "0",
+                    s.person.recipient_user,
                 ],
             )
         if created == -1:
@@ -994,6 +1003,38 @@ class RedisStore:
         """None: no index tells completed uploads from the others (store_usage() counts
         them all, cheaply)."""
         return None
+
+    async def offers_to(self, recipient: str, now: float, limit: int) -> list[SessionRecord]:
+        """The inbox index's sessions still offered; the others (ended, or deleted after
+        their retention) leave the index here, so it holds the person's offers of the last
+        offer TTL and retention at most."""
+        index = self._key("i:", recipient)
+        fields = ("data", "code", "sender", "receiver", "request", "version", "verifier")
+        async with self._errors():
+            members = await self._redis.zrange(index, 0, -1)
+            ids = [cast(bytes, member).decode() for member in members]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in ids:
+                    pipe.hmget(self._key("s:", sid), (*fields, "state", "expire"))
+                rows = await pipe.execute()
+        found: list[SessionRecord] = []
+        gone: list[str] = []
+        for sid, values in zip(ids, rows, strict=True):
+            if values[0] is None or int(values[7]) != broker_pb2.Session.STATE_OFFERED:
+                gone.append(sid)
+            elif float(values[8]) > now and len(found) < limit:
+                found.append(_record([sid, *values[:7]]))
+        if gone:
+            async with self._errors():
+                await self._redis.zrem(index, *gone)
+        return found
+
+    def directory(self) -> Directory:
+        if self._directory is None:  # made on first use: people.py imports this module
+            from ferry.broker.people import RedisDirectory
+
+            self._directory = RedisDirectory(self._redis, self._prefix)
+        return self._directory
 
 
 class RedisLedger:

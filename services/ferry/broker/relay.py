@@ -17,6 +17,10 @@ with a short backoff, and on every (re)subscription it re-reads every watched se
 watcher never stays behind a change it missed. A watch itself also reads the session when it
 starts (Broker.watch).
 
+A person's inbox streams (issue 13) are hub watchers too, under ``inbox:{user}``: a change to
+an offer made to the person is announced under that key as well, and wakes them on every
+replica; they read the inbox from the store themselves.
+
 redis-py's asyncio client, in its own connection (a subscribed connection can do nothing
 else); the announcement is sent without waiting for it (the committing call does not wait
 for Redis twice).
@@ -42,6 +46,10 @@ log = logging.getLogger(__name__)
 Loader = Callable[[str], Awaitable[tuple[int, broker_pb2.Session] | None]]
 
 _BACKOFF = (0.1, 2.0)  # first and longest pause before resubscribing
+#: Hub keys of the inbox streams (core.inbox_key): an announcement of one only wakes them
+#: (they read the person's offers from the store themselves).
+INBOX_PREFIX = "inbox:"
+_WAKE = broker_pb2.Session()
 
 
 class RedisRelay:
@@ -125,6 +133,10 @@ class RedisRelay:
             return  # not one of ours
         if replica == self.replica or not self._hub.watched(session_id):
             return
+        if session_id.startswith(INBOX_PREFIX):  # an inbox's wake-up: nothing to load
+            self.delivered += 1
+            self._hub.deliver(session_id, version, _WAKE)
+            return
         await self._refresh(session_id, version)
 
     async def _refresh(self, session_id: str, at_least: int = 0) -> None:
@@ -137,4 +149,7 @@ class RedisRelay:
     async def _catch_up(self) -> None:
         """After a (re)subscription: re-read every watched session (changes may be missed)."""
         for session_id in self._hub.watched_sessions():
-            await self._refresh(session_id)
+            if session_id.startswith(INBOX_PREFIX):
+                self._hub.deliver(session_id, 0, _WAKE)
+            else:
+                await self._refresh(session_id)

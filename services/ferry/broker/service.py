@@ -164,7 +164,13 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.CreateOfferRequest, context: Context
     ) -> broker_pb2.CreateOfferResponse:
         ip = validation.peer_ip(context.peer())
-        response = await _acall(context, lambda: self._broker.create_offer(request, ip))
+        token = bearer_token(context)
+
+        async def create() -> broker_pb2.CreateOfferResponse:
+            principal = await self._broker.accounts.maybe_principal(token)
+            return await self._broker.create_offer(request, ip, principal)
+
+        response = await _acall(context, create)
         self.metrics.offer_created()
         return response
 
@@ -172,20 +178,103 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self, request: broker_pb2.ClaimOfferRequest, context: Context
     ) -> broker_pb2.ClaimOfferResponse:
         ip = validation.peer_ip(context.peer())
-        return await _acall(context, lambda: self._claim(request, ip))
+        token = bearer_token(context)
+        return await _acall(context, lambda: self._claim(request, ip, token))
 
     async def _claim(
-        self, request: broker_pb2.ClaimOfferRequest, ip: str | None
+        self, request: broker_pb2.ClaimOfferRequest, ip: str | None, token: str | None
     ) -> broker_pb2.ClaimOfferResponse:
         validation.check_length(request.code, validation.MAX_CODE_CHARS, "code")
         validation.check_request_id(request.request_id)
+        principal = await self._broker.accounts.maybe_principal(token)
         return await self._broker.claim_offer(
             request.code,
             ip,
             request.request_id,
             pake_message=request.pake_message,
             claim_verifier=request.claim_verifier,
+            principal=principal,
         )
+
+    # -- people -----------------------------------------------------------------------------
+
+    async def EnrollDevice(
+        self, request: broker_pb2.EnrollDeviceRequest, context: Context
+    ) -> broker_pb2.EnrollDeviceResponse:
+        ip = validation.peer_ip(context.peer())
+        return await _acall(context, lambda: self._broker.accounts.enroll(request, ip))
+
+    async def CreateChallenge(
+        self, request: broker_pb2.CreateChallengeRequest, context: Context
+    ) -> broker_pb2.CreateChallengeResponse:
+        async def challenge() -> broker_pb2.CreateChallengeResponse:
+            return self._broker.accounts.challenge(request.device_id)
+
+        return await _acall(context, challenge)
+
+    async def SignIn(
+        self, request: broker_pb2.SignInRequest, context: Context
+    ) -> broker_pb2.SignInResponse:
+        ip = validation.peer_ip(context.peer())
+
+        async def sign_in() -> broker_pb2.SignInResponse:
+            broker_id = await self._broker.broker_id()
+            return await self._broker.accounts.sign_in(request, broker_id, ip)
+
+        return await _acall(context, sign_in)
+
+    async def ListPeers(
+        self, request: broker_pb2.ListPeersRequest, context: Context
+    ) -> broker_pb2.ListPeersResponse:
+        token = bearer_token(context)
+
+        async def peers() -> broker_pb2.ListPeersResponse:
+            accounts = self._broker.accounts
+            return await accounts.peers(await accounts.principal(token))
+
+        return await _acall(context, peers)
+
+    async def ListInbox(
+        self, request: broker_pb2.ListInboxRequest, context: Context
+    ) -> broker_pb2.ListInboxResponse:
+        token = bearer_token(context)
+
+        async def inbox() -> broker_pb2.ListInboxResponse:
+            principal = await self._broker.accounts.principal(token)
+            offers, more = await self._broker.inbox(principal)
+            return broker_pb2.ListInboxResponse(offers=offers, more=more)
+
+        return await _acall(context, inbox)
+
+    async def TakeOffer(
+        self, request: broker_pb2.TakeOfferRequest, context: Context
+    ) -> broker_pb2.TakeOfferResponse:
+        token = bearer_token(context)
+
+        async def take() -> broker_pb2.TakeOfferResponse:
+            principal = await self._broker.accounts.principal(token)
+            return await self._broker.take_offer(request.name, principal)
+
+        return await _acall(context, take)
+
+    async def WatchInbox(
+        self, request: broker_pb2.WatchInboxRequest, context: Context
+    ) -> AsyncIterator[broker_pb2.WatchInboxResponse]:
+        token = bearer_token(context)
+        ip = validation.peer_ip(context.peer())
+        self.metrics.watch_opened()
+        try:
+            principal = await self._broker.accounts.principal(token)
+            updates = self._broker.watch_inbox(principal, token, ip)
+            async with contextlib.aclosing(updates):
+                async for response in updates:
+                    yield response
+            return
+        except Exception as exc:
+            refusal = as_refusal(exc)
+        finally:
+            self.metrics.watch_closed()
+        await abort(context, refusal)
 
     async def ConfirmKey(
         self, request: broker_pb2.ConfirmKeyRequest, context: Context

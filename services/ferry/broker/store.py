@@ -28,13 +28,16 @@ import os
 import sqlite3
 import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ferry.broker import leases
 from ferry.broker.errors import Reason, ResourceExhausted
 from ferry.broker.ledger import Ledger, MemoryLedger
 from ferry.broker.states import CONNECTING, FINAL_STATES, LIVE_STATES, TRANSFERRING, Party
 from ferry.v1 import broker_pb2
+
+if TYPE_CHECKING:
+    from ferry.broker.people import Directory
 
 
 class StaleRecord(Exception):
@@ -245,6 +248,15 @@ class Store(Protocol):
     async def count_uploads_in_flight(self) -> int | None:
         """Uploads started and not completed; None if the store cannot tell cheaply."""
 
+    async def offers_to(self, recipient: str, now: float, limit: int) -> list[SessionRecord]:
+        """Up to `limit` sessions offered to the person `recipient` (Session.person) that
+        are still in STATE_OFFERED and expire after `now`, oldest first (claimed ones too:
+        the caller filters)."""
+
+    def directory(self) -> Directory:
+        """The people directory kept in the same store (people.py): users, devices,
+        enrollments, presence and the audit log."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -325,7 +337,8 @@ _COLUMNS = (
 _Row = tuple[bytes, str | None, str, str | None, str | None, int, bytes | None]
 # Columns added after the first release, each with its type, added to older files on open.
 _ADDED_COLUMNS = {
-    "sessions": {"claim_verifier": "BLOB", "update_time": "REAL"},
+    # Issue 13: the person an offer is addressed to (Session.person.recipient_user).
+    "sessions": {"claim_verifier": "BLOB", "update_time": "REAL", "recipient": "TEXT"},
     # Issue 10, finding 5: who a lease counts against, and until when it holds unconnected.
     "leases": {"owner": "TEXT NOT NULL DEFAULT ''", "hold_until": "REAL"},
     # Issue 10, finding 6: the bytes an upload reserves, and whose address they count for.
@@ -337,6 +350,9 @@ _ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS sessions_ended ON sessions (state, update_time)",
     # Counting an address's bytes in the object store (add_upload's quota).
     "CREATE INDEX IF NOT EXISTS uploads_owner ON uploads (owner)",
+    # A person's inbox (offers_to).
+    "CREATE INDEX IF NOT EXISTS sessions_recipient ON sessions (recipient, state, create_time)"
+    " WHERE recipient IS NOT NULL",
 )
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -409,6 +425,7 @@ class SqliteStore:
         for index in _ADDED_INDEXES:
             self._db.execute(index)
         self._ledger = MemoryLedger()
+        self._directory: Directory | None = None
 
     async def create_session(self, record: SessionRecord) -> None:
         s = record.session
@@ -424,8 +441,8 @@ class SqliteStore:
         self._db.execute(
             "INSERT INTO sessions (id, state, code_hash, expire_time, create_time,"
             " sender_token_hash, receiver_token_hash, request_id, version, data, claim_verifier,"
-            " update_time)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " update_time, recipient)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.session_id,
                 int(s.state),
@@ -439,6 +456,7 @@ class SqliteStore:
                 s.SerializeToString(deterministic=True),
                 record.claim_verifier,
                 s.update_time.ToNanoseconds() / 1e9,
+                s.person.recipient_user or None,
             ),
         )
 
@@ -722,6 +740,21 @@ class SqliteStore:
     async def count_uploads_in_flight(self) -> int | None:
         (count,) = self._db.execute("SELECT COUNT(*) FROM uploads WHERE completed = 0").fetchone()
         return int(count)
+
+    async def offers_to(self, recipient: str, now: float, limit: int) -> list[SessionRecord]:
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM sessions WHERE recipient = ? AND state = ?"  # noqa: S608
+            " AND expire_time > ? ORDER BY create_time LIMIT ?",
+            (recipient, int(broker_pb2.Session.STATE_OFFERED), now, limit),
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    def directory(self) -> Directory:
+        if self._directory is None:  # made on first use: people.py imports this module
+            from ferry.broker.people import SqliteDirectory
+
+            self._directory = SqliteDirectory(self._db)
+        return self._directory
 
 
 def _state_label(state: int) -> str:

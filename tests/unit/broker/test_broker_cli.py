@@ -95,6 +95,17 @@ FLAGS: dict[str, tuple[str, str | None]] = {
         "FERRY_MAX_CONNECTION_AGE_GRACE",
     ),
     "--shutdown-grace": ("shutdown_grace_s", "FERRY_SHUTDOWN_GRACE"),
+    # Issue 13: people, policy, audit.
+    "--anonymous": ("anonymous", "FERRY_ANONYMOUS"),
+    "--access-token-ttl": ("access_token_ttl_s", "FERRY_ACCESS_TOKEN_TTL"),
+    "--challenge-ttl": ("challenge_ttl_s", "FERRY_CHALLENGE_TTL"),
+    "--presence-ttl": ("presence_ttl_s", "FERRY_PRESENCE_TTL"),
+    "--user-offers-per-hour": ("user_offers_per_hour", "FERRY_USER_OFFERS_PER_HOUR"),
+    "--user-store-bytes": ("user_store_bytes", "FERRY_USER_STORE_BYTES"),
+    "--max-offer-bytes": ("max_offer_bytes", "FERRY_MAX_OFFER_BYTES"),
+    "--inbox-max-offers": ("inbox_max_offers", "FERRY_INBOX_MAX_OFFERS"),
+    "--audit": ("audit", "FERRY_AUDIT"),
+    "--audit-retention": ("audit_retention_s", "FERRY_AUDIT_RETENTION"),
 }
 ENVIRONMENT = sorted(env for _, env in FLAGS.values() if env)
 

@@ -62,6 +62,21 @@ REASONS = [
     "STORE_QUOTA_EXCEEDED",  # issue 10, finding 6
     "STORE_FORWARD_DISABLED",  # issue 10, finding 6
     "ATTEMPT_MOVED",  # issue 11: candidates for an attempt that is over
+    # Issue 13: people, devices, sign-in, policy.
+    "ENROLLMENT_INVALID",
+    "CHALLENGE_INVALID",
+    "SIGNATURE_INVALID",
+    "DEVICE_REVOKED",
+    "ACCESS_TOKEN_MISSING",
+    "ACCESS_TOKEN_INVALID",
+    "ACCESS_TOKEN_EXPIRED",
+    "USER_NOT_FOUND",
+    "OFFER_NOT_FOUND",
+    "OFFER_TAKEN",
+    "ANONYMOUS_DISABLED",
+    "OFFER_QUOTA_EXCEEDED",
+    "OFFER_TOO_LARGE",
+    "INBOX_FULL",
 ]
 
 
