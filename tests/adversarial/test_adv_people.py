@@ -474,3 +474,26 @@ async def test_the_audit_log_has_every_step_and_no_secret(people: People) -> Non
         assert secret not in text
     # bob's alice-only view: bob's ListInbox never shows what he sent
     assert await _inbox(stub, people.bob) == []
+
+
+async def test_an_offer_wakes_the_inbox_at_once_not_at_the_next_renewal(
+    broker_factory: BrokerFactory,
+) -> None:
+    """The offer shows once its sender confirmed it (ConfirmKey, a commit that changes no
+    state): that commit must wake the stream, which would otherwise wait up to a third of
+    --presence-ttl (here 100 s) for its next renewal."""
+    broker = broker_factory("--presence-ttl", "300")
+    store, directory = sqlite_directory(broker.data_dir)
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        bob = await enroll(stub, directory, "bob")
+        alice = await enroll(stub, directory, "alice")
+        watch = _watch(stub, alice)
+        assert list((await watch.read()).offers) == []
+        offer = await offer_to(stub, bob, "alice")
+        update = await asyncio.wait_for(watch.read(), 20)
+        while not update.offers:  # the create's wake may come before the confirmation
+            update = await asyncio.wait_for(watch.read(), 20)
+        assert [o.name for o in update.offers] == [offer.name]
+        watch.cancel()
+    await store.close()

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import socket
 import sys
 import time
 import uuid
@@ -28,18 +30,28 @@ from ferry.client import (
     BrokerError,
     Client,
     Completed,
+    Device,
+    DeviceKeyChanged,
     Event,
     FerryError,
+    GoneOffer,
+    InboxOffer,
     Incoming,
+    KnownDevices,
+    NotEnrolled,
     OfferedFile,
     Outgoing,
     Paused,
+    PeerDevice,
     Progress,
     SourceChangedError,
+    TamperedError,
+    TransferError,
     TransferOver,
     TransferResult,
     new_claim_exchange,
     remove_partial,
+    store_refused,
 )
 from ferry.files import (
     DestinationExistsError,
@@ -65,6 +77,10 @@ _NAME_CHARS = 1024
 _REASON_CHARS = 1024
 #: Broker refusals that say, whatever the wording, "this broker does not know that session".
 _UNKNOWN_SESSION = frozenset({"TOKEN_INVALID", "SESSION_NOT_FOUND", "WRONG_SESSION"})
+#: How much of a user's or device's name a line shows.
+_PERSON_CHARS = 64
+#: An offer's id as `ferry inbox` shows it (or a prefix of 6 or more of its characters).
+_OFFER_ID = re.compile(r"(sessions/)?[0-9a-f]{6,32}")
 
 
 class CliError(FerryError):
@@ -277,6 +293,8 @@ def _verifier(ns: argparse.Namespace) -> Any:
 
 
 async def _send(ns: argparse.Namespace) -> int:
+    if ns.to:
+        return await _send_to(ns)
     client = _client(ns)
     broker_id = await client.broker_id()
     outgoing, resumed = await _offer_or_resume(ns, client, broker_id)
@@ -517,10 +535,17 @@ def _read_code(ns: argparse.Namespace) -> str:
 
 
 async def _receive(ns: argparse.Namespace) -> int:
+    if ns.watch or ns.from_user or _OFFER_ID.fullmatch(ns.code or ""):
+        return await _receive_person(ns)
     ns.code = _read_code(ns)
     client = _client(ns, stall_timeout=ns.stall_timeout)
     broker_id = await client.broker_id()
     incoming = await _claim_or_resume(ns, client, broker_id)
+    return await _consent_and_accept(ns, incoming, broker_id)
+
+
+async def _consent_and_accept(ns: argparse.Namespace, incoming: Incoming, broker_id: str) -> int:
+    """Show the offer, ask (unless --yes or resumed), receive it; the exit code."""
     try:
         dest = Path(ns.dest)
         try:
@@ -576,6 +601,461 @@ def _drop_superseded(dest: Path, broker_id: str, done: str, paths: list[str]) ->
             continue
         remove_partial(dest, name, paths)
         _state.forget(name)
+
+
+# -- people: login, peers, inbox, send --to, receive OFFER_ID / --from / --watch ------
+
+
+def _new_device_teller(ns: argparse.Namespace) -> Any:
+    """Says when a device is pinned for the first time (trust on first use)."""
+
+    def tell(user: str, device: PeerDevice) -> None:
+        if ns.json:
+            _emit(
+                {
+                    "event": "new_device",
+                    "user": user,
+                    "device": device.display_name,
+                    "device_id": device.device_id,
+                    "fingerprint": device.fingerprint,
+                }
+            )
+        else:
+            _say(
+                f"{shown(user, _PERSON_CHARS)} has a new device: "
+                f"{shown(device.display_name, _PERSON_CHARS)} (fingerprint {device.fingerprint})"
+            )
+
+    return tell
+
+
+async def _people_client(ns: argparse.Namespace, **options: Any) -> tuple[Client, str, Device]:
+    """A Client with this machine's device at the broker (NotEnrolled if it has none)."""
+    client = _client(ns, on_new_device=_new_device_teller(ns), **options)
+    broker_id = await client.broker_id()
+    device = Device.load(broker_id)
+    if device is None:
+        raise NotEnrolled(
+            f"this machine has no device at the broker {escape_name(ns.broker)}: "
+            "ferry login with the enrollment token the operator gave you"
+        )
+    client.device = device
+    return client, broker_id, device
+
+
+def _read_enrollment_token(ns: argparse.Namespace, enrolled: bool) -> str:
+    """The token: the argument, else FERRY_ENROLLMENT_TOKEN, else asked for (not on argv
+    is better: other local users can read a process's arguments). "" if this machine is
+    enrolled already and none was given (then login only signs in)."""
+    token = ns.token or os.environ.get("FERRY_ENROLLMENT_TOKEN", "")
+    if not token and not enrolled:
+        if sys.stdin.isatty():
+            import getpass
+
+            token = getpass.getpass("Enrollment token: ")
+        else:
+            token = sys.stdin.readline()
+        if not token.strip():
+            raise CliError("no enrollment token given (argument, FERRY_ENROLLMENT_TOKEN, or typed)")
+    return token.strip()
+
+
+async def _login(ns: argparse.Namespace) -> int:
+    client = _client(ns, on_new_device=_new_device_teller(ns))
+    broker_id = await client.broker_id()
+    existing = Device.load(broker_id)
+    token = _read_enrollment_token(ns, existing is not None)
+    if token:
+        device = await client.login(token, ns.name or socket.gethostname())
+        verb = "Enrolled"
+    else:
+        assert existing is not None
+        client.device = device = existing
+        await client.sign_in()
+        verb = "Signed in"
+    if ns.json:
+        _emit(
+            {
+                "event": "logged_in",
+                "user": device.user,
+                "organization": device.organization,
+                "device": device.display_name,
+                "device_id": device.device_id,
+                "fingerprint": device.fingerprint,
+                "enrolled": bool(token),
+            }
+        )
+    else:
+        _say(
+            f"{verb} as {shown(device.user, _PERSON_CHARS)} "
+            f"(organization {shown(device.organization, _PERSON_CHARS)}); this device: "
+            f"{shown(device.display_name, _PERSON_CHARS)}, fingerprint {device.fingerprint}"
+        )
+        if token and existing is not None:
+            _say("This machine's earlier device at this broker was replaced by this one.")
+    return 0
+
+
+async def _peers(ns: argparse.Namespace) -> int:
+    client, broker_id, device = await _people_client(ns)
+    if ns.forget:
+        dropped = KnownDevices().forget(broker_id, ns.forget)
+        _say(
+            f"Forgot {dropped} pinned device(s) of {shown(ns.forget, _PERSON_CHARS)}; their "
+            "keys are pinned anew when next seen."
+        )
+    for peer in await client.peers():
+        if ns.json:
+            _emit(
+                {
+                    "event": "peer",
+                    "user": peer.user,
+                    "online": peer.online,
+                    "devices": [
+                        {
+                            "device_id": d.device_id,
+                            "name": d.display_name,
+                            "fingerprint": d.fingerprint,
+                            "online": d.online,
+                            "this_device": d.device_id == device.device_id,
+                        }
+                        for d in peer.devices
+                    ],
+                }
+            )
+            continue
+        online = sum(d.online for d in peer.devices)
+        print(
+            terminal_line(
+                f"{shown(peer.user, _PERSON_CHARS)}  {len(peer.devices)} device(s), {online} online"
+            )
+        )
+        for d in peer.devices:
+            mark = "  (this device)" if d.device_id == device.device_id else ""
+            state = "online " if d.online else "offline"
+            print(
+                terminal_line(
+                    f"  {state}  {shown(d.display_name, _PERSON_CHARS)}  {d.fingerprint}{mark}"
+                )
+            )
+    return 0
+
+
+def _offer_line(offer: InboxOffer) -> dict[str, Any]:
+    return {
+        "event": "offer",
+        "id": offer.id,
+        "session": offer.name,
+        "from": offer.sender_user,
+        "device": offer.sender_device,
+        "fingerprint": offer.sender_fingerprint,
+        "files": [{"path": f.path, "size": f.size} for f in offer.files],
+        "bytes": offer.total_size,
+        "expire_time": _iso(min(offer.expire_time, offer.not_after)),
+    }
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _show_inbox_offer(ns: argparse.Namespace, offer: InboxOffer) -> None:
+    if ns.json:
+        _emit(_offer_line(offer))
+        return
+    first = shown(offer.files[0].path, _NAME_CHARS) if offer.files else ""
+    more = f" and {len(offer.files) - 1} more" if len(offer.files) > 1 else ""
+    print(
+        terminal_line(
+            f"{offer.id[:12]}  from {shown(offer.sender_user, _PERSON_CHARS)} "
+            f"({shown(offer.sender_device, _PERSON_CHARS)})  {first}{more}  "
+            f"{format_size(offer.total_size)}  until "
+            f"{_iso(min(offer.expire_time, offer.not_after))}"
+        )
+    )
+
+
+async def _inbox(ns: argparse.Namespace) -> int:
+    client, _, _ = await _people_client(ns)
+    offers = await client.list_inbox()
+    for offer in offers:
+        _show_inbox_offer(ns, offer)
+    if not offers and not ns.json:
+        _say("No offers waiting.")
+    return 0
+
+
+async def _send_to(ns: argparse.Namespace) -> int:
+    """`ferry send --to USER`: an offer to a person's devices (no code)."""
+    client, broker_id, _ = await _people_client(ns)
+    sources = [str(p.absolute()) for p in ns.paths]
+    found = _state.find("sender", broker_id, sources=sources, to=ns.to, done=None)
+    outgoing: Outgoing | None = None
+    if found is not None:
+        name, entry = found
+        try:
+            stamps = [SourceStamp.from_text(t) for t in entry.get("stamps") or []] or None
+            outgoing = await client.resume_offer(
+                name,
+                entry["token"],
+                ns.paths,
+                via=entry.get("via", ns.via),
+                stamps=stamps,
+                key=bytes.fromhex(entry.get("key", "")),
+            )
+        except SourceChangedError:
+            _state.forget(name)
+            raise
+        except (TransferOver, ValueError):
+            _state.forget(name)
+        except BrokerError as exc:
+            if exc.reason not in _UNKNOWN_SESSION:
+                raise
+            _state.forget(name)
+    resumed = outgoing is not None
+    recipient = await client.recipient(ns.to)
+    online = any(d.online for d in recipient.devices)
+    who = shown(ns.to, _PERSON_CHARS)
+    if outgoing is None:
+        via = ns.via
+        if not online and via == "auto":
+            via = "store"  # nobody to connect to now: upload at once, if the broker can keep it
+        outgoing = await client.offer(
+            ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl, via=via, to=ns.to
+        )
+        assert outgoing.key is not None
+        _state.remember(
+            outgoing.name,
+            outgoing.token,
+            "sender",
+            ns.broker,
+            broker_id,
+            sources=sources,
+            stamps=[stamp.to_text() for stamp in outgoing.stamps],
+            to=ns.to,
+            via=via,
+            key=outgoing.key.secret.hex(),  # secret, like a code: the file is 0600
+        )
+    try:
+        devices = len(recipient.devices)
+        if ns.json:
+            _emit(
+                {
+                    "event": "resumed" if resumed else "offered",
+                    "session": outgoing.name,
+                    "to": ns.to,
+                    "devices": devices,
+                    "online": online,
+                    "via": outgoing.via,
+                    "files": len(outgoing.files),
+                    "bytes": outgoing.total_size,
+                }
+            )
+        else:
+            verb = "Resuming" if resumed else "Offering"
+            _say(
+                f"{verb} {len(outgoing.files)} file(s) ({format_size(outgoing.total_size)}) "
+                f"to {who} ({devices} device(s), {'online' if online else 'offline'})."
+            )
+            if outgoing.via == "store" and not online:
+                _say(
+                    f"{who} is offline: the files go to the store, encrypted to their "
+                    f"{devices} device(s); they get them when they next sign in"
+                )
+            elif not online:
+                _say(f"{who} is offline: waiting for one of their devices to take the offer")
+        return await _transfer_to(ns, outgoing, who)
+    finally:
+        await outgoing.close()
+
+
+async def _transfer_to(ns: argparse.Namespace, outgoing: Outgoing, who: str) -> int:
+    events = _Events(ns.json, "sending")
+    try:
+        try:
+            result = await outgoing.transfer(on_event=events)
+        except TransferError as exc:
+            if outgoing.via != "store" or not store_refused(exc):
+                raise
+            outgoing.via = "auto"
+            _state.update(outgoing.name, via="auto")
+            if ns.json:
+                _emit({"event": "waiting", "session": outgoing.name, "reason": "no_store"})
+            else:
+                _say(f"This broker keeps no files: waiting for {who} to take the offer")
+            result = await outgoing.transfer(on_event=events)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        await _cancel_quietly(outgoing.cancel)
+        raise
+    finally:
+        events.close()
+    if result.stored:
+        _stored(ns, outgoing, result)
+    else:
+        _finish(ns, result, "Sent")
+    _state.update(outgoing.name, done=True)
+    return 0
+
+
+async def _receive_person(ns: argparse.Namespace) -> int:
+    """`ferry receive OFFER_ID`, `--from USER` or `--watch`: offers made to this user."""
+    client, broker_id, _ = await _people_client(ns, stall_timeout=ns.stall_timeout)
+    if ns.watch:
+        return await _watch(ns, client, broker_id)
+    if ns.from_user:
+        name = await _oldest_from(ns, client, ns.from_user)
+    else:
+        name = await _resolve_offer(client, broker_id, ns.code)
+    incoming = await _take_or_resume(ns, client, broker_id, name)
+    return await _consent_and_accept(ns, incoming, broker_id)
+
+
+async def _resolve_offer(client: Client, broker_id: str, text: str) -> str:
+    """The session name of the offer ``text`` names: an id or a unique prefix of one, in
+    the inbox (or among this machine's unfinished receives)."""
+    text = text.removeprefix("sessions/")
+    names = {o.name for o in await client.list_inbox() if o.id.startswith(text)}
+    names |= {
+        name
+        for name, entry in _state.load().items()
+        if entry.get("role") == "receiver"
+        and entry.get("broker_id") == broker_id
+        and entry.get("offer")
+        and name.removeprefix("sessions/").startswith(text)
+    }
+    if len(names) > 1:
+        raise CliError(f"{text} names {len(names)} offers: give more of its id")
+    if names:
+        return names.pop()
+    if len(text) == 32:
+        return f"sessions/{text}"  # not waiting (taken here earlier?): the broker will say
+    raise CliError(f"no offer {text} in the inbox (ferry inbox lists them)")
+
+
+async def _oldest_from(ns: argparse.Namespace, client: Client, user: str) -> str:
+    """The oldest offer waiting from ``user``, waiting for one if there is none."""
+    for offer in await client.list_inbox():
+        if offer.sender_user == user:
+            return offer.name
+    if not ns.json:
+        _say(f"Waiting for an offer from {shown(user, _PERSON_CHARS)} (Ctrl-C to stop)")
+    async for update in client.inbox():
+        for offer in update.offers:
+            if offer.sender_user == user:
+                return offer.name
+    raise CliError("the inbox closed")  # only for a bounded inbox, which this is not
+
+
+async def _take_or_resume(
+    ns: argparse.Namespace, client: Client, broker_id: str, name: str
+) -> Incoming:
+    """Resume this machine's unfinished receive of offer ``name``, else take it."""
+    found = _state.find("receiver", broker_id, offer=name)
+    if found is not None and found[1].get("token") and found[1].get("key"):
+        try:
+            incoming = await client.resume_claim(
+                name, found[1]["token"], bytes.fromhex(found[1]["key"])
+            )
+        except BrokerError as exc:
+            if exc.reason not in _UNKNOWN_SESSION:
+                raise
+            _state.forget(name)
+        else:
+            _state.update(name, broker=ns.broker)
+            return incoming
+    incoming = await client.take(name)
+    _state.remember(
+        incoming.name,
+        incoming.token,
+        "receiver",
+        ns.broker,
+        broker_id,
+        offer=name,
+        key=incoming.key.secret.hex(),  # what a resume needs; secret: the file is 0600
+        dest=str(ns.dest),
+    )
+    return incoming
+
+
+async def _watch(ns: argparse.Namespace, client: Client, broker_id: str) -> int:
+    """`ferry receive --watch`: each new offer is shown and asked about (or accepted from
+    the --accept-from senders); ends on Ctrl-C or at the end of stdin."""
+    trusted = {u.strip() for u in (ns.accept_from or "").split(",") if u.strip()}
+    seen: set[str] = set()
+    if not ns.json:
+        _say(f"Watching the inbox; files go to {escape_name(str(ns.dest))} (Ctrl-C to stop)")
+    async for update in client.inbox():
+        for gone in update.gone:
+            _show_gone(ns, gone, client)
+        for offer in update.offers:
+            if offer.name in seen:
+                continue
+            seen.add(offer.name)
+            _show_inbox_offer(ns, offer)
+            if offer.sender_user in trusted:
+                answer = "y"
+            else:
+                if not ns.json:
+                    sys.stderr.write("Accept? [y/N] ")
+                    sys.stderr.flush()
+                answer = await asyncio.to_thread(sys.stdin.readline)
+                if not answer:
+                    return 0  # end of input: nobody left to ask
+            if answer.strip().lower() not in ("y", "yes"):
+                if ns.json:
+                    _emit({"event": "skipped", "session": offer.name})
+                continue
+            await _watch_one(ns, client, broker_id, offer.name)
+    return 0
+
+
+async def _watch_one(ns: argparse.Namespace, client: Client, broker_id: str, name: str) -> None:
+    """Take and receive one offer; a failure is said, and the watch goes on."""
+    try:
+        incoming = await _take_or_resume(ns, client, broker_id, name)
+    except BrokerError as exc:
+        if exc.reason not in ("OFFER_TAKEN", "OFFER_NOT_FOUND"):
+            raise
+        if ns.json:
+            _emit({"event": "not_taken", "session": name, "reason": exc.reason})
+        else:
+            _say(f"Not taken: {exc}")
+        return
+    except (TamperedError, DeviceKeyChanged, TransferOver) as exc:
+        if ns.json:
+            _emit({"event": "refused", "session": name, "error": str(exc)})
+        _say(f"ferry: refused the offer: {exc}")
+        return
+    yes = ns.yes
+    ns.yes = True  # consent was given when the offer was shown
+    try:
+        await _consent_and_accept(ns, incoming, broker_id)
+    except TransferError as exc:
+        _say(f"ferry: receiving failed: {exc}")
+    finally:
+        ns.yes = yes
+
+
+def _show_gone(ns: argparse.Namespace, gone: GoneOffer, client: Client) -> None:
+    device = client.device
+    here = device is not None and gone.taken_by == device.device_id
+    if ns.json:
+        _emit(
+            {
+                "event": "gone",
+                "id": gone.id,
+                "session": gone.name,
+                "taken_by": gone.taken_by,
+                "taken_here": here,
+                "state": gone.state,
+                "reason": gone.reason,
+            }
+        )
+    elif gone.taken_by and not here:
+        _say(f"Offer {gone.id[:12]} was taken by another of your devices ({gone.taken_by}).")
+    elif not gone.taken_by:
+        why = f": {gone.reason}" if gone.reason else ""
+        _say(f"Offer {gone.id[:12]} is gone ({gone.state or 'ended'}{why}).")
 
 
 # -- status, digest, serve ------------------------------------------------------------
@@ -745,19 +1225,37 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("send", help="offer files and folders; prints a one-time code")
     s.add_argument("paths", nargs="+", type=Path)
+    s.add_argument(
+        "--to",
+        metavar="USER",
+        help="offer them to this user's devices instead of with a code (ferry login first)",
+    )
     s.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE)
     s.add_argument("--ttl", type=float, default=600.0, help="seconds the code stays valid")
     via_opt(s, "upload now and exit; the receiver fetches it until the code expires")
     verify_opt(s)
     client_opts(s)
 
-    s = sub.add_parser("receive", help="receive what a code offers")
+    s = sub.add_parser("receive", help="receive what a code, or an offer to you, offers")
     s.add_argument(
         "code",
         nargs="?",
         default="",
-        help="the code; better left out (env FERRY_CODE, or asked for): other users of a "
-        "machine can read the arguments of its processes",
+        help="the code, better left out (env FERRY_CODE, or asked for): other users of a "
+        "machine can read the arguments of its processes; or an offer's id from ferry inbox "
+        "(6 characters or more)",
+    )
+    s.add_argument(
+        "--from", dest="from_user", metavar="USER", help="the oldest offer from USER (waits)"
+    )
+    s.add_argument(
+        "--watch", action="store_true", help="wait for offers and ask about each (Ctrl-C ends)"
+    )
+    s.add_argument(
+        "--accept-from",
+        metavar="USER,...",
+        default="",
+        help="with --watch: accept offers from these users without asking",
     )
     s.add_argument("--dest", default=".", help="folder to receive into (default: here)")
     s.add_argument("--yes", "-y", action="store_true", help="accept without asking")
@@ -772,6 +1270,31 @@ def _parser() -> argparse.ArgumentParser:
     verify_opt(s)
     client_opts(s)
 
+    s = sub.add_parser("login", help="enroll this machine as a device of your user")
+    s.add_argument(
+        "token",
+        nargs="?",
+        default="",
+        help="the operator's enrollment token, better left out (env FERRY_ENROLLMENT_TOKEN, "
+        "or asked for); without one, an enrolled machine signs in",
+    )
+    s.add_argument("--name", default="", help="this device's name (default: the host name)")
+    client_opts(s)
+
+    s = sub.add_parser("peers", help="the users you may send to, with their devices")
+    s.add_argument(
+        "--forget",
+        metavar="USER",
+        default="",
+        help="forget USER's pinned device keys (after checking a changed fingerprint)",
+    )
+    client_opts(s)
+
+    s = sub.add_parser("inbox", help="the offers waiting for you")
+    client_opts(s)
+
+    _add_admin(sub)
+
     s = sub.add_parser("status", help="show the state of recent sessions")
     s.add_argument("session", nargs="?")
     client_opts(s)
@@ -780,6 +1303,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+", type=Path)
     s.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE)
     return p
+
+
+def _add_admin(sub: Any) -> None:
+    """`ferry admin ...`: the operator's commands (ferry.broker.admin), if installed."""
+    try:
+        from ferry.broker.admin import add_admin_parser
+    except ImportError:
+        return
+    add_admin_parser(sub)
+
+
+def _run_admin(ns: argparse.Namespace) -> int:
+    from ferry.broker.admin import run_admin
+
+    return run_admin(ns)
 
 
 def _fail(ns: argparse.Namespace | None, message: str, code: int = 1) -> NoReturn:
@@ -802,8 +1340,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = _serve(ns)
         elif ns.command == "digest":
             code = _digest(ns)
+        elif ns.command == "admin":
+            code = _run_admin(ns)
         else:
-            runner = {"send": _send, "receive": _receive, "status": _status}[ns.command]
+            runner = {
+                "send": _send,
+                "receive": _receive,
+                "status": _status,
+                "login": _login,
+                "peers": _peers,
+                "inbox": _inbox,
+            }[ns.command]
             code = asyncio.run(runner(ns))
     except KeyboardInterrupt:
         _fail(ns, "interrupted", 130)

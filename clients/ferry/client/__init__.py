@@ -20,6 +20,13 @@ system's CAs, or ``broker_ca=``); a certificate problem raises BrokerTLSError at
 Everything derives from FerryError; the tree, and what each case means, is drawn in
 `ferry.client._errors`. A broker that is down or
 restarting is waited for (``Client(broker_wait=...)``, default 300 s) before that.
+
+People (a device enrolled with the operator's token; no code)::
+
+    client = ferry.client.Client("127.0.0.1:50051", device=ferry.client.Device.load(broker_id))
+    outgoing = await client.offer(["report.pdf"], to="alice")   # to each of alice's devices
+    async for update in client.inbox():                          # on alice's devices
+        incoming = await client.take(update.offers[0].name)      # the first device wins
 """
 
 from ferry.client._broker import BrokerError, BrokerTLSError
@@ -48,8 +55,19 @@ from ferry.client._events import (
     Progress,
     TransferResult,
 )
+from ferry.client._identity import Device, DeviceKeyChanged, KnownDevices
 from ferry.client._incoming import Incoming, remove_partial
 from ferry.client._outgoing import Outgoing
+from ferry.client._people import (
+    DeviceRevoked,
+    GoneOffer,
+    InboxOffer,
+    InboxUpdate,
+    NotEnrolled,
+    Peer,
+    PeerDevice,
+    store_refused,
+)
 from ferry.client._send import digest_file
 from ferry.errors import FerryError
 
@@ -63,14 +81,24 @@ __all__ = [
     "Completed",
     "Connected",
     "Declined",
+    "Device",
+    "DeviceKeyChanged",
+    "DeviceRevoked",
     "Event",
     "FerryError",
     "FileResult",
+    "GoneOffer",
+    "InboxOffer",
+    "InboxUpdate",
     "Incoming",
+    "KnownDevices",
+    "NotEnrolled",
     "OfferedFile",
     "Outgoing",
     "PathInfo",
     "Paused",
+    "Peer",
+    "PeerDevice",
     "PeerProtocolError",
     "Progress",
     "SourceChangedError",
@@ -83,4 +111,5 @@ __all__ = [
     "digest_file",
     "new_claim_exchange",
     "remove_partial",
+    "store_refused",
 ]

@@ -386,6 +386,58 @@ class BrokerLink:
         finally:
             call.cancel()
 
+    # -- people (issue 13): sign-in needs no token, the rest the device's access token ----
+
+    async def enroll_device(
+        self, request: broker_pb2.EnrollDeviceRequest
+    ) -> broker_pb2.EnrollDeviceResponse:
+        """EnrollDevice (no token: the enrollment token is the credential). A retry after a
+        lost answer finds the token used up (ENROLLMENT_INVALID with ``retried``)."""
+        return await self._call(self._stub.EnrollDevice, request, "enroll")
+
+    async def create_challenge(self, device_id: str) -> broker_pb2.CreateChallengeResponse:
+        """CreateChallenge: a fresh challenge for this device to sign."""
+        request = broker_pb2.CreateChallengeRequest(device_id=device_id)
+        return await self._call(self._stub.CreateChallenge, request, "sign in")
+
+    async def sign_in(self, request: broker_pb2.SignInRequest) -> broker_pb2.SignInResponse:
+        """SignIn; keeps the access token for the calls that follow on this link."""
+        response = await self._call(self._stub.SignIn, request, "sign in")
+        self.token = response.access_token
+        return response
+
+    async def list_peers(self) -> list[broker_pb2.Peer]:
+        """ListPeers (access token)."""
+        request = broker_pb2.ListPeersRequest()
+        return list((await self._call(self._stub.ListPeers, request, "peers")).peers)
+
+    async def list_inbox(self) -> list[broker_pb2.Session]:
+        """ListInbox (access token): the offers waiting for this device's user."""
+        request = broker_pb2.ListInboxRequest()
+        return list((await self._call(self._stub.ListInbox, request, "inbox")).offers)
+
+    async def watch_inbox(self, seconds: float) -> AsyncIterator[broker_pb2.WatchInboxResponse]:
+        """WatchInbox (access token): the inbox now, then after every change, for at most
+        ``seconds``; this device is online meanwhile."""
+        call = self._stub.WatchInbox(
+            broker_pb2.WatchInboxRequest(), timeout=seconds, metadata=self._meta()
+        )
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as err:
+            raise BrokerError.from_rpc(err, "inbox") from None
+        finally:
+            call.cancel()
+
+    async def take_offer(self, name: str) -> broker_pb2.TakeOfferResponse:
+        """TakeOffer (access token); keeps the receiver's party token. Safe to repeat: the
+        same device gets the same token."""
+        request = broker_pb2.TakeOfferRequest(name=name)
+        response = await self._call(self._stub.TakeOffer, request, "take offer")
+        self.token = response.party_token
+        return response
+
     # -- object-store fallback (the URLs returned are bearer secrets: never log them) -----
 
     async def start_store_upload(

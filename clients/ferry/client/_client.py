@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 
 from google.protobuf.duration_pb2 import Duration
@@ -35,6 +35,7 @@ from ferry.client._candidates import peer_info
 from ferry.client._channel import ChannelTLS, parse_broker_address
 from ferry.client._errors import (
     SourceChangedError,
+    TamperedError,
     TransferOver,
 )
 from ferry.client._events import (
@@ -44,6 +45,7 @@ from ferry.client._events import (
     Via,
     check_via,
 )
+from ferry.client._identity import Device, KnownDevices
 from ferry.client._incoming import Incoming
 from ferry.client._keys import (
     VerifyWords,
@@ -56,16 +58,30 @@ from ferry.client._keys import (
     wait_confirmed,
 )
 from ferry.client._outgoing import Outgoing
+from ferry.client._people import (
+    InboxOffer,
+    InboxUpdate,
+    NotEnrolled,
+    Peer,
+    PeerDevice,
+    SignedIn,
+    enroll,
+    open_offer,
+    person_offer,
+)
 from ferry.client._session import (
     FINAL,
     State,
     ended,
 )
 from ferry.client._tls import Identity
+from ferry.errors import FerryError
 from ferry.files import (
     ManifestError,
+    Scan,
     SourceStamp,
     scan_sources,
+    shown,
 )
 from ferry.protocol.pake import (
     Code,
@@ -107,6 +123,9 @@ class Client:
         broker_cert: str | Path | None = None,
         broker_key: str | Path | None = None,
         insecure_plaintext: bool = False,
+        device: Device | None = None,
+        known_devices: KnownDevices | None = None,
+        on_new_device: Callable[[str, PeerDevice], None] | None = None,
     ) -> None:
         """``broker``: its address, or a `LinkFactory` that makes each new link (such
         as `ferry.client.testing.InProcessBroker`). ``timeout`` bounds each broker call;
@@ -120,7 +139,12 @@ class Client:
         ``broker_key`` are this client's certificate for a broker that requires one. A
         malformed address or unusable setting raises BrokerSettingsError (a FerryError and
         ValueError) here; a TLS failure raises BrokerTLSError from the first call, at once.
-        These settings do not apply to a `LinkFactory`."""
+        These settings do not apply to a `LinkFactory`.
+
+        ``device``: this machine's device at the broker (`Device.load`, or `login`), for the
+        people calls (`peers`, `inbox`, `offer` with ``to``, `take`). ``known_devices``: the
+        pins of the devices seen (default: the config dir's); ``on_new_device`` hears of each
+        device pinned for the first time (its user and the device)."""
         #: The broker's address, or the name of the link factory, for messages.
         self.broker: str
         self._links: LinkFactory
@@ -140,6 +164,29 @@ class Client:
         self.stall_timeout = stall_timeout
         self.broker_wait = broker_wait
         self.on_broker_wait = on_broker_wait
+        self.known_devices = known_devices
+        self.on_new_device = on_new_device
+        self._signed: SignedIn | None = None
+        self.device = device
+
+    @property
+    def device(self) -> Device | None:
+        """This machine's device at the broker, if it has one."""
+        return self._signed.device if self._signed is not None else None
+
+    @device.setter
+    def device(self, device: Device | None) -> None:
+        self._signed = None
+        if device is not None:
+            self._signed = SignedIn(device, self._link, self.known_devices, self.on_new_device)
+
+    def _people(self) -> SignedIn:
+        if self._signed is None:
+            raise NotEnrolled(
+                f"this machine has no device at the broker {shown(self.broker)}: "
+                "ferry login with an enrollment token first"
+            )
+        return self._signed
 
     def _link(self) -> BrokerLink:
         return self._links(
@@ -176,8 +223,13 @@ class Client:
         ttl: float = 600.0,
         via: Via = "auto",
         verify: VerifyWords | None = None,
+        to: str | None = None,
     ) -> Outgoing:
         """Offer files and folders; the returned Outgoing carries the one-time code.
+
+        ``to``: offer them to that user instead (needs ``device``): no code, the offer waits
+        in the inbox of each of the user's devices; `Outgoing.key` (a secret: keep its
+        ``secret``, mode 0600) is then what `resume_offer` needs.
 
         ``via``: see `Via`. With "store", `Outgoing.transfer` uploads right away (before the
         receiver even claims the code) and returns once every file is stored; its code is a
@@ -190,6 +242,8 @@ class Client:
         check_via(via)
         scan = scan_sources([Path(p) for p in paths], chunk_size)
         identity = Identity.generate()
+        if to is not None:
+            return await self._offer_to(to, identity, scan, ttl, via)
         password, secret = Code.new_password(forwardable=via == "store")
         sender = self._peer_info(identity)
         exchange: KeyExchange | None = None
@@ -239,6 +293,131 @@ class Client:
             verify=verify,
         )
 
+    async def _offer_to(
+        self,
+        to: str,
+        identity: Identity,
+        scan: Scan,
+        ttl: float,
+        via: Via,
+    ) -> Outgoing:
+        """An offer to a person: see `ferry.client._people`."""
+        signed = self._people()
+        sender = self._peer_info(identity)
+        link = self._link()
+        try:
+            for tries in (1, 2):
+                recipient = await self.recipient(to)
+                request, key = person_offer(
+                    signed.device, recipient, scan.manifest, sender, ttl, uuid.uuid4().hex
+                )
+                try:
+                    response = await signed.call(
+                        functools.partial(_create_offer, request=request), link
+                    )
+                    break
+                except BrokerError as exc:
+                    # The envelopes missed a device enrolled (or revoked) meanwhile: ask anew.
+                    if tries == 2 or exc.reason != "INVALID_ARGUMENT":
+                        raise
+            session = await confirm_as_sender(link, response.session, key, identity.cert_der)
+        except BaseException:
+            await link.close()
+            raise
+        return Outgoing(
+            link,
+            session,
+            "",
+            scan.sources,
+            identity,
+            via,
+            scan.stamps,
+            key=key,
+        )
+
+    async def recipient(self, user: str) -> broker_pb2.Peer:
+        """``user`` as ListPeers shows it now, its devices pinned (DeviceKeyChanged if one
+        is known by other keys); FerryError if this device may not offer to it."""
+        for peer in await self._people().peer_protos():
+            if peer.user == user:
+                return peer
+        raise FerryError(
+            f"no user {shown(user, 64)} at this broker that this device may send to "
+            "(ferry peers lists them)"
+        )
+
+    async def login(self, token: str, display_name: str) -> Device:
+        """Enroll this machine as a new device with the operator's one-time enrollment
+        ``token``, save it (`Device.save`, mode 0600) and use it from now on. The private
+        keys are made here and never leave the machine."""
+        link = self._link()
+        try:
+            device = await enroll(link, token.strip(), display_name, self.broker)
+        finally:
+            await link.close()
+        device.save()
+        self.device = device
+        self._people().pin(
+            [
+                broker_pb2.Device(
+                    device_id=device.device_id,
+                    user=device.user,
+                    display_name=device.display_name,
+                    signing_key=device.keys.signing_key,
+                    encryption_key=device.keys.encryption_key,
+                )
+            ]
+        )
+        return device
+
+    async def sign_in(self) -> None:
+        """Sign this device in now (else the first people call does): DeviceRevoked if the
+        operator revoked it."""
+        await self._people().token(fresh=True)
+
+    async def peers(self) -> list[Peer]:
+        """The users this device may offer files to, with their devices (pinned: a known
+        device whose keys changed raises DeviceKeyChanged)."""
+        return await self._people().peers()
+
+    async def list_inbox(self) -> list[InboxOffer]:
+        """The offers waiting for this device's user now, oldest first."""
+        return await self._people().list_inbox()
+
+    def inbox(self, seconds: float | None = None) -> AsyncGenerator[InboxUpdate, None]:
+        """The inbox now, then after every change (an async iterator of InboxUpdate), for
+        ``seconds`` (None: until the caller stops). This device is online meanwhile."""
+        return self._people().inbox(seconds)
+
+    async def take(self, name: str) -> Incoming:
+        """Take an offer made to this device's user (an InboxOffer's ``name``): check it
+        (the sender device's signature, expiry, its pinned key, this device's envelope),
+        take it (the first device wins: BrokerError OFFER_TAKEN for the others), check it
+        under its key as a claim is; then accept or decline the Incoming. Keep
+        `Incoming.key` and `Incoming.token` to resume it with `resume_claim`."""
+        signed = self._people()
+        offered = {o.name: o for o in await signed.list_inbox()}
+        seen = offered.get(name)
+        key = open_offer(signed.device, signed, seen.session) if seen is not None else None
+        link = self._link()
+        try:
+            response = await signed.call(functools.partial(_take_offer, name=name), link)
+            session = response.session
+            try:
+                taken_key = open_offer(signed.device, signed, session)
+            except (TamperedError, TransferOver):
+                await burn(link, session)
+                raise
+            if key is not None and key.secret != taken_key.secret:
+                raise await tampered(link, session)
+            session = await check_offer(link, session, taken_key)
+        except BaseException:
+            await link.close()
+            raise
+        return Incoming(
+            link, session, key=taken_key, ports=self.ports, stall_timeout=self.stall_timeout
+        )
+
     async def resume_offer(
         self,
         name: str,
@@ -249,9 +428,12 @@ class Client:
         stamps: Sequence[SourceStamp] | None = None,
         pake_state: bytes = b"",
         verify: VerifyWords | None = None,
+        key: bytes = b"",
     ) -> Outgoing:
         """Come back to an offer this side made earlier (after a crash or a kill).
 
+        For an offer to a person, ``key`` (`Outgoing.key.secret` of the first run) stands
+        for the code.
         ``stamps`` are `Outgoing.stamps` of the first run: with them, a file edited in place
         with its mtime put back (``touch -r``), or replaced by another, is caught too.
         ``code`` and ``pake_state`` (`Outgoing.code` and `.pake_state` of the first run) give
@@ -286,14 +468,17 @@ class Client:
                 elif session.state != State.STATE_COMPLETED:
                     await link.report_failed(name, reason)
                 raise SourceChangedError(f"{reason}{why}; send them again for a new code")
-            exchange, key = await self._sender_key(link, session, code, pake_state)
+            exchange: KeyExchange | None = None
+            session_key: SessionKey | None = SessionKey(key) if key else None
+            if not key:
+                exchange, session_key = await self._sender_key(link, session, code, pake_state)
             identity = Identity.generate()
             if session.state != State.STATE_COMPLETED:  # else: only the result is left to show
-                me = sign(self._peer_info(identity), key, PeerRole.SENDER)
+                me = sign(self._peer_info(identity), session_key, PeerRole.SENDER)
                 session = await link.resume(name, me)
-            if key is not None and not session.sender.key_confirmation:
+            if session_key is not None and not session.sender.key_confirmation:
                 # A store-and-forward offer whose first run died before it confirmed.
-                session = await confirm_as_sender(link, session, key, identity.cert_der)
+                session = await confirm_as_sender(link, session, session_key, identity.cert_der)
         except BaseException:
             await link.close()
             raise
@@ -306,7 +491,7 @@ class Client:
             via,
             list(stamps or scan.stamps),
             exchange=exchange,
-            key=key,
+            key=session_key,
             verify=verify,
         )
 
@@ -409,3 +594,13 @@ class Client:
         return Incoming(
             link, session, key=session_key, ports=self.ports, stall_timeout=self.stall_timeout
         )
+
+
+async def _create_offer(
+    link: BrokerLink, *, request: broker_pb2.CreateOfferRequest
+) -> broker_pb2.CreateOfferResponse:
+    return await link.create_offer(request)
+
+
+async def _take_offer(link: BrokerLink, *, name: str) -> broker_pb2.TakeOfferResponse:
+    return await link.take_offer(name)

@@ -1195,8 +1195,8 @@ class Broker:
         # Published before anything else is awaited, so that this process's watchers get the
         # versions it commits in order.
         self.hub.publish(record.session_id, record.version, session)
-        person = session.HasField("person")
-        if person and (session.state, session.claimed) != before:
+        if session.HasField("person") and before[0] == states.OFFERED:
+            # the offer enters the inbox (its sender confirmed) or leaves it (taken, ended)
             self.hub.publish(inbox_key(session.person.recipient_user), record.version, session)
         if final:
             await self.store.release_lease(record.session_id)
