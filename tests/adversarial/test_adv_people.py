@@ -497,3 +497,33 @@ async def test_an_offer_wakes_the_inbox_at_once_not_at_the_next_renewal(
         assert [o.name for o in update.offers] == [offer.name]
         watch.cancel()
     await store.close()
+
+
+async def test_a_completion_puts_the_verified_digests_in_the_audit_log(people: People) -> None:
+    stub = people.stub
+    offer = await offer_to(stub, people.bob, "alice")
+    taken = await stub.TakeOffer(
+        broker_pb2.TakeOfferRequest(name=offer.name), metadata=people.alice2.meta(), timeout=T
+    )
+    receiver = receiver_peer()
+    receiver.certificate_mac = offer.key.certificate_mac(
+        PeerRole.RECEIVER, receiver.certificate_der
+    )
+    meta = auth(taken.party_token)
+    await stub.AcceptOffer(
+        broker_pb2.AcceptOfferRequest(name=offer.name, receiver=receiver), metadata=meta, timeout=T
+    )
+    done = broker_pb2.ReportProgressRequest(
+        name=offer.name, state=S.STATE_COMPLETED, bytes_done=5, file_digests=[b"a" * 32, b"b"]
+    )
+    assert await _refused(stub.ReportProgress(done, metadata=meta, timeout=T)) == (
+        "INVALID_ARGUMENT/INVALID_ARGUMENT"  # two digests for one file
+    )
+    del done.file_digests[1:]
+    await stub.ReportProgress(done, metadata=meta, timeout=T)
+    completed = [e for e in await people.directory.read_audit() if e.event == "session.completed"]
+    assert len(completed) == 1
+    assert completed[0].fields["digests"] == [(b"a" * 32).hex()]
+    assert completed[0].fields["algorithm"] == "blake3-chunks"
+    assert completed[0].fields["recipient"] == "alice"
+    assert completed[0].fields["bytes"] == 5

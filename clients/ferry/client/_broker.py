@@ -330,11 +330,13 @@ class BrokerLink:
         *,
         bytes_direct: int = 0,
         bytes_store: int = 0,
+        file_digests: Sequence[bytes] = (),
     ) -> broker_pb2.Session:
         """ReportProgress. Only a completion waits for a restarting broker (it must arrive);
         any other report makes one try (progress is reported again soon, a failure is best
         effort). ``path``: how the peers connected (the receiver's); ``bytes_direct`` and
-        ``bytes_store``: what each path carried of this run's bytes (a completion's)."""
+        ``bytes_store``: what each path carried of this run's bytes (a completion's);
+        ``file_digests``: each file's verified digest (a completion's, for the audit log)."""
         request = broker_pb2.ReportProgressRequest(
             name=name,
             state=state,  # type: ignore[arg-type]
@@ -343,6 +345,7 @@ class BrokerLink:
             path=path,
             bytes_direct=bytes_direct,
             bytes_store=bytes_store,
+            file_digests=file_digests,
         )
         patient = state == broker_pb2.Session.STATE_COMPLETED
         call = self._stub.ReportProgress

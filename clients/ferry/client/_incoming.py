@@ -284,7 +284,9 @@ class Incoming:
             first_chunk_seconds=first_chunk,
             path=path_of(direct, self._store_bytes, "store" if via == "store" else "direct"),
         )
-        await self._confirm(receive.bytes_verified, journal, dest, (direct, self._store_bytes))
+        digests = [receive.digest(i) for i in range(len(self.files))]
+        carried = (direct, self._store_bytes)
+        await self._confirm(receive.bytes_verified, journal, dest, carried, digests)
         return self._emit_done(result, on_event)
 
     async def _reserve(
@@ -387,9 +389,15 @@ class Incoming:
         )
 
     async def _confirm(
-        self, done: int, journal: Journal, dest: Path, carried: tuple[int, int] = (0, 0)
+        self,
+        done: int,
+        journal: Journal,
+        dest: Path,
+        carried: tuple[int, int] = (0, 0),
+        digests: Sequence[bytes] = (),
     ) -> None:
-        """Tell the broker that every file is verified and in place; then drop the journal.
+        """Tell the broker that every file is verified and in place (and each file's digest,
+        for the operator's audit log); then drop the journal.
 
         Waits for a restarting broker (the link's patience). A broker that never answers
         leaves the journal, so the next run reports it; a session that ended meanwhile
@@ -404,6 +412,7 @@ class Incoming:
                 path=path.to_report() if path is not None else None,
                 bytes_direct=max(carried[0], 0),
                 bytes_store=max(carried[1], 0),
+                file_digests=digests,
             )
         except BrokerError as exc:
             if exc.reason != "ILLEGAL_TRANSITION":

@@ -1230,6 +1230,7 @@ class ReportProgressRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     BYTES_DIRECT_FIELD_NUMBER: _builtins.int
     BYTES_STORE_FIELD_NUMBER: _builtins.int
+    FILE_DIGESTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The session's name."""
     state: Global___Session.State.ValueType
@@ -1256,6 +1257,14 @@ class ReportProgressRequest(_message.Message):
     def path(self) -> Global___PathReport:
         """How the peers connected (receiver only), kept as Session.path."""
 
+    @_builtins.property
+    def file_digests(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """On the receiver's STATE_COMPLETED: each file's digest as the receiver
+        verified it (blake3-chunks, 32 bytes, in manifest order), for the
+        operator's audit log: which contents were delivered, without the
+        contents. Empty, or one per file of the manifest.
+        """
+
     def __init__(
         self,
         *,
@@ -1266,10 +1275,11 @@ class ReportProgressRequest(_message.Message):
         path: Global___PathReport | None = ...,
         bytes_direct: _builtins.int = ...,
         bytes_store: _builtins.int = ...,
+        file_digests: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["path", b"path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_direct", b"bytes_direct", "bytes_done", b"bytes_done", "bytes_store", b"bytes_store", "failure_reason", b"failure_reason", "name", b"name", "path", b"path", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_direct", b"bytes_direct", "bytes_done", b"bytes_done", "bytes_store", b"bytes_store", "failure_reason", b"failure_reason", "file_digests", b"file_digests", "name", b"name", "path", b"path", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -910,15 +910,19 @@ class Broker:
         bytes_done: int,
         failure_reason: str,
         path: broker_pb2.PathReport | None = None,
+        file_digests: Sequence[bytes] = (),
     ) -> tuple[broker_pb2.Session, bool]:
         """`report`, and whether this call wrote the session (False: the no-op on a final
         state). Of two reports racing to the same final state exactly one wrote it (the
         other lost the compare-and-set, or found it final), so whoever counts completions
-        counts each once."""
+        counts each once. ``file_digests`` (the receiver's completion) go to the audit log
+        only."""
         validation.check_reason(failure_reason)
         validation.check_state(state)
         if path is not None:
             validation.check_path_report(path)
+        if any(len(d) > validation.MAX_KEY_FIELD_BYTES for d in file_digests):
+            raise InvalidArgument(Reason.INVALID_ARGUMENT, "a file digest is at most 64 bytes")
         if bytes_done < 0:
             raise InvalidArgument(Reason.INVALID_ARGUMENT, "bytes_done must not be negative")
         record, party = await self.authorize(name, token)
@@ -931,7 +935,15 @@ class Broker:
             session.path.CopyFrom(path)
         if outcome.state == states.FAILED:
             session.failure_reason = failure_reason
-        return await self._commit(record, outcome), True
+        extra: dict[str, object] = {}
+        files = session.manifest.files
+        if outcome.state == states.COMPLETED and party is Party.RECEIVER and file_digests:
+            if len(file_digests) != len(files):
+                raise InvalidArgument(
+                    Reason.INVALID_ARGUMENT, "file_digests needs one digest per file, or none"
+                )
+            extra = {"algorithm": "blake3-chunks", "digests": [d.hex() for d in file_digests]}
+        return await self._commit(record, outcome, extra), True
 
     async def publish_candidates(
         self,
@@ -1174,9 +1186,15 @@ class Broker:
         await self._commit(record, outcome)
         return record
 
-    async def _commit(self, record: SessionRecord, outcome: states.Outcome) -> broker_pb2.Session:
+    async def _commit(
+        self,
+        record: SessionRecord,
+        outcome: states.Outcome,
+        audit_extra: dict[str, object] | None = None,
+    ) -> broker_pb2.Session:
         """Write the outcome, free the lease of a final session, tell the watchers (and, for
-        an offer to a person, the recipient's inbox streams), note it in the audit log."""
+        an offer to a person, the recipient's inbox streams), note it in the audit log (with
+        ``audit_extra``)."""
         session = record.session
         before = (session.state, session.claimed)
         session.state = outcome.state
@@ -1201,10 +1219,12 @@ class Broker:
         if final:
             await self.store.release_lease(record.session_id)
         if before[0] != session.state or before[1] != session.claimed:
-            await self._audit_change(session, before[0])
+            await self._audit_change(session, before[0], audit_extra or {})
         return session
 
-    async def _audit_change(self, session: broker_pb2.Session, before: states.State) -> None:
+    async def _audit_change(
+        self, session: broker_pb2.Session, before: states.State, extra: dict[str, object]
+    ) -> None:
         """The audit log's entry for a session that changed state (or was claimed)."""
         if session.state == before:
             event = "offer.taken" if session.HasField("person") else "offer.claimed"
@@ -1225,6 +1245,7 @@ class Broker:
         if session.state == states.COMPLETED:
             fields["bytes"] = sum(entry.size_bytes for entry in session.manifest.files)
             fields["route"] = session.path.route or None
+        fields |= extra
         await self.accounts.audit(event, fields, people=session.HasField("person"))
 
 

@@ -340,7 +340,13 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         counts nothing; of two racing, only the one whose write made it COMPLETED counts)."""
         path = request.path if request.HasField("path") else None
         session, wrote = await self._broker.report_change(
-            request.name, token, request.state, request.bytes_done, request.failure_reason, path
+            request.name,
+            token,
+            request.state,
+            request.bytes_done,
+            request.failure_reason,
+            path,
+            request.file_digests,
         )
         if wrote and session.state == broker_pb2.Session.STATE_COMPLETED:
             size = sum(entry.size_bytes for entry in session.manifest.files)
