@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,11 @@ from typing import Any
 import pytest
 
 from ferry.broker.people import SqliteDirectory, User, enrollment_token_hash
-from ferry.client import BrokerError, Client, TransferResult
+from ferry.client import BrokerError, Client, Device, TransferResult
+from ferry.protocol.identity import EnvelopeError
+from ferry.protocol.pake import SessionKey
+from ferry.protocol.sealing import Sealer, SealError
+from ferry.v1 import broker_pb2
 from tests.conftest import BrokerFactory
 from tests.support.files import random_file, sha256
 from tests.support.processes import BrokerProcess, FerryProcess
@@ -252,9 +257,29 @@ def test_an_offline_recipient_gets_a_stored_offer_sealed_to_her_devices(
         bucket = s3.client()
         keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=s3.bucket)["Contents"]]
         assert keys
-        for key in keys:
-            body = bucket.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        bodies = {key: bucket.get_object(Bucket=s3.bucket, Key=key)["Body"].read() for key in keys}
+        for body in bodies.values():
             assert b"PLAINTEXT-MARKER" not in body
+        # The key is in the broker's database only sealed to alice's devices: each of her
+        # devices opens its envelope, and the object's first chunk with it; bob's device key
+        # (or anything else the broker holds) opens no envelope.
+        session = _stored_session(broker)
+        (data_key,) = [k for k in keys if not k.endswith(".digests")]
+        chunk = Sealer(SessionKey(b"\0" * 32).store_key, session.name)  # a wrong key
+        with pytest.raises(SealError):
+            chunk.open_chunk(0, 0, 1, bodies[data_key])
+        envelopes = {e.device_id: e.sealed_key for e in session.person.key_envelopes}
+        for who in ("alice-laptop", "alice-phone", "bob-desk"):
+            device = _device(people, who, monkeypatch)
+            if who.startswith("alice"):
+                opened_key = SessionKey(device.keys.open_key(envelopes[device.device_id]))
+                sealer = Sealer(opened_key.store_key, session.name)
+                opened = sealer.open_chunk(0, 0, 1, bodies[data_key])
+                assert opened == marker
+            else:
+                for sealed in envelopes.values():
+                    with pytest.raises(EnvelopeError):
+                        device.keys.open_key(sealed)
         # alice signs in later and gets it from the store.
         dest = tmp_path / "alice-in"
         rc, lines, err = people.run(
@@ -267,6 +292,20 @@ def test_an_offline_recipient_gets_a_stored_offer_sealed_to_her_devices(
     finally:
         for proc in people.started:
             proc.kill()
+
+
+def _stored_session(broker: BrokerProcess) -> broker_pb2.Session:
+    """The only person offer in the broker's database, as its operator could read it."""
+    with sqlite3.connect(broker.data_dir / "broker.sqlite3") as db:
+        (data,) = db.execute("SELECT data FROM sessions WHERE recipient = 'alice'").fetchone()
+    return broker_pb2.Session.FromString(data)
+
+
+def _device(people: People, who: str, monkeypatch: pytest.MonkeyPatch) -> Device:
+    """The device (with its private keys) that ``who``'s CLI enrolled."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", people.env(who)["XDG_CONFIG_HOME"])
+    (device,) = Device.all()
+    return device
 
 
 def test_the_library_login_peers_inbox_offer_take(
