@@ -301,3 +301,22 @@ def test_the_operator_story_on_redis(tmp_path: Path) -> None:
         assert token not in log
     gone = admin("users", "list", env=_env(FERRY_STORE=f"redis://127.0.0.1:{free_port()}/0"))
     one_line_error(gone, 1, "cannot reach the Redis store at redis://127.0.0.1:")
+
+
+def test_the_store_flags_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    """`ferry admin --data-dir DIR users add` and `ferry admin users add --data-dir DIR` are
+    the same command; a flag after the subcommand wins."""
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    env = _env()
+    ok("--data-dir", str(first), "users", "add", "zed", env=env)
+    ok("users", "add", "yan", "--data-dir", str(first), env=env)
+    ok("--data-dir", str(second), "users", "add", "xia", "--data-dir", str(first), env=env)
+    listed = ok("--data-dir", str(first), "--json", "users", "list", env=env)
+    assert sorted(json.loads(line)["user"] for line in listed.splitlines()) == [
+        "xia",
+        "yan",
+        "zed",
+    ]
+    assert ok("users", "list", "--json", "--data-dir", str(second), env=env) == ""

@@ -688,7 +688,7 @@ async def _login(ns: argparse.Namespace) -> int:
     else:
         _say(
             f"{verb} as {shown(device.user, _PERSON_CHARS)} "
-            f"(organization {shown(device.organization, _PERSON_CHARS)}); this device: "
+            f"(organisation {shown(device.organization, _PERSON_CHARS)}); this device: "
             f"{shown(device.display_name, _PERSON_CHARS)}, fingerprint {device.fingerprint}"
         )
         if token and existing is not None:

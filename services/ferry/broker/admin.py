@@ -83,14 +83,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _store_flags() -> argparse.ArgumentParser:
-    """The flags every admin command takes (a parent parser)."""
+def _store_flags(*, leaf: bool = True) -> argparse.ArgumentParser:
+    """The flags every admin command takes (a parent parser), given after `ferry admin` or
+    after its subcommand: a subcommand's own are SUPPRESSed unless given, so that they do
+    not overwrite what was given before it."""
     flags = argparse.ArgumentParser(add_help=False)
+    unset: Any = argparse.SUPPRESS if leaf else None
     flags.add_argument(
         "--data-dir",
         dest="admin_data_dir",
         type=Path,
         metavar="DIR",
+        default=unset,
         help="the broker's data dir, with broker.sqlite3 (env FERRY_DATA_DIR, default ferry-data)",
     )
     flags.add_argument(
@@ -98,10 +102,13 @@ def _store_flags() -> argparse.ArgumentParser:
         "--store-url",
         dest="admin_store_url",
         metavar="sqlite|URL",
+        default=unset,
         help="the broker's store: sqlite (in --data-dir) or its Redis URL; one with a password"
         " in FERRY_STORE only (env FERRY_STORE, default sqlite)",
     )
-    flags.add_argument("--json", action="store_true", help="one JSON object per line")
+    flags.add_argument(
+        "--json", action="store_true", default=unset or False, help="one JSON object per line"
+    )
     return flags
 
 
@@ -111,6 +118,7 @@ def add_admin_parser(subparsers: Any) -> None:
     common = [_store_flags()]
     admin = subparsers.add_parser(
         "admin",
+        parents=[_store_flags(leaf=False)],
         help="manage users, devices and the audit log (on the broker's store)",
         description="Manage the broker's users, their devices and enrollment tokens, and read"
         " its audit log, on its store directly (its data dir or Redis).",
