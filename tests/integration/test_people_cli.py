@@ -13,6 +13,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,9 @@ def test_an_offline_recipient_gets_a_stored_offer_sealed_to_her_devices(
         assert offered["online"] is False
         assert offered["via"] == "store"
         assert lines[-1]["event"] == "stored"
+        # a person may be away for the day: the offer waits that long, not a code's 10 min
+        expires = datetime.fromisoformat(lines[-1]["expire_time"].replace("Z", "+00:00"))
+        assert expires.timestamp() > time.time() + 23 * 3600
         # What the bucket holds neither shows the text nor opens without alice's device key.
         bucket = s3.client()
         keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=s3.bucket)["Contents"]]

@@ -257,7 +257,7 @@ async def _offer_or_resume(
             _state.update(name, broker=ns.broker)
             return outgoing, True
     outgoing = await client.offer(
-        ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl, via=ns.via, verify=_verifier(ns)
+        ns.paths, chunk_size=ns.chunk_size, ttl=_ttl(ns, CODE_TTL), via=ns.via, verify=_verifier(ns)
     )
     _state.remember(
         outgoing.name,
@@ -343,6 +343,16 @@ async def _cancel_quietly(cancel: Any) -> None:
         await asyncio.wait_for(cancel(), 3)
 
 
+#: How long an offer waits by default: a code is read out to someone there now; a person
+#: may be away for the day (the broker clamps either to its --offer-ttl-max).
+CODE_TTL = 600.0
+PERSON_TTL = 24 * 3600.0
+
+
+def _ttl(ns: argparse.Namespace, default: float) -> float:
+    return float(ns.ttl) if ns.ttl is not None else default
+
+
 def _stored(ns: argparse.Namespace, outgoing: Outgoing, result: TransferResult) -> None:
     """Store-and-forward: the files are in the object store; this sender may go."""
     expires = outgoing.session.expire_time.ToDatetime().replace(microsecond=0)
@@ -365,9 +375,13 @@ def _stored(ns: argparse.Namespace, outgoing: Outgoing, result: TransferResult) 
             }
         )
         return
+    who = "the receiver can fetch them with the code"
+    if outgoing.session.HasField("person"):
+        recipient = shown(outgoing.session.person.recipient_user, _PERSON_CHARS)
+        who = f"{recipient} can take them from any of their devices"
     _say(
         f"Stored {len(result.files)} file(s), {format_size(result.bytes)} in the object store; "
-        f"the receiver can fetch them with the code until {expires} UTC."
+        f"{who} until {expires} UTC."
     )
 
 
@@ -821,7 +835,7 @@ async def _send_to(ns: argparse.Namespace) -> int:
         if not online and via == "auto":
             via = "store"  # nobody to connect to now: upload at once, if the broker can keep it
         outgoing = await client.offer(
-            ns.paths, chunk_size=ns.chunk_size, ttl=ns.ttl, via=via, to=ns.to
+            ns.paths, chunk_size=ns.chunk_size, ttl=_ttl(ns, PERSON_TTL), via=via, to=ns.to
         )
         assert outgoing.key is not None
         _state.remember(
@@ -1231,7 +1245,13 @@ def _parser() -> argparse.ArgumentParser:
         help="offer them to this user's devices instead of with a code (ferry login first)",
     )
     s.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE)
-    s.add_argument("--ttl", type=float, default=600.0, help="seconds the code stays valid")
+    s.add_argument(
+        "--ttl",
+        type=float,
+        default=None,
+        help="seconds the offer stays valid (default 600 for a code, 86400 with --to: a"
+        " person may be away; the broker may allow less)",
+    )
     via_opt(s, "upload now and exit; the receiver fetches it until the code expires")
     verify_opt(s)
     client_opts(s)
