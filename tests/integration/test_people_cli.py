@@ -169,18 +169,24 @@ def test_an_offer_reaches_both_devices_one_takes_it_the_other_sees_it_gone(
     done = _until(phone_watch, "completed")
     assert done["bytes"] == 3 << 20
     assert sha256(tmp_path / "phone" / "report.bin") == sha256(source)
-    # The laptop, still asking, hears that the phone took it; its yes comes too late.
-    laptop_watch.answer("y")
-    late = _until(laptop_watch, "not_taken")
-    assert late["reason"] == "OFFER_TAKEN"
+    # The laptop, still asking, hears that the phone took it: the question is withdrawn,
+    # and a yes typed late is not taken for the next offer's question.
     gone = _until(laptop_watch, "gone")
     assert gone["session"] == offered["session"]
     assert gone["taken_by"] == phone["device_id"]
     assert gone["taken_here"] is False
-    assert not (tmp_path / "laptop" / "report.bin").exists()
     rc, lines, err = sender.finish(60)
     assert rc == 0, err
     assert lines[-1]["event"] == "completed"
+    laptop_watch.answer("y")  # too late: nothing is asked now
+    time.sleep(0.5)
+    second = people.run("bob-desk", "send", str(source), "--to", "alice", "--json")
+    offered_again = _until(second, "offered")
+    assert _until(laptop_watch, "offer")["session"] == offered_again["session"]
+    laptop_watch.answer("n")
+    assert laptop_watch.line()["event"] == "skipped"  # the n, not the stale y
+    assert not (tmp_path / "laptop" / "report.bin").exists()
+    second.kill()
 
 
 def test_bob_cannot_take_an_offer_made_to_alice(people: People, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from ferry.client import (
     FerryError,
     GoneOffer,
     InboxOffer,
+    InboxUpdate,
     Incoming,
     KnownDevices,
     NotEnrolled,
@@ -993,34 +994,102 @@ async def _take_or_resume(
 
 async def _watch(ns: argparse.Namespace, client: Client, broker_id: str) -> int:
     """`ferry receive --watch`: each new offer is shown and asked about (or accepted from
-    the --accept-from senders); ends on Ctrl-C or at the end of stdin."""
+    the --accept-from senders); ends on Ctrl-C or at the end of stdin.
+
+    The inbox keeps being read while a question waits for its answer: an offer that leaves
+    meanwhile (another of this person's devices took it, its sender cancelled it) withdraws
+    the question, and the next answer typed is not taken for it."""
     trusted = {u.strip() for u in (ns.accept_from or "").split(",") if u.strip()}
+    names = await _own_devices(client)
     seen: set[str] = set()
+    waiting: list[InboxOffer] = []
     if not ns.json:
         _say(f"Watching the inbox; files go to {escape_name(str(ns.dest))} (Ctrl-C to stop)")
-    async for update in client.inbox():
-        for gone in update.gone:
-            _show_gone(ns, gone, client)
-        for offer in update.offers:
-            if offer.name in seen:
-                continue
-            seen.add(offer.name)
-            _show_inbox_offer(ns, offer)
-            if offer.sender_user in trusted:
-                answer = "y"
-            else:
+    updates = aiter(client.inbox())
+    answers = _Lines()
+    pending: asyncio.Future[InboxUpdate] | None = None  # the inbox's next update
+    asking: InboxOffer | None = None  # the offer whose question waits for an answer
+    try:
+        while True:
+            if asking is None and waiting:
+                offer = waiting.pop(0)
+                _show_inbox_offer(ns, offer)
+                if offer.sender_user in trusted:
+                    await _watch_one(ns, client, broker_id, offer.name)
+                    continue
                 if not ns.json:
                     sys.stderr.write("Accept? [y/N] ")
                     sys.stderr.flush()
-                answer = await asyncio.to_thread(sys.stdin.readline)
-                if not answer:
-                    return 0  # end of input: nobody left to ask
-            if answer.strip().lower() not in ("y", "yes"):
-                if ns.json:
-                    _emit({"event": "skipped", "session": offer.name})
-                continue
-            await _watch_one(ns, client, broker_id, offer.name)
-    return 0
+                asking = offer
+            if pending is None:
+                pending = asyncio.ensure_future(anext(updates))
+            if asking is None:
+                update = await pending
+                pending = None
+            else:
+                line = answers.next()
+                either: set[asyncio.Future[Any]] = {line, pending}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if not pending.done():
+                    answer = line.result()
+                    if not answer:
+                        return 0  # end of input: nobody left to ask
+                    offer, asking = asking, None
+                    if answer.strip().lower() in ("y", "yes"):
+                        await _watch_one(ns, client, broker_id, offer.name)
+                    elif ns.json:
+                        _emit({"event": "skipped", "session": offer.name})
+                    continue
+                update = pending.result()
+                pending = None
+            gone_names = {g.name for g in update.gone}
+            if asking is not None and asking.name in gone_names:
+                if not ns.json:
+                    sys.stderr.write("\n")  # the question is withdrawn: said just below
+                asking = None
+            waiting = [o for o in waiting if o.name not in gone_names]
+            for gone in update.gone:
+                _show_gone(ns, gone, client, names)
+            for offer in update.offers:
+                if offer.name not in seen:
+                    seen.add(offer.name)
+                    waiting.append(offer)
+    except StopAsyncIteration:
+        return 0
+    finally:
+        if pending is not None:
+            pending.cancel()
+        answers.close()
+
+
+class _Lines:
+    """Lines of stdin read without blocking the event loop, and whose reading can be
+    abandoned: a question withdrawn does not keep a thread that would take the next line."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Future[str] | None = None
+
+    def next(self) -> asyncio.Future[str]:
+        """The next line (\"\" at the end of input); the same future until it is done."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(asyncio.to_thread(sys.stdin.readline))
+        return self._task
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def _own_devices(client: Client) -> dict[str, str]:
+    """This person's devices, by id: their names, to say which one took an offer."""
+    device = client.device
+    if device is None:
+        return {}
+    try:
+        peers = await client.peers()
+    except FerryError:
+        return {}
+    return {d.device_id: d.display_name for p in peers if p.user == device.user for d in p.devices}
 
 
 async def _watch_one(ns: argparse.Namespace, client: Client, broker_id: str, name: str) -> None:
@@ -1050,7 +1119,9 @@ async def _watch_one(ns: argparse.Namespace, client: Client, broker_id: str, nam
         ns.yes = yes
 
 
-def _show_gone(ns: argparse.Namespace, gone: GoneOffer, client: Client) -> None:
+def _show_gone(
+    ns: argparse.Namespace, gone: GoneOffer, client: Client, names: dict[str, str] | None = None
+) -> None:
     device = client.device
     here = device is not None and gone.taken_by == device.device_id
     if ns.json:
@@ -1066,7 +1137,8 @@ def _show_gone(ns: argparse.Namespace, gone: GoneOffer, client: Client) -> None:
             }
         )
     elif gone.taken_by and not here:
-        _say(f"Offer {gone.id[:12]} was taken by another of your devices ({gone.taken_by}).")
+        which = shown((names or {}).get(gone.taken_by, gone.taken_by), _PERSON_CHARS)
+        _say(f"Offer {gone.id[:12]} was taken by another of your devices ({which}).")
     elif not gone.taken_by:
         why = f": {gone.reason}" if gone.reason else ""
         _say(f"Offer {gone.id[:12]} is gone ({gone.state or 'ended'}{why}).")
