@@ -65,7 +65,9 @@ __all__ = [
 ]
 
 DEFAULT_ORGANIZATION = "default"
-#: Entries the Redis audit stream keeps at most (approximately: XADD MAXLEN ~).
+#: Entries the audit log keeps at most, whatever their age (Redis: approximately, XADD
+#: MAXLEN ~; SQLite: at each trim_audit), so that a flood of anonymous code offers, each a
+#: few entries, cannot grow it without bound within the retention (a few hundred MB).
 AUDIT_MAX_ENTRIES = 1_000_000
 #: Redis: a device's presence key lives this long after its last set_online (Redis's clock),
 #: far longer than any stream's refresh interval.
@@ -223,7 +225,8 @@ class Directory(Protocol):
         or "user" is `user` (filters that are None match all), oldest first."""
 
     async def trim_audit(self, before_s: float) -> int:
-        """Drop the entries older than `before_s`; how many were dropped."""
+        """Drop the entries older than `before_s`, and the oldest beyond AUDIT_MAX_ENTRIES;
+        how many were dropped."""
 
 
 def _fields_json(fields: Mapping[str, Any]) -> str:
@@ -589,7 +592,15 @@ class SqliteDirectory:
         ]
 
     async def trim_audit(self, before_s: float) -> int:
-        return self._run("DELETE FROM people_audit WHERE time < ?", (before_s,)).rowcount
+        dropped = self._run("DELETE FROM people_audit WHERE time < ?", (before_s,)).rowcount
+        return dropped + self._trim_to(AUDIT_MAX_ENTRIES)
+
+    def _trim_to(self, keep: int) -> int:
+        """Drop the oldest entries beyond the newest ``keep``."""
+        return self._run(
+            "DELETE FROM people_audit WHERE id <= (SELECT MAX(id) FROM people_audit) - ?",
+            (keep,),
+        ).rowcount
 
 
 # -- Redis ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ferry.broker import people as people_module
 from ferry.broker.people import (
     DeviceRecord,
     Directory,
@@ -644,3 +645,20 @@ async def test_redis_unreachable_is_store_unavailable() -> None:
             await directory.take_enrollment("h", T0)
     finally:
         await client.aclose()
+
+
+@pytest.mark.asyncio
+async def test_audit_trim_keeps_at_most_the_newest_entries(
+    directory: Directory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever their age, the log keeps at most AUDIT_MAX_ENTRIES (a flood of code offers
+    within the retention cannot grow it without bound); Redis trims as it adds (~)."""
+    monkeypatch.setattr(people_module, "AUDIT_MAX_ENTRIES", 5)
+    for i in range(12):
+        await directory.audit("e", T0 + i, {"i": i})
+    await directory.trim_audit(T0 - 1)  # nothing is too old: only the count trims
+    kept = [e.fields["i"] for e in await directory.read_audit()]
+    if isinstance(directory, people_module.SqliteDirectory):
+        assert kept == [7, 8, 9, 10, 11]
+    else:  # XADD MAXLEN ~ trims whole nodes of the stream: roughly, never the newest
+        assert kept[-5:] == [7, 8, 9, 10, 11]
