@@ -409,7 +409,7 @@ async def _enroll(directory: Directory, ns: argparse.Namespace, now: float) -> N
         return
     _out(f"Enrollment token for {name} (one use, valid {_ttl_words(ttl)}):")
     _out(f"  {token}")
-    _out(f"On {name}'s device:  ferry login {token}")
+    _out(f"On {name}'s device:  ferry login   (it asks for the token: not on the command line)")
 
 
 async def _devices(directory: Directory, ns: argparse.Namespace, now: float) -> None:
