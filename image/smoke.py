@@ -8,7 +8,9 @@ every capability dropped, no new privileges, TLS from a read-only folder readabl
 10001 only, and a plaintext health-only port. The container shares the host's network and
 every port is on 127.0.0.1. Then, on the host, the repo's own `ferry send` and `ferry
 receive` (as README.md's first command runs them: examples/demo.py) move a random file of a
-few MiB through the broker in the container, and the copy's sha256 is compared. It also
+few MiB through the broker in the container, and the copy's sha256 is compared; then the
+operator's `ferry admin` in the container makes two users, two devices on the host log in,
+and an offer to a person moves a file the same way. It also
 checks that the broker process runs as uid 10001, that the root filesystem refuses writes,
 that the broker keeps its state on the volume, and that it stops cleanly on SIGTERM.
 
@@ -216,6 +218,71 @@ def transfer(root: Path, broker: str, ca: Path) -> None:
     print(f"sha256 {got} on both sides ({SIZE_MIB} MiB)")
 
 
+def person_transfer(root: Path, name: str, broker: str, ca: Path) -> None:
+    """An offer to a person through the containerised broker: the operator's `ferry admin`
+    inside the container (on the broker's own volume, as `kubectl exec` runs it), two
+    devices on the host (each its own config dir), bob's `ferry send --to alice` reaching
+    alice's `ferry receive --from bob`, and the copy's sha256."""
+    ferry = REPO / ".venv" / "bin" / "ferry"
+    admin = ["podman", "exec", name, "ferry", "admin", "--data-dir", "/var/lib/ferry"]
+    trust = ["--broker-ca", str(ca)]
+    envs = {}
+    for user in ("alice", "bob"):
+        run(*admin, "users", "add", user)
+        token = json.loads(run(*admin, "--json", "enroll", user).stdout)["token"]
+        envs[user] = {
+            **os.environ,
+            "FERRY_BROKER": broker,
+            "FERRY_ADDRESSES": "127.0.0.1",
+            "XDG_CONFIG_HOME": str(root / user / "config"),
+            "XDG_STATE_HOME": str(root / user / "state"),
+        }
+        login = [str(ferry), "login", "--name", f"{user}-host", *trust]
+        done = subprocess.run(
+            login,
+            input=token + "\n",
+            env=envs[user],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        print(f"  login {user}: {done.stderr.strip()}")
+        if done.returncode != 0:
+            raise SmokeFailure(f"ferry login of {user} exited {done.returncode}")
+    src = root / "outbox" / "letter.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    dest = root / "alice-inbox"
+    receiver = subprocess.Popen(
+        [str(ferry), "receive", "--from", "bob", "--dest", str(dest), "--yes", *trust],
+        env=envs["alice"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sent = subprocess.run(
+            [str(ferry), "send", str(src), "--to", "alice", *trust],
+            env=envs["bob"],
+            capture_output=True,
+            text=True,
+            timeout=TRANSFER_TIMEOUT_S,
+            check=False,
+        )
+        for line in sent.stderr.splitlines():
+            print(f"  send --to alice: {line}")
+        if sent.returncode != 0:
+            raise SmokeFailure(f"ferry send --to alice exited {sent.returncode}")
+        if receiver.wait(timeout=TRANSFER_TIMEOUT_S) != 0:
+            raise SmokeFailure(f"ferry receive --from bob exited {receiver.returncode}")
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+        receiver.wait()
+    if not (dest / src.name).exists() or sha256(dest / src.name) != sha256(src):
+        raise SmokeFailure("the offer to alice did not arrive intact")
+    print("an offer to a person: sha256 the same on both sides")
+
+
 def smoke(root: Path, image: str, name: str) -> None:
     tls = root / "tls"
     ca, cert, key = make_broker_certificate(tls, "127.0.0.1")
@@ -248,6 +315,7 @@ def smoke(root: Path, image: str, name: str) -> None:
     check_health(health_port)
     print(f"health on 127.0.0.1:{health_port}: SERVING")
     transfer(root, f"grpcs://127.0.0.1:{grpc_port}", ca)
+    person_transfer(root, name, f"grpcs://127.0.0.1:{grpc_port}", ca)
     check_inside(name)
     print(f"inside: uid/gid {FERRY_UID}, read-only root, state on the volume, ferry/python on PATH")
     run("podman", "stop", "--time", "20", name, timeout=60)

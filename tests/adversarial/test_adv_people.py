@@ -527,3 +527,42 @@ async def test_a_completion_puts_the_verified_digests_in_the_audit_log(people: P
     assert completed[0].fields["algorithm"] == "blake3-chunks"
     assert completed[0].fields["recipient"] == "alice"
     assert completed[0].fields["bytes"] == 5
+
+
+async def test_list_peers_for_one_user_answers_for_that_user_only(people: People) -> None:
+    stub, bob = people.stub, people.bob
+
+    async def peers(user: str, device: PersonDevice = bob) -> list[tuple[str, int]]:
+        response = await stub.ListPeers(
+            broker_pb2.ListPeersRequest(user=user), metadata=device.meta(), timeout=T
+        )
+        return [(p.user, len(p.devices)) for p in response.peers]
+
+    assert await peers("alice") == [("alice", 2)]
+    assert await peers("carol") == []  # another organisation: nobody, as for no such user
+    assert await peers("nobody") == []
+    assert await peers("alice", people.carol) == []
+    assert await peers("") == [("alice", 2), ("bob", 1)]
+
+
+async def test_inbox_streams_count_per_user_not_per_address(
+    broker_factory: BrokerFactory,
+) -> None:
+    """Signed-in devices behind one address (an office's NAT) are not held to the
+    anonymous per-address watch limit: each user has that many streams of its own."""
+    broker = broker_factory("--watches-per-address", "2")
+    store, directory = sqlite_directory(broker.data_dir)
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        devices = [await enroll(stub, directory, name) for name in ("ann", "ben", "cat")]
+        streams = [_watch(stub, device) for device in devices]
+        for stream in streams:
+            assert list((await stream.read()).offers) == []
+        ann_again = [_watch(stub, devices[0]), _watch(stub, devices[0])]
+        await ann_again[0].read()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ann_again[1].read()  # ann's third: over the per-user count (2 here)
+        assert reason_of(refused.value) == "TOO_MANY_WATCHES"
+        for stream in [*streams, *ann_again]:
+            stream.cancel()
+    await store.close()

@@ -135,7 +135,9 @@ async def person_offer_request(
 ) -> PersonOffer:
     """An offer to ``recipient`` sealed to its devices (as ListPeers lists them) and signed by
     ``sender``'s device, as a client makes it."""
-    peers = await stub.ListPeers(broker_pb2.ListPeersRequest(), metadata=sender.meta(), timeout=T)
+    peers = await stub.ListPeers(
+        broker_pb2.ListPeersRequest(user=recipient), metadata=sender.meta(), timeout=T
+    )
     devices = next((p.devices for p in peers.peers if p.user == recipient), None)
     if devices is None:
         raise LookupError(f"{recipient} is not among {sender.user}'s peers")

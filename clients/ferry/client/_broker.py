@@ -409,9 +409,9 @@ class BrokerLink:
         self.token = response.access_token
         return response
 
-    async def list_peers(self) -> list[broker_pb2.Peer]:
-        """ListPeers (access token)."""
-        request = broker_pb2.ListPeersRequest()
+    async def list_peers(self, user: str = "") -> list[broker_pb2.Peer]:
+        """ListPeers (access token): every peer, or only ``user``."""
+        request = broker_pb2.ListPeersRequest(user=user)
         return list((await self._call(self._stub.ListPeers, request, "peers")).peers)
 
     async def list_inbox(self) -> list[broker_pb2.Session]:

@@ -353,9 +353,10 @@ class SignedIn:
                     new.user, PeerDevice(new.device_id, new.display_name, fp, new.online)
                 )
 
-    async def peer_protos(self) -> list[broker_pb2.Peer]:
-        """ListPeers, every device key pinned (DeviceKeyChanged if one changed)."""
-        peers = await self.call(lambda link: link.list_peers())
+    async def peer_protos(self, user: str = "") -> list[broker_pb2.Peer]:
+        """ListPeers (every peer, or only ``user``), every device key pinned
+        (DeviceKeyChanged if one changed)."""
+        peers = await self.call(lambda link: link.list_peers(user))
         self.pin([d for p in peers for d in p.devices])
         return peers
 

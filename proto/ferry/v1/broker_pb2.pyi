@@ -1995,16 +1995,23 @@ Global___SignInResponse: _TypeAlias = SignInResponse  # noqa: Y015
 
 @_typing.final
 class ListPeersRequest(_message.Message):
-    """ListPeersRequest asks whom the caller may offer files to; no fields."""
+    """ListPeersRequest asks whom the caller may offer files to."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    USER_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """Only this user (of the caller's organisation), as a sender looks up its
+    recipient: the answer is then one peer, or none. Empty: every user.
+    """
     def __init__(
         self,
+        *,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

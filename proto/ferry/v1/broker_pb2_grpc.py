@@ -438,7 +438,8 @@ class BrokerServiceServicer:
     def ListPeers(self, request, context):
         """ListPeers lists the users the caller may offer files to: every user of
         the caller's organisation (the caller included, for its other devices),
-        with their devices' public keys and which of them are online.
+        with their devices' public keys and which of them are online; or only
+        the one user asked for (ListPeersRequest.user).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

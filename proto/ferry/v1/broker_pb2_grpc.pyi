@@ -185,7 +185,8 @@ class BrokerServiceStub:
     ListPeers: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListPeersRequest, _broker_pb2.ListPeersResponse]
     """ListPeers lists the users the caller may offer files to: every user of
     the caller's organisation (the caller included, for its other devices),
-    with their devices' public keys and which of them are online.
+    with their devices' public keys and which of them are online; or only
+    the one user asked for (ListPeersRequest.user).
     """
     ListInbox: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListInboxRequest, _broker_pb2.ListInboxResponse]
     """ListInbox lists the offers waiting for the caller's user: offered, not
@@ -365,7 +366,8 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     ListPeers: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListPeersRequest, _broker_pb2.ListPeersResponse]  # type: ignore[assignment]
     """ListPeers lists the users the caller may offer files to: every user of
     the caller's organisation (the caller included, for its other devices),
-    with their devices' public keys and which of them are online.
+    with their devices' public keys and which of them are online; or only
+    the one user asked for (ListPeersRequest.user).
     """
     ListInbox: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListInboxRequest, _broker_pb2.ListInboxResponse]  # type: ignore[assignment]
     """ListInbox lists the offers waiting for the caller's user: offered, not
@@ -668,7 +670,8 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.ListPeersResponse, _abc.Awaitable[_broker_pb2.ListPeersResponse]]:
         """ListPeers lists the users the caller may offer files to: every user of
         the caller's organisation (the caller included, for its other devices),
-        with their devices' public keys and which of them are online.
+        with their devices' public keys and which of them are online; or only
+        the one user asked for (ListPeersRequest.user).
         """
 
     @_abc_1.abstractmethod

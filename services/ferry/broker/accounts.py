@@ -272,10 +272,18 @@ class Accounts:
 
     # -- peers ------------------------------------------------------------------------------
 
-    async def peers(self, principal: Principal) -> broker_pb2.ListPeersResponse:
-        """The users of the caller's organisation, with their devices and who is online."""
-        users = await self.directory.list_users(principal.organization)
-        devices = await self.directory.devices_in(principal.organization)
+    async def peers(self, principal: Principal, only: str = "") -> broker_pb2.ListPeersResponse:
+        """The users of the caller's organisation (or only the user ``only``, if it is one),
+        with their devices and who is online."""
+        if only:
+            validation.check_length(only, MAX_USER_CHARS, "user")
+            user = await self.directory.get_user(only)
+            if user is None or user.organization != principal.organization:
+                return broker_pb2.ListPeersResponse()
+            users, devices = [user], await self.directory.devices_of(user.name)
+        else:
+            users = await self.directory.list_users(principal.organization)
+            devices = await self.directory.devices_in(principal.organization)
         online = await self.directory.online([d.device_id for d in devices], self.clock())
         by_user: dict[str, list[broker_pb2.Device]] = {u.name: [] for u in users}
         for device in devices:

@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import secrets
 import time
 import uuid
@@ -838,13 +839,17 @@ class Broker:
         it; the device is online meanwhile (its presence renewed every third of
         presence_ttl_s, when its device and token are checked again: a revoked device or an
         expired token ends the stream with UNAUTHENTICATED)."""
-        key = self.limiter.source(caller)
+        # Counted per user, not per address: a signed-in device is known, and an office
+        # behind one NAT has more than watches_per_address devices (each device: per_party).
+        key = f"user:{principal.user}"
         stream_id = secrets.token_hex(8)
         renew_every = self.config.presence_ttl_s / 3
         async with self.hub.subscribe(inbox_key(principal.user), principal.device_id, key) as w:
             await self.accounts.mark_online(principal, stream_id)
             try:
-                renew_at = self.clock() + renew_every
+                # Renewals at a random point of each period: streams that opened together
+                # (after a restart, say) would otherwise renew together, a burst of writes.
+                renew_at = self.clock() + renew_every * random.uniform(0.5, 1.0)
                 sent: dict[str, bytes] = {}
                 first = True
                 while True:
@@ -865,7 +870,7 @@ class Broker:
                     if self.clock() >= renew_at:
                         principal = await self.accounts.principal(bearer)
                         await self.accounts.mark_online(principal, stream_id)
-                        renew_at = self.clock() + renew_every
+                        renew_at = self.clock() + renew_every * random.uniform(0.5, 1.0)
             finally:
                 with contextlib.suppress(Exception):
                     await self.accounts.mark_offline(principal, stream_id)

@@ -230,7 +230,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
 
         async def peers() -> broker_pb2.ListPeersResponse:
             accounts = self._broker.accounts
-            return await accounts.peers(await accounts.principal(token))
+            return await accounts.peers(await accounts.principal(token), request.user)
 
         return await _acall(context, peers)
 
