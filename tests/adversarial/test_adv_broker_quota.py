@@ -30,6 +30,7 @@ from tests.support.broker_flow import (
     auth,
     store_and_forward,
 )
+from tests.support.people import PersonDevice, enroll, offer_to, sqlite_directory
 from tests.support.processes import FAST_BROKER, BrokerProcess
 from tests.support.rpc import reason_of
 from tests.support.s3 import S3Server
@@ -259,4 +260,49 @@ async def test_store_and_forward_can_be_turned_off(
             assert presigned == MiB + SEALED + 32 + SEALED
             assert refused == []
     finally:
+        broker.kill()
+
+
+@pytest.mark.asyncio
+async def test_a_persons_storage_counts_against_the_user_not_the_address(
+    tmp_path: Path, moto: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: a signed-in sender's offers to a person count against its user's quota
+    (--user-store-bytes, or the user's own) instead of its address's; two users behind one
+    address each have theirs; store-and-forward off does not stop a known sender."""
+    broker = _broker(
+        tmp_path,
+        moto,
+        monkeypatch,
+        "--user-store-bytes", str(3 * MiB), "--store-forward", "off",
+    )  # fmt: skip
+    store, directory = sqlite_directory(broker.data_dir)
+    try:
+        async with grpc.aio.insecure_channel(broker.address) as channel:
+            stub = broker_pb2_grpc.BrokerServiceStub(channel)
+            bob = await enroll(stub, directory, "bob")
+            dan = await enroll(stub, directory, "dan")
+            await enroll(stub, directory, "alice")
+
+            async def start(sender: PersonDevice, size: int) -> str:
+                files = broker_pb2.Manifest(
+                    files=[broker_pb2.FileEntry(path="f", size_bytes=size)], chunk_size_bytes=MiB
+                )
+                offer = await offer_to(stub, sender, "alice", files=files)
+                request = broker_pb2.StartStoreUploadRequest(name=offer.name, file_index=0)
+                try:
+                    await stub.StartStoreUpload(request, metadata=auth(offer.party_token))
+                except grpc.aio.AioRpcError as error:
+                    return reason_of(error)
+                return "OK"
+
+            assert await start(bob, 2 * MiB) == "OK"  # store-forward off: bob is known
+            assert await start(bob, 2 * MiB) == "STORE_QUOTA_EXCEEDED"  # bob's 3 MiB
+            assert await start(dan, 2 * MiB) == "OK"  # same address, dan's own quota
+            await directory.set_user_quotas("bob", None, 8 * MiB)  # the operator raises bob's
+            assert await start(bob, 2 * MiB) == "OK"
+            # ... which the address limit (5 MiB here) would have refused: bob and dan hold
+            # 6 MiB from 127.0.0.1 now
+    finally:
+        await store.close()
         broker.kill()
