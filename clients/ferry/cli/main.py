@@ -320,21 +320,7 @@ async def _send(ns: argparse.Namespace) -> int:
             _say(f"{verb} {what} ({format_size(outgoing.total_size)}).")
             _say(f"Code: {outgoing.code}")
             _say(f"On the other machine run:  ferry receive {outgoing.code}")
-        events = _Events(ns.json, "sending")
-        try:
-            result = await outgoing.transfer(on_event=events)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            await _cancel_quietly(outgoing.cancel)
-            raise
-        finally:
-            events.close()
-        if result.stored:
-            _stored(ns, outgoing, result)
-        else:
-            _finish(ns, result, "Sent")
-        # Only after the result is out: from now on `ferry send` of these files is a new offer.
-        _state.update(outgoing.name, done=True)
-        return 0
+        return await _transfer(ns, outgoing)
     finally:
         await outgoing.close()
 
@@ -879,18 +865,20 @@ async def _send_to(ns: argparse.Namespace) -> int:
                 )
             elif not online:
                 _say(f"{who} is offline: waiting for one of their devices to take the offer")
-        return await _transfer_to(ns, outgoing, who)
+        return await _transfer(ns, outgoing, who)
     finally:
         await outgoing.close()
 
 
-async def _transfer_to(ns: argparse.Namespace, outgoing: Outgoing, who: str) -> int:
+async def _transfer(ns: argparse.Namespace, outgoing: Outgoing, who: str = "") -> int:
+    """The sender's transfer and its result line. An offer to a person (``who``) that the
+    broker cannot store (no bucket, store-and-forward off) waits for them instead."""
     events = _Events(ns.json, "sending")
     try:
         try:
             result = await outgoing.transfer(on_event=events)
         except TransferError as exc:
-            if outgoing.via != "store" or not store_refused(exc):
+            if not who or outgoing.via != "store" or not store_refused(exc):
                 raise
             outgoing.via = "auto"
             _state.update(outgoing.name, via="auto")
@@ -908,6 +896,7 @@ async def _transfer_to(ns: argparse.Namespace, outgoing: Outgoing, who: str) -> 
         _stored(ns, outgoing, result)
     else:
         _finish(ns, result, "Sent")
+    # Only after the result is out: from now on `ferry send` of these files is a new offer.
     _state.update(outgoing.name, done=True)
     return 0
 

@@ -571,16 +571,21 @@ class Broker:
         record.receiver_token_hash = codes.hash_token(token)
         if record.claim_verifier is None:
             record.session.receiver.pake_message = pake_message
-        try:
-            record = await self._fire(record, Event.CLAIM, Party.RECEIVER)
-        except Aborted as exc:
-            if exc.reason != Reason.CONFLICT:
-                raise
-            raise _Raced from None
+        record = await self._claim(record)
         await self._remember_claim(record, now)
         return broker_pb2.ClaimOfferResponse(
             session=view(record.session, Party.RECEIVER), party_token=token
         )
+
+    async def _claim(self, record: SessionRecord) -> SessionRecord:
+        """Fire CLAIM (a code's claim, a person's take): one winner; a loser of the
+        compare-and-set raises _Raced, to look again."""
+        try:
+            return await self._fire(record, Event.CLAIM, Party.RECEIVER)
+        except Aborted as exc:
+            if exc.reason != Reason.CONFLICT:
+                raise
+            raise _Raced from None
 
     async def _remember_claim(self, record: SessionRecord, now: float) -> None:
         """Note when a live (PAKE) offer was claimed, for claim_confirm_timeout_s."""
@@ -805,12 +810,7 @@ class Broker:
             )
         record.receiver_token_hash = codes.hash_token(token)
         person.receiver_device_id = device_id
-        try:
-            record = await self._fire(record, Event.CLAIM, Party.RECEIVER)
-        except Aborted as exc:
-            if exc.reason != Reason.CONFLICT:
-                raise
-            raise _Raced from None
+        record = await self._claim(record)
         return broker_pb2.TakeOfferResponse(
             session=view(record.session, Party.RECEIVER), party_token=token
         )
