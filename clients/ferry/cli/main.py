@@ -364,8 +364,12 @@ def _stored(ns: argparse.Namespace, outgoing: Outgoing, result: TransferResult) 
         return
     who = "the receiver can fetch them with the code"
     if outgoing.session.HasField("person"):
-        recipient = shown(outgoing.session.person.recipient_user, _PERSON_CHARS)
-        who = f"{recipient} can take them from any of their devices"
+        person = outgoing.session.person
+        recipient = shown(person.recipient_user, _PERSON_CHARS)
+        who = (
+            f"sealed to {recipient}'s {len(person.key_envelopes)} device(s), which can take"
+            " them when they next sign in,"
+        )
     _say(
         f"Stored {len(result.files)} file(s), {format_size(result.bytes)} in the object store; "
         f"{who} until {expires} UTC."
@@ -859,10 +863,7 @@ async def _send_to(ns: argparse.Namespace) -> int:
                 f"to {who} ({devices} device(s), {'online' if online else 'offline'})."
             )
             if outgoing.via == "store" and not online:
-                _say(
-                    f"{who} is offline: the files go to the store, encrypted to their "
-                    f"{devices} device(s); they get them when they next sign in"
-                )
+                _say(f"{who} is offline: putting the files in the object store for them")
             elif not online:
                 _say(f"{who} is offline: waiting for one of their devices to take the offer")
         return await _transfer(ns, outgoing, who)
