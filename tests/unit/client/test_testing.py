@@ -116,7 +116,7 @@ async def test_the_readme_example_runs_against_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 2  # the library story, then the in-process rehearsal
+    assert len(blocks) == 3  # the library story, the in-process rehearsal, people
     code_text, made = re.subn(r'Client\("127\.0\.0\.1:50051"\)', "Client(broker)", blocks[0])
     assert made == 2  # only the construction of the clients changes
     monkeypatch.chdir(tmp_path)
