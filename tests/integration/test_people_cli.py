@@ -357,3 +357,34 @@ def test_the_library_login_peers_inbox_offer_take(
     sent, received = asyncio.run(run())
     assert sent.files[0].digest == received.files[0].digest
     assert sha256(tmp_path / "lib-in" / "lib.bin") == sha256(source)
+
+
+def test_codes_between_signed_in_devices_when_anonymous_use_is_off(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    """`--anonymous off`: a machine with no device gets a one-line error for a code; two
+    enrolled devices still send and receive with one (the CLI signs the code in)."""
+    broker = broker_factory("--anonymous", "off", name="closed")
+    people = People(tmp_path / "homes", broker)
+    try:
+        people.login("alice-laptop", "alice")
+        people.login("bob-desk", "bob")
+        source = random_file(tmp_path / "src" / "code.bin", 200_000)
+        rc, _, err = people.run("stranger", "send", str(source), "--json").finish(60)
+        assert rc == 1
+        assert "signed-in devices only" in err
+        assert len(err.strip().splitlines()) == 1
+        sender = people.run("bob-desk", "send", str(source), "--json")
+        code = _until(sender, "offered")["code"]
+        dest = tmp_path / "alice-in"
+        rc, _, err = people.run(
+            "alice-laptop", "receive", code, "--dest", str(dest), "--yes", "--json"
+        ).finish(60)
+        assert rc == 0, err
+        assert sha256(dest / "code.bin") == sha256(source)
+        rc, lines, err = sender.finish(60)
+        assert rc == 0, err
+        assert lines[-1]["event"] == "completed"
+    finally:
+        for proc in people.started:
+            proc.kill()

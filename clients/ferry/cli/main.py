@@ -298,6 +298,7 @@ async def _send(ns: argparse.Namespace) -> int:
         return await _send_to(ns)
     client = _client(ns)
     broker_id = await client.broker_id()
+    client.device = _device_or_none(broker_id)  # signs a code in where the broker wants it
     outgoing, resumed = await _offer_or_resume(ns, client, broker_id)
     try:
         if ns.json:
@@ -545,6 +546,7 @@ async def _receive(ns: argparse.Namespace) -> int:
     ns.code = _read_code(ns)
     client = _client(ns, stall_timeout=ns.stall_timeout)
     broker_id = await client.broker_id()
+    client.device = _device_or_none(broker_id)  # signs a claim in where the broker wants it
     incoming = await _claim_or_resume(ns, client, broker_id)
     return await _consent_and_accept(ns, incoming, broker_id)
 
@@ -632,6 +634,15 @@ def _new_device_teller(ns: argparse.Namespace) -> Any:
             )
 
     return tell
+
+
+def _device_or_none(broker_id: str) -> Device | None:
+    """This machine's device at the broker, for codes (which need none unless the broker
+    takes codes from signed-in devices only): a damaged file is then no reason to fail."""
+    try:
+        return Device.load(broker_id)
+    except FerryError:
+        return None
 
 
 async def _people_client(ns: argparse.Namespace, **options: Any) -> tuple[Client, str, Device]:

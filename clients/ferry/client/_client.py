@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -95,6 +96,8 @@ from ferry.protocol.pake import (
 from ferry.v1 import broker_pb2
 
 __all__ = ["Client", "new_claim_exchange"]
+
+_T = TypeVar("_T")
 
 
 def new_claim_exchange(code: str) -> KeyExchange | None:
@@ -264,15 +267,16 @@ class Client:
                 request_id=uuid.uuid4().hex,
                 claim_verifier=verifier,
             )
+            offer = functools.partial(_create_offer, request=request)
             try:
-                response = await link.create_offer(request)
+                response = await self._as_anyone(offer, link)
             except BrokerError as exc:
                 # A broker that restarted after recording our first try cannot show that
                 # offer's code again: nobody knows it, so it simply expires. Offer anew.
                 if not (exc.retried and exc.reason == "REQUEST_ID_REUSED"):
                     raise
                 request.request_id = uuid.uuid4().hex
-                response = await link.create_offer(request)
+                response = await self._as_anyone(offer, link)
             session = response.session
             if key is not None:  # nothing to wait for: confirm the key (and manifest) now
                 session = await confirm_as_sender(link, session, key, identity.cert_der)
@@ -334,6 +338,25 @@ class Client:
             scan.stamps,
             key=key,
         )
+
+    async def _as_anyone(self, call: Callable[[BrokerLink], Awaitable[_T]], link: BrokerLink) -> _T:
+        """A code's CreateOffer or ClaimOffer: anonymous, or, on a broker that takes codes
+        from signed-in devices only (ANONYMOUS_DISABLED), again as this device if it has one.
+        The call then keeps the party token it answers with, as an anonymous one does."""
+        try:
+            return await call(link)
+        except BrokerError as exc:
+            if exc.reason != "ANONYMOUS_DISABLED":
+                raise
+            if self.device is None:
+                raise BrokerError(
+                    exc.code,
+                    "this broker takes codes from signed-in devices only: ferry login with"
+                    " the enrollment token its operator gave you",
+                    exc.reason,
+                    retried=exc.retried,
+                ) from None
+        return await self._people().call(call, link)
 
     async def recipient(self, user: str) -> broker_pb2.Peer:
         """``user`` as ListPeers shows it now, its devices pinned (DeviceKeyChanged if one
@@ -547,16 +570,16 @@ class Client:
         try:
             if parsed.forwardable:
                 key = parsed.forward_key()
-                response = await link.claim_offer(
-                    parsed.nameplate, request_id, claim_verifier=claim_verifier(key)
+                claim = functools.partial(
+                    _claim_offer, parsed.nameplate, request_id, claim_verifier=claim_verifier(key)
                 )
-                session = response.session
+                session = (await self._as_anyone(claim, link)).session
             else:
                 exchange = exchange or KeyExchange(PeerRole.RECEIVER, parsed.password)
-                response = await link.claim_offer(
-                    parsed.nameplate, request_id, pake_message=exchange.message
+                claim = functools.partial(
+                    _claim_offer, parsed.nameplate, request_id, pake_message=exchange.message
                 )
-                session = response.session
+                session = (await self._as_anyone(claim, link)).session
                 try:
                     key = exchange.finish(session.sender.pake_message)
                 except KeyMismatch:
@@ -600,6 +623,19 @@ async def _create_offer(
     link: BrokerLink, *, request: broker_pb2.CreateOfferRequest
 ) -> broker_pb2.CreateOfferResponse:
     return await link.create_offer(request)
+
+
+async def _claim_offer(
+    nameplate: str,
+    request_id: str,
+    link: BrokerLink,
+    *,
+    pake_message: bytes = b"",
+    claim_verifier: bytes = b"",
+) -> broker_pb2.ClaimOfferResponse:
+    return await link.claim_offer(
+        nameplate, request_id, pake_message=pake_message, claim_verifier=claim_verifier
+    )
 
 
 async def _take_offer(link: BrokerLink, *, name: str) -> broker_pb2.TakeOfferResponse:
