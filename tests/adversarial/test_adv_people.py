@@ -566,3 +566,51 @@ async def test_inbox_streams_count_per_user_not_per_address(
         for stream in [*streams, *ann_again]:
             stream.cancel()
     await store.close()
+
+
+async def test_a_device_that_took_and_never_accepted_loses_the_offer_to_another(
+    broker_factory: BrokerFactory,
+) -> None:
+    """A take holds the offer for --claim-confirm-timeout only: then another device of the
+    same person may take it over (the first one's token stops working); an accepted offer
+    is never taken over."""
+    broker = broker_factory("--claim-confirm-timeout", "1")
+    store, directory = sqlite_directory(broker.data_dir)
+    async with grpc.aio.insecure_channel(broker.address) as channel:
+        stub = broker_pb2_grpc.BrokerServiceStub(channel)
+        bob = await enroll(stub, directory, "bob")
+        laptop = await enroll(stub, directory, "alice", "laptop")
+        phone = await enroll(stub, directory, "alice", "phone")
+        offer = await offer_to(stub, bob, "alice")
+        take = broker_pb2.TakeOfferRequest(name=offer.name)
+        first = await stub.TakeOffer(take, metadata=laptop.meta(), timeout=T)
+        assert await _refused(stub.TakeOffer(take, metadata=phone.meta(), timeout=T)) == (
+            "FAILED_PRECONDITION/OFFER_TAKEN"
+        )
+        await asyncio.sleep(1.2)
+        second = await stub.TakeOffer(take, metadata=phone.meta(), timeout=T)
+        assert second.session.person.receiver_device_id == phone.device_id
+        get = broker_pb2.GetSessionRequest(name=offer.name)
+        assert await _refused(
+            stub.GetSession(get, metadata=auth(first.party_token), timeout=T)
+        ) == ("UNAUTHENTICATED/TOKEN_INVALID")
+        # the phone's take starts a fresh clock: the laptop cannot take it back at once
+        assert await _refused(stub.TakeOffer(take, metadata=laptop.meta(), timeout=T)) == (
+            "FAILED_PRECONDITION/OFFER_TAKEN"
+        )
+        receiver = receiver_peer()
+        receiver.certificate_mac = offer.key.certificate_mac(
+            PeerRole.RECEIVER, receiver.certificate_der
+        )
+        await stub.AcceptOffer(
+            broker_pb2.AcceptOfferRequest(name=offer.name, receiver=receiver),
+            metadata=auth(second.party_token),
+            timeout=T,
+        )
+        await asyncio.sleep(1.2)
+        assert await _refused(stub.TakeOffer(take, metadata=laptop.meta(), timeout=T)) == (
+            "FAILED_PRECONDITION/OFFER_TAKEN"  # accepted: the phone's for good
+        )
+        events = [e.event for e in await directory.read_audit()]
+        assert "offer.retaken" in events
+    await store.close()

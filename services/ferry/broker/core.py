@@ -785,17 +785,27 @@ class Broker:
         session, person = record.session, record.session.person
         device_id = principal.device_id
         token = codes.derived_token(self.token_key, record.session_id, f"device\0{device_id}")
+        now = self.clock()
+        retake = False
         if session.claimed:
             if person.receiver_device_id != device_id:
-                raise FailedPrecondition(
-                    Reason.OFFER_TAKEN,
-                    f"another of your devices ({person.receiver_device_id}) took this offer",
+                # A device that took the offer and never accepted it (it died, its person
+                # walked away) does not hold it for the offer's whole life: after
+                # claim_confirm_timeout_s another of the person's devices may take it over.
+                if session.state != states.OFFERED or not await self._take_lapsed(record, now):
+                    wait = f"{self.config.claim_confirm_timeout_s:g} s"
+                    raise FailedPrecondition(
+                        Reason.OFFER_TAKEN,
+                        f"another of your devices ({person.receiver_device_id}) took this offer"
+                        f" (if it does not accept it within {wait}, it can be taken here)",
+                    )
+                retake = True
+            else:
+                if session.state in states.FINAL_STATES:
+                    raise _offer_over(session)
+                return broker_pb2.TakeOfferResponse(
+                    session=view(session, Party.RECEIVER), party_token=token
                 )
-            if session.state in states.FINAL_STATES:
-                raise _offer_over(session)
-            return broker_pb2.TakeOfferResponse(
-                session=view(session, Party.RECEIVER), party_token=token
-            )
         if session.state != states.OFFERED:
             raise _offer_over(session)
         if not confirmed(session):
@@ -808,12 +818,42 @@ class Broker:
                 "this device enrolled after the offer was made, so its key was not sealed to"
                 " it; take the offer on another of your devices",
             )
-        record.receiver_token_hash = codes.hash_token(token)
+        before = person.receiver_device_id
+        record.receiver_token_hash = codes.hash_token(token)  # the earlier device's goes
         person.receiver_device_id = device_id
-        record = await self._claim(record)
+        if retake:
+            try:
+                await self._commit(record, states.Outcome(states.OFFERED, True))
+            except Aborted:
+                raise _Raced from None
+            await self.accounts.audit(
+                "offer.retaken",
+                {
+                    "session": session.name,
+                    "recipient": person.recipient_user,
+                    "receiver_device": device_id,
+                    "from_device": before,
+                },
+            )
+        else:
+            record = await self._claim(record)
+        await self.ledger.forget(f"taken:{record.session_id}")
+        await self._taken_at(record.session_id, now)
         return broker_pb2.TakeOfferResponse(
             session=view(record.session, Party.RECEIVER), party_token=token
         )
+
+    async def _taken_at(self, session_id: str, now: float) -> float:
+        """When the offer's current device took it (noted now if nobody noted it): in the
+        ledger, shared by replicas."""
+        ttl = self.config.offer_ttl_max_s + self.config.claim_confirm_timeout_s
+        return await self.ledger.first(f"taken:{session_id}", now, ttl)
+
+    async def _take_lapsed(self, record: SessionRecord, now: float) -> bool:
+        """Whether the device that took the offer had claim_confirm_timeout_s to accept it
+        and did not (a take the ledger forgot counts from now)."""
+        taken = await self._taken_at(record.session_id, now)
+        return now - taken >= self.config.claim_confirm_timeout_s
 
     async def inbox(self, principal: Principal) -> tuple[list[broker_pb2.Session], int]:
         """The offers waiting for the caller's user as its device sees them, oldest first,
