@@ -260,6 +260,22 @@ async def _offer_or_resume(
     outgoing = await client.offer(
         ns.paths, chunk_size=ns.chunk_size, ttl=_ttl(ns, CODE_TTL), via=ns.via, verify=_verifier(ns)
     )
+    _remember_sent(
+        ns,
+        outgoing,
+        broker_id,
+        sources,
+        code=outgoing.code,
+        pake_state=outgoing.pake_state.hex(),  # secret, like the code: the file is 0600
+    )
+    return outgoing, False
+
+
+def _remember_sent(
+    ns: argparse.Namespace, outgoing: Outgoing, broker_id: str, sources: Any, **secrets: Any
+) -> None:
+    """Keep what a rerun of this `ferry send` needs to resume the offer (the file is 0600:
+    ``secrets`` hold its code and PAKE state, or a person offer's key)."""
     _state.remember(
         outgoing.name,
         outgoing.token,
@@ -268,10 +284,8 @@ async def _offer_or_resume(
         broker_id,
         sources=sources,
         stamps=[stamp.to_text() for stamp in outgoing.stamps],
-        code=outgoing.code,
-        pake_state=outgoing.pake_state.hex(),  # secret, like the code: the file is 0600
+        **secrets,
     )
-    return outgoing, False
 
 
 def _verifier(ns: argparse.Namespace) -> Any:
@@ -840,17 +854,8 @@ async def _send_to(ns: argparse.Namespace) -> int:
             ns.paths, chunk_size=ns.chunk_size, ttl=_ttl(ns, PERSON_TTL), via=via, to=ns.to
         )
         assert outgoing.key is not None
-        _state.remember(
-            outgoing.name,
-            outgoing.token,
-            "sender",
-            ns.broker,
-            broker_id,
-            sources=sources,
-            stamps=[stamp.to_text() for stamp in outgoing.stamps],
-            to=ns.to,
-            via=via,
-            key=outgoing.key.secret.hex(),  # secret, like a code: the file is 0600
+        _remember_sent(
+            ns, outgoing, broker_id, sources, to=ns.to, via=via, key=outgoing.key.secret.hex()
         )
     try:
         devices = len(recipient.devices)
