@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from ferry.broker.people import SqliteDirectory, User, enrollment_token_hash
-from ferry.client import BrokerError, Client, Device, TransferResult
+from ferry.broker.store import SessionRecord, SqliteStore
+from ferry.client import BrokerError, Client, Device, OfferReplayed, TransferResult
 from ferry.protocol.identity import EnvelopeError
 from ferry.protocol.pake import SessionKey
 from ferry.protocol.sealing import Sealer, SealError
@@ -349,14 +350,45 @@ def test_the_library_login_peers_inbox_offer_take(
         assert refused.value.reason == "OFFER_NOT_FOUND"
         incoming = await alice.take(offer.name)
         try:
-            return await asyncio.gather(outgoing.transfer(), incoming.accept(tmp_path / "lib-in"))
+            done = await asyncio.gather(outgoing.transfer(), incoming.accept(tmp_path / "lib-in"))
         finally:
             await incoming.close()
             await outgoing.close()
+        # A broker that shows bob's signed offer again, as a new session, is caught: alice's
+        # machine took that signature already.
+        replayed = await _replay(broker, offer.name)
+        assert replayed in {o.name for o in await alice.list_inbox()}
+        with pytest.raises(OfferReplayed, match="taken here before"):
+            await alice.take(replayed)
+        return done
 
     sent, received = asyncio.run(run())
     assert sent.files[0].digest == received.files[0].digest
     assert sha256(tmp_path / "lib-in" / "lib.bin") == sha256(source)
+
+
+async def _replay(broker: BrokerProcess, name: str) -> str:
+    """What a broker's operator could do: store a person offer again as a new session,
+    offered and untaken, its sender's signature and envelopes as they were; its name."""
+    store = SqliteStore(broker.data_dir / "broker.sqlite3")
+    try:
+        original = await store.get_session(name.removeprefix("sessions/"))
+        assert original is not None
+        session = broker_pb2.Session()
+        session.CopyFrom(original.session)
+        session.name = f"sessions/{os.urandom(16).hex()}"
+        session.state = broker_pb2.Session.STATE_OFFERED
+        session.claimed = False
+        session.person.receiver_device_id = ""
+        session.ClearField("receiver")
+        session.ClearField("plan")
+        session.expire_time.FromSeconds(int(time.time()) + 600)
+        await store.create_session(
+            SessionRecord(session=session, sender_token_hash=os.urandom(16).hex())
+        )
+    finally:
+        await store.close()
+    return session.name
 
 
 def test_codes_between_signed_in_devices_when_anonymous_use_is_off(

@@ -55,7 +55,13 @@ from ferry.client._events import (
     Progress,
     TransferResult,
 )
-from ferry.client._identity import Device, DeviceKeyChanged, KnownDevices
+from ferry.client._identity import (
+    Device,
+    DeviceKeyChanged,
+    KnownDevices,
+    OfferReplayed,
+    TakenOffers,
+)
 from ferry.client._incoming import Incoming, remove_partial
 from ferry.client._outgoing import Outgoing
 from ferry.client._people import (
@@ -93,6 +99,7 @@ __all__ = [
     "Incoming",
     "KnownDevices",
     "NotEnrolled",
+    "OfferReplayed",
     "OfferedFile",
     "Outgoing",
     "PathInfo",
@@ -104,6 +111,7 @@ __all__ = [
     "SourceChangedError",
     "Stalled",
     "StorageFull",
+    "TakenOffers",
     "TamperedError",
     "TransferError",
     "TransferOver",

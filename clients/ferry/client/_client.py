@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ from ferry.client._events import (
     Via,
     check_via,
 )
-from ferry.client._identity import Device, KnownDevices
+from ferry.client._identity import Device, KnownDevices, OfferReplayed, TakenOffers
 from ferry.client._incoming import Incoming
 from ferry.client._keys import (
     VerifyWords,
@@ -128,6 +129,7 @@ class Client:
         insecure_plaintext: bool = False,
         device: Device | None = None,
         known_devices: KnownDevices | None = None,
+        taken_offers: TakenOffers | None = None,
         on_new_device: Callable[[str, PeerDevice], None] | None = None,
     ) -> None:
         """``broker``: its address, or a `LinkFactory` that makes each new link (such
@@ -147,7 +149,9 @@ class Client:
         ``device``: this machine's device at the broker (`Device.load`, or `login`), for the
         people calls (`peers`, `inbox`, `offer` with ``to``, `take`). ``known_devices``: the
         pins of the devices seen (default: the config dir's); ``on_new_device`` hears of each
-        device pinned for the first time (its user and the device)."""
+        device pinned for the first time (its user and the device); ``taken_offers``: the
+        offers to a person taken here (default: the config dir's), so that the broker cannot
+        show one again as a new offer (`OfferReplayed`)."""
         #: The broker's address, or the name of the link factory, for messages.
         self.broker: str
         self._links: LinkFactory
@@ -168,6 +172,8 @@ class Client:
         self.broker_wait = broker_wait
         self.on_broker_wait = on_broker_wait
         self.known_devices = known_devices
+        #: The offers to a person this machine took (a replayed one is refused).
+        self.taken_offers = taken_offers or TakenOffers()
         self.on_new_device = on_new_device
         self._signed: SignedIn | None = None
         self.device = device
@@ -421,18 +427,26 @@ class Client:
         signed = self._people()
         offered = {o.name: o for o in await signed.list_inbox()}
         seen = offered.get(name)
-        key = open_offer(signed.device, signed, seen.session) if seen is not None else None
+        key = None
+        if seen is not None:
+            key = open_offer(signed.device, signed, seen.session)
+            self.taken_offers.check(seen.session.person.offer_signature, name)
         link = self._link()
         try:
             response = await signed.call(functools.partial(_take_offer, name=name), link)
             session = response.session
             try:
                 taken_key = open_offer(signed.device, signed, session)
-            except (TamperedError, TransferOver):
+                self.taken_offers.check(session.person.offer_signature, name)
+            except (TamperedError, TransferOver, OfferReplayed):
                 await burn(link, session)
                 raise
             if key is not None and key.secret != taken_key.secret:
                 raise await tampered(link, session)
+            person = session.person
+            self.taken_offers.add(
+                person.offer_signature, name, person.not_after.seconds, time.time()
+            )
             session = await check_offer(link, session, taken_key)
         except BaseException:
             await link.close()

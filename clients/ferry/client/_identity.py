@@ -6,6 +6,8 @@ Two kinds of file, both under ``$XDG_CONFIG_HOME/ferry`` (default ``~/.config/fe
                                PRIVATE keys (`ferry.protocol.identity.DeviceKeys`)
     known_devices.json         trust on first use: broker_id -> user -> device_id -> fingerprint
                                of every device key this machine has relied on
+    taken_offers.json          the offers to a person this machine took: the SHA-256 of each
+                               one's signature -> its session and not_after (`TakenOffers`)
 
 Both hold what nobody else on the machine may read or change (a private key; the pins that
 stand in for a key exchange): each is written whole to a new file, made with mode 0600 in
@@ -22,6 +24,7 @@ device's: `DeviceKeyChanged`, until the person checks and forgets the old pin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -39,6 +42,8 @@ __all__ = [
     "Device",
     "DeviceKeyChanged",
     "KnownDevices",
+    "OfferReplayed",
+    "TakenOffers",
     "config_dir",
     "write_private",
 ]
@@ -235,3 +240,44 @@ class KnownDevices:
         if dropped:
             self._save(pins)
         return len(dropped)
+
+
+class OfferReplayed(FerryError):
+    """An offer to a person that this machine took before, shown again as another session:
+    the sender signed it once; the broker (or someone in its place) made it anew."""
+
+
+class TakenOffers:
+    """The offers to a person this machine took, by the SHA-256 of their signature, until
+    their not_after: the same signed offer under another session name is a replay (a broker
+    may not make a sender's offer twice), refused with `OfferReplayed`. Expired entries go
+    at each write, so the file holds the offers of the longest offer TTL at most."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path if path is not None else config_dir() / "taken_offers.json"
+
+    def _load(self) -> dict[str, list[Any]]:
+        try:
+            data: Any = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise FerryError(f"cannot read the taken offers {self.path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise FerryError(f"the taken offers file {self.path} is damaged")
+        return data
+
+    def check(self, signature: bytes, session: str) -> None:
+        """OfferReplayed if this signed offer was taken here as another session."""
+        seen = self._load().get(hashlib.sha256(signature).hexdigest())
+        if seen is not None and seen[0] != session:
+            raise OfferReplayed(
+                f"this offer was taken here before (as {shown(str(seen[0]), 64)}): its sender"
+                " made it once, and the broker shows it again; refused"
+            )
+
+    def add(self, signature: bytes, session: str, not_after: float, now: float) -> None:
+        """Note that ``session``, signed ``signature``, was taken here."""
+        taken = {k: v for k, v in self._load().items() if float(v[1]) > now}
+        taken[hashlib.sha256(signature).hexdigest()] = [session, not_after]
+        write_private(self.path, json.dumps(taken, indent=1, sort_keys=True).encode())
