@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.client import Device, DeviceKeyChanged, KnownDevices
+from ferry.client import Device, DeviceKeyChanged, KnownDevices, OfferReplayed, TakenOffers
 from ferry.protocol.identity import DeviceKeys, fingerprint
 from ferry.v1 import broker_pb2
 
@@ -141,3 +141,21 @@ def test_a_hostile_device_name_is_escaped_in_the_error() -> None:
         pins.pin("b1", [evil])
     assert "\x1b" not in str(err.value)
     assert "\\x1b" in str(err.value)
+
+
+def test_taken_offers_refuse_a_replay_keep_the_same_session_and_forget_expired(
+    tmp_path: Path,
+) -> None:
+    taken = TakenOffers()
+    taken.add(b"sig-1", "sessions/a", not_after=2000.0, now=1000.0)
+    taken.check(b"sig-1", "sessions/a")  # the same session again (a resume): fine
+    taken.check(b"sig-2", "sessions/b")  # another offer: fine
+    with pytest.raises(OfferReplayed, match="taken here before"):
+        taken.check(b"sig-1", "sessions/c")
+    path = tmp_path / "config" / "ferry" / "taken_offers.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert b"sig-1" not in path.read_bytes()  # kept as a hash only
+    # Past its not_after an entry goes at the next write (the broker expired the offer).
+    taken.add(b"sig-2", "sessions/b", not_after=4000.0, now=3000.0)
+    assert len(json.loads(path.read_text())) == 1
+    taken.check(b"sig-1", "sessions/c")
