@@ -349,11 +349,11 @@ class Accounts:
                 Reason.SIGNATURE_INVALID,
                 "offer_signature is not this device's signature of the offer",
             )
-        waiting = await self.store.offers_to(recipient.name, now, self.config.inbox_max_offers)
-        if len(waiting) >= self.config.inbox_max_offers:
+        waiting = await self.store.count_offers_to(recipient.name, now)
+        if waiting >= self.config.inbox_max_offers:
             raise ResourceExhausted(
                 Reason.INBOX_FULL,
-                f"{recipient.name} has {len(waiting)} offers waiting, the most this broker"
+                f"{recipient.name} has {waiting} offers waiting, the most this broker"
                 " keeps; try again once some are taken",
             )
 

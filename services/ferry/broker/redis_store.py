@@ -1005,29 +1005,42 @@ class RedisStore:
         return None
 
     async def offers_to(self, recipient: str, now: float, limit: int) -> list[SessionRecord]:
-        """The inbox index's sessions still offered; the others (ended, or deleted after
-        their retention) leave the index here, so it holds the person's offers of the last
-        offer TTL and retention at most."""
-        index = self._key("i:", recipient)
+        ids = (await self._inbox(recipient, now))[:limit]
         fields = ("data", "code", "sender", "receiver", "request", "version", "verifier")
+        async with self._errors(), self._redis.pipeline(transaction=False) as pipe:
+            for sid in ids:
+                pipe.hmget(self._key("s:", sid), fields)
+            rows = await pipe.execute()
+        # A session deleted between the two reads is left out.
+        return [_record([sid, *row]) for sid, row in zip(ids, rows, strict=True) if row[0]]
+
+    async def count_offers_to(self, recipient: str, now: float) -> int:
+        return len(await self._inbox(recipient, now))
+
+    async def _inbox(self, recipient: str, now: float) -> list[str]:
+        """The ids of the inbox index's sessions still offered and not expired, oldest first,
+        read by state and expiry only (no session's data). The others (ended, or deleted
+        after their retention) leave the index here, so it holds the person's offers of the
+        last offer TTL and retention at most."""
+        index = self._key("i:", recipient)
         async with self._errors():
             members = await self._redis.zrange(index, 0, -1)
             ids = [cast(bytes, member).decode() for member in members]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for sid in ids:
-                    pipe.hmget(self._key("s:", sid), (*fields, "state", "expire"))
+                    pipe.hmget(self._key("s:", sid), ("state", "expire"))
                 rows = await pipe.execute()
-        found: list[SessionRecord] = []
+        live: list[str] = []
         gone: list[str] = []
-        for sid, values in zip(ids, rows, strict=True):
-            if values[0] is None or int(values[7]) != broker_pb2.Session.STATE_OFFERED:
+        for sid, (state, expire) in zip(ids, rows, strict=True):
+            if state is None or int(state) != broker_pb2.Session.STATE_OFFERED:
                 gone.append(sid)
-            elif float(values[8]) > now and len(found) < limit:
-                found.append(_record([sid, *values[:7]]))
+            elif float(expire) > now:
+                live.append(sid)
         if gone:
             async with self._errors():
                 await self._redis.zrem(index, *gone)
-        return found
+        return live
 
     def directory(self) -> Directory:
         if self._directory is None:  # made on first use: people.py imports this module

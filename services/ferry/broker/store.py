@@ -253,6 +253,10 @@ class Store(Protocol):
         are still in STATE_OFFERED and expire after `now`, oldest first (claimed ones too:
         the caller filters)."""
 
+    async def count_offers_to(self, recipient: str, now: float) -> int:
+        """How many sessions offers_to would find without a limit, read without their
+        data (a new offer's check of the recipient's inbox room)."""
+
     def directory(self) -> Directory:
         """The people directory kept in the same store (people.py): users, devices,
         enrollments, presence and the audit log."""
@@ -748,6 +752,13 @@ class SqliteStore:
             (recipient, int(broker_pb2.Session.STATE_OFFERED), now, limit),
         ).fetchall()
         return [_record(row) for row in rows]
+
+    async def count_offers_to(self, recipient: str, now: float) -> int:
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM sessions WHERE recipient = ? AND state = ? AND expire_time > ?",
+            (recipient, int(broker_pb2.Session.STATE_OFFERED), now),
+        ).fetchone()
+        return int(count)
 
     def directory(self) -> Directory:
         if self._directory is None:  # made on first use: people.py imports this module

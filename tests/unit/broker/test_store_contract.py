@@ -578,3 +578,37 @@ async def test_free_bytes(store: Store, stores: StoreFactory) -> None:
     else:
         assert free is not None
         assert free > 0
+
+
+# -- a person's inbox (issue 13) -----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_persons_inbox_holds_its_offers_still_offered_oldest_first(store: Store) -> None:
+    def to(user: str, session_id: str, create: float, **kwargs: object) -> SessionRecord:
+        rec = session_record(session_id, create=create, code_hash=None, **kwargs)  # type: ignore[arg-type]
+        rec.session.person.recipient_user = user
+        return rec
+
+    for rec in (
+        to("alice", "a2", 2.0),
+        to("alice", "a1", 1.0),
+        to("alice", "a3", 3.0),
+        to("alice", "old", 0.5, expire=10.0),
+        to("alice", "done", 0.7, state=states.DECLINED),
+        to("bob", "b1", 1.0),
+        session_record("code", create=0.1),
+    ):
+        await store.create_session(rec)
+    assert _ids(await store.offers_to("alice", 50.0, 10)) == ["a1", "a2", "a3"]
+    assert _ids(await store.offers_to("alice", 50.0, 2)) == ["a1", "a2"]
+    assert await store.count_offers_to("alice", 50.0) == 3
+    assert await store.count_offers_to("alice", 5.0) == 4  # "old" not expired yet
+    assert _ids(await store.offers_to("bob", 50.0, 10)) == ["b1"]
+    assert await store.count_offers_to("carol", 50.0) == 0
+    # an offer that ends leaves the inbox
+    ended = await _get(store, "a2")
+    ended.session.state = states.CANCELLED
+    await store.update_session(ended)
+    assert _ids(await store.offers_to("alice", 50.0, 10)) == ["a1", "a3"]
+    assert await store.count_offers_to("alice", 50.0) == 2
