@@ -404,10 +404,11 @@ class Client:
         operator revoked it."""
         await self._people().token(fresh=True)
 
-    async def peers(self) -> list[Peer]:
-        """The users this device may offer files to, with their devices (pinned: a known
-        device whose keys changed raises DeviceKeyChanged)."""
-        return await self._people().peers()
+    async def peers(self, user: str = "") -> list[Peer]:
+        """The users this device may offer files to (or only ``user``, a cheap look-up in a
+        large organisation), with their devices (pinned: a known device whose keys changed
+        raises DeviceKeyChanged)."""
+        return await self._people().peers(user)
 
     async def list_inbox(self) -> list[InboxOffer]:
         """The offers waiting for this device's user now, oldest first."""

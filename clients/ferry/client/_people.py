@@ -360,9 +360,9 @@ class SignedIn:
         self.pin([d for p in peers for d in p.devices])
         return peers
 
-    async def peers(self) -> list[Peer]:
-        """The users this device may offer files to, with their devices."""
-        return [Peer.from_proto(p) for p in await self.peer_protos()]
+    async def peers(self, user: str = "") -> list[Peer]:
+        """The users this device may offer files to (or only ``user``), with their devices."""
+        return [Peer.from_proto(p) for p in await self.peer_protos(user)]
 
     async def inbox(self, seconds: float | None = None) -> AsyncGenerator[InboxUpdate, None]:
         """The inbox now, then after every change, for ``seconds`` (None: until the caller
