@@ -271,6 +271,23 @@ async def _offer_or_resume(
     return outgoing, False
 
 
+def _remember_received(
+    ns: argparse.Namespace, incoming: Incoming, broker_id: str, **found_by: str
+) -> None:
+    """Keep what a rerun of this `ferry receive` needs to resume (``found_by``: the code,
+    or the offer's name), the session's key among it: a secret, the file is 0600."""
+    _state.remember(
+        incoming.name,
+        incoming.token,
+        "receiver",
+        ns.broker,
+        broker_id,
+        **found_by,
+        key=incoming.key.secret.hex(),
+        dest=str(ns.dest),
+    )
+
+
 def _remember_sent(
     ns: argparse.Namespace, outgoing: Outgoing, broker_id: str, sources: Any, **secrets: Any
 ) -> None:
@@ -507,16 +524,7 @@ async def _claim_or_resume(ns: argparse.Namespace, client: Client, broker_id: st
         if not exc.unreachable:
             _state.forget(pending)  # a wrong or used-up code: nothing to repeat
         raise
-    _state.remember(
-        incoming.name,
-        incoming.token,
-        "receiver",
-        ns.broker,
-        broker_id,
-        code=key,
-        key=incoming.key.secret.hex(),  # what a resume needs; secret: the file is 0600
-        dest=str(ns.dest),
-    )
+    _remember_received(ns, incoming, broker_id, code=key)
     _state.forget(pending)  # only now: a kill in between leaves one of the two
     return incoming
 
@@ -985,16 +993,7 @@ async def _take_or_resume(
             _state.update(name, broker=ns.broker)
             return incoming
     incoming = await client.take(name)
-    _state.remember(
-        incoming.name,
-        incoming.token,
-        "receiver",
-        ns.broker,
-        broker_id,
-        offer=name,
-        key=incoming.key.secret.hex(),  # what a resume needs; secret: the file is 0600
-        dest=str(ns.dest),
-    )
+    _remember_received(ns, incoming, broker_id, offer=name)
     return incoming
 
 
@@ -1092,7 +1091,7 @@ async def _own_devices(client: Client) -> dict[str, str]:
     if device is None:
         return {}
     try:
-        peers = await client.peers()
+        peers = await client.peers(device.user)  # this person only, not the organisation
     except FerryError:
         return {}
     return {d.device_id: d.display_name for p in peers if p.user == device.user for d in p.devices}
