@@ -594,10 +594,18 @@ class Broker:
         await self._claimed_at(record.session_id, now)
 
     async def _claimed_at(self, session_id: str, now: float) -> float:
-        """When the live offer was claimed (noted now if it was not), in the ledger: a
-        replica that dies, or one that sees the next claim, still knows the first one."""
+        """When the live offer was claimed, or a person's offer taken by its current device
+        (noted now if it was not), in the ledger: a replica that dies, or one that sees the
+        next claim, still knows the first one."""
         ttl = self.config.offer_ttl_max_s + self.config.claim_confirm_timeout_s
         return await self.ledger.first(f"claimed:{session_id}", now, ttl)
+
+    async def _claim_lapsed(self, session_id: str, now: float) -> bool:
+        """Whether the offer's claimant (a person's: the device that took it) had
+        claim_confirm_timeout_s to go on and did not (a claim the ledger forgot counts from
+        now)."""
+        claimed_at = await self._claimed_at(session_id, now)
+        return now - claimed_at >= self.config.claim_confirm_timeout_s
 
     async def _guessed_at(self, record: SessionRecord, now: float) -> None:
         """A wrong verifier for a found store-and-forward offer: count it against the offer,
@@ -626,8 +634,7 @@ class Broker:
             or session.receiver.key_confirmation
         ):
             return
-        claimed_at = await self._claimed_at(record.session_id, now)
-        if now - claimed_at >= self.config.claim_confirm_timeout_s:
+        if await self._claim_lapsed(record.session_id, now):
             await self._give_up(
                 record,
                 "the code was claimed, but the claimant never proved it (someone else may"
@@ -706,8 +713,10 @@ class Broker:
             )
         person = record.session.person
         if record.session.HasField("person"):  # a revoked device can do nothing
-            device = person.sender_device.device_id if party is Party.SENDER else ""
-            await self.accounts.check_device(device or person.receiver_device_id)
+            sender = party is Party.SENDER
+            await self.accounts.check_device(
+                person.sender_device.device_id if sender else person.receiver_device_id
+            )
         return await self._expire_if_due(record), party
 
     async def accept(
@@ -792,7 +801,8 @@ class Broker:
                 # A device that took the offer and never accepted it (it died, its person
                 # walked away) does not hold it for the offer's whole life: after
                 # claim_confirm_timeout_s another of the person's devices may take it over.
-                if session.state != states.OFFERED or not await self._take_lapsed(record, now):
+                lapsed = await self._claim_lapsed(record.session_id, now)
+                if session.state != states.OFFERED or not lapsed:
                     wait = f"{self.config.claim_confirm_timeout_s:g} s"
                     raise FailedPrecondition(
                         Reason.OFFER_TAKEN,
@@ -837,23 +847,11 @@ class Broker:
             )
         else:
             record = await self._claim(record)
-        await self.ledger.forget(f"taken:{record.session_id}")
-        await self._taken_at(record.session_id, now)
+        await self.ledger.forget(f"claimed:{record.session_id}")  # this device's clock
+        await self._claimed_at(record.session_id, now)
         return broker_pb2.TakeOfferResponse(
             session=view(record.session, Party.RECEIVER), party_token=token
         )
-
-    async def _taken_at(self, session_id: str, now: float) -> float:
-        """When the offer's current device took it (noted now if nobody noted it): in the
-        ledger, shared by replicas."""
-        ttl = self.config.offer_ttl_max_s + self.config.claim_confirm_timeout_s
-        return await self.ledger.first(f"taken:{session_id}", now, ttl)
-
-    async def _take_lapsed(self, record: SessionRecord, now: float) -> bool:
-        """Whether the device that took the offer had claim_confirm_timeout_s to accept it
-        and did not (a take the ledger forgot counts from now)."""
-        taken = await self._taken_at(record.session_id, now)
-        return now - taken >= self.config.claim_confirm_timeout_s
 
     async def inbox(self, principal: Principal) -> tuple[list[broker_pb2.Session], int]:
         """The offers waiting for the caller's user as its device sees them, oldest first,
